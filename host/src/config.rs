@@ -1,0 +1,576 @@
+//! The model repository on disk: `<repo>/<model>/config.toml` plus
+//! `<repo>/<model>/<version>/model.pt`, and the parsing and validation of
+//! `config.toml`. Every error names the file, the field and the reason.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::tensor::{DType, TensorSpec};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const MODEL_FILE: &str = "model.pt";
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(idx) => write!(f, "cuda:{idx}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    fn parse(text: &str) -> Result<DeviceSpec, String> {
+        match text {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => text
+                .strip_prefix("cuda:")
+                .and_then(|idx| idx.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("expected \"cpu\", \"cuda\" or \"cuda:N\", got {text:?}")),
+        }
+    }
+}
+
+/// Which versions of a model are loaded, as Triton's version policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionPolicy {
+    /// The newest N versions.
+    Latest(usize),
+    All,
+    Specific(Vec<String>),
+}
+
+/// A version directory's label ("3" or "1.2.0") with its ordering key.
+/// Integer labels order as `N.0.0`, so integers and semver mix sensibly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelVersion {
+    pub label: String,
+    key: semver::Version,
+}
+
+impl ModelVersion {
+    pub fn parse(label: &str) -> Option<ModelVersion> {
+        let key = match label.parse::<u64>() {
+            Ok(n) => semver::Version::new(n, 0, 0),
+            Err(_) => semver::Version::parse(label).ok()?,
+        };
+        Some(ModelVersion {
+            label: label.to_owned(),
+            key,
+        })
+    }
+
+    /// Whether a requested label names this version ("1" names "1.0.0" too).
+    pub fn answers_to(&self, requested: &str) -> bool {
+        self.label == requested || ModelVersion::parse(requested).is_some_and(|v| v.key == self.key)
+    }
+}
+
+impl Ord for ModelVersion {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.key
+            .cmp(&other.key)
+            .then_with(|| self.label.cmp(&other.label))
+    }
+}
+
+impl PartialOrd for ModelVersion {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for ModelVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+/// A validated `config.toml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub device: DeviceSpec,
+    /// 0: no batch dimension. N > 0: every input and output has a leading
+    /// batch dimension of at most N that the specs do not list (as Triton).
+    pub max_batch_size: usize,
+    /// Executor threads, each with its own copy of the module.
+    pub instances: usize,
+    /// Torch intra-op threads per executor; `None` derives it from the budget.
+    pub intra_op_threads: Option<usize>,
+    /// Requests that may wait for an executor before new ones are refused.
+    pub max_queue_size: usize,
+    pub version_policy: VersionPolicy,
+    pub preprocess: Vec<String>,
+    pub postprocess: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    platform: Option<String>,
+    #[serde(default = "default_device")]
+    device: String,
+    #[serde(default)]
+    max_batch_size: i64,
+    #[serde(default = "default_instances")]
+    instances: i64,
+    #[serde(default)]
+    intra_op_threads: Option<i64>,
+    #[serde(default = "default_max_queue_size")]
+    max_queue_size: i64,
+    #[serde(default)]
+    version_policy: Option<RawVersionPolicy>,
+    #[serde(default)]
+    preprocess: Vec<String>,
+    #[serde(default)]
+    postprocess: Vec<String>,
+    #[serde(default)]
+    input: Vec<RawTensor>,
+    #[serde(default)]
+    output: Vec<RawTensor>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVersionPolicy {
+    latest: Option<i64>,
+    all: Option<bool>,
+    specific: Option<Vec<toml::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTensor {
+    name: String,
+    dtype: String,
+    shape: Vec<i64>,
+}
+
+fn default_device() -> String {
+    "cpu".to_owned()
+}
+fn default_instances() -> i64 {
+    1
+}
+fn default_max_queue_size() -> i64 {
+    1024
+}
+
+/// A config error: `<file>: <field>: <reason>`.
+fn field_error(path: &Path, field: &str, reason: impl fmt::Display) -> String {
+    format!("{}: {field}: {reason}", path.display())
+}
+
+impl ModelConfig {
+    /// Reads and validates `<model_dir>/config.toml`. Blocking file I/O.
+    pub fn load(model_dir: &Path) -> Result<ModelConfig, String> {
+        let path = model_dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|err| format!("{}: cannot read: {err}", path.display()))?;
+        ModelConfig::parse(&path, &text)
+    }
+
+    /// Parses `text` as the config at `path` (the path is only used in messages).
+    pub fn parse(path: &Path, text: &str) -> Result<ModelConfig, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|err| {
+            let reason = err.message().to_owned();
+            match err.span().map(|span| line_col(text, span.start)) {
+                Some((line, col)) => format!("{}:{line}:{col}: {reason}", path.display()),
+                None => format!("{}: {reason}", path.display()),
+            }
+        })?;
+        if let Some(platform) = raw.platform.as_deref()
+            && platform != "torchscript"
+        {
+            return Err(field_error(
+                path,
+                "platform",
+                format!("only \"torchscript\" is served, got {platform:?}"),
+            ));
+        }
+        let device =
+            DeviceSpec::parse(&raw.device).map_err(|reason| field_error(path, "device", reason))?;
+        let max_batch_size = usize::try_from(raw.max_batch_size).map_err(|_| {
+            field_error(
+                path,
+                "max_batch_size",
+                format!("must be 0 or more, got {}", raw.max_batch_size),
+            )
+        })?;
+        let instances = positive(path, "instances", raw.instances)?;
+        let intra_op_threads = raw
+            .intra_op_threads
+            .map(|n| positive(path, "intra_op_threads", n))
+            .transpose()?;
+        let max_queue_size = positive(path, "max_queue_size", raw.max_queue_size)?;
+        let inputs = tensor_specs(path, "input", raw.input)?;
+        let outputs = tensor_specs(path, "output", raw.output)?;
+        let version_policy = match raw.version_policy {
+            None => VersionPolicy::Latest(1),
+            Some(policy) => version_policy(path, policy)?,
+        };
+        for (field, names) in [
+            ("preprocess", &raw.preprocess),
+            ("postprocess", &raw.postprocess),
+        ] {
+            if let Some(idx) = names.iter().position(|name| name.trim().is_empty()) {
+                return Err(field_error(
+                    path,
+                    &format!("{field}[{idx}]"),
+                    "plugin name is empty",
+                ));
+            }
+        }
+        Ok(ModelConfig {
+            inputs,
+            outputs,
+            device,
+            max_batch_size,
+            instances,
+            intra_op_threads,
+            max_queue_size,
+            version_policy,
+            preprocess: raw.preprocess,
+            postprocess: raw.postprocess,
+        })
+    }
+
+    /// The shape of a tensor as it crosses the wire: the spec with the batch
+    /// dimension in front when the model batches.
+    pub fn full_shape(&self, spec: &TensorSpec) -> Vec<i64> {
+        let mut shape = Vec::with_capacity(spec.shape.len() + 1);
+        if self.max_batch_size > 0 {
+            shape.push(-1);
+        }
+        shape.extend_from_slice(&spec.shape);
+        shape
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |idx| idx + 1) + 1;
+    (line, col)
+}
+
+fn positive(path: &Path, field: &str, value: i64) -> Result<usize, String> {
+    usize::try_from(value)
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| field_error(path, field, format!("must be 1 or more, got {value}")))
+}
+
+fn tensor_specs(path: &Path, field: &str, raw: Vec<RawTensor>) -> Result<Vec<TensorSpec>, String> {
+    if raw.is_empty() {
+        return Err(field_error(
+            path,
+            field,
+            format!("at least one [[{field}]] is required"),
+        ));
+    }
+    let mut specs: Vec<TensorSpec> = Vec::with_capacity(raw.len());
+    for (idx, tensor) in raw.into_iter().enumerate() {
+        let at = |sub: &str| format!("{field}[{idx}].{sub}");
+        if tensor.name.is_empty() {
+            return Err(field_error(path, &at("name"), "is empty"));
+        }
+        if specs.iter().any(|spec| spec.name == tensor.name) {
+            return Err(field_error(
+                path,
+                &at("name"),
+                format!("duplicate name '{}'", tensor.name),
+            ));
+        }
+        let dtype: DType = tensor
+            .dtype
+            .parse()
+            .map_err(|reason| field_error(path, &at("dtype"), reason))?;
+        if let Some((dim_idx, dim)) = tensor
+            .shape
+            .iter()
+            .enumerate()
+            .find(|(_, dim)| **dim < -1 || **dim == 0)
+        {
+            return Err(field_error(
+                path,
+                &format!("{field}[{idx}].shape[{dim_idx}]"),
+                format!("must be -1 (free) or 1 or more, got {dim}"),
+            ));
+        }
+        specs.push(TensorSpec {
+            name: tensor.name,
+            dtype,
+            shape: tensor.shape,
+        });
+    }
+    Ok(specs)
+}
+
+fn version_policy(path: &Path, raw: RawVersionPolicy) -> Result<VersionPolicy, String> {
+    let field = "version_policy";
+    match (raw.latest, raw.all, raw.specific) {
+        (Some(n), None, None) => Ok(VersionPolicy::Latest(positive(
+            path,
+            "version_policy.latest",
+            n,
+        )?)),
+        (None, Some(true), None) => Ok(VersionPolicy::All),
+        (None, Some(false), None) => Err(field_error(
+            path,
+            "version_policy.all",
+            "only `all = true` is meaningful",
+        )),
+        (None, None, Some(list)) => {
+            if list.is_empty() {
+                return Err(field_error(
+                    path,
+                    "version_policy.specific",
+                    "lists no versions",
+                ));
+            }
+            let mut labels = Vec::with_capacity(list.len());
+            for (idx, value) in list.iter().enumerate() {
+                let label = match value {
+                    toml::Value::Integer(n) if *n >= 0 => n.to_string(),
+                    toml::Value::String(s) if ModelVersion::parse(s).is_some() => s.clone(),
+                    other => {
+                        return Err(field_error(
+                            path,
+                            &format!("version_policy.specific[{idx}]"),
+                            format!("expected a version number or semver string, got {other}"),
+                        ));
+                    }
+                };
+                labels.push(label);
+            }
+            Ok(VersionPolicy::Specific(labels))
+        }
+        _ => Err(field_error(
+            path,
+            field,
+            "set exactly one of `latest`, `all` or `specific`",
+        )),
+    }
+}
+
+/// Model names are directory names; refusing anything else keeps requests
+/// from reaching outside the repository.
+pub fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// The model repository directory.
+#[derive(Debug, Clone)]
+pub struct ModelRepository {
+    root: PathBuf,
+}
+
+impl ModelRepository {
+    pub fn new(root: impl Into<PathBuf>) -> ModelRepository {
+        ModelRepository { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn model_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Names of the model directories (those holding a config.toml). Blocking.
+    pub fn scan(&self) -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if valid_model_name(&name) && entry.path().join(CONFIG_FILE).is_file() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Whether `name` is a model directory. Blocking.
+    pub fn contains(&self, name: &str) -> bool {
+        valid_model_name(name) && self.model_dir(name).join(CONFIG_FILE).is_file()
+    }
+
+    /// The versions on disk chosen by the policy, oldest first. Blocking.
+    pub fn select_versions(
+        &self,
+        name: &str,
+        policy: &VersionPolicy,
+    ) -> Result<Vec<(ModelVersion, PathBuf)>, String> {
+        let dir = self.model_dir(name);
+        let mut found = Vec::new();
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|err| format!("{}: cannot read: {err}", dir.display()))?;
+        for entry in entries.flatten() {
+            let Some(label) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let Some(version) = ModelVersion::parse(&label) else {
+                continue;
+            };
+            let file = entry.path().join(MODEL_FILE);
+            if file.is_file() {
+                found.push((version, file));
+            }
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        if found.is_empty() {
+            return Err(format!(
+                "{}: no version directory holds a {MODEL_FILE} (expected <version>/{MODEL_FILE}, version an integer or semver)",
+                dir.display()
+            ));
+        }
+        match policy {
+            VersionPolicy::All => Ok(found),
+            VersionPolicy::Latest(n) => {
+                let skip = found.len().saturating_sub(*n);
+                Ok(found.into_iter().skip(skip).collect())
+            }
+            VersionPolicy::Specific(labels) => {
+                let mut chosen = Vec::with_capacity(labels.len());
+                for label in labels {
+                    let hit = found.iter().find(|(version, _)| version.answers_to(label));
+                    let Some(hit) = hit else {
+                        let on_disk: Vec<&str> =
+                            found.iter().map(|(v, _)| v.label.as_str()).collect();
+                        return Err(format!(
+                            "{}: version_policy.specific: version {label} has no {MODEL_FILE} (on disk: {})",
+                            dir.join(CONFIG_FILE).display(),
+                            on_disk.join(", ")
+                        ));
+                    };
+                    chosen.push(hit.clone());
+                }
+                chosen.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(chosen)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str, expect: Result<(), &str>) {
+        let res = ModelConfig::parse(Path::new("m/config.toml"), text);
+        match (res, expect) {
+            (Ok(_), Ok(())) => {}
+            (Err(err), Err(want)) => assert_eq!(err, want, "config:\n{text}"),
+            (res, expect) => panic!("config:\n{text}\ngot {res:?}, expected {expect:?}"),
+        }
+    }
+
+    const IO: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
+
+    #[test]
+    fn config_errors_name_file_field_and_reason() {
+        check(IO, Ok(()));
+        check(
+            &format!("max_batch_size = 8\ninstances = 2\ndevice = \"cuda:1\"\n{IO}"),
+            Ok(()),
+        );
+        check(
+            &format!("devise = \"cpu\"\n{IO}"),
+            Err(
+                "m/config.toml:1:1: unknown field `devise`, expected one of `platform`, `device`, `max_batch_size`, `instances`, `intra_op_threads`, `max_queue_size`, `version_policy`, `preprocess`, `postprocess`, `input`, `output`",
+            ),
+        );
+        check(
+            &format!("device = \"tpu\"\n{IO}"),
+            Err("m/config.toml: device: expected \"cpu\", \"cuda\" or \"cuda:N\", got \"tpu\""),
+        );
+        check(
+            &format!("instances = 0\n{IO}"),
+            Err("m/config.toml: instances: must be 1 or more, got 0"),
+        );
+        check(
+            &format!("max_batch_size = -2\n{IO}"),
+            Err("m/config.toml: max_batch_size: must be 0 or more, got -2"),
+        );
+        check(
+            "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4, -3]\n",
+            Err("m/config.toml: input[0].shape[1]: must be -1 (free) or 1 or more, got -3"),
+        );
+        check(
+            "[[input]]\nname = \"x\"\ndtype = \"complex\"\nshape = [4]\n",
+            Err(
+                "m/config.toml: input[0].dtype: unknown dtype \"complex\"; expected one of bool, u8, i8, i16, i32, i64, f16, bf16, f32, f64",
+            ),
+        );
+        check(
+            "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n",
+            Err("m/config.toml: output: at least one [[output]] is required"),
+        );
+        check(
+            &format!("{IO}[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n"),
+            Err("m/config.toml: input[1].name: duplicate name 'x'"),
+        );
+        check(
+            &format!("version_policy = {{ latest = 2, all = true }}\n{IO}"),
+            Err("m/config.toml: version_policy: set exactly one of `latest`, `all` or `specific`"),
+        );
+        check(
+            &format!("version_policy = {{ specific = [1, \"x\"] }}\n{IO}"),
+            Err(
+                "m/config.toml: version_policy.specific[1]: expected a version number or semver string, got \"x\"",
+            ),
+        );
+        check(
+            "this is not toml",
+            Err("m/config.toml:1:6: expected `.`, `=`"),
+        );
+    }
+
+    #[test]
+    fn versions_order_numerically_and_by_semver() {
+        let mut versions: Vec<ModelVersion> = ["10", "2", "1.5.0", "1"]
+            .iter()
+            .map(|l| ModelVersion::parse(l).unwrap())
+            .collect();
+        versions.sort();
+        let labels: Vec<&str> = versions.iter().map(|v| v.label.as_str()).collect();
+        assert_eq!(labels, ["1", "1.5.0", "2", "10"]);
+        assert!(ModelVersion::parse("2.0.0").unwrap().answers_to("2"));
+        assert!(ModelVersion::parse("nope").is_none());
+    }
+
+    #[test]
+    fn model_names_cannot_escape_the_repository() {
+        for bad in ["", "..", ".hidden", "a/b", "../etc", "a b"] {
+            assert!(!valid_model_name(bad), "{bad:?}");
+        }
+        for good in ["resnet50", "my-model_v2", "a.b"] {
+            assert!(valid_model_name(good), "{good:?}");
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! `plinth.v1.ComputeService`.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::pb::{self, compute_service_server::ComputeService};
+use super::{now_micros, status_to_pb, tensor_from_pb, tensor_to_pb};
+use crate::error::Error;
+use crate::registry::{InferRequest, Registry};
+use crate::server::HostInfo;
+
+/// Messages of one StreamCompute call that may be computed at once. Answers
+/// still leave in request order.
+const STREAM_WINDOW: usize = 16;
+
+#[derive(Clone)]
+pub struct ComputeApi {
+    registry: Registry,
+    info: HostInfo,
+    shutdown: CancellationToken,
+}
+
+impl ComputeApi {
+    pub fn new(registry: Registry, info: HostInfo, shutdown: CancellationToken) -> ComputeApi {
+        ComputeApi {
+            registry,
+            info,
+            shutdown,
+        }
+    }
+}
+
+async fn compute_one(
+    registry: &Registry,
+    request: pb::ComputeRequest,
+) -> Result<pb::ComputeResponse, Error> {
+    if request.model.is_empty() {
+        return Err(Error::InvalidArgument("field 'model' is empty".into()));
+    }
+    let inputs = request
+        .inputs
+        .into_iter()
+        .map(tensor_from_pb)
+        .collect::<Result<Vec<_>, _>>()?;
+    let version = (!request.version.is_empty()).then_some(request.version);
+    let response = registry
+        .infer(InferRequest {
+            model: request.model,
+            version,
+            inputs,
+        })
+        .await?;
+    Ok(pb::ComputeResponse {
+        id: request.id,
+        model: response.model,
+        version: response.version,
+        outputs: response.outputs.into_iter().map(tensor_to_pb).collect(),
+        error: None,
+    })
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::ComputeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ComputeService for ComputeApi {
+    async fn compute(
+        &self,
+        request: Request<pb::ComputeRequest>,
+    ) -> Result<Response<pb::ComputeResponse>, Status> {
+        let request = request.into_inner();
+        let span = tracing::debug_span!("compute", model = %request.model, id = %request.id);
+        Ok(Response::new(
+            compute_one(&self.registry, request)
+                .instrument(span)
+                .await?,
+        ))
+    }
+
+    type StreamComputeStream = ResponseStream;
+
+    async fn stream_compute(
+        &self,
+        request: Request<Streaming<pb::ComputeRequest>>,
+    ) -> Result<Response<Self::StreamComputeStream>, Status> {
+        let registry = self.registry.clone();
+        let inbound = request
+            .into_inner()
+            .take_until(self.shutdown.clone().cancelled_owned());
+        let outbound = inbound
+            .map(move |message| {
+                let registry = registry.clone();
+                async move {
+                    let request = message?;
+                    let id = request.id.clone();
+                    let model = request.model.clone();
+                    // A bad message is answered in place; the stream goes on.
+                    Ok(compute_one(&registry, request).await.unwrap_or_else(|err| {
+                        let status = super::status(err);
+                        pb::ComputeResponse {
+                            id,
+                            model,
+                            version: String::new(),
+                            outputs: Vec::new(),
+                            error: Some(pb::Error {
+                                code: status.code() as i32,
+                                message: status.message().to_owned(),
+                            }),
+                        }
+                    }))
+                }
+            })
+            .buffered(STREAM_WINDOW);
+        Ok(Response::new(Box::pin(outbound)))
+    }
+
+    async fn ping(
+        &self,
+        _request: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
+        Ok(Response::new(pb::PingResponse {
+            server_time_us: now_micros(),
+        }))
+    }
+
+    async fn get_info(
+        &self,
+        _request: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::GetInfoResponse>, Status> {
+        let budget = self.registry.thread_budget();
+        let cuda = crate::torch::init_cuda();
+        let mut devices = vec![pb::Device {
+            name: "cpu".into(),
+            memory_total_bytes: 0,
+            memory_used_bytes: 0,
+        }];
+        devices.extend((0..cuda.device_count).map(|idx| pb::Device {
+            name: format!("cuda:{idx}"),
+            memory_total_bytes: 0,
+            memory_used_bytes: 0,
+        }));
+        Ok(Response::new(pb::GetInfoResponse {
+            version: self.info.version.clone(),
+            devices,
+            thread_budget: Some(pb::ThreadBudget {
+                cores: budget.cores as u32,
+                intra_op_threads: budget.intra_op_threads as u32,
+                inter_op_threads: budget.inter_op_threads as u32,
+                executors: budget.executors as u32,
+                torch_threads: budget.torch_threads as u32,
+            }),
+            models: self.registry.list().into_iter().map(status_to_pb).collect(),
+            libtorch_version: self.info.libtorch_version.clone(),
+            cuda_available: cuda.device_count > 0,
+        }))
+    }
+}

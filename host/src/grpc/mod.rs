@@ -1,0 +1,153 @@
+//! The gRPC edge: the only place that sees `plinth.v1` proto types. It
+//! decodes and validates, calls the registry, and maps errors to `Status` in
+//! one place ([`status`]).
+
+mod compute;
+mod models;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tonic::{Code, Status};
+
+pub use compute::ComputeApi;
+pub use models::ModelApi;
+
+use crate::error::Error;
+use crate::registry::{ModelState, ModelStatus};
+use crate::tensor::{DType, Tensor, TensorSpec};
+
+/// The generated `plinth.v1` types.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("plinth.v1");
+}
+
+/// Encoded descriptors of every service, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("plinth_descriptor");
+
+/// The one mapping from host errors to gRPC codes.
+pub fn status(err: Error) -> Status {
+    let code = match &err {
+        Error::ModelNotFound { .. } | Error::VersionNotFound { .. } => Code::NotFound,
+        Error::ModelNotReady { .. } | Error::Unavailable(_) => Code::Unavailable,
+        Error::AlreadyExists { .. } => Code::AlreadyExists,
+        Error::LoadFailed(_) | Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::InvalidArgument(_) => Code::InvalidArgument,
+        Error::ResourceExhausted(_) => Code::ResourceExhausted,
+        Error::Cancelled => Code::Cancelled,
+        Error::Internal(_) => Code::Internal,
+    };
+    Status::new(code, err.to_string())
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        status(err)
+    }
+}
+
+pub(crate) fn dtype_from_pb(value: i32, tensor: &str) -> Result<DType, Error> {
+    use pb::DataType as P;
+    let dtype = match P::try_from(value) {
+        Ok(P::Bool) => DType::Bool,
+        Ok(P::Uint8) => DType::U8,
+        Ok(P::Int8) => DType::I8,
+        Ok(P::Int16) => DType::I16,
+        Ok(P::Int32) => DType::I32,
+        Ok(P::Int64) => DType::I64,
+        Ok(P::Float16) => DType::F16,
+        Ok(P::Bfloat16) => DType::BF16,
+        Ok(P::Float32) => DType::F32,
+        Ok(P::Float64) => DType::F64,
+        Ok(P::Unspecified) => {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{tensor}': dtype is not set"
+            )));
+        }
+        Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{tensor}': unknown dtype value {value}"
+            )));
+        }
+    };
+    Ok(dtype)
+}
+
+pub(crate) fn dtype_to_pb(dtype: DType) -> pb::DataType {
+    use pb::DataType as P;
+    match dtype {
+        DType::Bool => P::Bool,
+        DType::U8 => P::Uint8,
+        DType::I8 => P::Int8,
+        DType::I16 => P::Int16,
+        DType::I32 => P::Int32,
+        DType::I64 => P::Int64,
+        DType::F16 => P::Float16,
+        DType::BF16 => P::Bfloat16,
+        DType::F32 => P::Float32,
+        DType::F64 => P::Float64,
+    }
+}
+
+pub(crate) fn tensor_from_pb(tensor: pb::Tensor) -> Result<Tensor, Error> {
+    if tensor.name.is_empty() {
+        return Err(Error::InvalidArgument("a tensor has an empty name".into()));
+    }
+    let dtype = dtype_from_pb(tensor.dtype, &tensor.name)?;
+    Tensor::new(tensor.name, dtype, tensor.shape, tensor.data)
+}
+
+pub(crate) fn tensor_to_pb(tensor: Tensor) -> pb::Tensor {
+    let dtype = dtype_to_pb(tensor.dtype()) as i32;
+    let name = tensor.name().to_owned();
+    let shape = tensor.shape().to_vec();
+    pb::Tensor {
+        name,
+        dtype,
+        shape,
+        data: tensor.into_data(),
+    }
+}
+
+pub(crate) fn spec_to_pb(spec: &TensorSpec) -> pb::TensorSpec {
+    pb::TensorSpec {
+        name: spec.name.clone(),
+        dtype: dtype_to_pb(spec.dtype) as i32,
+        shape: spec.shape.clone(),
+    }
+}
+
+fn micros_since_epoch(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+pub(crate) fn state_to_pb(state: ModelState) -> pb::ModelState {
+    match state {
+        ModelState::Unavailable => pb::ModelState::Unavailable,
+        ModelState::Loading => pb::ModelState::Loading,
+        ModelState::Ready => pb::ModelState::Ready,
+        ModelState::Unloading => pb::ModelState::Unloading,
+        ModelState::Failed => pb::ModelState::Failed,
+    }
+}
+
+pub(crate) fn status_to_pb(status: ModelStatus) -> pb::ModelStatus {
+    pb::ModelStatus {
+        name: status.name,
+        state: state_to_pb(status.state) as i32,
+        reason: status.reason.unwrap_or_default(),
+        state_since_us: micros_since_epoch(status.since),
+        load_duration_us: status
+            .load_duration
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+        versions: status.versions,
+        device: status.device.unwrap_or_default(),
+        in_flight: status.in_flight,
+        reloading: status.reloading,
+    }
+}
+
+pub(crate) fn now_micros() -> i64 {
+    micros_since_epoch(SystemTime::now())
+}

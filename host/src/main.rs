@@ -1,0 +1,121 @@
+//! The `plinth` binary: a thin command line over the library.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "plinth",
+    version,
+    about = "Model-serving host: TorchScript models, gRPC and HTTP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model repository over gRPC and HTTP.
+    Serve(ServeArgs),
+    /// Write the demo model repository into DIR.
+    DemoRepo { dir: PathBuf },
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    /// Model repository: <repo>/<model>/config.toml and <repo>/<model>/<version>/model.pt.
+    /// Without it, ./.plinth/models is used and filled with demo models if absent.
+    #[arg(long, env = "PLINTH_MODEL_REPOSITORY")]
+    model_repository: Option<PathBuf>,
+    /// Plugin directory (created if absent).
+    #[arg(long, env = "PLINTH_PLUGIN_DIR", default_value = ".plinth/plugins")]
+    plugin_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: IpAddr,
+    #[arg(long, default_value_t = 8001)]
+    grpc_port: u16,
+    #[arg(long, default_value_t = 8000)]
+    http_port: u16,
+    /// Cores for torch work (default: all available).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Model loads that may run at once.
+    #[arg(long, default_value_t = 4)]
+    max_concurrent_loads: usize,
+    /// Largest gRPC message accepted or sent, in MiB.
+    #[arg(long, default_value_t = 64)]
+    max_message_mib: usize,
+    /// Watch the repository: load, reload and unload models as their directories change.
+    #[arg(long)]
+    poll: bool,
+    /// Don't load the repository's models at startup (load them with LoadModel).
+    #[arg(long)]
+    no_load: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::DemoRepo { dir } => plinth::demo::write_demo_repository(&dir),
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let model_repository = match args.model_repository {
+        Some(dir) => dir,
+        None => {
+            let dir = PathBuf::from(".plinth/models");
+            if !dir.exists() {
+                plinth::demo::write_demo_repository(&dir)
+                    .context("creating the demo model repository")?;
+                tracing::info!(dir = %dir.display(), "created the demo model repository");
+            }
+            dir
+        }
+    };
+    std::fs::create_dir_all(&args.plugin_dir).with_context(|| {
+        format!(
+            "creating the plugin directory {}",
+            args.plugin_dir.display()
+        )
+    })?;
+    let config = plinth::ServerConfig {
+        model_repository,
+        plugin_dir: args.plugin_dir,
+        grpc_addr: SocketAddr::new(args.host, args.grpc_port),
+        http_addr: SocketAddr::new(args.host, args.http_port),
+        threads: args.threads,
+        max_concurrent_loads: args.max_concurrent_loads,
+        max_message_bytes: args.max_message_mib << 20,
+        poll: args.poll,
+        load_all: !args.no_load,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("plinth-io")
+        .build()?;
+    runtime.block_on(async {
+        let server = plinth::start(config).await?;
+        let trigger = server.trigger();
+        tokio::spawn(async move {
+            plinth::server::shutdown_signal().await;
+            tracing::info!("shutting down: draining in-flight requests");
+            trigger.cancel();
+        });
+        server.wait().await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,296 @@
+//! Assembles the host: registry, startup loads, gRPC and HTTP servers, the
+//! repository watcher, and shutdown with draining. Tests start it in-process
+//! on ephemeral ports through [`start`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::config::ModelRepository;
+use crate::grpc::{self, ComputeApi, ModelApi, pb};
+use crate::registry::{LoadMode, Registry, RegistrySettings};
+
+/// Everything `plinth serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub model_repository: PathBuf,
+    pub plugin_dir: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// Cores for torch work; `None` uses every available core.
+    pub threads: Option<usize>,
+    pub max_concurrent_loads: usize,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    /// Watch the repository and load, reload or unload on change.
+    pub poll: bool,
+    /// Load every model of the repository at startup.
+    pub load_all: bool,
+}
+
+impl ServerConfig {
+    /// Loopback, ephemeral ports: what tests use.
+    pub fn ephemeral(
+        model_repository: impl Into<PathBuf>,
+        plugin_dir: impl Into<PathBuf>,
+    ) -> ServerConfig {
+        ServerConfig {
+            model_repository: model_repository.into(),
+            plugin_dir: plugin_dir.into(),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            threads: None,
+            max_concurrent_loads: 4,
+            max_message_bytes: 64 << 20,
+            poll: false,
+            load_all: true,
+        }
+    }
+}
+
+/// Facts about this build, reported by GetInfo.
+#[derive(Debug, Clone)]
+pub struct HostInfo {
+    pub version: String,
+    pub libtorch_version: String,
+}
+
+impl HostInfo {
+    fn current() -> HostInfo {
+        HostInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            libtorch_version: option_env!("PLINTH_LIBTORCH_VERSION")
+                .unwrap_or("unknown")
+                .to_owned(),
+        }
+    }
+}
+
+/// A started host.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub registry: Registry,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight requests finish, then returns.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+
+    /// Returns once the servers have stopped (after [`RunningServer::trigger`]).
+    pub async fn wait(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// The token that starts the drain when cancelled.
+    pub fn trigger(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+fn init_torch_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Requests never fan out across inter-op threads: one is enough, and
+        // it keeps the thread count at executors x intra-op.
+        let res = std::panic::catch_unwind(|| crate::torch::set_inter_op_threads(1));
+        if res.is_err() {
+            tracing::warn!("torch inter-op threads were already fixed");
+        }
+    });
+}
+
+/// Binds both ports, starts loading the repository and serves until the
+/// returned server's token is cancelled.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    init_torch_threads();
+    let cores = config
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let cuda = crate::torch::init_cuda();
+    match &cuda.library {
+        Some(lib) => {
+            tracing::info!(library = %lib.display(), devices = cuda.device_count, "CUDA libtorch loaded")
+        }
+        None => tracing::info!(
+            note = cuda.note.as_deref().unwrap_or(""),
+            "running on CPU only"
+        ),
+    }
+    tracing::info!(
+        cores,
+        inter_op_threads = 1,
+        intra_op_threads_per_executor = "cores / instances, unless the model sets intra_op_threads",
+        "thread budget"
+    );
+
+    let repository = ModelRepository::new(&config.model_repository);
+    let registry = Registry::new(RegistrySettings {
+        repository: repository.clone(),
+        max_concurrent_loads: config.max_concurrent_loads,
+        cores,
+    });
+    let shutdown = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let grpc_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding gRPC to {}", config.grpc_addr))?;
+    let http_listener = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP to {}", config.http_addr))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(grpc::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let info = HostInfo::current();
+    let limit = config.max_message_bytes;
+    let compute = pb::compute_service_server::ComputeServiceServer::new(ComputeApi::new(
+        registry.clone(),
+        info,
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let models = pb::model_service_server::ModelServiceServer::new(ModelApi::new(
+        registry.clone(),
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+
+    let grpc_shutdown = shutdown.clone();
+    let grpc_task = tokio::spawn(async move {
+        let res = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(compute)
+            .add_service(models)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc_listener),
+                grpc_shutdown.cancelled_owned(),
+            )
+            .await;
+        if let Err(err) = res {
+            tracing::error!(%err, "gRPC server failed");
+        }
+    });
+
+    let http_task = tokio::spawn(crate::http::serve(
+        http_listener,
+        crate::http::HttpState {
+            registry: registry.clone(),
+            ready: Arc::clone(&ready),
+        },
+        shutdown.clone(),
+    ));
+
+    let mut tasks = vec![grpc_task, http_task];
+
+    // Startup loads run in the background: the ports answer from the start,
+    // and readiness turns on once every startup load has finished.
+    let startup_registry = registry.clone();
+    let startup_ready = Arc::clone(&ready);
+    let load_all = config.load_all;
+    let startup_health = health_reporter.clone();
+    tokio::spawn(async move {
+        let scan_repo = repository.clone();
+        let names = match tokio::task::spawn_blocking(move || scan_repo.scan()).await {
+            Ok(Ok(names)) => names,
+            Ok(Err(err)) => {
+                tracing::error!(repository = %repository.root().display(), %err, "cannot read the model repository");
+                Vec::new()
+            }
+            Err(err) => {
+                tracing::error!(%err, "repository scan panicked");
+                Vec::new()
+            }
+        };
+        startup_registry.register_known(&names);
+        if load_all {
+            let mut tickets = Vec::new();
+            for name in &names {
+                match startup_registry.load(name, LoadMode::Load).await {
+                    Ok(ticket) => tickets.push(ticket),
+                    Err(err) => tracing::warn!(model = name, %err, "startup load refused"),
+                }
+            }
+            for ticket in tickets {
+                let _ = ticket.finished().await;
+            }
+        }
+        startup_ready.store(true, Ordering::Release);
+        startup_health
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        tracing::info!(models = names.len(), "startup loads finished; ready");
+    });
+
+    if config.poll {
+        let watcher =
+            crate::watch::RepositoryWatcher::start(registry.clone(), Duration::from_millis(250))
+                .context("watching the model repository")?;
+        let watch_shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            watch_shutdown.cancelled().await;
+            drop(watcher);
+        }));
+    }
+
+    tracing::info!(%grpc_addr, %http_addr, repository = %config.model_repository.display(), "plinth serving");
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        registry,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

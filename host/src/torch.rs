@@ -1,0 +1,310 @@
+//! The libtorch boundary: the only module that sees `tch` types.
+//!
+//! It loads TorchScript modules onto a device, runs `forward` under `no_grad`,
+//! converts between Plinth's [`Tensor`] and torch tensors, sets the thread
+//! budget, and loads the CUDA half of libtorch at run time when it is present.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use tch::{CModule, Device, IValue, Kind};
+
+use crate::config::DeviceSpec;
+use crate::error::Error;
+use crate::tensor::{DType, Tensor, TensorSpec, shape_str};
+
+fn kind_of(dtype: DType) -> Kind {
+    match dtype {
+        DType::Bool => Kind::Bool,
+        DType::U8 => Kind::Uint8,
+        DType::I8 => Kind::Int8,
+        DType::I16 => Kind::Int16,
+        DType::I32 => Kind::Int,
+        DType::I64 => Kind::Int64,
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        DType::F32 => Kind::Float,
+        DType::F64 => Kind::Double,
+    }
+}
+
+fn dtype_of(kind: Kind) -> Option<DType> {
+    Some(match kind {
+        Kind::Bool => DType::Bool,
+        Kind::Uint8 => DType::U8,
+        Kind::Int8 => DType::I8,
+        Kind::Int16 => DType::I16,
+        Kind::Int => DType::I32,
+        Kind::Int64 => DType::I64,
+        Kind::Half => DType::F16,
+        Kind::BFloat16 => DType::BF16,
+        Kind::Float => DType::F32,
+        Kind::Double => DType::F64,
+        _ => return None,
+    })
+}
+
+fn device_of(spec: DeviceSpec) -> Device {
+    match spec {
+        DeviceSpec::Cpu => Device::Cpu,
+        DeviceSpec::Cuda(idx) => Device::Cuda(idx),
+    }
+}
+
+/// What the process found out about CUDA at startup.
+#[derive(Debug, Clone)]
+pub struct CudaReport {
+    /// The `libtorch_cuda.so` that was loaded, if any.
+    pub library: Option<PathBuf>,
+    pub device_count: usize,
+    /// Why CUDA is not in use, when it is not.
+    pub note: Option<String>,
+}
+
+static CUDA: OnceLock<CudaReport> = OnceLock::new();
+
+/// Loads `libtorch_cuda.so` once, if one can be found, so that a CPU-linked
+/// binary can run models on a GPU. Looks at `PLINTH_LIBTORCH_CUDA` (the file
+/// or its directory), then the dynamic loader's search path.
+pub fn init_cuda() -> &'static CudaReport {
+    CUDA.get_or_init(|| {
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Some(path) = std::env::var_os("PLINTH_LIBTORCH_CUDA").map(PathBuf::from) {
+            candidates.push(if path.is_dir() { path.join("libtorch_cuda.so") } else { path });
+        }
+        candidates.push(PathBuf::from("libtorch_cuda.so"));
+        let mut errors = Vec::new();
+        for candidate in candidates {
+            // SAFETY: loading libtorch_cuda.so runs its static initialisers, which
+            // register the CUDA backend with the already-loaded libtorch_cpu. It
+            // is done once, before any model is loaded. RTLD_GLOBAL makes its
+            // symbols visible to libraries loaded later, as libtorch expects.
+            let lib = unsafe {
+                libloading::os::unix::Library::open(
+                    Some(&candidate),
+                    libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                )
+            };
+            match lib {
+                Ok(lib) => {
+                    // The library stays loaded for the life of the process.
+                    std::mem::forget(lib);
+                    let device_count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+                    let note = (device_count == 0).then(|| "libtorch_cuda.so loaded but no GPU is visible".to_owned());
+                    return CudaReport {
+                        library: Some(candidate),
+                        device_count,
+                        note,
+                    };
+                }
+                Err(err) => errors.push(format!("{}: {err}", candidate.display())),
+            }
+        }
+        CudaReport {
+            library: None,
+            device_count: 0,
+            note: Some(format!(
+                "no CUDA libtorch found (set PLINTH_LIBTORCH_CUDA to a libtorch_cuda.so of torch 2.11): {}",
+                errors.join("; ")
+            )),
+        }
+    })
+}
+
+/// Refuses a device the process cannot use, with the reason.
+pub fn check_device(spec: DeviceSpec) -> Result<(), String> {
+    let DeviceSpec::Cuda(idx) = spec else {
+        return Ok(());
+    };
+    let cuda = init_cuda();
+    if idx < cuda.device_count {
+        return Ok(());
+    }
+    let why = match (&cuda.note, cuda.device_count) {
+        (Some(note), _) => note.clone(),
+        (None, n) => format!("only {n} CUDA device(s) are visible"),
+    };
+    Err(format!(
+        "device {spec} requested but CUDA is not available: {why}"
+    ))
+}
+
+/// Sets the calling thread's torch intra-op thread count.
+pub fn set_intra_op_threads(n_threads: usize) {
+    tch::set_num_threads(i32::try_from(n_threads).unwrap_or(i32::MAX).max(1));
+}
+
+/// Sets the process-wide inter-op pool size. Must run before any torch work.
+pub fn set_inter_op_threads(n_threads: usize) {
+    tch::set_num_interop_threads(i32::try_from(n_threads).unwrap_or(i32::MAX).max(1));
+}
+
+/// A TorchScript module on its device, ready for `forward`.
+pub struct TorchModule {
+    module: CModule,
+    device: Device,
+}
+
+impl std::fmt::Debug for TorchModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TorchModule")
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+impl TorchModule {
+    /// Deserialises a TorchScript archive onto `device` in eval mode. Blocking.
+    pub fn load(bytes: &[u8], device: DeviceSpec) -> Result<TorchModule, String> {
+        let device = device_of(device);
+        let mut module =
+            CModule::load_data_on_device(&mut Cursor::new(bytes), device).map_err(|err| {
+                format!(
+                    "not a loadable TorchScript archive: {}",
+                    first_line(&err.to_string())
+                )
+            })?;
+        module.set_eval();
+        Ok(TorchModule { module, device })
+    }
+
+    /// Runs `forward` under `no_grad`, naming the outputs after `output_specs`.
+    /// Blocking: call it from an executor thread only.
+    pub fn forward(
+        &self,
+        inputs: &[Tensor],
+        output_specs: &[TensorSpec],
+    ) -> Result<Vec<Tensor>, Error> {
+        let _guard = tch::no_grad_guard();
+        let mut args = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let tensor =
+                tch::Tensor::f_from_data_size(input.data(), input.shape(), kind_of(input.dtype()))
+                    .map_err(|err| Error::Internal(format!("input '{}': {err}", input.name())))?;
+            let tensor = if self.device == Device::Cpu {
+                tensor
+            } else {
+                tensor.f_to_device(self.device).map_err(|err| {
+                    Error::Internal(format!(
+                        "input '{}' to {:?}: {err}",
+                        input.name(),
+                        self.device
+                    ))
+                })?
+            };
+            args.push(IValue::Tensor(tensor));
+        }
+        let output = self.module.forward_is(&args).map_err(|err| {
+            Error::Internal(format!("forward failed: {}", first_line(&err.to_string())))
+        })?;
+        let tensors = match output {
+            IValue::Tensor(tensor) => vec![tensor],
+            IValue::Tuple(items) | IValue::GenericList(items) => items
+                .into_iter()
+                .map(|item| match item {
+                    IValue::Tensor(tensor) => Ok(tensor),
+                    other => Err(Error::Internal(format!(
+                        "forward returned a non-tensor item: {other:?}"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            IValue::TensorList(items) => items,
+            other => {
+                return Err(Error::Internal(format!(
+                    "forward returned {other:?}, not tensors"
+                )));
+            }
+        };
+        if tensors.len() != output_specs.len() {
+            return Err(Error::Internal(format!(
+                "forward returned {} tensor(s), config declares {} output(s)",
+                tensors.len(),
+                output_specs.len()
+            )));
+        }
+        tensors
+            .iter()
+            .zip(output_specs)
+            .map(|(tensor, spec)| to_plinth(tensor, &spec.name))
+            .collect()
+    }
+}
+
+fn to_plinth(tensor: &tch::Tensor, name: &str) -> Result<Tensor, Error> {
+    let internal =
+        |what: &str, err: tch::TchError| Error::Internal(format!("output '{name}': {what}: {err}"));
+    let kind = tensor.f_kind().map_err(|err| internal("kind", err))?;
+    let dtype = dtype_of(kind).ok_or_else(|| {
+        Error::Internal(format!("output '{name}': unsupported torch dtype {kind:?}"))
+    })?;
+    let tensor = tensor
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .map_err(|err| internal("to cpu", err))?;
+    let shape = tensor.size();
+    let numel = tensor.numel();
+    let mut data = vec![0u8; numel * dtype.size()];
+    tensor
+        .f_copy_data_u8(&mut data, numel)
+        .map_err(|err| internal("copy", err))?;
+    Tensor::new(name, dtype, shape, Bytes::from(data))
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or(text)
+        .trim()
+}
+
+/// Checks a warm-up output against the config, naming what differs.
+pub fn check_output(output: &Tensor, spec: &TensorSpec, full_shape: &[i64]) -> Result<(), String> {
+    if output.dtype() != spec.dtype {
+        return Err(format!(
+            "output '{}': config declares dtype {}, the model returned {}",
+            spec.name,
+            spec.dtype,
+            output.dtype()
+        ));
+    }
+    let fits = full_shape.len() == output.shape().len()
+        && full_shape
+            .iter()
+            .zip(output.shape())
+            .all(|(want, got)| *want == -1 || want == got);
+    if !fits {
+        return Err(format!(
+            "output '{}': config declares shape {}, the model returned {}",
+            spec.name,
+            shape_str(full_shape),
+            shape_str(output.shape())
+        ));
+    }
+    Ok(())
+}
+
+/// Builds TorchScript files by tracing Rust closures with known weights: the
+/// demo repository and the test fixtures are made this way.
+pub mod trace {
+    use super::*;
+
+    pub use tch::{Device, Kind, Tensor as TchTensor};
+
+    /// Traces `f` on `example_inputs` and saves the TorchScript module to `path`.
+    pub fn save(
+        path: &Path,
+        example_inputs: &[tch::Tensor],
+        mut f: impl FnMut(&[tch::Tensor]) -> Vec<tch::Tensor>,
+    ) -> Result<(), tch::TchError> {
+        let _guard = tch::no_grad_guard();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|err| tch::TchError::FileFormat(err.to_string()))?;
+        }
+        let module =
+            CModule::create_by_tracing("plinth_fixture", "forward", example_inputs, &mut f)?;
+        module.save(path)
+    }
+}

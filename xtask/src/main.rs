@@ -1,0 +1,238 @@
+//! Project tasks as code (`cargo xtask <task>`).
+//!
+//! The one thing every task needs is libtorch. No machine here reaches the
+//! PyTorch download site, so the CPU libraries and headers are taken from the
+//! `torch` wheel on the Python package registry and cached outside the clone.
+//! The host binary is linked with an rpath into that cache, so it runs without
+//! `LD_LIBRARY_PATH`.
+
+use std::env;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+const TORCH_VERSION: &str = "2.11.0";
+const WHEELS: &[&str] = &[
+    "torch==2.11.0",
+    "nvidia-cuda-runtime==13.0.96",
+    "nvidia-cuda-cupti==13.0.85",
+];
+
+const USAGE: &str = "\
+usage: cargo xtask <task> [args]
+
+tasks:
+  serve [plinth args]   fetch libtorch if needed, build and run `plinth serve`
+  test [cargo args]     fetch libtorch if needed, run the whole test suite
+  clippy                cargo clippy --workspace --all-targets -- -D warnings
+  bench [args]          run the benchmarks (see docs/BENCHMARKS.md)
+  libtorch              fetch libtorch into the cache and print its path
+  env                   print the environment the other tasks use, as shell exports
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = env::args_os().skip(1);
+    let Some(task) = args.next() else {
+        eprint!("{USAGE}");
+        bail!("no task given");
+    };
+    let rest: Vec<OsString> = args.collect();
+    match task.to_str().unwrap_or_default() {
+        "serve" => {
+            let libtorch = ensure_libtorch()?;
+            let mut cmd = cargo(&libtorch);
+            cmd.args(["run", "--release", "--package", "plinth", "--", "serve"]);
+            cmd.args(rest);
+            status(cmd)
+        }
+        "test" => {
+            let libtorch = ensure_libtorch()?;
+            let mut cmd = cargo(&libtorch);
+            cmd.args(["test", "--workspace"]);
+            cmd.args(rest);
+            status(cmd)
+        }
+        "clippy" => {
+            let libtorch = ensure_libtorch()?;
+            let mut cmd = cargo(&libtorch);
+            cmd.args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]);
+            status(cmd)
+        }
+        "bench" => {
+            let libtorch = ensure_libtorch()?;
+            let mut cmd = cargo(&libtorch);
+            cmd.args(["bench", "--package", "plinth-tests"]);
+            cmd.args(rest);
+            status(cmd)
+        }
+        "libtorch" => {
+            println!("{}", ensure_libtorch()?.display());
+            Ok(())
+        }
+        "env" => {
+            let libtorch = ensure_libtorch()?;
+            for (key, value) in torch_env(&libtorch) {
+                println!("export {key}={}", value.to_string_lossy());
+            }
+            Ok(())
+        }
+        other => {
+            eprint!("{USAGE}");
+            bail!("unknown task {other:?}")
+        }
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the root")
+        .to_path_buf()
+}
+
+/// The cache lives outside the clone so that a fresh clone reuses it.
+fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = env::var_os("PLINTH_CACHE_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("plinth"));
+    }
+    let home = env::var_os("HOME").context("neither PLINTH_CACHE_DIR nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache").join("plinth"))
+}
+
+/// Returns a LIBTORCH directory (`include/` and `lib/`), building it from the
+/// registry wheels on first use. An explicit `LIBTORCH` in the environment wins.
+fn ensure_libtorch() -> Result<PathBuf> {
+    if let Some(dir) = env::var_os("LIBTORCH") {
+        return Ok(PathBuf::from(dir));
+    }
+    let cache = cache_dir()?;
+    let libtorch = cache.join(format!("libtorch-{TORCH_VERSION}"));
+    if libtorch.join(".complete").exists() {
+        return Ok(libtorch);
+    }
+    let wheels = cache.join("wheels");
+    std::fs::create_dir_all(&wheels).with_context(|| format!("creating {}", wheels.display()))?;
+    eprintln!(
+        "xtask: fetching libtorch {TORCH_VERSION} wheels into {}",
+        wheels.display()
+    );
+    let mut pip = Command::new(python());
+    pip.args([
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+    ])
+    .args(["--python-version", "3.11", "--implementation", "cp"])
+    .args(["--platform", "manylinux_2_28_x86_64"])
+    .args(["--platform", "manylinux_2_25_x86_64"])
+    .args(["--platform", "manylinux_2_17_x86_64"])
+    .args(["--platform", "manylinux2014_x86_64"])
+    .arg("--dest")
+    .arg(&wheels)
+    .args(WHEELS);
+    status(pip).context("pip download of the libtorch wheels")?;
+
+    eprintln!("xtask: unpacking libtorch into {}", libtorch.display());
+    let staging = cache.join(format!("libtorch-{TORCH_VERSION}.partial"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    let mut unpack = Command::new(python());
+    unpack.arg("-c").arg(UNPACK_PY).arg(&wheels).arg(&staging);
+    status(unpack).context("unpacking the libtorch wheels")?;
+    std::fs::write(staging.join(".complete"), TORCH_VERSION)?;
+    if libtorch.exists() {
+        std::fs::remove_dir_all(&libtorch)?;
+    }
+    std::fs::rename(&staging, &libtorch)?;
+    Ok(libtorch)
+}
+
+/// Takes the headers and the CPU libraries out of the wheels. `libtorch_cuda.so`
+/// is left out on purpose: the host loads a CUDA build at run time when one is
+/// installed, so one binary serves CPU and GPU machines.
+const UNPACK_PY: &str = r#"
+import pathlib, sys, zipfile
+wheels, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+want_libs = {"libc10.so", "libtorch.so", "libtorch_cpu.so", "libgomp.so.1", "libshm.so",
+             "libtorch_global_deps.so", "libcudart.so.13", "libcupti.so.13"}
+(dest / "lib").mkdir(parents=True)
+for wheel in sorted(wheels.glob("*.whl")):
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            name = info.filename
+            if name.startswith("torch/include/") and not name.endswith("/"):
+                out = dest / "include" / name[len("torch/include/"):]
+            elif "/lib/" in name and name.rsplit("/", 1)[-1] in want_libs:
+                out = dest / "lib" / name.rsplit("/", 1)[-1]
+            else:
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(info) as src, open(out, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+missing = [l for l in want_libs if not (dest / "lib" / l).exists()]
+if missing:
+    sys.exit(f"wheels lack {missing}")
+"#;
+
+fn python() -> &'static str {
+    if Command::new("python3").arg("--version").output().is_ok() {
+        "python3"
+    } else {
+        "python"
+    }
+}
+
+fn torch_env(libtorch: &Path) -> Vec<(&'static str, OsString)> {
+    vec![
+        ("LIBTORCH", libtorch.as_os_str().to_owned()),
+        // The wheel's version string carries a local suffix (+cpu/+cu130) that
+        // torch-sys does not expect; the version itself is pinned above.
+        ("LIBTORCH_BYPASS_VERSION_CHECK", "1".into()),
+    ]
+}
+
+fn cargo(libtorch: &Path) -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(project_root());
+    for (key, value) in torch_env(libtorch) {
+        cmd.env(key, value);
+    }
+    cmd
+}
+
+fn status(mut cmd: Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed: {status}", cmd.get_program());
+    }
+    Ok(())
+}
