@@ -438,7 +438,8 @@ impl ModelRepository {
                 continue;
             };
             let file = entry.path().join(MODEL_FILE);
-            if file.is_file() {
+            // Not `is_file()`: a model may sit behind a symlink or a pipe.
+            if file.exists() && !file.is_dir() {
                 found.push((version, file));
             }
         }
@@ -547,7 +548,7 @@ mod tests {
         );
         check(
             "this is not toml",
-            Err("m/config.toml:1:6: expected `.`, `=`"),
+            Err("m/config.toml:1:6: key with no value, expected `=`"),
         );
     }
 

@@ -213,26 +213,23 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 
     let mut tasks = vec![grpc_task, http_task];
 
-    // Startup loads run in the background: the ports answer from the start,
-    // and readiness turns on once every startup load has finished.
+    // The scan is quick and done before serving, so the first ListModels
+    // already shows every model. The loads themselves run in the background:
+    // the ports answer at once, and readiness turns on when they have finished.
+    let scan_repo = repository.clone();
+    let names = match tokio::task::spawn_blocking(move || scan_repo.scan()).await? {
+        Ok(names) => names,
+        Err(err) => {
+            tracing::error!(repository = %repository.root().display(), %err, "cannot read the model repository");
+            Vec::new()
+        }
+    };
+    registry.register_known(&names);
     let startup_registry = registry.clone();
     let startup_ready = Arc::clone(&ready);
     let load_all = config.load_all;
     let startup_health = health_reporter.clone();
     tokio::spawn(async move {
-        let scan_repo = repository.clone();
-        let names = match tokio::task::spawn_blocking(move || scan_repo.scan()).await {
-            Ok(Ok(names)) => names,
-            Ok(Err(err)) => {
-                tracing::error!(repository = %repository.root().display(), %err, "cannot read the model repository");
-                Vec::new()
-            }
-            Err(err) => {
-                tracing::error!(%err, "repository scan panicked");
-                Vec::new()
-            }
-        };
-        startup_registry.register_known(&names);
         if load_all {
             let mut tickets = Vec::new();
             for name in &names {
