@@ -525,7 +525,7 @@ mod tests {
         check(
             "[[input]]\nname = \"x\"\ndtype = \"complex\"\nshape = [4]\n",
             Err(
-                "m/config.toml: input[0].dtype: unknown dtype \"complex\"; expected one of bool, u8, i8, i16, i32, i64, f16, bf16, f32, f64",
+                "m/config.toml: input[0].dtype: unknown dtype \"complex\"; expected one of bool, u8, u16, u32, u64, i8, i16, i32, i64, f16, bf16, f32, f64, bytes",
             ),
         );
         check(

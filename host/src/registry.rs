@@ -773,7 +773,8 @@ fn warm_up(module: &TorchModule, config: &ModelConfig) -> Result<(), String> {
             .map(|d| d.max(1))
             .collect();
         let n_bytes = crate::tensor::numel(&shape)
-            .and_then(|n| n.checked_mul(spec.dtype.size()))
+            .zip(spec.dtype.fixed_size())
+            .and_then(|(n, size)| n.checked_mul(size))
             .ok_or_else(|| {
                 format!(
                     "input '{}': shape {} is too large",

@@ -13,6 +13,9 @@ use crate::error::Error;
 pub enum DType {
     Bool,
     U8,
+    U16,
+    U32,
+    U64,
     I8,
     I16,
     I32,
@@ -21,12 +24,19 @@ pub enum DType {
     BF16,
     F32,
     F64,
+    /// Variable-length byte strings: each element is a u32 little-endian
+    /// length followed by that many bytes (the Open Inference Protocol layout).
+    /// Plugins read and write them; TorchScript models cannot take them.
+    Bytes,
 }
 
 impl DType {
-    pub const ALL: [DType; 10] = [
+    pub const ALL: [DType; 14] = [
         DType::Bool,
         DType::U8,
+        DType::U16,
+        DType::U32,
+        DType::U64,
         DType::I8,
         DType::I16,
         DType::I32,
@@ -35,16 +45,18 @@ impl DType {
         DType::BF16,
         DType::F32,
         DType::F64,
+        DType::Bytes,
     ];
 
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
+    /// Bytes per element; `None` for [`DType::Bytes`], whose elements vary.
+    pub fn fixed_size(self) -> Option<usize> {
+        Some(match self {
             DType::Bool | DType::U8 | DType::I8 => 1,
-            DType::I16 | DType::F16 | DType::BF16 => 2,
-            DType::I32 | DType::F32 => 4,
-            DType::I64 | DType::F64 => 8,
-        }
+            DType::U16 | DType::I16 | DType::F16 | DType::BF16 => 2,
+            DType::U32 | DType::I32 | DType::F32 => 4,
+            DType::U64 | DType::I64 | DType::F64 => 8,
+            DType::Bytes => return None,
+        })
     }
 
     /// The name used in config files and error messages.
@@ -52,6 +64,9 @@ impl DType {
         match self {
             DType::Bool => "bool",
             DType::U8 => "u8",
+            DType::U16 => "u16",
+            DType::U32 => "u32",
+            DType::U64 => "u64",
             DType::I8 => "i8",
             DType::I16 => "i16",
             DType::I32 => "i32",
@@ -60,6 +75,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::F32 => "f32",
             DType::F64 => "f64",
+            DType::Bytes => "bytes",
         }
     }
 }
@@ -81,6 +97,9 @@ impl FromStr for DType {
         let dtype = match lower {
             "bool" => DType::Bool,
             "u8" | "uint8" => DType::U8,
+            "u16" | "uint16" => DType::U16,
+            "u32" | "uint32" => DType::U32,
+            "u64" | "uint64" => DType::U64,
             "i8" | "int8" => DType::I8,
             "i16" | "int16" => DType::I16,
             "i32" | "int32" => DType::I32,
@@ -89,9 +108,10 @@ impl FromStr for DType {
             "bf16" | "bfloat16" => DType::BF16,
             "f32" | "fp32" | "float32" | "float" => DType::F32,
             "f64" | "fp64" | "float64" | "double" => DType::F64,
+            "bytes" | "string" => DType::Bytes,
             _ => {
                 return Err(format!(
-                    "unknown dtype {text:?}; expected one of bool, u8, i8, i16, i32, i64, f16, bf16, f32, f64"
+                    "unknown dtype {text:?}; expected one of bool, u8, u16, u32, u64, i8, i16, i32, i64, f16, bf16, f32, f64, bytes"
                 ));
             }
         };
@@ -151,8 +171,23 @@ impl Tensor {
                 shape_str(&shape)
             )));
         }
-        let expected = numel(&shape).and_then(|n| n.checked_mul(dtype.size()));
-        match expected {
+        let Some(n_elements) = numel(&shape) else {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{name}': shape {} of {dtype} is too large (element count overflows), got {} bytes",
+                shape_str(&shape),
+                data.len()
+            )));
+        };
+        let Some(element_size) = dtype.fixed_size() else {
+            check_bytes_elements(&name, &shape, n_elements, &data)?;
+            return Ok(Tensor {
+                name,
+                dtype,
+                shape,
+                data,
+            });
+        };
+        match n_elements.checked_mul(element_size) {
             Some(expected) if expected == data.len() => Ok(Tensor {
                 name,
                 dtype,
@@ -203,7 +238,7 @@ impl Tensor {
     }
 
     pub fn numel(&self) -> usize {
-        self.data.len() / self.dtype.size()
+        numel(&self.shape).expect("checked at construction")
     }
 
     pub fn with_name(mut self, name: impl Into<String>) -> Tensor {
@@ -230,6 +265,42 @@ impl Tensor {
                 .collect()
         })
     }
+}
+
+/// Checks that `data` is exactly `n_elements` length-prefixed byte strings.
+/// Walks the prefixes only; nothing is allocated.
+fn check_bytes_elements(
+    name: &str,
+    shape: &[i64],
+    n_elements: usize,
+    data: &[u8],
+) -> Result<(), Error> {
+    let mut offset = 0usize;
+    for element_idx in 0..n_elements {
+        let Some(prefix) = data.get(offset..offset + 4) else {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{name}': shape {} of bytes needs {n_elements} length-prefixed elements, data ends after {element_idx}",
+                shape_str(shape)
+            )));
+        };
+        let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
+        offset += 4;
+        if data.len() - offset < len {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{name}': bytes element {element_idx} declares {len} bytes, only {} remain",
+                data.len() - offset
+            )));
+        }
+        offset += len;
+    }
+    if offset != data.len() {
+        return Err(Error::InvalidArgument(format!(
+            "tensor '{name}': shape {} of bytes holds {n_elements} elements in {offset} bytes, got {} bytes",
+            shape_str(shape),
+            data.len()
+        )));
+    }
+    Ok(())
 }
 
 /// A declared input or output of a model: `-1` marks a free dimension.
@@ -275,7 +346,14 @@ mod tests {
                 &[i64::MAX, i64::MAX],
                 4,
                 Some(
-                    "tensor 'x': shape [9223372036854775807, 9223372036854775807] of f32 is too large (byte length overflows), got 4 bytes",
+                    "tensor 'x': shape [9223372036854775807, 9223372036854775807] of f32 is too large (element count overflows), got 4 bytes",
+                ),
+            ),
+            (
+                &[1 << 62],
+                4,
+                Some(
+                    "tensor 'x': shape [4611686018427387904] of f32 is too large (byte length overflows), got 4 bytes",
                 ),
             ),
         ];
@@ -291,6 +369,34 @@ mod tests {
                 (Err(err), Some(msg)) => assert_eq!(err.to_string(), *msg),
                 (res, expect) => panic!("shape {shape:?}: got {res:?}, expected {expect:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn bytes_elements_are_walked_not_trusted() {
+        let two = [&3u32.to_le_bytes()[..], b"abc", &0u32.to_le_bytes()[..]].concat();
+        assert!(Tensor::new("s", DType::Bytes, vec![2], Bytes::from(two.clone())).is_ok());
+        let cases: &[(&[i64], Vec<u8>, &str)] = &[
+            (
+                &[3],
+                two.clone(),
+                "tensor 's': shape [3] of bytes needs 3 length-prefixed elements, data ends after 2",
+            ),
+            (
+                &[1],
+                two.clone(),
+                "tensor 's': shape [1] of bytes holds 1 elements in 7 bytes, got 11 bytes",
+            ),
+            (
+                &[1],
+                [&u32::MAX.to_le_bytes()[..], b"x"].concat(),
+                "tensor 's': bytes element 0 declares 4294967295 bytes, only 1 remain",
+            ),
+        ];
+        for (shape, data, msg) in cases {
+            let err = Tensor::new("s", DType::Bytes, shape.to_vec(), Bytes::from(data.clone()))
+                .unwrap_err();
+            assert_eq!(err.to_string(), *msg);
         }
     }
 

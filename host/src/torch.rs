@@ -15,8 +15,9 @@ use crate::config::DeviceSpec;
 use crate::error::Error;
 use crate::tensor::{DType, Tensor, TensorSpec, shape_str};
 
-fn kind_of(dtype: DType) -> Kind {
-    match dtype {
+/// The torch kind of a dtype; `None` for dtypes libtorch cannot hold here.
+pub(crate) fn kind_of(dtype: DType) -> Option<Kind> {
+    Some(match dtype {
         DType::Bool => Kind::Bool,
         DType::U8 => Kind::Uint8,
         DType::I8 => Kind::Int8,
@@ -27,7 +28,8 @@ fn kind_of(dtype: DType) -> Kind {
         DType::BF16 => Kind::BFloat16,
         DType::F32 => Kind::Float,
         DType::F64 => Kind::Double,
-    }
+        DType::U16 | DType::U32 | DType::U64 | DType::Bytes => return None,
+    })
 }
 
 fn dtype_of(kind: Kind) -> Option<DType> {
@@ -180,9 +182,15 @@ impl TorchModule {
         let _guard = tch::no_grad_guard();
         let mut args = Vec::with_capacity(inputs.len());
         for input in inputs {
-            let tensor =
-                tch::Tensor::f_from_data_size(input.data(), input.shape(), kind_of(input.dtype()))
-                    .map_err(|err| Error::Internal(format!("input '{}': {err}", input.name())))?;
+            let kind = kind_of(input.dtype()).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "input '{}': dtype {} cannot enter a TorchScript model",
+                    input.name(),
+                    input.dtype()
+                ))
+            })?;
+            let tensor = tch::Tensor::f_from_data_size(input.data(), input.shape(), kind)
+                .map_err(|err| Error::Internal(format!("input '{}': {err}", input.name())))?;
             let tensor = if self.device == Device::Cpu {
                 tensor
             } else {
@@ -245,7 +253,8 @@ fn to_plinth(tensor: &tch::Tensor, name: &str) -> Result<Tensor, Error> {
         .map_err(|err| internal("to cpu", err))?;
     let shape = tensor.size();
     let numel = tensor.numel();
-    let mut data = vec![0u8; numel * dtype.size()];
+    let element_size = dtype.fixed_size().expect("torch dtypes have fixed sizes");
+    let mut data = vec![0u8; numel * element_size];
     tensor
         .f_copy_data_u8(&mut data, numel)
         .map_err(|err| internal("copy", err))?;

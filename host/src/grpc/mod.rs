@@ -59,6 +59,10 @@ pub(crate) fn dtype_from_pb(value: i32, tensor: &str) -> Result<DType, Error> {
         Ok(P::Bfloat16) => DType::BF16,
         Ok(P::Float32) => DType::F32,
         Ok(P::Float64) => DType::F64,
+        Ok(P::Uint16) => DType::U16,
+        Ok(P::Uint32) => DType::U32,
+        Ok(P::Uint64) => DType::U64,
+        Ok(P::Bytes) => DType::Bytes,
         Ok(P::Unspecified) => {
             return Err(Error::InvalidArgument(format!(
                 "tensor '{tensor}': dtype is not set"
@@ -86,6 +90,10 @@ pub(crate) fn dtype_to_pb(dtype: DType) -> pb::DataType {
         DType::BF16 => P::Bfloat16,
         DType::F32 => P::Float32,
         DType::F64 => P::Float64,
+        DType::U16 => P::Uint16,
+        DType::U32 => P::Uint32,
+        DType::U64 => P::Uint64,
+        DType::Bytes => P::Bytes,
     }
 }
 

@@ -106,7 +106,7 @@ async fn bad_requests_get_precise_errors() {
             "affine",
             vec![tensor("x", F32, &[1 << 40, 1 << 40], 16)],
             Code::InvalidArgument,
-            "tensor 'x': shape [1099511627776, 1099511627776] of f32 is too large (byte length overflows), got 16 bytes",
+            "tensor 'x': shape [1099511627776, 1099511627776] of f32 is too large (element count overflows), got 16 bytes",
         ),
         (
             "affine",
