@@ -22,6 +22,7 @@ impl RepositoryWatcher {
         let root = registry.repository().root().to_path_buf();
         let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<BTreeSet<String>>();
         let event_root = root.clone();
+        let changed_tx_for_retry = changed_tx.clone();
         let mut debouncer = new_debouncer(debounce, move |res: DebounceEventResult| match res {
             Ok(events) => {
                 let names: BTreeSet<String> = events
@@ -37,10 +38,11 @@ impl RepositoryWatcher {
         debouncer
             .watcher()
             .watch(&root, notify::RecursiveMode::Recursive)?;
+        let requeue = changed_tx_for_retry;
         let task = tokio::spawn(async move {
             while let Some(names) = changed_rx.recv().await {
                 for name in names {
-                    apply_change(&registry, &name).await;
+                    apply_change(&registry, &name, &requeue).await;
                 }
             }
         });
@@ -60,7 +62,11 @@ fn model_of(root: &Path, path: &Path) -> Option<String> {
     }
 }
 
-async fn apply_change(registry: &Registry, name: &str) {
+async fn apply_change(
+    registry: &Registry,
+    name: &str,
+    requeue: &mpsc::UnboundedSender<BTreeSet<String>>,
+) {
     let repository = registry.repository().clone();
     let owned = name.to_owned();
     let on_disk = tokio::task::spawn_blocking(move || repository.contains(&owned))
@@ -82,10 +88,29 @@ async fn apply_change(registry: &Registry, name: &str) {
             registry.load(name, LoadMode::Reload).await.map(|_| ())
         }
         (true, Some(ModelState::Loading | ModelState::Unloading)) => {
+            // Busy: look again once it settles, so a change is never lost.
             tracing::info!(
                 model = name,
-                "model directory changed while it is busy; touch it again to reload"
+                "model directory changed while it is busy; applying once it settles"
             );
+            let registry = registry.clone();
+            let name = name.to_owned();
+            let requeue = requeue.clone();
+            let mut events = registry.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    let settled = registry.status(&name).map_or(true, |s| {
+                        !matches!(s.state, ModelState::Loading | ModelState::Unloading)
+                    });
+                    if settled {
+                        break;
+                    }
+                    if events.recv().await.is_err() {
+                        return;
+                    }
+                }
+                let _ = requeue.send(BTreeSet::from([name]));
+            });
             Ok(())
         }
         (true, _) => {

@@ -59,7 +59,9 @@ fn run() -> Result<()> {
         }
         "test" => {
             let libtorch = ensure_libtorch()?;
+            let python = ensure_test_venv()?;
             let mut cmd = cargo(&libtorch);
+            cmd.env("PLINTH_PYTHON", python);
             cmd.args(["test", "--workspace"]);
             cmd.args(rest);
             status(cmd)
@@ -200,6 +202,37 @@ missing = [l for l in want_libs if not (dest / "lib" / l).exists()]
 if missing:
     sys.exit(f"wheels lack {missing}")
 "#;
+
+/// Python packages the conformance tests drive Plinth with: clients nobody
+/// here wrote.
+const TEST_REQUIREMENTS: &[&str] = &["tritonclient[grpc,http]==2.73.0", "numpy<3"];
+
+/// A virtual environment in the cache with the test clients; returns its python.
+fn ensure_test_venv() -> Result<PathBuf> {
+    let venv = cache_dir()?.join("venv-tests");
+    let python = venv.join("bin").join("python");
+    let stamp = venv.join(".requirements");
+    let wanted = TEST_REQUIREMENTS.join("\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+        return Ok(python);
+    }
+    eprintln!("xtask: creating the test venv in {}", venv.display());
+    let mut create = Command::new(self::python());
+    create.args(["-m", "venv", "--clear"]).arg(&venv);
+    status(create).context("creating the test venv")?;
+    let mut install = Command::new(&python);
+    install.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ]);
+    install.args(TEST_REQUIREMENTS);
+    status(install).context("installing the test clients")?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}
 
 fn python() -> &'static str {
     if Command::new("python3").arg("--version").output().is_ok() {

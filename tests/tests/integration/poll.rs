@@ -1,0 +1,94 @@
+//! `--poll`: the repository is watched, and models load, reload and unload as
+//! their directories change, with the old version serving during a reload.
+
+use plinth::grpc::pb;
+use plinth_tests::fixtures;
+use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, f32_values};
+
+/// Writes a model file next to its final place and renames it in, as a
+/// careful deployment does, so the watcher never sees half a file.
+fn publish_scale(repo: &std::path::Path, model: &str, version: &str, factor: f64) {
+    let staging = repo.join(format!(".staging-{model}-{version}"));
+    fixtures::scale_file(&staging.join("model.pt"), factor);
+    let version_dir = repo.join(model).join(version);
+    std::fs::create_dir_all(repo.join(model)).unwrap();
+    std::fs::rename(&staging, &version_dir).unwrap();
+}
+
+async fn wait_listed(srv: &TestServer, name: &str, state: ModelState) -> pb::ModelStatus {
+    loop {
+        let listed = srv
+            .models()
+            .await
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(status) = listed.models.into_iter().find(|m| m.name == name)
+            && status.state == state as i32
+            && !status.reloading
+        {
+            return status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_watched_repository_loads_reloads_and_unloads() {
+    let srv = TestServer::start_with(|_| {}, |config| config.poll = true).await;
+    let repo = srv.repo.path().to_path_buf();
+
+    // A new model directory appears: it loads.
+    fixtures::write_config(
+        &repo,
+        "live",
+        "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n",
+    );
+    publish_scale(&repo, "live", "1", 2.0);
+    let status = wait_listed(&srv, "live", ModelState::Ready).await;
+    assert_eq!(status.versions, ["1"]);
+    let mut compute = srv.compute().await;
+    let run = || compute_request("live", vec![f32_tensor("x", &[1], &[5.0])]);
+    assert_eq!(
+        f32_values(&compute.compute(run()).await.unwrap().into_inner().outputs[0]),
+        [10.0]
+    );
+
+    // A new version lands: the model reloads and serves it.
+    publish_scale(&repo, "live", "2", 3.0);
+    loop {
+        let status = wait_listed(&srv, "live", ModelState::Ready).await;
+        if status.versions == ["2"] {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let out = compute.compute(run()).await.unwrap().into_inner();
+    assert_eq!(
+        (out.version.as_str(), f32_values(&out.outputs[0])),
+        ("2", vec![15.0])
+    );
+
+    // The directory goes away: the model unloads and leaves the list.
+    std::fs::remove_dir_all(repo.join("live")).unwrap();
+    loop {
+        let listed = srv
+            .models()
+            .await
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        match listed.models.iter().find(|m| m.name == "live") {
+            None => break,
+            Some(m) if m.state == ModelState::Unavailable as i32 => break,
+            Some(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+    let err = compute.compute(run()).await.unwrap_err();
+    assert!(
+        matches!(err.code(), tonic::Code::Unavailable | tonic::Code::NotFound),
+        "{err:?}"
+    );
+}
