@@ -22,6 +22,10 @@ pub enum Error {
         reason: Option<String>,
     },
 
+    /// Something other than a model is missing (a plugin, say).
+    #[error("{0}")]
+    NotFound(String),
+
     #[error("model '{model}' is already {state}")]
     AlreadyExists { model: String, state: ModelState },
 
@@ -40,6 +44,9 @@ pub enum Error {
 
     #[error("{0}")]
     Unavailable(String),
+
+    #[error("{0}")]
+    DeadlineExceeded(String),
 
     #[error("request cancelled")]
     Cancelled,

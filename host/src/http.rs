@@ -2,7 +2,6 @@
 //! so a probe never waits on a load.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -11,28 +10,54 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::Registry;
+use crate::health::Health;
+use crate::pipeline::Pipeline;
 
 #[derive(Clone)]
 pub struct HttpState {
-    pub registry: Registry,
-    /// True once the startup loads have finished.
-    pub ready: Arc<AtomicBool>,
+    pub pipeline: Pipeline,
+    /// The cached readiness verdict.
+    pub health: Arc<Health>,
 }
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
-async fn ready(State(state): State<HttpState>) -> StatusCode {
-    if state.ready.load(Ordering::Acquire) {
+async fn ready(State(state): State<HttpState>) -> (StatusCode, String) {
+    let verdict = state.health.verdict();
+    let code = if state.health.is_ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
-    }
+    };
+    (code, verdict.message.clone())
+}
+
+/// Prometheus text from the metrics plugins and the host's plugin counters.
+async fn metrics(
+    State(state): State<HttpState>,
+) -> (
+    StatusCode,
+    [(axum::http::HeaderName, &'static str); 1],
+    String,
+) {
+    let pipeline = state.pipeline.clone();
+    let text = tokio::task::spawn_blocking(move || pipeline.render_plugin_metrics())
+        .await
+        .unwrap_or_else(|err| format!("# rendering failed: {err}\n"));
+    (
+        StatusCode::OK,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
 }
 
 pub async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) {

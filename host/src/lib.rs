@@ -5,7 +5,9 @@ pub mod demo;
 pub mod error;
 pub mod executor;
 pub mod grpc;
+pub mod health;
 pub mod http;
+pub mod pipeline;
 pub mod registry;
 pub mod server;
 pub mod tensor;
@@ -14,3 +16,4 @@ pub mod watch;
 
 pub use error::Error;
 pub use server::{RunningServer, ServerConfig, start};
+pub mod plugin;

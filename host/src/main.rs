@@ -57,6 +57,9 @@ struct ServeArgs {
     /// Don't load the repository's models at startup (load them with LoadModel).
     #[arg(long)]
     no_load: bool,
+    /// Don't watch the plugin directory (reload with SIGHUP or ReloadPlugins).
+    #[arg(long)]
+    no_plugin_watch: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +104,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_message_bytes: args.max_message_mib << 20,
         poll: args.poll,
         load_all: !args.no_load,
+        watch_plugins: !args.no_plugin_watch,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -113,6 +117,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             plinth::server::shutdown_signal().await;
             tracing::info!("shutting down: draining in-flight requests");
             trigger.cancel();
+        });
+        let plugins = std::sync::Arc::clone(&server.plugins);
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the plugin directory");
+                plugins.rescan().await;
+            }
         });
         server.wait().await;
         tracing::info!("stopped");

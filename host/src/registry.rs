@@ -66,6 +66,20 @@ pub struct ModelStatus {
     pub reloading: bool,
 }
 
+/// A model as the health snapshot sees it.
+#[derive(Debug, Clone)]
+pub struct HealthRow {
+    pub name: String,
+    pub state: ModelState,
+    pub reason: Option<String>,
+    /// The newest ready version.
+    pub version: Option<String>,
+    pub queue_depth: usize,
+    pub in_flight: u64,
+    pub requests: u64,
+    pub failures: u64,
+}
+
 /// Whether a load may replace a ready model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadMode {
@@ -483,6 +497,48 @@ impl Registry {
         }
     }
 
+    /// One row per known model, for the health snapshot.
+    pub fn health_rows(&self) -> Vec<HealthRow> {
+        let entries = self.inner.entries.lock();
+        entries
+            .iter()
+            .map(|(name, e)| {
+                let serving = e.serving.as_deref();
+                let (requests, failures) = serving.map_or((0, 0), |m| {
+                    let (ok, failed) = m.counts();
+                    (ok + failed, failed)
+                });
+                HealthRow {
+                    name: name.clone(),
+                    state: e.state,
+                    reason: e.reason.clone(),
+                    version: serving.and_then(|m| m.version_labels().pop()),
+                    queue_depth: serving.map_or(0, ReadyModel::queue_depth),
+                    in_flight: serving.map_or(0, ReadyModel::in_flight),
+                    requests,
+                    failures,
+                }
+            })
+            .collect()
+    }
+
+    /// Ready models and their versions, for a router plugin to choose from.
+    pub fn ready_refs(&self) -> Vec<crate::plugin::bindings::wit::ModelRef> {
+        let entries = self.inner.entries.lock();
+        entries
+            .iter()
+            .filter(|(_, e)| e.state == ModelState::Ready)
+            .filter_map(|(name, e)| {
+                e.serving
+                    .as_ref()
+                    .map(|m| crate::plugin::bindings::wit::ModelRef {
+                        name: name.clone(),
+                        versions: m.version_labels(),
+                    })
+            })
+            .collect()
+    }
+
     /// The serving model, whatever its state, for detail views.
     pub fn serving(&self, name: &str) -> Option<Arc<ReadyModel>> {
         self.inner
@@ -590,12 +646,25 @@ impl Registry {
         let cores = self.inner.settings.cores;
         let threads = Arc::clone(&self.inner.threads);
         let owned_name = name.to_owned();
-        // Step two: no lock held, on the blocking pool.
-        let loaded = tokio::task::spawn_blocking(move || {
-            load_model(&repository, &owned_name, cores, threads)
-        })
-        .await
-        .unwrap_or_else(|err| Err(format!("load task panicked: {err}")));
+        // Step two: no lock held, on a thread of its own at lowered priority,
+        // so a long load never delays the threads that answer requests.
+        let (loaded_tx, loaded_rx) = oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("load:{name}"))
+            .spawn(move || {
+                lower_thread_priority();
+                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    load_model(&repository, &owned_name, cores, threads)
+                }))
+                .unwrap_or_else(|_| Err("load panicked".to_owned()));
+                let _ = loaded_tx.send(res);
+            });
+        let loaded = match spawned {
+            Ok(_) => loaded_rx
+                .await
+                .unwrap_or_else(|_| Err("load thread ended without an outcome".to_owned())),
+            Err(err) => Err(format!("cannot start a load thread: {err}")),
+        };
         drop(permit);
         let elapsed = started.elapsed();
         match &loaded {
@@ -700,6 +769,20 @@ impl Registry {
             }
         });
         Ok(status)
+    }
+}
+
+/// Loads are background work: on Linux, give the calling thread a nice value
+/// of 10 so request threads win the cores while a load runs.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority with PRIO_PROCESS and who = 0 changes only the
+        // calling thread's nice value on Linux; it touches no memory.
+        let res = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        if res != 0 {
+            tracing::debug!("could not lower the load thread's priority");
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,6 +17,9 @@ use tonic_health::ServingStatus;
 
 use crate::config::ModelRepository;
 use crate::grpc::{self, ComputeApi, ModelApi, pb};
+use crate::health::Health;
+use crate::pipeline::Pipeline;
+use crate::plugin::{PluginHost, PluginWatcher};
 use crate::registry::{LoadMode, Registry, RegistrySettings};
 
 /// Everything `plinth serve` can be told.
@@ -35,6 +38,8 @@ pub struct ServerConfig {
     pub poll: bool,
     /// Load every model of the repository at startup.
     pub load_all: bool,
+    /// Watch the plugin directory and hot-reload plugins as files change.
+    pub watch_plugins: bool,
 }
 
 impl ServerConfig {
@@ -53,6 +58,7 @@ impl ServerConfig {
             max_message_bytes: 64 << 20,
             poll: false,
             load_all: true,
+            watch_plugins: true,
         }
     }
 }
@@ -81,6 +87,9 @@ pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub registry: Registry,
+    pub pipeline: Pipeline,
+    pub plugins: Arc<PluginHost>,
+    pub health: Arc<Health>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -149,7 +158,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         cores,
     });
     let shutdown = CancellationToken::new();
-    let ready = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Health::default());
+
+    // Plugins the directory already holds are in place before the first request.
+    let plugins = Arc::new(PluginHost::new(&config.plugin_dir));
+    for (name, outcome) in plugins.rescan().await {
+        if let Err(reason) = outcome {
+            tracing::warn!(plugin = name, %reason, "plugin refused at startup");
+        }
+    }
+    let pipeline = Pipeline::new(registry.clone(), Arc::clone(&plugins));
 
     let grpc_listener = TcpListener::bind(config.grpc_addr)
         .await
@@ -171,7 +189,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let info = HostInfo::current();
     let limit = config.max_message_bytes;
     let compute = pb::compute_service_server::ComputeServiceServer::new(ComputeApi::new(
-        registry.clone(),
+        pipeline.clone(),
         info,
         shutdown.clone(),
     ))
@@ -184,6 +202,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
 
+    let plugin_api = pb::plugin_service_server::PluginServiceServer::new(grpc::PluginApi::new(
+        Arc::clone(&plugins),
+    ));
+
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
         let res = tonic::transport::Server::builder()
@@ -192,6 +214,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             .add_service(reflection)
             .add_service(compute)
             .add_service(models)
+            .add_service(plugin_api)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(grpc_listener),
                 grpc_shutdown.cancelled_owned(),
@@ -205,8 +228,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let http_task = tokio::spawn(crate::http::serve(
         http_listener,
         crate::http::HttpState {
-            registry: registry.clone(),
-            ready: Arc::clone(&ready),
+            pipeline: pipeline.clone(),
+            health: Arc::clone(&health),
         },
         shutdown.clone(),
     ));
@@ -226,9 +249,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     };
     registry.register_known(&names);
     let startup_registry = registry.clone();
-    let startup_ready = Arc::clone(&ready);
+    let startup_health = Arc::clone(&health);
     let load_all = config.load_all;
-    let startup_health = health_reporter.clone();
     tokio::spawn(async move {
         if load_all {
             let mut tickets = Vec::new();
@@ -242,12 +264,28 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 let _ = ticket.finished().await;
             }
         }
-        startup_ready.store(true, Ordering::Release);
-        startup_health
-            .set_service_status("", ServingStatus::Serving)
-            .await;
-        tracing::info!(models = names.len(), "startup loads finished; ready");
+        startup_health.startup_done.store(true, Ordering::Release);
+        // A no-op state change wakes the health monitor to re-judge now.
+        startup_registry.register_known(&[]);
+        tracing::info!(models = names.len(), "startup loads finished");
     });
+    tasks.push(crate::health::spawn_monitor(
+        Arc::clone(&health),
+        registry.clone(),
+        Arc::clone(&plugins),
+        health_reporter,
+        shutdown.clone(),
+    ));
+
+    if config.watch_plugins {
+        let watcher = PluginWatcher::start(Arc::clone(&plugins), Duration::from_millis(100))
+            .context("watching the plugin directory")?;
+        let watch_shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            watch_shutdown.cancelled().await;
+            drop(watcher);
+        }));
+    }
 
     if config.poll {
         let watcher =
@@ -265,6 +303,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         grpc_addr,
         http_addr,
         registry,
+        pipeline,
+        plugins,
+        health,
         shutdown,
         tasks,
     })

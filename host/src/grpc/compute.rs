@@ -10,7 +10,7 @@ use tracing::Instrument;
 use super::pb::{self, compute_service_server::ComputeService};
 use super::{now_micros, status_to_pb, tensor_from_pb, tensor_to_pb};
 use crate::error::Error;
-use crate::registry::{InferRequest, Registry};
+use crate::pipeline::{Pipeline, PipelineRequest};
 use crate::server::HostInfo;
 
 /// Messages of one StreamCompute call that may be computed at once. Answers
@@ -19,23 +19,48 @@ const STREAM_WINDOW: usize = 16;
 
 #[derive(Clone)]
 pub struct ComputeApi {
-    registry: Registry,
+    pipeline: Pipeline,
     info: HostInfo,
     shutdown: CancellationToken,
 }
 
 impl ComputeApi {
-    pub fn new(registry: Registry, info: HostInfo, shutdown: CancellationToken) -> ComputeApi {
+    pub fn new(pipeline: Pipeline, info: HostInfo, shutdown: CancellationToken) -> ComputeApi {
         ComputeApi {
-            registry,
+            pipeline,
             info,
             shutdown,
         }
     }
 }
 
+/// gRPC metadata as the router and processors see it: ASCII headers, then
+/// the request's parameters.
+fn request_metadata(
+    headers: &tonic::metadata::MetadataMap,
+    parameters: &std::collections::HashMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut metadata: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|entry| match entry {
+            tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
+                Some((key.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+            }
+            tonic::metadata::KeyAndValueRef::Binary(..) => None,
+        })
+        .collect();
+    let mut params: Vec<(String, String)> = parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    params.sort();
+    metadata.extend(params);
+    metadata
+}
+
 async fn compute_one(
-    registry: &Registry,
+    pipeline: &Pipeline,
+    headers: &tonic::metadata::MetadataMap,
     request: pb::ComputeRequest,
 ) -> Result<pb::ComputeResponse, Error> {
     if request.model.is_empty() {
@@ -47,11 +72,14 @@ async fn compute_one(
         .map(tensor_from_pb)
         .collect::<Result<Vec<_>, _>>()?;
     let version = (!request.version.is_empty()).then_some(request.version);
-    let response = registry
-        .infer(InferRequest {
+    let metadata = request_metadata(headers, &request.parameters);
+    let response = pipeline
+        .infer(PipelineRequest {
+            id: request.id.clone(),
             model: request.model,
             version,
             inputs,
+            metadata,
         })
         .await?;
     Ok(pb::ComputeResponse {
@@ -71,10 +99,11 @@ impl ComputeService for ComputeApi {
         &self,
         request: Request<pb::ComputeRequest>,
     ) -> Result<Response<pb::ComputeResponse>, Status> {
+        let headers = request.metadata().clone();
         let request = request.into_inner();
         let span = tracing::debug_span!("compute", model = %request.model, id = %request.id);
         Ok(Response::new(
-            compute_one(&self.registry, request)
+            compute_one(&self.pipeline, &headers, request)
                 .instrument(span)
                 .await?,
         ))
@@ -86,31 +115,35 @@ impl ComputeService for ComputeApi {
         &self,
         request: Request<Streaming<pb::ComputeRequest>>,
     ) -> Result<Response<Self::StreamComputeStream>, Status> {
-        let registry = self.registry.clone();
+        let pipeline = self.pipeline.clone();
+        let headers = request.metadata().clone();
         let inbound = request
             .into_inner()
             .take_until(self.shutdown.clone().cancelled_owned());
         let outbound = inbound
             .map(move |message| {
-                let registry = registry.clone();
+                let pipeline = pipeline.clone();
+                let headers = headers.clone();
                 async move {
                     let request = message?;
                     let id = request.id.clone();
                     let model = request.model.clone();
                     // A bad message is answered in place; the stream goes on.
-                    Ok(compute_one(&registry, request).await.unwrap_or_else(|err| {
-                        let status = super::status(err);
-                        pb::ComputeResponse {
-                            id,
-                            model,
-                            version: String::new(),
-                            outputs: Vec::new(),
-                            error: Some(pb::Error {
-                                code: status.code() as i32,
-                                message: status.message().to_owned(),
-                            }),
-                        }
-                    }))
+                    Ok(compute_one(&pipeline, &headers, request)
+                        .await
+                        .unwrap_or_else(|err| {
+                            let status = super::status(err);
+                            pb::ComputeResponse {
+                                id,
+                                model,
+                                version: String::new(),
+                                outputs: Vec::new(),
+                                error: Some(pb::Error {
+                                    code: status.code() as i32,
+                                    message: status.message().to_owned(),
+                                }),
+                            }
+                        }))
                 }
             })
             .buffered(STREAM_WINDOW);
@@ -130,7 +163,7 @@ impl ComputeService for ComputeApi {
         &self,
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
-        let budget = self.registry.thread_budget();
+        let budget = self.pipeline.registry().thread_budget();
         let cuda = crate::torch::init_cuda();
         let mut devices = vec![pb::Device {
             name: "cpu".into(),
@@ -152,7 +185,13 @@ impl ComputeService for ComputeApi {
                 executors: budget.executors as u32,
                 torch_threads: budget.torch_threads as u32,
             }),
-            models: self.registry.list().into_iter().map(status_to_pb).collect(),
+            models: self
+                .pipeline
+                .registry()
+                .list()
+                .into_iter()
+                .map(status_to_pb)
+                .collect(),
             libtorch_version: self.info.libtorch_version.clone(),
             cuda_available: cuda.device_count > 0,
         }))

@@ -4,6 +4,7 @@
 
 mod compute;
 mod models;
+mod plugins;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -11,6 +12,7 @@ use tonic::{Code, Status};
 
 pub use compute::ComputeApi;
 pub use models::ModelApi;
+pub use plugins::PluginApi;
 
 use crate::error::Error;
 use crate::registry::{ModelState, ModelStatus};
@@ -28,12 +30,15 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("plin
 /// The one mapping from host errors to gRPC codes.
 pub fn status(err: Error) -> Status {
     let code = match &err {
-        Error::ModelNotFound { .. } | Error::VersionNotFound { .. } => Code::NotFound,
+        Error::ModelNotFound { .. } | Error::VersionNotFound { .. } | Error::NotFound(_) => {
+            Code::NotFound
+        }
         Error::ModelNotReady { .. } | Error::Unavailable(_) => Code::Unavailable,
         Error::AlreadyExists { .. } => Code::AlreadyExists,
         Error::LoadFailed(_) | Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::InvalidArgument(_) => Code::InvalidArgument,
         Error::ResourceExhausted(_) => Code::ResourceExhausted,
+        Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
         Error::Cancelled => Code::Cancelled,
         Error::Internal(_) => Code::Internal,
     };
@@ -125,7 +130,7 @@ pub(crate) fn spec_to_pb(spec: &TensorSpec) -> pb::TensorSpec {
     }
 }
 
-fn micros_since_epoch(time: SystemTime) -> i64 {
+pub(crate) fn micros_since_epoch(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }

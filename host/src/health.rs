@@ -1,0 +1,218 @@
+//! Readiness. Health plugins run on a timer and whenever a model changes
+//! state, fed a snapshot of the host; the verdict is cached, so a probe reads
+//! it without waiting on a load or a plugin. Without health plugins the host
+//! is ready once its startup loads have finished.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::plugin::bindings::wit;
+use crate::plugin::{PluginHost, PluginKind};
+use crate::registry::{ModelState, Registry};
+
+const PERIOD: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Serving, but a health plugin reports trouble.
+    Degraded,
+    NotReady,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub readiness: Readiness,
+    pub message: String,
+}
+
+/// The cached verdict, read by the probes.
+#[derive(Debug)]
+pub struct Health {
+    verdict: ArcSwap<Verdict>,
+    pub startup_done: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            verdict: ArcSwap::from_pointee(Verdict {
+                readiness: Readiness::NotReady,
+                message: "startup loads in progress".into(),
+            }),
+            startup_done: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Health {
+    pub fn verdict(&self) -> Arc<Verdict> {
+        self.verdict.load_full()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.verdict.load().readiness != Readiness::NotReady
+    }
+}
+
+/// Builds the snapshot health plugins judge. Cheap: one pass under the
+/// registry lock, plus /proc/meminfo for the CPU device.
+fn snapshot(registry: &Registry, plugins: &PluginHost, started: Instant) -> wit::HostSnapshot {
+    let models = registry
+        .health_rows()
+        .into_iter()
+        .filter_map(|row| {
+            let state = match row.state {
+                ModelState::Loading => wit::ModelState::Loading,
+                ModelState::Ready => wit::ModelState::Ready,
+                ModelState::Unloading => wit::ModelState::Unloading,
+                ModelState::Failed => wit::ModelState::Failed(row.reason.unwrap_or_default()),
+                ModelState::Unavailable => return None,
+            };
+            Some(wit::ModelStatus {
+                name: row.name,
+                version: row.version.unwrap_or_default(),
+                state,
+                queue_depth: u32::try_from(row.queue_depth).unwrap_or(u32::MAX),
+                in_flight: u32::try_from(row.in_flight).unwrap_or(u32::MAX),
+                requests: row.requests,
+                failures: row.failures,
+            })
+        })
+        .collect();
+    let plugin_rows = plugins
+        .list()
+        .into_iter()
+        .filter_map(|report| report.plugin)
+        .map(|plugin| wit::PluginStatus {
+            name: plugin.name.clone(),
+            version: plugin.info.version.clone(),
+            kind: match plugin.kind {
+                PluginKind::Router => wit::PluginKind::Router,
+                PluginKind::Processor => wit::PluginKind::Processor,
+                PluginKind::Metrics => wit::PluginKind::Metrics,
+                PluginKind::Health => wit::PluginKind::Health,
+            },
+            calls: plugin.stats.calls.load(Ordering::Relaxed),
+            errors: plugin.stats.errors.load(Ordering::Relaxed),
+        })
+        .collect();
+    wit::HostSnapshot {
+        uptime_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        models,
+        plugins: plugin_rows,
+        devices: cpu_memory().into_iter().collect(),
+    }
+}
+
+fn cpu_memory() -> Option<wit::DeviceMemory> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|kib| kib * 1024)
+    };
+    let total = field("MemTotal:")?;
+    let available = field("MemAvailable:")?;
+    Some(wit::DeviceMemory {
+        device: "cpu".into(),
+        used_bytes: total.saturating_sub(available),
+        total_bytes: total,
+    })
+}
+
+fn judge(health: &Health, registry: &Registry, plugins: &PluginHost, started: Instant) -> Verdict {
+    if !health.startup_done.load(Ordering::Acquire) {
+        return Verdict {
+            readiness: Readiness::NotReady,
+            message: "startup loads in progress".into(),
+        };
+    }
+    let judges = plugins.of_kind(PluginKind::Health);
+    if judges.is_empty() {
+        return Verdict {
+            readiness: Readiness::Ready,
+            message: String::new(),
+        };
+    }
+    let snapshot = snapshot(registry, plugins, started);
+    let mut worst = Verdict {
+        readiness: Readiness::Ready,
+        message: String::new(),
+    };
+    for plugin in judges {
+        let (readiness, message) = match plugin.check(&snapshot) {
+            Ok(report) => (
+                match report.status {
+                    wit::HealthStatus::Ready => Readiness::Ready,
+                    wit::HealthStatus::Degraded => Readiness::Degraded,
+                    wit::HealthStatus::NotReady => Readiness::NotReady,
+                },
+                report.message,
+            ),
+            // A broken judge is not a verdict on the host: note it, stay as is.
+            Err(err) => (Readiness::Degraded, err.to_string()),
+        };
+        let rank = |r: Readiness| match r {
+            Readiness::Ready => 0,
+            Readiness::Degraded => 1,
+            Readiness::NotReady => 2,
+        };
+        if rank(readiness) > rank(worst.readiness) {
+            worst = Verdict {
+                readiness,
+                message: format!("{}: {message}", plugin.name),
+            };
+        }
+    }
+    worst
+}
+
+/// Re-judges on a timer and on every model state change until `shutdown`.
+pub fn spawn_monitor(
+    health: Arc<Health>,
+    registry: Registry,
+    plugins: Arc<PluginHost>,
+    reporter: HealthReporter,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let started = Instant::now();
+    let mut events = registry.subscribe();
+    tokio::spawn(async move {
+        let mut last: Option<Readiness> = None;
+        loop {
+            let (h, r, p) = (Arc::clone(&health), registry.clone(), Arc::clone(&plugins));
+            let verdict = tokio::task::spawn_blocking(move || judge(&h, &r, &p, started))
+                .await
+                .unwrap_or_else(|err| Verdict {
+                    readiness: Readiness::Degraded,
+                    message: format!("health check panicked: {err}"),
+                });
+            let readiness = verdict.readiness;
+            health.verdict.store(Arc::new(verdict));
+            if last != Some(readiness) {
+                let status = if readiness == Readiness::NotReady {
+                    ServingStatus::NotServing
+                } else {
+                    ServingStatus::Serving
+                };
+                reporter.set_service_status("", status).await;
+                last = Some(readiness);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(PERIOD) => {}
+                _ = events.recv() => {}
+            }
+        }
+    })
+}

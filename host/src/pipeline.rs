@@ -1,0 +1,277 @@
+//! The request path every edge calls: router plugin, the model's preprocess
+//! chain, the model, its postprocess chain, and a request event for the
+//! metrics plugins.
+//!
+//! Plugin calls run inline on the request's task: each is bounded by its
+//! epoch deadline (50 ms unless its manifest says otherwise) and typically
+//! takes microseconds, which a hop to another thread would dwarf.
+//!
+//! Events go to metrics plugins through a bounded channel with `try_send`: a
+//! request never waits on metrics, and events that do not fit are counted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::error::Error;
+use crate::plugin::bindings::wit;
+use crate::plugin::{PluginHost, PluginKind, RequestView, Stage};
+use crate::registry::{InferResponse, ReadyModel, Registry};
+use crate::tensor::Tensor;
+
+const EVENT_QUEUE: usize = 8192;
+const EVENT_BATCH: usize = 512;
+
+/// One inference as the edges hand it over.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineRequest {
+    pub id: String,
+    pub model: String,
+    /// `None` lets the router (or the newest ready version) decide.
+    pub version: Option<String>,
+    pub inputs: Vec<Tensor>,
+    /// Request headers and parameters, for the router and processors.
+    pub metadata: Vec<(String, String)>,
+}
+
+#[derive(Clone)]
+pub struct Pipeline {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    plugins: Arc<PluginHost>,
+    events: mpsc::Sender<wit::RequestEvent>,
+    dropped_events: AtomicU64,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").finish_non_exhaustive()
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn event_status(err: &Error) -> wit::RequestStatus {
+    match err {
+        Error::InvalidArgument(_) => wit::RequestStatus::InvalidInput,
+        Error::ModelNotFound { .. } | Error::VersionNotFound { .. } | Error::NotFound(_) => {
+            wit::RequestStatus::NotFound
+        }
+        Error::ModelNotReady { .. } | Error::Unavailable(_) | Error::ResourceExhausted(_) => {
+            wit::RequestStatus::Unavailable
+        }
+        Error::DeadlineExceeded(_) => wit::RequestStatus::DeadlineExceeded,
+        Error::Cancelled => wit::RequestStatus::Cancelled,
+        _ => wit::RequestStatus::Internal,
+    }
+}
+
+#[derive(Default)]
+struct Timings {
+    pre: Duration,
+    compute: Duration,
+    post: Duration,
+    version: Option<String>,
+    batch_size: u32,
+}
+
+impl Pipeline {
+    /// Starts the task that feeds request events to the metrics plugins.
+    pub fn new(registry: Registry, plugins: Arc<PluginHost>) -> Pipeline {
+        let (events, rx) = mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(feed_metrics(Arc::clone(&plugins), rx));
+        Pipeline {
+            inner: Arc::new(Inner {
+                registry,
+                plugins,
+                events,
+                dropped_events: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub fn plugins(&self) -> &Arc<PluginHost> {
+        &self.inner.plugins
+    }
+
+    /// Request events that did not fit in the metrics queue.
+    pub fn dropped_events(&self) -> u64 {
+        self.inner.dropped_events.load(Ordering::Relaxed)
+    }
+
+    pub async fn infer(&self, request: PipelineRequest) -> Result<InferResponse, Error> {
+        let started = Instant::now();
+        let mut timings = Timings::default();
+        let mut view = RequestView {
+            id: request.id,
+            model: request.model,
+            version: request.version,
+            metadata: request.metadata,
+        };
+        let res = self.run(&mut view, request.inputs, &mut timings).await;
+        let status = match &res {
+            Ok(_) => wit::RequestStatus::Ok,
+            Err(err) => event_status(err),
+        };
+        let event = wit::RequestEvent {
+            model: view.model.clone(),
+            version: timings.version.take().or(view.version.clone()),
+            status,
+            timings: wit::StageTimings {
+                queue_us: 0,
+                preprocess_us: micros(timings.pre),
+                compute_us: micros(timings.compute),
+                postprocess_us: micros(timings.post),
+                total_us: micros(started.elapsed()),
+            },
+            batch_size: timings.batch_size,
+        };
+        if self.inner.events.try_send(event).is_err() {
+            self.inner.dropped_events.fetch_add(1, Ordering::Relaxed);
+        }
+        res
+    }
+
+    async fn run(
+        &self,
+        view: &mut RequestView,
+        inputs: Vec<Tensor>,
+        timings: &mut Timings,
+    ) -> Result<InferResponse, Error> {
+        if let Some(router) = self.inner.plugins.router() {
+            let candidates = self.inner.registry.ready_refs();
+            let decision = router.route(view, &candidates)?;
+            view.model = decision.model;
+            view.version = decision.version;
+        }
+        let model = self.inner.registry.get_ready(&view.model)?;
+        let t = Instant::now();
+        let inputs = self.chain(&model, Stage::Pre, view, inputs)?;
+        timings.pre = t.elapsed();
+        timings.batch_size = match (model.config.max_batch_size, inputs.first()) {
+            (0, _) | (_, None) => 1,
+            (_, Some(first)) => first
+                .shape()
+                .first()
+                .map_or(1, |n| u32::try_from(*n).unwrap_or(u32::MAX)),
+        };
+        let t = Instant::now();
+        let (version, outputs) = model.infer(view.version.as_deref(), inputs).await?;
+        timings.compute = t.elapsed();
+        timings.version = Some(version.clone());
+        let request_version = std::mem::replace(&mut view.version, Some(version.clone()));
+        let t = Instant::now();
+        let outputs = self.chain(&model, Stage::Post, view, outputs);
+        view.version = request_version;
+        timings.post = t.elapsed();
+        Ok(InferResponse {
+            model: model.name.clone(),
+            version,
+            outputs: outputs?,
+        })
+    }
+
+    fn chain(
+        &self,
+        model: &ReadyModel,
+        stage: Stage,
+        view: &RequestView,
+        mut tensors: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>, Error> {
+        let (names, label) = match stage {
+            Stage::Pre => (&model.config.preprocess, "preprocess"),
+            Stage::Post => (&model.config.postprocess, "postprocess"),
+        };
+        for name in names {
+            let plugin = self.inner.plugins.get(name).ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "model '{}': {label} plugin '{name}' is not loaded (no {name}.wasm in the plugin directory)",
+                    model.name
+                ))
+            })?;
+            tensors = plugin.process(stage, view, tensors)?;
+        }
+        Ok(tensors)
+    }
+
+    /// Prometheus text of every metrics plugin, then the host's own counters
+    /// about plugins. Blocking: call it off the tokio workers.
+    pub fn render_plugin_metrics(&self) -> String {
+        let mut text = String::new();
+        for plugin in self.inner.plugins.of_kind(PluginKind::Metrics) {
+            match plugin.render() {
+                Ok(rendered) => {
+                    text.push_str(&rendered);
+                    if !rendered.ends_with('\n') {
+                        text.push('\n');
+                    }
+                }
+                Err(err) => text.push_str(&format!(
+                    "# plugin '{}' failed to render: {err}\n",
+                    plugin.name
+                )),
+            }
+        }
+        text.push_str("# HELP plinth_metrics_events_dropped_total Request events dropped because the metrics queue was full.\n");
+        text.push_str("# TYPE plinth_metrics_events_dropped_total counter\n");
+        text.push_str(&format!(
+            "plinth_metrics_events_dropped_total {}\n",
+            self.dropped_events()
+        ));
+        text.push_str("# HELP plinth_plugin_calls_total Calls into each plugin.\n# TYPE plinth_plugin_calls_total counter\n");
+        let reports = self.inner.plugins.list();
+        for report in reports.iter().filter_map(|r| r.plugin.as_ref()) {
+            text.push_str(&format!(
+                "plinth_plugin_calls_total{{plugin=\"{}\"}} {}\n",
+                report.name,
+                report.stats.calls.load(Ordering::Relaxed)
+            ));
+        }
+        text.push_str("# HELP plinth_plugin_errors_total Failed calls into each plugin (traps, timeouts, memory, plugin errors).\n# TYPE plinth_plugin_errors_total counter\n");
+        for report in reports.iter().filter_map(|r| r.plugin.as_ref()) {
+            text.push_str(&format!(
+                "plinth_plugin_errors_total{{plugin=\"{}\"}} {}\n",
+                report.name,
+                report.stats.errors.load(Ordering::Relaxed)
+            ));
+        }
+        text.push_str("# HELP plinth_plugin_load_failures_total Plugin files that failed to load.\n# TYPE plinth_plugin_load_failures_total counter\n");
+        text.push_str(&format!(
+            "plinth_plugin_load_failures_total {}\n",
+            self.inner.plugins.load_failures.load(Ordering::Relaxed)
+        ));
+        text
+    }
+}
+
+/// Hands events to every metrics plugin in batches, off the request path.
+async fn feed_metrics(plugins: Arc<PluginHost>, mut rx: mpsc::Receiver<wit::RequestEvent>) {
+    let mut batch = Vec::with_capacity(EVENT_BATCH);
+    while rx.recv_many(&mut batch, EVENT_BATCH).await > 0 {
+        let sinks = plugins.of_kind(PluginKind::Metrics);
+        if sinks.is_empty() {
+            batch.clear();
+            continue;
+        }
+        let events = std::mem::take(&mut batch);
+        let _ = tokio::task::spawn_blocking(move || {
+            for plugin in sinks {
+                // A failing metrics plugin is counted by its own stats; the
+                // others still get the events.
+                let _ = plugin.record(&events);
+            }
+        })
+        .await;
+    }
+}

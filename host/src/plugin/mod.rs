@@ -1,0 +1,290 @@
+//! The plugin platform, host side: WebAssembly components behind the WIT in
+//! `wit/`, loaded from a directory and hot-reloaded.
+//!
+//! A `<name>.wasm` (with an optional `<name>.toml` manifest) is compiled off
+//! the tokio workers, checked (contract version, world), instantiated, and its
+//! `describe` and `init` called, and only then swapped in atomically. Calls in
+//! flight finish on the version they started with, since they hold its `Arc`.
+//! A file that fails any step leaves the previous version serving and is
+//! reported through the log, `PluginHost::list` and a counter.
+
+pub mod bindings;
+pub mod calls;
+pub mod manifest;
+pub mod runtime;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer, notify};
+use tokio::sync::mpsc;
+
+pub use calls::{RequestView, Stage};
+pub use manifest::Manifest;
+pub use runtime::{CallError, Plugin, PluginKind, WIT_VERSION};
+
+/// A file that failed to load, as reported by `list`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileFailure {
+    pub name: String,
+    pub reason: String,
+    pub at: SystemTime,
+}
+
+/// One row of `list`: a serving plugin, a file that failed, or both (a
+/// failed replacement of a serving plugin).
+#[derive(Debug, Clone)]
+pub struct PluginReport {
+    pub name: String,
+    pub plugin: Option<Arc<Plugin>>,
+    pub failure: Option<FileFailure>,
+}
+
+/// The loaded plugins, by file stem.
+pub struct PluginHost {
+    dir: PathBuf,
+    plugins: ArcSwap<BTreeMap<String, Arc<Plugin>>>,
+    failures: parking_lot::Mutex<BTreeMap<String, FileFailure>>,
+    /// Loads that failed since startup.
+    pub load_failures: AtomicU64,
+    /// Serialises swaps, so two reloads of one file cannot interleave.
+    swap_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+fn stem_of(path: &Path, ext: &str) -> Option<String> {
+    if path.extension()? != ext {
+        return None;
+    }
+    let stem = path.file_stem()?.to_str()?;
+    crate::config::valid_model_name(stem).then(|| stem.to_owned())
+}
+
+impl PluginHost {
+    pub fn new(dir: impl Into<PathBuf>) -> PluginHost {
+        PluginHost {
+            dir: dir.into(),
+            plugins: ArcSwap::from_pointee(BTreeMap::new()),
+            failures: parking_lot::Mutex::new(BTreeMap::new()),
+            load_failures: AtomicU64::new(0),
+            swap_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Plugin>> {
+        self.plugins.load().get(name).cloned()
+    }
+
+    pub fn of_kind(&self, kind: PluginKind) -> Vec<Arc<Plugin>> {
+        self.plugins
+            .load()
+            .values()
+            .filter(|p| p.kind == kind)
+            .cloned()
+            .collect()
+    }
+
+    /// The active router: the first router plugin by name, if any.
+    pub fn router(&self) -> Option<Arc<Plugin>> {
+        self.plugins
+            .load()
+            .values()
+            .find(|p| p.kind == PluginKind::Router)
+            .cloned()
+    }
+
+    pub fn list(&self) -> Vec<PluginReport> {
+        let plugins = self.plugins.load();
+        let failures = self.failures.lock().clone();
+        let names: BTreeSet<&String> = plugins.keys().chain(failures.keys()).collect();
+        names
+            .into_iter()
+            .map(|name| PluginReport {
+                name: name.clone(),
+                plugin: plugins.get(name).cloned(),
+                failure: failures.get(name).cloned(),
+            })
+            .collect()
+    }
+
+    fn fail(&self, name: &str, reason: String) -> String {
+        self.load_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(plugin = name, %reason, "plugin not loaded; the previous version (if any) keeps serving");
+        self.failures.lock().insert(
+            name.to_owned(),
+            FileFailure {
+                name: name.to_owned(),
+                reason: reason.clone(),
+                at: SystemTime::now(),
+            },
+        );
+        reason
+    }
+
+    /// Loads or replaces the plugin `<dir>/<name>.wasm`.
+    pub async fn load(&self, name: &str) -> Result<Arc<Plugin>, String> {
+        let _swap = self.swap_lock.lock().await;
+        let wasm = self.dir.join(format!("{name}.wasm"));
+        let manifest_path = self.dir.join(format!("{name}.toml"));
+        let cache = runtime::cache_dir(&self.dir);
+        let owned = name.to_owned();
+        let built = tokio::task::spawn_blocking(move || -> Result<Plugin, String> {
+            let bytes = std::fs::read(&wasm)
+                .map_err(|err| format!("{}: cannot read: {err}", wasm.display()))?;
+            let manifest = Manifest::load(&manifest_path)?;
+            Plugin::load(&owned, &bytes, manifest, &cache)
+                .map_err(|err| format!("{}: {err}", wasm.display()))
+        })
+        .await
+        .unwrap_or_else(|err| Err(format!("plugin load panicked: {err}")));
+        let plugin = match built {
+            Ok(plugin) => plugin,
+            Err(reason) => return Err(self.fail(name, reason)),
+        };
+        let previous = self.get(name);
+        if let Some(previous) = &previous
+            && previous.kind != plugin.kind
+        {
+            let reason = format!(
+                "{}: is a {}, but '{name}' is serving as a {}; remove the old file first to change its kind",
+                self.dir.join(format!("{name}.wasm")).display(),
+                plugin.kind.world(),
+                previous.kind.world()
+            );
+            return Err(self.fail(name, reason));
+        }
+        let plugin = Arc::new(plugin);
+        if let Some(previous) = &previous {
+            let (previous, next) = (Arc::clone(previous), Arc::clone(&plugin));
+            let _ = tokio::task::spawn_blocking(move || previous.hand_state_to(&next)).await;
+        }
+        self.plugins.rcu(|current| {
+            let mut next = (**current).clone();
+            next.insert(name.to_owned(), Arc::clone(&plugin));
+            next
+        });
+        self.failures.lock().remove(name);
+        tracing::info!(
+            plugin = name,
+            world = plugin.kind.world(),
+            version = %plugin.info.version,
+            hash = %&plugin.file_hash[..12],
+            "plugin serving"
+        );
+        Ok(plugin)
+    }
+
+    /// Removes a plugin whose file is gone. Calls in flight finish on it.
+    pub fn remove(&self, name: &str) {
+        let mut removed = false;
+        self.plugins.rcu(|current| {
+            let mut next = (**current).clone();
+            removed = next.remove(name).is_some();
+            next
+        });
+        self.failures.lock().remove(name);
+        if removed {
+            tracing::info!(plugin = name, "plugin removed");
+        }
+    }
+
+    /// Makes the loaded set match the directory: loads every `.wasm`, removes
+    /// plugins whose file is gone. Returns the per-file outcomes.
+    pub async fn rescan(&self) -> Vec<(String, Result<(), String>)> {
+        let dir = self.dir.clone();
+        let names = tokio::task::spawn_blocking(move || -> Vec<String> {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                return Vec::new();
+            };
+            let mut names: Vec<String> = entries
+                .flatten()
+                .filter_map(|entry| stem_of(&entry.path(), "wasm"))
+                .collect();
+            names.sort();
+            names
+        })
+        .await
+        .unwrap_or_default();
+        let loaded: Vec<String> = self.plugins.load().keys().cloned().collect();
+        for gone in loaded.iter().filter(|name| !names.contains(name)) {
+            self.remove(gone);
+        }
+        let mut outcomes = Vec::with_capacity(names.len());
+        for name in names {
+            let res = self.load(&name).await.map(|_| ());
+            outcomes.push((name, res));
+        }
+        outcomes
+    }
+
+    /// Applies a burst of file events: a changed `.wasm` or `.toml` reloads
+    /// its plugin, a deleted `.wasm` removes it.
+    async fn apply(&self, names: BTreeSet<String>) {
+        for name in names {
+            let wasm = self.dir.join(format!("{name}.wasm"));
+            let exists = tokio::task::spawn_blocking(move || wasm.is_file())
+                .await
+                .unwrap_or(false);
+            if exists {
+                let _ = self.load(&name).await;
+            } else {
+                self.remove(&name);
+            }
+        }
+    }
+}
+
+/// Watches the plugin directory; stops when dropped.
+pub struct PluginWatcher {
+    _debouncer: Debouncer<notify::RecommendedWatcher>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl PluginWatcher {
+    /// Bursts of events within `debounce` are applied together, so a file
+    /// being copied is read once it has settled.
+    pub fn start(host: Arc<PluginHost>, debounce: Duration) -> notify::Result<PluginWatcher> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<BTreeSet<String>>();
+        let mut debouncer = new_debouncer(debounce, move |res: DebounceEventResult| match res {
+            Ok(events) => {
+                let names: BTreeSet<String> = events
+                    .iter()
+                    .filter_map(|event| {
+                        stem_of(&event.path, "wasm").or_else(|| stem_of(&event.path, "toml"))
+                    })
+                    .collect();
+                if !names.is_empty() {
+                    let _ = tx.send(names);
+                }
+            }
+            Err(err) => tracing::warn!(%err, "plugin directory watch error"),
+        })?;
+        debouncer
+            .watcher()
+            .watch(host.dir(), notify::RecursiveMode::NonRecursive)?;
+        let task = tokio::spawn(async move {
+            while let Some(names) = rx.recv().await {
+                host.apply(names).await;
+            }
+        });
+        Ok(PluginWatcher {
+            _debouncer: debouncer,
+            _task: task,
+        })
+    }
+}

@@ -1,0 +1,387 @@
+//! System benchmarks of the host (issue: host foundation). They report, they
+//! do not assert. Run with `cargo xtask bench` (add a section name to run one:
+//! `list`, `loads`, `overhead`). Results go to docs/BENCHMARKS.md by hand.
+//!
+//! - `list`: ListModels latency while three large models load concurrently,
+//!   against the same calls with nothing loading.
+//! - `loads`: wall time of three equal loads run concurrently against one
+//!   after another.
+//! - `overhead`: Compute round trips on a tiny model, against the same
+//!   TorchScript module called in-process through tch. Throughput comes from
+//!   h2load, a load generator outside this process, with a pre-encoded body.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use plinth::grpc::pb;
+use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, fixtures};
+use prost::Message;
+
+const LARGE_FLOATS: i64 = 75_000_000; // 300 MB of weights per model
+
+fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration, Duration, usize) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.5), at(0.99), *samples.last().unwrap(), samples.len())
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+#[tokio::main]
+async fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| f == name);
+    println!(
+        "host benchmarks on {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    if wants("list") {
+        list_under_load().await;
+    }
+    if wants("loads") {
+        concurrent_loads().await;
+    }
+    if wants("overhead") {
+        overhead().await;
+    }
+}
+
+fn large_models(repo: &Path, names: &[&str]) {
+    let started = Instant::now();
+    for name in names {
+        fixtures::large(repo, name, LARGE_FLOATS);
+    }
+    eprintln!(
+        "built {} models of {} MB in {:.1}s",
+        names.len(),
+        LARGE_FLOATS * 4 / 1_000_000,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+async fn list_under_load() {
+    let big = ["big_a", "big_b", "big_c"];
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::scale(repo, "small", "1", 2.0);
+            large_models(repo, &big);
+        },
+        false,
+    )
+    .await;
+    srv.load("small").await.unwrap();
+    // Warm the page cache so both runs read from memory.
+    for name in big {
+        let _ = std::fs::read(plinth_tests::model_file(srv.repo.path(), name, "1")).unwrap();
+    }
+    let mut models = srv.models().await;
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        models.list_models(pb::ListModelsRequest {}).await.unwrap();
+        idle.push(t.elapsed());
+    }
+
+    let loads_started = Instant::now();
+    for name in big {
+        models
+            .load_model(pb::LoadModelRequest {
+                name: name.into(),
+                reload: false,
+                wait: false,
+            })
+            .await
+            .unwrap();
+    }
+    let mut busy = Vec::new();
+    let mut loading_seen = 0usize;
+    loop {
+        let t = Instant::now();
+        let listed = models
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        busy.push(t.elapsed());
+        let n_loading = listed
+            .models
+            .iter()
+            .filter(|m| m.state == ModelState::Loading as i32)
+            .count();
+        if n_loading > 0 {
+            loading_seen += 1;
+        } else {
+            break;
+        }
+    }
+    let load_wall = loads_started.elapsed();
+    for name in big {
+        assert_eq!(
+            srv.status(name).await.state,
+            ModelState::Ready as i32,
+            "{name} loaded"
+        );
+    }
+    let (i50, i99, imax, n_idle) = percentiles(idle);
+    let (b50, b99, bmax, n_busy) = percentiles(busy);
+    println!(
+        "\n## ListModels latency, 3 x {} MB loads in flight ({:.2}s of loading)",
+        LARGE_FLOATS * 4 / 1_000_000,
+        load_wall.as_secs_f64()
+    );
+    println!("| run | calls | p50 | p99 | max |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| nothing loading | {n_idle} | {} | {} | {} |",
+        us(i50),
+        us(i99),
+        us(imax)
+    );
+    println!(
+        "| 3 loads in flight | {n_busy} ({loading_seen} saw LOADING) | {} | {} | {} |",
+        us(b50),
+        us(b99),
+        us(bmax)
+    );
+    println!(
+        "| ratio busy / idle | | {:.2} | {:.2} | |",
+        b50.as_secs_f64() / i50.as_secs_f64(),
+        b99.as_secs_f64() / i99.as_secs_f64()
+    );
+}
+
+async fn concurrent_loads() {
+    let big = ["big_a", "big_b", "big_c"];
+    let srv = TestServer::start(|repo| large_models(repo, &big), false).await;
+    for name in big {
+        let _ = std::fs::read(plinth_tests::model_file(srv.repo.path(), name, "1")).unwrap();
+    }
+    let mut models = srv.models().await;
+    let unload_all =
+        |models: &mut pb::model_service_client::ModelServiceClient<tonic::transport::Channel>| {
+            let mut models = models.clone();
+            let srv = &srv;
+            async move {
+                for name in big {
+                    models
+                        .unload_model(pb::UnloadModelRequest { name: name.into() })
+                        .await
+                        .unwrap();
+                    srv.wait_for(name, |s| s.state == ModelState::Unavailable as i32)
+                        .await;
+                }
+            }
+        };
+    let mut rows = Vec::new();
+    for round in 0..3 {
+        let t = Instant::now();
+        for name in big {
+            srv.load(name).await.unwrap();
+        }
+        let sequential = t.elapsed();
+        unload_all(&mut models).await;
+
+        let t = Instant::now();
+        let mut loads = Vec::new();
+        for name in big {
+            let mut client = models.clone();
+            loads.push(tokio::spawn(async move {
+                client
+                    .load_model(pb::LoadModelRequest {
+                        name: name.into(),
+                        reload: false,
+                        wait: true,
+                    })
+                    .await
+            }));
+        }
+        for load in loads {
+            load.await.unwrap().unwrap();
+        }
+        let concurrent = t.elapsed();
+        unload_all(&mut models).await;
+        rows.push((round, sequential, concurrent));
+    }
+    println!(
+        "\n## 3 loads of {} MB: concurrent against sequential",
+        LARGE_FLOATS * 4 / 1_000_000
+    );
+    println!("| round | sequential | concurrent | concurrent / sequential |");
+    println!("|---|---|---|---|");
+    for (round, sequential, concurrent) in rows {
+        println!(
+            "| {round} | {:.0} ms | {:.0} ms | {:.2} |",
+            sequential.as_secs_f64() * 1e3,
+            concurrent.as_secs_f64() * 1e3,
+            concurrent.as_secs_f64() / sequential.as_secs_f64()
+        );
+    }
+}
+
+/// A gRPC frame around an encoded message, as h2load sends it.
+fn grpc_frame(message: &impl Message) -> Vec<u8> {
+    let body = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+struct H2loadRun {
+    req_per_s: f64,
+    succeeded: u64,
+    failed: u64,
+    mean_us: f64,
+}
+
+fn h2load(url: &str, body: &Path, n: u64, clients: u32, streams: u32) -> H2loadRun {
+    let out = Command::new("h2load")
+        .args([
+            "-n",
+            &n.to_string(),
+            "-c",
+            &clients.to_string(),
+            "-m",
+            &streams.to_string(),
+        ])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(body)
+        .arg(url)
+        .output()
+        .expect("h2load (Debian package nghttp2-client) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |line_start: &str, idx: usize| -> String {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(line_start))
+            .unwrap_or_else(|| panic!("h2load output lacks {line_start:?}:\n{text}"))
+            .split_whitespace()
+            .nth(idx)
+            .unwrap()
+            .trim_end_matches(',')
+            .to_owned()
+    };
+    let req_per_s: f64 = field("finished in", 3).parse().unwrap();
+    let succeeded: u64 = field("requests:", 7).parse().unwrap();
+    let failed: u64 = field("requests:", 9).parse().unwrap();
+    let mean = field("time for request:", 5);
+    let mean_us = if let Some(ms) = mean.strip_suffix("ms") {
+        ms.parse::<f64>().unwrap() * 1e3
+    } else if let Some(us) = mean.strip_suffix("us") {
+        us.parse().unwrap()
+    } else {
+        mean.trim_end_matches('s').parse::<f64>().unwrap() * 1e6
+    };
+    H2loadRun {
+        req_per_s,
+        succeeded,
+        failed,
+        mean_us,
+    }
+}
+
+async fn overhead() {
+    let srv = TestServer::start(|repo| fixtures::scale(repo, "tiny", "1", 2.0), false).await;
+    srv.load("tiny").await.unwrap();
+    let path = plinth_tests::model_file(srv.repo.path(), "tiny", "1");
+
+    // The ceiling: the same module, in this process, through tch, one thread.
+    let module = tch::CModule::load(&path).unwrap();
+    let input = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]);
+    let _guard = tch::no_grad_guard();
+    let mut direct = Vec::with_capacity(20_000);
+    for _ in 0..20_000 {
+        let t = Instant::now();
+        let out = module.forward_ts(&[&input]).unwrap();
+        let mut values = [0f32; 4];
+        out.copy_data(&mut values, 4);
+        direct.push(t.elapsed());
+    }
+    let direct_total: Duration = direct.iter().sum();
+    let direct_rps = direct.len() as f64 / direct_total.as_secs_f64();
+    let (d50, d99, _, _) = percentiles(direct);
+
+    // Plinth at concurrency 1: a tonic client, one call after another.
+    let mut compute = srv.compute().await;
+    let request = compute_request("tiny", vec![f32_tensor("x", &[4], &[1.0, 2.0, 3.0, 4.0])]);
+    for _ in 0..500 {
+        compute.compute(request.clone()).await.unwrap();
+    }
+    let mut grpc = Vec::with_capacity(5000);
+    for _ in 0..5000 {
+        let t = Instant::now();
+        compute.compute(request.clone()).await.unwrap();
+        grpc.push(t.elapsed());
+    }
+    let (g50, g99, _, _) = percentiles(grpc);
+
+    // Plinth under h2load, a separate process.
+    let body_dir = tempfile::tempdir().unwrap();
+    let body = body_dir.path().join("compute.bin");
+    std::fs::write(&body, grpc_frame(&request)).unwrap();
+    let url = format!("{}/plinth.v1.ComputeService/Compute", srv.grpc_url());
+    let counts = |detail: pb::ModelDetail| (detail.success_count, detail.failure_count);
+    let mut models = srv.models().await;
+    let detail = || {
+        let mut models = models.clone();
+        async move {
+            counts(
+                models
+                    .get_model(pb::GetModelRequest {
+                        name: "tiny".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .model
+                    .unwrap(),
+            )
+        }
+    };
+    let before = detail().await;
+    let c1 = h2load(&url, &body, 20_000, 1, 1);
+    let c64 = h2load(&url, &body, 100_000, 4, 16);
+    let after = detail().await;
+    let _ = &mut models;
+    let grpc_ok = after.0 - before.0;
+    let grpc_failed = after.1 - before.1;
+
+    println!("\n## Compute overhead on a 4-float model (y = 2x)");
+    println!("| path | concurrency | req/s | p50 | p99 | mean | ratio to in-process tch |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| tch in-process (ceiling) | 1 | {:.0} | {} | {} | | 1.00 |",
+        direct_rps,
+        us(d50),
+        us(d99)
+    );
+    println!(
+        "| Plinth, tonic client in-process | 1 | {:.0} | {} | {} | | {:.3} |",
+        1.0 / g50.as_secs_f64(),
+        us(g50),
+        us(g99),
+        (1.0 / g50.as_secs_f64()) / direct_rps
+    );
+    println!(
+        "| Plinth, h2load | 1 | {:.0} | | | {:.0} µs | {:.3} |",
+        c1.req_per_s,
+        c1.mean_us,
+        c1.req_per_s / direct_rps
+    );
+    println!(
+        "| Plinth, h2load (-c 4 -m 16) | 64 | {:.0} | | | {:.0} µs | {:.3} |",
+        c64.req_per_s,
+        c64.mean_us,
+        c64.req_per_s / direct_rps
+    );
+    println!(
+        "\nh2load HTTP: {} + {} succeeded, {} + {} failed; server counted {grpc_ok} gRPC successes and {grpc_failed} failures over both runs",
+        c1.succeeded, c64.succeeded, c1.failed, c64.failed
+    );
+}
