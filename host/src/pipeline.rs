@@ -170,7 +170,7 @@ impl Pipeline {
         let (version, outputs) = model.infer(view.version.as_deref(), inputs).await?;
         timings.compute = t.elapsed();
         timings.version = Some(version.clone());
-        let request_version = std::mem::replace(&mut view.version, Some(version.clone()));
+        let request_version = view.version.replace(version.clone());
         let t = Instant::now();
         let outputs = self.chain(&model, Stage::Post, view, outputs);
         view.version = request_version;

@@ -109,13 +109,17 @@ impl TestServer {
         name: &str,
         pred: impl Fn(&pb::ModelStatus) -> bool,
     ) -> pb::ModelStatus {
-        loop {
+        // A safety net against hangs, as in `wait_plugin`; not a speed bound.
+        let mut last = None;
+        for _ in 0..12000 {
             let status = self.status(name).await;
             if pred(&status) {
                 return status;
             }
+            last = Some(status);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        panic!("model '{name}' never reached the expected state; last status: {last:?}");
     }
 }
 
@@ -169,4 +173,102 @@ pub fn compute_request(model: &str, inputs: Vec<pb::Tensor>) -> pb::ComputeReque
 /// Path of a model's version file in a repository.
 pub fn model_file(repo: &Path, model: &str, version: &str) -> PathBuf {
     repo.join(model).join(version).join("model.pt")
+}
+
+/// A plugin component built by `cargo xtask plugins` (`cargo xtask test` builds them first).
+pub fn plugin_wasm(file_stem: &str) -> PathBuf {
+    let dir = std::env::var_os("PLINTH_PLUGIN_WASM_DIR").unwrap_or_else(|| {
+        panic!("PLINTH_PLUGIN_WASM_DIR is not set: run the tests with `cargo xtask test`, which builds the plugins first")
+    });
+    let path = PathBuf::from(dir).join(format!("{file_stem}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask plugins`",
+        path.display()
+    );
+    path
+}
+
+/// Drops a plugin into a plugin directory as `<name>.wasm` the way a careful
+/// deployment does (write beside, rename in), with an optional manifest.
+pub fn install_plugin(dir: &Path, name: &str, component: &str, manifest: Option<&str>) {
+    if let Some(text) = manifest {
+        let staging = dir.join(format!(".{name}.toml.partial"));
+        std::fs::write(&staging, text).expect("write manifest");
+        std::fs::rename(&staging, dir.join(format!("{name}.toml"))).expect("rename manifest");
+    }
+    let staging = dir.join(format!(".{name}.wasm.partial"));
+    std::fs::copy(plugin_wasm(component), &staging).expect("copy component");
+    std::fs::rename(&staging, dir.join(format!("{name}.wasm"))).expect("rename component");
+}
+
+impl TestServer {
+    pub async fn plugin_api(&self) -> pb::plugin_service_client::PluginServiceClient<Channel> {
+        pb::plugin_service_client::PluginServiceClient::new(self.channel().await)
+    }
+
+    /// Polls GetPlugin until `pred` holds.
+    pub async fn wait_plugin(
+        &self,
+        name: &str,
+        pred: impl Fn(&pb::PluginStatus) -> bool,
+    ) -> pb::PluginStatus {
+        let mut api = self.plugin_api().await;
+        let mut last = None;
+        // A safety net that turns a hang into a failure with the last status;
+        // not a speed bound (60 s on a machine where this takes milliseconds).
+        for _ in 0..6000 {
+            if let Ok(status) = api
+                .get_plugin(pb::GetPluginRequest { name: name.into() })
+                .await
+            {
+                let status = status.into_inner();
+                if pred(&status) {
+                    return status;
+                }
+                last = Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("plugin '{name}' never reached the expected state; last status: {last:?}");
+    }
+
+    /// GET on the HTTP port: status code and body.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.running().http_addr;
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("HTTP port");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (code, dechunk(&body))
+    }
+}
+
+/// Joins a chunked HTTP/1.1 body (axum streams bodies it does not size).
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size_line, after)) = rest.split_once("\r\n") else {
+            return body.to_owned();
+        };
+        let Ok(size) = usize::from_str_radix(size_line.trim(), 16) else {
+            return body.to_owned();
+        };
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
 }

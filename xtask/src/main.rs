@@ -28,6 +28,7 @@ tasks:
   test [cargo args]     fetch libtorch if needed, run the whole test suite
   clippy                cargo clippy --workspace --all-targets -- -D warnings
   bench [args]          run the benchmarks (see docs/BENCHMARKS.md)
+  plugins               build every plugin in plugins/ to a wasm32-wasip2 component
   libtorch              fetch libtorch into the cache and print its path
   env                   print the environment the other tasks use, as shell exports
 ";
@@ -60,8 +61,10 @@ fn run() -> Result<()> {
         "test" => {
             let libtorch = ensure_libtorch()?;
             let python = ensure_test_venv()?;
+            let wasm_dir = build_plugins()?;
             let mut cmd = cargo(&libtorch);
             cmd.env("PLINTH_PYTHON", python);
+            cmd.env("PLINTH_PLUGIN_WASM_DIR", wasm_dir);
             cmd.args(["test", "--workspace"]);
             cmd.args(rest);
             status(cmd)
@@ -86,6 +89,10 @@ fn run() -> Result<()> {
             cmd.args(rest);
             status(cmd)
         }
+        "plugins" => {
+            println!("{}", build_plugins()?.display());
+            Ok(())
+        }
         "libtorch" => {
             println!("{}", ensure_libtorch()?.display());
             Ok(())
@@ -102,6 +109,39 @@ fn run() -> Result<()> {
             bail!("unknown task {other:?}")
         }
     }
+}
+
+/// The plugin crates: the real plugins and the hostile test fixtures.
+const PLUGINS: &[&str] = &[
+    "weighted-router",
+    "image-normalize",
+    "softmax-topk",
+    "prometheus-metrics",
+    "basic-health",
+    "hostile-spin",
+    "hostile-trap",
+    "hostile-memory-bomb",
+    "hostile-wasi-escape",
+    "hostile-version-mismatch",
+];
+
+/// Builds the plugins as components; returns the folder holding the `.wasm` files.
+fn build_plugins() -> Result<PathBuf> {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(project_root());
+    cmd.args([
+        "build",
+        "--quiet",
+        "--target",
+        "wasm32-wasip2",
+        "--profile",
+        "plugin",
+    ]);
+    for plugin in PLUGINS {
+        cmd.args(["--package", plugin]);
+    }
+    status(cmd).context("building the plugins (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)")?;
+    Ok(project_root().join("target/wasm32-wasip2/plugin"))
 }
 
 fn project_root() -> PathBuf {

@@ -119,20 +119,7 @@ impl Manifest {
             manifest.memory_bytes = (mib as usize) << 20;
         }
         for (key, value) in raw.config {
-            // Plugins read strings; numbers and booleans are written as TOML shows them.
-            let text = match value {
-                toml::Value::String(s) => s,
-                toml::Value::Array(items) => items
-                    .iter()
-                    .map(|item| match item {
-                        toml::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(","),
-                other => other.to_string(),
-            };
-            manifest.config.insert(key, text);
+            flatten_config(&mut manifest.config, key, value);
         }
         manifest.env = raw.capabilities.env;
         manifest.dirs = raw.capabilities.dirs;
@@ -140,6 +127,31 @@ impl Manifest {
         manifest.stdio = raw.capabilities.stdio;
         Ok(manifest)
     }
+}
+
+/// Plugins read string values by key. Numbers and booleans are written as
+/// TOML shows them, arrays joined with commas, and nested tables become
+/// dotted keys (`[config.weights] resnet = ".."` is `weights.resnet`).
+fn flatten_config(out: &mut BTreeMap<String, String>, key: String, value: toml::Value) {
+    let text = match value {
+        toml::Value::String(s) => s,
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        toml::Value::Table(table) => {
+            for (sub, value) in table {
+                flatten_config(out, format!("{key}.{sub}"), value);
+            }
+            return;
+        }
+        other => other.to_string(),
+    };
+    out.insert(key, text);
 }
 
 #[cfg(test)]
@@ -152,7 +164,7 @@ mod tests {
         assert_eq!(Manifest::parse(path, "").unwrap(), Manifest::default());
         let m = Manifest::parse(
             path,
-            "[limits]\ndeadline_ms = 5\nmemory_mib = 8\n[config]\nk = 3\nmean = [0.5, 0.25]\nname = \"a\"\n[capabilities]\nenv = [\"HOME\"]\n",
+            "[limits]\ndeadline_ms = 5\nmemory_mib = 8\n[config]\nk = 3\nmean = [0.5, 0.25]\nname = \"a\"\nweights.resnet = \"1=9\"\n[capabilities]\nenv = [\"HOME\"]\n",
         )
         .unwrap();
         assert_eq!(m.deadline, Duration::from_millis(5));
@@ -160,6 +172,7 @@ mod tests {
         assert_eq!(m.config["k"], "3");
         assert_eq!(m.config["mean"], "0.5,0.25");
         assert_eq!(m.config["name"], "a");
+        assert_eq!(m.config["weights.resnet"], "1=9");
         assert_eq!(m.env, ["HOME"]);
         assert_eq!(
             Manifest::parse(path, "[limits]\nmemory_mib = 0\n").unwrap_err(),

@@ -143,17 +143,33 @@ impl PluginHost {
         let manifest_path = self.dir.join(format!("{name}.toml"));
         let cache = runtime::cache_dir(&self.dir);
         let owned = name.to_owned();
-        let built = tokio::task::spawn_blocking(move || -> Result<Plugin, String> {
+        let current = self.get(name);
+        let unchanged = current
+            .as_ref()
+            .map(|p| (p.file_hash.clone(), Arc::clone(&p.manifest)));
+        let built = tokio::task::spawn_blocking(move || -> Result<Option<Plugin>, String> {
             let bytes = std::fs::read(&wasm)
                 .map_err(|err| format!("{}: cannot read: {err}", wasm.display()))?;
             let manifest = Manifest::load(&manifest_path)?;
+            // The same bytes under the same manifest: a duplicate event, not a change.
+            if let Some((hash, current_manifest)) = unchanged
+                && runtime::content_hash(&bytes) == hash
+                && *current_manifest == manifest
+            {
+                return Ok(None);
+            }
             Plugin::load(&owned, &bytes, manifest, &cache)
+                .map(Some)
                 .map_err(|err| format!("{}: {err}", wasm.display()))
         })
         .await
         .unwrap_or_else(|err| Err(format!("plugin load panicked: {err}")));
         let plugin = match built {
-            Ok(plugin) => plugin,
+            Ok(Some(plugin)) => plugin,
+            Ok(None) => {
+                self.failures.lock().remove(name);
+                return Ok(current.expect("unchanged implies a current plugin"));
+            }
             Err(reason) => return Err(self.fail(name, reason)),
         };
         let previous = self.get(name);

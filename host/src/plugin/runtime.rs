@@ -101,6 +101,9 @@ pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
+    /// The last error the guest logged during the current call: a Rust guest
+    /// logs its panic message just before it traps.
+    last_error_log: Option<String>,
 }
 
 impl WasiView for PluginState {
@@ -122,7 +125,10 @@ impl wit_host::Host for PluginState {
             wit_host::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
             wit_host::LogLevel::Info => tracing::info!(plugin, "{message}"),
             wit_host::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            wit_host::LogLevel::Error => tracing::error!(plugin, "{message}"),
+            wit_host::LogLevel::Error => {
+                tracing::error!(plugin, "{message}");
+                self.last_error_log = Some(message);
+            }
         }
     }
 
@@ -171,7 +177,7 @@ impl Runtime {
     /// Compiles `bytes`, or loads the artifact cached under its content hash
     /// in `cache_dir`. Blocking and slow on a miss (tens of milliseconds).
     pub fn compile(&self, bytes: &[u8], cache_dir: &Path) -> Result<(Component, String), String> {
-        let hash = hex(&Sha256::digest(bytes));
+        let hash = content_hash(bytes);
         let cached = cache_dir.join(format!("{hash}.cwasm"));
         if cached.is_file() {
             // SAFETY: files in the cache directory are written only by this
@@ -295,6 +301,7 @@ impl Runtime {
                 wasi: wasi.build(),
                 table: ResourceTable::new(),
                 limits,
+                last_error_log: None,
             },
         );
         store.limiter(|state| &mut state.limits);
@@ -303,8 +310,12 @@ impl Runtime {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// SHA-256 of a plugin file, hex: its identity in the cache and the API.
+pub fn content_hash(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn root_cause(err: &wasmtime::Error) -> String {
@@ -495,45 +506,48 @@ impl Plugin {
         f: impl FnOnce(&mut Instance) -> wasmtime::Result<Result<R, wit::PluginError>>,
     ) -> Result<R, CallError> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let res = if self.kind.stateful() {
-            let mut idle = self.idle.lock();
-            let mut instance = match idle.pop() {
-                Some(instance) => instance,
-                None => self
-                    .instantiate()
-                    .inspect_err(|err| self.record_error(err))?,
-            };
-            self.arm(&mut instance);
-            let res = f(&mut instance);
-            if matches!(res, Ok(_)) {
-                idle.push(instance);
-            }
-            res
-        } else {
-            let pooled = self.idle.lock().pop();
-            let mut instance = match pooled {
-                Some(instance) => instance,
-                None => self
-                    .instantiate()
-                    .inspect_err(|err| self.record_error(err))?,
-            };
-            self.arm(&mut instance);
-            let res = f(&mut instance);
-            if matches!(res, Ok(_)) {
-                let mut idle = self.idle.lock();
+        // Stateful plugins keep the lock for the whole call: one instance, in order.
+        let mut stateful_guard = self.kind.stateful().then(|| self.idle.lock());
+        let pooled = match &mut stateful_guard {
+            Some(idle) => idle.pop(),
+            None => self.idle.lock().pop(),
+        };
+        let mut instance = match pooled {
+            Some(instance) => instance,
+            None => self
+                .instantiate()
+                .inspect_err(|err| self.record_error(err))?,
+        };
+        self.arm(&mut instance);
+        instance.store.data_mut().last_error_log = None;
+        let res = f(&mut instance);
+        let err = match res {
+            Ok(res) => {
+                let idle = match &mut stateful_guard {
+                    Some(idle) => idle,
+                    None => &mut self.idle.lock(),
+                };
                 if idle.len() < MAX_IDLE_INSTANCES {
                     idle.push(instance);
                 }
+                match res {
+                    Ok(value) => return Ok(value),
+                    Err(plugin_error) => CallError::Plugin(plugin_error),
+                }
             }
-            res
+            // The instance is dropped here: after a trap its state is suspect.
+            Err(err) => {
+                let logged = instance.store.data_mut().last_error_log.take();
+                match (classify(err, &self.manifest), logged) {
+                    (CallError::Trap(cause), Some(message)) => {
+                        CallError::Trap(format!("{message} ({cause})"))
+                    }
+                    (other, _) => other,
+                }
+            }
         };
-        let res = match res {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(plugin_error)) => CallError::Plugin(plugin_error),
-            Err(err) => classify(err, &self.manifest),
-        };
-        self.record_error(&res);
-        Err(res)
+        self.record_error(&err);
+        Err(err)
     }
 
     fn record_error(&self, err: &CallError) {
@@ -567,8 +581,10 @@ fn classify(err: wasmtime::Error, manifest: &Manifest) -> CallError {
     if text.contains("exceeds memory limits") || text.contains("forcing trap when growing memory") {
         return CallError::OutOfMemory(manifest.memory_bytes);
     }
-    let first = text.lines().next().unwrap_or_default().to_owned();
-    CallError::Trap(first)
+    // The root cause ("wasm `unreachable` instruction executed"), not the
+    // backtrace header.
+    let cause = err.root_cause().to_string();
+    CallError::Trap(cause.lines().next().unwrap_or_default().to_owned())
 }
 
 /// A directory for compiled artifacts beside the plugins.

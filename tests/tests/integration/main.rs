@@ -4,5 +4,6 @@
 mod errors;
 mod lifecycle;
 mod nonblocking;
+mod plugins;
 mod poll;
 mod services;

@@ -1,0 +1,770 @@
+//! Plugins for real: components built from plugins/ dropped into the plugin
+//! directory of a running server, changing its behaviour with no restart.
+
+use std::time::Duration;
+
+use plinth::grpc::pb;
+use plinth_tests::fixtures::{self, affine_expected};
+use plinth_tests::{
+    ModelState, TestServer, compute_request, f32_tensor, f32_values, install_plugin,
+};
+use tonic::Code;
+
+const SCALE_IO: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
+
+fn i64_values(tensor: &pb::Tensor) -> Vec<i64> {
+    tensor
+        .data
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn serving(status: &pb::PluginStatus) -> bool {
+    status.serving && status.load_error.is_empty()
+}
+
+#[tokio::test]
+async fn pre_and_post_chains_run_around_the_model() {
+    let srv = TestServer::start(
+        |repo| {
+            // Per-channel mean of a [3, 2, 2] image: y[c] = mean(x[c]).
+            fixtures::write_config(
+                repo,
+                "img",
+                "max_batch_size = 4\npreprocess = [\"normalize\"]\n[[input]]\nname = \"image\"\ndtype = \"f32\"\nshape = [3, 2, 2]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n",
+            );
+            plinth::torch::trace::save(
+                &plinth_tests::model_file(repo, "img", "1"),
+                &[plinth::torch::trace::TchTensor::zeros([1, 3, 2, 2], (plinth::torch::trace::Kind::Float, plinth::torch::trace::Device::Cpu))],
+                |xs| vec![xs[0].mean_dim([2i64, 3].as_slice(), false, plinth::torch::trace::Kind::Float)],
+            )
+            .unwrap();
+            fixtures::affine(repo, "affine", 4);
+            fixtures::write_config(
+                repo,
+                "affine",
+                "max_batch_size = 4\npostprocess = [\"topk\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n",
+            );
+        },
+        true,
+    )
+    .await;
+    install_plugin(
+        srv.plugins.path(),
+        "normalize",
+        "image_normalize",
+        Some("[config]\nmean = [1, 2, 3]\nstd = [2, 2, 2]\nscale = 1\n"),
+    );
+    install_plugin(
+        srv.plugins.path(),
+        "topk",
+        "softmax_topk",
+        Some("[config]\nk = 2\nsoftmax = false\n"),
+    );
+    srv.wait_plugin("normalize", serving).await;
+    srv.wait_plugin("topk", serving).await;
+    srv.wait_for("img", |s| s.state == ModelState::Ready as i32)
+        .await;
+    srv.wait_for("affine", |s| s.state == ModelState::Ready as i32)
+        .await;
+
+    // u8 HWC [2, 2, 3]: pixel p has channels (p, 10 + p, 20 + p) for p = 1..=4.
+    let pixels: Vec<u8> = (1u8..=4).flat_map(|p| [p, 10 + p, 20 + p]).collect();
+    let image = pb::Tensor {
+        name: "image".into(),
+        dtype: pb::DataType::Uint8 as i32,
+        shape: vec![2, 2, 3],
+        data: pixels.into(),
+    };
+    let mut compute = srv.compute().await;
+    let out = compute
+        .compute(compute_request("img", vec![image]))
+        .await
+        .unwrap()
+        .into_inner();
+    // Channel means 2.5, 12.5, 22.5, normalised: (2.5-1)/2, (12.5-2)/2, (22.5-3)/2.
+    assert_eq!(out.outputs[0].shape, [1, 3]);
+    assert_eq!(f32_values(&out.outputs[0]), [0.75, 5.25, 9.75]);
+
+    let rows = [[1.0f32, 2.0, 3.0, 4.0], [4.0, -3.0, 1.0, 0.0]];
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    let out = compute
+        .compute(compute_request(
+            "affine",
+            vec![f32_tensor("x", &[2, 4], &flat)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = out.outputs.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["topk_indices", "topk_scores"]);
+    let mut expected_idx = Vec::new();
+    let mut expected_scores = Vec::new();
+    for row in &rows {
+        let y = affine_expected(row);
+        let mut order: Vec<usize> = (0..3).collect();
+        order.sort_by(|a, b| y[*b].total_cmp(&y[*a]));
+        expected_idx.extend(order[..2].iter().map(|&i| i as i64));
+        expected_scores.extend(order[..2].iter().map(|&i| y[i]));
+    }
+    assert_eq!(out.outputs[0].shape, [2, 2]);
+    assert_eq!(i64_values(&out.outputs[0]), expected_idx);
+    assert_eq!(f32_values(&out.outputs[1]), expected_scores);
+
+    // A plugin's own refusal reaches the client with the plugin named.
+    let bad = pb::Tensor {
+        name: "image".into(),
+        dtype: pb::DataType::Uint8 as i32,
+        shape: vec![2, 2, 2],
+        data: vec![0u8; 8].into(),
+    };
+    let err = compute
+        .compute(compute_request("img", vec![bad]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with("plugin 'normalize' (preprocess) invalid input:"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn the_router_splits_by_weight_and_a_header_pins_the_version() {
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::scale(repo, "scale", "1", 2.0);
+            fixtures::scale_file(&plinth_tests::model_file(repo, "scale", "2"), 3.0);
+            fixtures::write_config(
+                repo,
+                "scale",
+                &format!("version_policy = {{ all = true }}\n{SCALE_IO}"),
+            );
+        },
+        true,
+    )
+    .await;
+    srv.wait_for("scale", |s| s.state == ModelState::Ready as i32)
+        .await;
+    let mut compute = srv.compute().await;
+    let run = |id: &str| pb::ComputeRequest {
+        id: id.into(),
+        ..compute_request("scale", vec![f32_tensor("x", &[1], &[1.0])])
+    };
+    // Without a router the newest version answers.
+    assert_eq!(
+        compute
+            .compute(run("a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .version,
+        "2"
+    );
+
+    install_plugin(
+        srv.plugins.path(),
+        "router",
+        "weighted_router",
+        Some("[config]\nweights = \"1=100,2=0\"\n"),
+    );
+    srv.wait_plugin("router", serving).await;
+    for idx in 0..20 {
+        let out = compute
+            .compute(run(&format!("r{idx}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (out.version.as_str(), f32_values(&out.outputs[0])),
+            ("1", vec![2.0])
+        );
+    }
+    let mut pinned = tonic::Request::new(run("pinned"));
+    pinned
+        .metadata_mut()
+        .insert("x-plinth-version", "2".parse().unwrap());
+    let out = compute.compute(pinned).await.unwrap().into_inner();
+    assert_eq!(
+        (out.version.as_str(), f32_values(&out.outputs[0])),
+        ("2", vec![3.0])
+    );
+
+    // An even split sends both versions traffic, deterministically by request id.
+    install_plugin(
+        srv.plugins.path(),
+        "router",
+        "weighted_router",
+        Some("[config]\nweights = \"1=50,2=50\"\n"),
+    );
+    srv.wait_plugin("router", |s| serving(s) && s.calls == 0)
+        .await;
+    let mut seen = std::collections::BTreeSet::new();
+    for idx in 0..40 {
+        let out = compute
+            .compute(run(&format!("split-{idx}")))
+            .await
+            .unwrap()
+            .into_inner();
+        let again = compute
+            .compute(run(&format!("split-{idx}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            out.version, again.version,
+            "the same id routes the same way"
+        );
+        seen.insert(out.version);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["1", "2"]);
+}
+
+#[tokio::test]
+async fn plugins_are_added_replaced_and_removed_with_no_restart() {
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::affine(repo, "affine", 4);
+            fixtures::write_config(repo, "affine", "max_batch_size = 4\npostprocess = [\"post\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n");
+        },
+        true,
+    )
+    .await;
+    srv.wait_for("affine", |s| s.state == ModelState::Ready as i32)
+        .await;
+    let mut compute = srv.compute().await;
+    let row = [1.0f32, 2.0, 3.0, 4.0];
+    let run = || compute_request("affine", vec![f32_tensor("x", &[1, 4], &row)]);
+
+    let err = compute.compute(run()).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::Unavailable,
+            "model 'affine': postprocess plugin 'post' is not loaded (no post.wasm in the plugin directory)"
+        )
+    );
+
+    // Add.
+    install_plugin(
+        srv.plugins.path(),
+        "post",
+        "softmax_topk",
+        Some("[config]\nk = 1\nsoftmax = false\n"),
+    );
+    let first = srv.wait_plugin("post", serving).await;
+    assert_eq!(first.world, "processor-plugin");
+    let out = compute.compute(run()).await.unwrap().into_inner();
+    assert_eq!(out.outputs[0].name, "topk_indices");
+    assert_eq!(out.outputs[0].shape, [1, 1]);
+
+    // Replace the manifest: the plugin reloads with the new config.
+    install_plugin(
+        srv.plugins.path(),
+        "post",
+        "softmax_topk",
+        Some("[config]\nk = 3\nsoftmax = false\n"),
+    );
+    srv.wait_plugin("post", |s| {
+        serving(s) && s.loaded_at_us > first.loaded_at_us
+    })
+    .await;
+    let out = compute.compute(run()).await.unwrap().into_inner();
+    assert_eq!(out.outputs[0].shape, [1, 3]);
+
+    // Replace the component with another processor (image-normalize passes f32 outputs through).
+    install_plugin(srv.plugins.path(), "post", "image_normalize", None);
+    let replaced = srv
+        .wait_plugin("post", |s| serving(s) && s.file_hash != first.file_hash)
+        .await;
+    assert_eq!(replaced.world, "processor-plugin");
+    let out = compute.compute(run()).await.unwrap().into_inner();
+    assert_eq!(
+        (out.outputs[0].name.as_str(), f32_values(&out.outputs[0])),
+        ("y", affine_expected(&row).to_vec())
+    );
+
+    // Remove.
+    std::fs::remove_file(srv.plugins.path().join("post.wasm")).unwrap();
+    loop {
+        let listed = srv
+            .plugin_api()
+            .await
+            .list_plugins(pb::ListPluginsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if listed.plugins.iter().all(|p| p.name != "post") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = compute.compute(run()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn hostile_plugins_are_contained_and_reported() {
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::scale(repo, "healthy", "1", 2.0);
+            for (model, plugin) in [
+                ("m_spin", "spin"),
+                ("m_trap", "trap"),
+                ("m_bomb", "bomb"),
+                ("m_router", "router"),
+            ] {
+                fixtures::scale(repo, model, "1", 2.0);
+                fixtures::write_config(
+                    repo,
+                    model,
+                    &format!("preprocess = [\"{plugin}\"]\n{SCALE_IO}"),
+                );
+            }
+        },
+        true,
+    )
+    .await;
+    let dir = srv.plugins.path();
+    install_plugin(
+        dir,
+        "spin",
+        "hostile_spin",
+        Some("[limits]\ndeadline_ms = 20\n"),
+    );
+    install_plugin(dir, "trap", "hostile_trap", None);
+    install_plugin(
+        dir,
+        "bomb",
+        "hostile_memory_bomb",
+        Some("[limits]\nmemory_mib = 8\n"),
+    );
+    install_plugin(
+        dir,
+        "router",
+        "weighted_router",
+        Some("[config]\nweights.nothing = \"1=1\"\n"),
+    );
+    install_plugin(dir, "escape", "hostile_wasi_escape", None);
+    for name in ["spin", "trap", "bomb", "router", "escape"] {
+        srv.wait_plugin(name, serving).await;
+    }
+    for model in ["healthy", "m_spin", "m_trap", "m_bomb", "m_router"] {
+        srv.wait_for(model, |s| s.state == ModelState::Ready as i32)
+            .await;
+    }
+    let mut compute = srv.compute().await;
+    let x = || vec![f32_tensor("x", &[2], &[1.0, 2.0])];
+    let healthy = |compute: &mut pb::compute_service_client::ComputeServiceClient<
+        tonic::transport::Channel,
+    >| {
+        let mut compute = compute.clone();
+        async move {
+            let out = compute
+                .compute(compute_request(
+                    "healthy",
+                    vec![f32_tensor("x", &[1], &[4.0])],
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(f32_values(&out.outputs[0]), [8.0]);
+        }
+    };
+
+    let cases: [(&str, Code, &str); 4] = [
+        (
+            "m_spin",
+            Code::DeadlineExceeded,
+            "plugin 'spin' (preprocess) exceeded its 20 ms deadline",
+        ),
+        (
+            "m_trap",
+            Code::Internal,
+            "internal error: plugin 'trap' (preprocess) trapped: plugin panicked at",
+        ),
+        (
+            "m_bomb",
+            Code::ResourceExhausted,
+            "plugin 'bomb' (preprocess) exceeded its 8 MiB memory cap",
+        ),
+        (
+            "m_router",
+            Code::FailedPrecondition,
+            "plugin 'router' implements router-plugin, not processor-plugin",
+        ),
+    ];
+    for (model, code, prefix) in cases {
+        // Twice: the instance that failed is discarded and a fresh one fails the same way.
+        for _ in 0..2 {
+            let err = compute
+                .compute(compute_request(model, x()))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), code, "{model}: {err:?}");
+            assert!(
+                err.message().starts_with(prefix),
+                "{model}: {:?} should start with {prefix:?}",
+                err.message()
+            );
+            healthy(&mut compute).await;
+        }
+    }
+    let spin = srv.wait_plugin("spin", |_| true).await;
+    assert_eq!(spin.errors, 2);
+    assert_eq!(spin.last_error, "exceeded its 20 ms deadline");
+
+    // No WASI capability was granted: every probe of the filesystem, the
+    // environment and the network is denied.
+    let escape = srv.running().plugins.get("escape").unwrap();
+    let report = tokio::task::spawn_blocking(move || {
+        escape.process(
+            plinth::plugin::Stage::Pre,
+            &plinth::plugin::RequestView::default(),
+            Vec::new(),
+        )
+    })
+    .await
+    .unwrap()
+    .expect("the escape attempt is contained, not a sandbox escape");
+    let mut lines = Vec::new();
+    let mut data = report[0].data().as_ref();
+    while data.len() >= 4 {
+        let len = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
+        lines.push(String::from_utf8_lossy(&data[4..4 + len]).into_owned());
+        data = &data[4 + len..];
+    }
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(
+        lines.iter().all(|line| line.contains(": denied")),
+        "{lines:?}"
+    );
+
+    // Files that must be refused, each leaving what served before.
+    install_plugin(dir, "victim", "softmax_topk", None);
+    let before = srv.wait_plugin("victim", serving).await;
+    type Refusal<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str);
+    let refusals: [Refusal; 4] = [
+        (
+            "garbage",
+            Box::new(|| {
+                std::fs::write(
+                    dir.join("victim.wasm"),
+                    b"\0asm garbage that is not a component",
+                )
+                .unwrap()
+            }),
+            "not a valid WebAssembly component",
+        ),
+        (
+            "truncated",
+            Box::new(|| {
+                let bytes = std::fs::read(plinth_tests::plugin_wasm("softmax_topk")).unwrap();
+                std::fs::write(dir.join("victim.wasm"), &bytes[..bytes.len() / 2]).unwrap();
+            }),
+            "not a valid WebAssembly component",
+        ),
+        (
+            "wrong world",
+            Box::new(|| install_plugin(dir, "victim", "weighted_router", None)),
+            "is a router-plugin, but 'victim' is serving as a processor-plugin",
+        ),
+        (
+            "wrong version",
+            Box::new(|| install_plugin(dir, "victim", "hostile_version_mismatch", None)),
+            "built against plinth:plugin@1.0.0, but this host speaks plinth:plugin@0.1.0",
+        ),
+    ];
+    for (what, write, reason) in refusals {
+        write();
+        let status = srv
+            .wait_plugin("victim", |s| !s.load_error.is_empty())
+            .await;
+        assert!(
+            status.load_error.contains(reason),
+            "{what}: {}",
+            status.load_error
+        );
+        assert!(status.serving, "{what}: the previous version keeps serving");
+        assert_eq!(status.file_hash, before.file_hash, "{what}");
+        healthy(&mut compute).await;
+        // Put the good file back, and wait until it is serving again.
+        install_plugin(dir, "victim", "softmax_topk", None);
+        srv.wait_plugin("victim", |s| s.load_error.is_empty()).await;
+    }
+    let listed = srv
+        .plugin_api()
+        .await
+        .list_plugins(pb::ListPluginsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.load_failures >= 4, "{}", listed.load_failures);
+    let (_, metrics) = srv.http_get("/metrics").await;
+    assert!(
+        metrics.contains("plinth_plugin_errors_total{plugin=\"spin\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::affine(repo, "affine", 4);
+            fixtures::write_config(repo, "affine", "max_batch_size = 4\npostprocess = [\"post\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n");
+        },
+        true,
+    )
+    .await;
+    install_plugin(
+        srv.plugins.path(),
+        "post",
+        "softmax_topk",
+        Some("[config]\nk = 1\n"),
+    );
+    let mut last = srv.wait_plugin("post", serving).await;
+    srv.wait_for("affine", |s| s.state == ModelState::Ready as i32)
+        .await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut compute = srv.compute().await;
+        let stop = std::sync::Arc::clone(&stop);
+        clients.push(tokio::spawn(async move {
+            let mut n_ok = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = compute
+                    .compute(compute_request(
+                        "affine",
+                        vec![f32_tensor("x", &[1, 4], &[1.0, 2.0, 3.0, 4.0])],
+                    ))
+                    .await
+                    .expect("no request fails during swaps");
+                assert_eq!(out.into_inner().outputs[0].name, "topk_indices");
+                n_ok += 1;
+            }
+            n_ok
+        }));
+    }
+    for swap in 0..20 {
+        // Each manifest differs from the one before, so every write is a real swap.
+        let k = 2 + swap % 3;
+        install_plugin(
+            srv.plugins.path(),
+            "post",
+            "softmax_topk",
+            Some(&format!("[config]\nk = {k}\n")),
+        );
+        last = srv
+            .wait_plugin("post", |s| serving(s) && s.loaded_at_us > last.loaded_at_us)
+            .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        total += client.await.expect("client task");
+    }
+    assert!(total > 0);
+}
+
+#[tokio::test]
+async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
+    let srv = TestServer::start(|repo| fixtures::scale(repo, "scale", "1", 2.0), true).await;
+    install_plugin(srv.plugins.path(), "metrics", "prometheus_metrics", None);
+    let first = srv.wait_plugin("metrics", serving).await;
+    srv.wait_for("scale", |s| s.state == ModelState::Ready as i32)
+        .await;
+    let mut compute = srv.compute().await;
+    for _ in 0..3 {
+        compute
+            .compute(compute_request(
+                "scale",
+                vec![f32_tensor("x", &[1], &[1.0])],
+            ))
+            .await
+            .unwrap();
+    }
+    compute
+        .compute(compute_request(
+            "scale",
+            vec![f32_tensor("x", &[2], &[1.0])],
+        ))
+        .await
+        .unwrap_err();
+    let ok_line = "plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 3";
+    let bad_line = "plinth_requests_total{model=\"scale\",status=\"invalid_input\"} 1";
+    let metrics = loop {
+        let (code, text) = srv.http_get("/metrics").await;
+        assert_eq!(code, 200);
+        if text.contains(ok_line) {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        metrics.contains(
+            "plinth_request_duration_seconds_bucket{model=\"scale\",version=\"1\",stage=\"compute\""
+        ),
+        "{metrics}"
+    );
+    let _ = bad_line;
+
+    // Reload the plugin (same file, new manifest): the counters carry over.
+    install_plugin(
+        srv.plugins.path(),
+        "metrics",
+        "prometheus_metrics",
+        Some("[config]\nprefix = \"plinth\"\n"),
+    );
+    srv.wait_plugin("metrics", |s| {
+        serving(s) && s.loaded_at_us > first.loaded_at_us
+    })
+    .await;
+    compute
+        .compute(compute_request(
+            "scale",
+            vec![f32_tensor("x", &[1], &[1.0])],
+        ))
+        .await
+        .unwrap();
+    loop {
+        let (_, text) = srv.http_get("/metrics").await;
+        if text.contains("plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 4") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_health_plugin_gates_readiness() {
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::scale(repo, "needed", "1", 2.0);
+            fixtures::scale(repo, "other", "1", 2.0);
+        },
+        false,
+    )
+    .await;
+    srv.load("other").await.unwrap();
+    // Without health plugins: ready once startup is done.
+    loop {
+        if srv.http_get("/v2/health/ready").await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    install_plugin(
+        srv.plugins.path(),
+        "health",
+        "basic_health",
+        Some("[config]\nmodels = \"needed\"\n"),
+    );
+    srv.wait_plugin("health", serving).await;
+    let (code, body) = loop {
+        let (code, body) = srv.http_get("/v2/health/ready").await;
+        if code == 503 {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(code, 503);
+    assert!(body.starts_with("health: "), "{body}");
+    assert!(body.contains("needed"), "{body}");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(srv.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+
+    // Loading the required model turns readiness on, without waiting for the timer.
+    srv.load("needed").await.unwrap();
+    loop {
+        if srv.http_get("/v2/health/ready").await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test]
+async fn the_plugin_service_lists_gets_and_reloads() {
+    let srv = TestServer::start_with(|_| {}, |config| config.watch_plugins = false).await;
+    let mut api = srv.plugin_api().await;
+    assert!(
+        api.list_plugins(pb::ListPluginsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .plugins
+            .is_empty()
+    );
+    // With the watcher off, a new file is picked up by an explicit reload.
+    install_plugin(srv.plugins.path(), "topk", "softmax_topk", None);
+    let reloaded = api
+        .reload_plugins(pb::ReloadPluginsRequest {
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reloaded.plugins.len(), 1);
+    let topk = &reloaded.plugins[0];
+    assert_eq!(
+        (topk.name.as_str(), topk.world.as_str(), topk.serving),
+        ("topk", "processor-plugin", true)
+    );
+    assert_eq!(topk.file_hash.len(), 64);
+    assert!(!topk.version.is_empty() && !topk.description.is_empty());
+    let got = api
+        .get_plugin(pb::GetPluginRequest {
+            name: "topk".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.file_hash, topk.file_hash);
+    let err = api
+        .get_plugin(pb::GetPluginRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::NotFound,
+            "plugin 'nope' is not in the plugin directory"
+        )
+    );
+    let err = api
+        .reload_plugins(pb::ReloadPluginsRequest {
+            name: "../x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
