@@ -84,7 +84,9 @@ fn run() -> Result<()> {
         }
         "bench" => {
             let libtorch = ensure_libtorch()?;
+            let wasm_dir = build_plugins()?;
             let mut cmd = cargo(&libtorch);
+            cmd.env("PLINTH_PLUGIN_WASM_DIR", wasm_dir);
             cmd.args(["bench", "--package", "plinth-tests"]);
             cmd.args(rest);
             status(cmd)

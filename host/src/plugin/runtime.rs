@@ -550,6 +550,12 @@ impl Plugin {
         Err(err)
     }
 
+    /// Makes a fresh instance (instantiate and `init`) and drops it: what a
+    /// call costs when no warm instance is available. Used by benchmarks.
+    pub fn instantiate_cold(&self) -> Result<(), CallError> {
+        self.instantiate().map(drop)
+    }
+
     fn record_error(&self, err: &CallError) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         *self.stats.last_error.lock() = Some(err.to_string());
