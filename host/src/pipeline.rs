@@ -23,6 +23,10 @@ use crate::tensor::Tensor;
 
 const EVENT_QUEUE: usize = 8192;
 const EVENT_BATCH: usize = 512;
+/// How long a batch of events may wait to fill up. Metrics are scraped
+/// seconds apart; handing them over one by one would cost a thread hop and a
+/// guest call per request.
+const EVENT_FLUSH: Duration = Duration::from_millis(50);
 
 /// One inference as the edges hand it over.
 #[derive(Debug, Clone, Default)]
@@ -259,6 +263,15 @@ impl Pipeline {
 async fn feed_metrics(plugins: Arc<PluginHost>, mut rx: mpsc::Receiver<wit::RequestEvent>) {
     let mut batch = Vec::with_capacity(EVENT_BATCH);
     while rx.recv_many(&mut batch, EVENT_BATCH).await > 0 {
+        let flush = tokio::time::sleep(EVENT_FLUSH);
+        tokio::pin!(flush);
+        while batch.len() < EVENT_BATCH {
+            let room = EVENT_BATCH - batch.len();
+            tokio::select! {
+                () = &mut flush => break,
+                n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+            }
+        }
         let sinks = plugins.of_kind(PluginKind::Metrics);
         if sinks.is_empty() {
             batch.clear();

@@ -646,25 +646,12 @@ impl Registry {
         let cores = self.inner.settings.cores;
         let threads = Arc::clone(&self.inner.threads);
         let owned_name = name.to_owned();
-        // Step two: no lock held, on a thread of its own at lowered priority,
-        // so a long load never delays the threads that answer requests.
-        let (loaded_tx, loaded_rx) = oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name(format!("load:{name}"))
-            .spawn(move || {
-                lower_thread_priority();
-                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    load_model(&repository, &owned_name, cores, threads)
-                }))
-                .unwrap_or_else(|_| Err("load panicked".to_owned()));
-                let _ = loaded_tx.send(res);
-            });
-        let loaded = match spawned {
-            Ok(_) => loaded_rx
-                .await
-                .unwrap_or_else(|_| Err("load thread ended without an outcome".to_owned())),
-            Err(err) => Err(format!("cannot start a load thread: {err}")),
-        };
+        // Step two: no lock held, on the blocking pool.
+        let loaded = tokio::task::spawn_blocking(move || {
+            load_model(&repository, &owned_name, cores, threads)
+        })
+        .await
+        .unwrap_or_else(|err| Err(format!("load task panicked: {err}")));
         drop(permit);
         let elapsed = started.elapsed();
         match &loaded {
@@ -769,20 +756,6 @@ impl Registry {
             }
         });
         Ok(status)
-    }
-}
-
-/// Loads are background work: on Linux, give the calling thread a nice value
-/// of 10 so request threads win the cores while a load runs.
-fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: setpriority with PRIO_PROCESS and who = 0 changes only the
-        // calling thread's nice value on Linux; it touches no memory.
-        let res = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-        if res != 0 {
-            tracing::debug!("could not lower the load thread's priority");
-        }
     }
 }
 

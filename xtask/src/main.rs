@@ -53,6 +53,13 @@ fn run() -> Result<()> {
     match task.to_str().unwrap_or_default() {
         "serve" => {
             let libtorch = ensure_libtorch()?;
+            let wasm_dir = build_plugins()?;
+            let uses_default_dir = !rest
+                .iter()
+                .any(|arg| arg.to_str().is_some_and(|a| a.starts_with("--plugin-dir")));
+            if uses_default_dir {
+                seed_default_plugins(&wasm_dir)?;
+            }
             let mut cmd = cargo(&libtorch);
             cmd.args(["run", "--release", "--package", "plinth", "--", "serve"]);
             cmd.args(rest);
@@ -144,6 +151,31 @@ fn build_plugins() -> Result<PathBuf> {
     }
     status(cmd).context("building the plugins (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)")?;
     Ok(project_root().join("target/wasm32-wasip2/plugin"))
+}
+
+/// The first `cargo xtask serve` creates `.plinth/plugins` with the metrics
+/// plugin (request counters at :8000/metrics) and the health plugin (ready
+/// once the demo models are). An existing directory is left as it is.
+fn seed_default_plugins(wasm_dir: &Path) -> Result<()> {
+    let dir = project_root().join(".plinth/plugins");
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(
+        wasm_dir.join("prometheus_metrics.wasm"),
+        dir.join("metrics.wasm"),
+    )?;
+    std::fs::copy(wasm_dir.join("basic_health.wasm"), dir.join("health.wasm"))?;
+    std::fs::write(
+        dir.join("health.toml"),
+        "[config]\nmodels = \"affine,double\"\n",
+    )?;
+    eprintln!(
+        "xtask: created {} with the metrics and health plugins",
+        dir.display()
+    );
+    Ok(())
 }
 
 fn project_root() -> PathBuf {
