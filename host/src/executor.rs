@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
@@ -17,8 +17,18 @@ use crate::torch::{self, TorchModule};
 /// if the caller has gone, the job is skipped.
 pub struct Job {
     pub inputs: Vec<Tensor>,
-    pub reply: oneshot::Sender<Result<Vec<Tensor>, Error>>,
+    pub reply: oneshot::Sender<Result<Executed, Error>>,
     pub enqueued: Instant,
+}
+
+/// A finished job: the outputs, and where its time went.
+#[derive(Debug)]
+pub struct Executed {
+    pub outputs: Vec<Tensor>,
+    /// From `submit` to an executor taking the job.
+    pub queue: Duration,
+    /// The forward pass, conversions included.
+    pub compute: Duration,
 }
 
 /// Threads in use over the whole process, for the thread budget report.
@@ -121,11 +131,18 @@ fn run_executor(
             // The caller went away while the job was queued: don't compute.
             continue;
         }
+        let started = Instant::now();
+        let queue = started.duration_since(job.enqueued);
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             module.forward(&job.inputs, outputs)
         }))
         .unwrap_or_else(|_| Err(Error::Internal("forward panicked".into())));
-        let _ = job.reply.send(res);
+        let compute = started.elapsed();
+        let _ = job.reply.send(res.map(|outputs| Executed {
+            outputs,
+            queue,
+            compute,
+        }));
     }
     drop(module);
 }

@@ -111,7 +111,8 @@ fn snapshot(registry: &Registry, plugins: &PluginHost, started: Instant) -> wit:
     }
 }
 
-fn cpu_memory() -> Option<wit::DeviceMemory> {
+/// Host memory in use and in total, from /proc/meminfo. Blocking (a tiny read).
+pub(crate) fn cpu_memory() -> Option<wit::DeviceMemory> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |key: &str| -> Option<u64> {
         let line = text.lines().find(|l| l.starts_with(key))?;

@@ -80,6 +80,7 @@ fn event_status(err: &Error) -> wit::RequestStatus {
 #[derive(Default)]
 struct Timings {
     pre: Duration,
+    queue: Duration,
     compute: Duration,
     post: Duration,
     version: Option<String>,
@@ -133,7 +134,7 @@ impl Pipeline {
             version: timings.version.take().or(view.version.clone()),
             status,
             timings: wit::StageTimings {
-                queue_us: 0,
+                queue_us: micros(timings.queue),
                 preprocess_us: micros(timings.pre),
                 compute_us: micros(timings.compute),
                 postprocess_us: micros(timings.post),
@@ -170,9 +171,10 @@ impl Pipeline {
                 .first()
                 .map_or(1, |n| u32::try_from(*n).unwrap_or(u32::MAX)),
         };
-        let t = Instant::now();
-        let (version, outputs) = model.infer(view.version.as_deref(), inputs).await?;
-        timings.compute = t.elapsed();
+        let inference = model.infer(view.version.as_deref(), inputs).await?;
+        timings.queue = inference.queue;
+        timings.compute = inference.compute;
+        let (version, outputs) = (inference.version, inference.outputs);
         timings.version = Some(version.clone());
         let request_version = view.version.replace(version.clone());
         let t = Instant::now();

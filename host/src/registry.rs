@@ -142,6 +142,17 @@ pub struct InferRequest {
     pub inputs: Vec<Tensor>,
 }
 
+/// One request's answer from a model, with where its time went.
+#[derive(Debug)]
+pub struct Inference {
+    pub version: String,
+    pub outputs: Vec<Tensor>,
+    /// Waiting for an executor.
+    pub queue: Duration,
+    /// The forward pass on the executor.
+    pub compute: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct InferResponse {
     pub model: String,
@@ -278,7 +289,7 @@ impl ReadyModel {
         &self,
         version: Option<&str>,
         inputs: Vec<Tensor>,
-    ) -> Result<(String, Vec<Tensor>), Error> {
+    ) -> Result<Inference, Error> {
         let _in_flight = InFlight::enter(&self.in_flight);
         let res = self.infer_inner(version, inputs).await;
         let counter = if res.is_ok() {
@@ -294,7 +305,7 @@ impl ReadyModel {
         &self,
         version: Option<&str>,
         inputs: Vec<Tensor>,
-    ) -> Result<(String, Vec<Tensor>), Error> {
+    ) -> Result<Inference, Error> {
         let ready_version = self.pick_version(version)?;
         let inputs = self.arrange_inputs(inputs)?;
         let (reply, answer) = oneshot::channel();
@@ -303,10 +314,15 @@ impl ReadyModel {
             reply,
             enqueued: Instant::now(),
         })?;
-        let outputs = answer
+        let executed = answer
             .await
             .map_err(|_| Error::Internal("executor ended without answering".into()))??;
-        Ok((ready_version.version.label.clone(), outputs))
+        Ok(Inference {
+            version: ready_version.version.label.clone(),
+            outputs: executed.outputs,
+            queue: executed.queue,
+            compute: executed.compute,
+        })
     }
 }
 
@@ -550,13 +566,13 @@ impl Registry {
 
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, Error> {
         let model = self.get_ready(&request.model)?;
-        let (version, outputs) = model
+        let inference = model
             .infer(request.version.as_deref(), request.inputs)
             .await?;
         Ok(InferResponse {
             model: request.model,
-            version,
-            outputs,
+            version: inference.version,
+            outputs: inference.outputs,
         })
     }
 

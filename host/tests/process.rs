@@ -1,5 +1,6 @@
-//! The `plinth` binary as a user runs it: SIGTERM drains in-flight requests,
-//! then the process exits cleanly.
+//! The `plinth` binary as a user runs it: SIGHUP reloads the plugin
+//! directory; SIGTERM drains in-flight requests, then the process exits
+//! cleanly.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -49,7 +50,7 @@ fn strip_ansi(line: &str) -> String {
 }
 
 #[tokio::test]
-async fn sigterm_drains_in_flight_requests_then_exits() {
+async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
     let repo = tempfile::tempdir().unwrap();
     let plugins = tempfile::tempdir().unwrap();
     write_slow_model(repo.path());
@@ -67,6 +68,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
         .arg(repo.path())
         .arg("--plugin-dir")
         .arg(plugins.path())
+        .arg("--no-plugin-watch")
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::piped())
@@ -126,6 +128,39 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
             "{}",
             status.reason
         );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    // With the watcher off, a new plugin file is picked up on SIGHUP only.
+    let wasm_dir = std::env::var_os("PLINTH_PLUGIN_WASM_DIR")
+        .expect("PLINTH_PLUGIN_WASM_DIR is not set: run the tests with `cargo xtask test`");
+    let component = std::path::Path::new(&wasm_dir).join("softmax_topk.wasm");
+    std::fs::copy(&component, plugins.path().join("topk.wasm")).expect("copy the plugin");
+    let mut plugin_api = pb::plugin_service_client::PluginServiceClient::connect(url.clone())
+        .await
+        .unwrap();
+    let listed = plugin_api
+        .list_plugins(pb::ListPluginsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.plugins.is_empty(), "{listed:?}");
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    loop {
+        let listed = plugin_api
+            .list_plugins(pb::ListPluginsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(topk) = listed.plugins.iter().find(|p| p.name == "topk") {
+            assert!(topk.serving, "{topk:?}");
+            assert_eq!(topk.world, "processor-plugin");
+            break;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 
@@ -194,4 +229,8 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
         "{log}"
     );
     assert!(log.contains("stopped"), "{log}");
+    assert!(
+        log.contains("SIGHUP: reloading the plugin directory"),
+        "{log}"
+    );
 }

@@ -165,10 +165,14 @@ impl ComputeService for ComputeApi {
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
         let budget = self.pipeline.registry().thread_budget();
         let cuda = crate::torch::init_cuda();
+        let cpu = tokio::task::spawn_blocking(crate::health::cpu_memory)
+            .await
+            .ok()
+            .flatten();
         let mut devices = vec![pb::Device {
             name: "cpu".into(),
-            memory_total_bytes: 0,
-            memory_used_bytes: 0,
+            memory_total_bytes: cpu.as_ref().map_or(0, |m| m.total_bytes),
+            memory_used_bytes: cpu.as_ref().map_or(0, |m| m.used_bytes),
         }];
         devices.extend((0..cuda.device_count).map(|idx| pb::Device {
             name: format!("cuda:{idx}"),

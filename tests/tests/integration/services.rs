@@ -40,6 +40,11 @@ async fn ping_and_info_report_the_host() {
     );
     assert_eq!(before.version, env!("CARGO_PKG_VERSION"));
     assert_eq!(before.devices[0].name, "cpu");
+    let cpu = &before.devices[0];
+    assert!(
+        cpu.memory_total_bytes > 0 && cpu.memory_used_bytes <= cpu.memory_total_bytes,
+        "{cpu:?}"
+    );
 
     srv.load("two_instances").await.unwrap();
     let after = compute
