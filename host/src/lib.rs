@@ -7,6 +7,7 @@ pub mod executor;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod oip;
 pub mod pipeline;
 pub mod registry;
 pub mod server;

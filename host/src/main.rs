@@ -42,13 +42,16 @@ struct ServeArgs {
     grpc_port: u16,
     #[arg(long, default_value_t = 8000)]
     http_port: u16,
+    /// Prometheus /metrics.
+    #[arg(long, default_value_t = 8002)]
+    metrics_port: u16,
     /// Cores for torch work (default: all available).
     #[arg(long)]
     threads: Option<usize>,
     /// Model loads that may run at once.
     #[arg(long, default_value_t = 4)]
     max_concurrent_loads: usize,
-    /// Largest gRPC message accepted or sent, in MiB.
+    /// Largest gRPC message accepted or sent, and largest HTTP request body, in MiB.
     #[arg(long, default_value_t = 64)]
     max_message_mib: usize,
     /// Watch the repository: load, reload and unload models as their directories change.
@@ -99,6 +102,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         plugin_dir: args.plugin_dir,
         grpc_addr: SocketAddr::new(args.host, args.grpc_port),
         http_addr: SocketAddr::new(args.host, args.http_port),
+        metrics_addr: SocketAddr::new(args.host, args.metrics_port),
         threads: args.threads,
         max_concurrent_loads: args.max_concurrent_loads,
         max_message_bytes: args.max_message_mib << 20,

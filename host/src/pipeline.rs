@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::error::Error;
 use crate::plugin::bindings::wit;
 use crate::plugin::{PluginHost, PluginKind, RequestView, Stage};
-use crate::registry::{InferResponse, ReadyModel, Registry};
+use crate::registry::{InferResponse, ReadyModel, Registry, RequestRecord};
 use crate::tensor::Tensor;
 
 const EVENT_QUEUE: usize = 8192;
@@ -85,6 +85,9 @@ struct Timings {
     post: Duration,
     version: Option<String>,
     batch_size: u32,
+    /// The model the request reached, for its statistics.
+    model: Option<Arc<ReadyModel>>,
+    executed: bool,
 }
 
 impl Pipeline {
@@ -125,6 +128,23 @@ impl Pipeline {
             metadata: request.metadata,
         };
         let res = self.run(&mut view, request.inputs, &mut timings).await;
+        let total = started.elapsed();
+        if let Some(model) = timings.model.take() {
+            let version = timings.version.as_deref().or(view.version.as_deref());
+            model.record(
+                version,
+                &RequestRecord {
+                    ok: res.is_ok(),
+                    executed: timings.executed,
+                    total,
+                    queue: timings.queue,
+                    compute_input: timings.pre,
+                    compute_infer: timings.compute,
+                    compute_output: timings.post,
+                    batch_size: u64::from(timings.batch_size),
+                },
+            );
+        }
         let status = match &res {
             Ok(_) => wit::RequestStatus::Ok,
             Err(err) => event_status(err),
@@ -138,7 +158,7 @@ impl Pipeline {
                 preprocess_us: micros(timings.pre),
                 compute_us: micros(timings.compute),
                 postprocess_us: micros(timings.post),
-                total_us: micros(started.elapsed()),
+                total_us: micros(total),
             },
             batch_size: timings.batch_size,
         };
@@ -161,6 +181,7 @@ impl Pipeline {
             view.version = decision.version;
         }
         let model = self.inner.registry.get_ready(&view.model)?;
+        timings.model = Some(Arc::clone(&model));
         let t = Instant::now();
         let inputs = self.chain(&model, Stage::Pre, view, inputs)?;
         timings.pre = t.elapsed();
@@ -174,6 +195,7 @@ impl Pipeline {
         let inference = model.infer(view.version.as_deref(), inputs).await?;
         timings.queue = inference.queue;
         timings.compute = inference.compute;
+        timings.executed = true;
         let (version, outputs) = (inference.version, inference.outputs);
         timings.version = Some(version.clone());
         let request_version = view.version.replace(version.clone());

@@ -29,10 +29,12 @@ pub struct ServerConfig {
     pub plugin_dir: PathBuf,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// Prometheus `/metrics`.
+    pub metrics_addr: SocketAddr,
     /// Cores for torch work; `None` uses every available core.
     pub threads: Option<usize>,
     pub max_concurrent_loads: usize,
-    /// Largest gRPC message accepted or sent.
+    /// Largest gRPC message accepted or sent, and largest HTTP request body.
     pub max_message_bytes: usize,
     /// Watch the repository and load, reload or unload on change.
     pub poll: bool,
@@ -53,6 +55,7 @@ impl ServerConfig {
             plugin_dir: plugin_dir.into(),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             threads: None,
             max_concurrent_loads: 4,
             max_message_bytes: 64 << 20,
@@ -86,6 +89,7 @@ impl HostInfo {
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub registry: Registry,
     pub pipeline: Pipeline,
     pub plugins: Arc<PluginHost>,
@@ -175,8 +179,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let http_listener = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding HTTP to {}", config.http_addr))?;
+    let metrics_listener = TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("binding metrics to {}", config.metrics_addr))?;
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -202,6 +210,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
 
+    let inference = grpc::ipb::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+        grpc::InferenceApi::new(pipeline.clone(), Arc::clone(&health), shutdown.clone()),
+    )
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+
     let plugin_api = pb::plugin_service_server::PluginServiceServer::new(grpc::PluginApi::new(
         Arc::clone(&plugins),
     ));
@@ -215,6 +229,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             .add_service(compute)
             .add_service(models)
             .add_service(plugin_api)
+            .add_service(inference)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(grpc_listener),
                 grpc_shutdown.cancelled_owned(),
@@ -225,16 +240,23 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }
     });
 
+    let http_state = crate::http::HttpState {
+        pipeline: pipeline.clone(),
+        health: Arc::clone(&health),
+        max_body_bytes: limit,
+    };
     let http_task = tokio::spawn(crate::http::serve(
         http_listener,
-        crate::http::HttpState {
-            pipeline: pipeline.clone(),
-            health: Arc::clone(&health),
-        },
+        crate::http::router(http_state.clone()),
+        shutdown.clone(),
+    ));
+    let metrics_task = tokio::spawn(crate::http::serve(
+        metrics_listener,
+        crate::http::metrics_router(http_state),
         shutdown.clone(),
     ));
 
-    let mut tasks = vec![grpc_task, http_task];
+    let mut tasks = vec![grpc_task, http_task, metrics_task];
 
     // The scan is quick and done before serving, so the first ListModels
     // already shows every model. The loads themselves run in the background:
@@ -298,10 +320,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }));
     }
 
-    tracing::info!(%grpc_addr, %http_addr, repository = %config.model_repository.display(), "plinth serving");
+    tracing::info!(%grpc_addr, %http_addr, %metrics_addr, repository = %config.model_repository.display(), "plinth serving");
     Ok(RunningServer {
         grpc_addr,
         http_addr,
+        metrics_addr,
         registry,
         pipeline,
         plugins,

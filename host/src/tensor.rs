@@ -267,6 +267,60 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// Every element widened to `f64`, for any numeric dtype (bool reads as
+    /// 0 or 1); `None` for [`DType::Bytes`].
+    pub fn to_f64_lossy(&self) -> Option<Vec<f64>> {
+        fn each<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
+            data.chunks_exact(N)
+                .map(|b| f(b.try_into().expect("chunk of N")))
+                .collect()
+        }
+        let data = &self.data[..];
+        Some(match self.dtype {
+            DType::Bool | DType::U8 => data.iter().map(|b| f64::from(*b)).collect(),
+            DType::I8 => data.iter().map(|b| f64::from(*b as i8)).collect(),
+            DType::U16 => each(data, |b| f64::from(u16::from_le_bytes(b))),
+            DType::I16 => each(data, |b| f64::from(i16::from_le_bytes(b))),
+            DType::F16 => each(data, |b| half::f16::from_le_bytes(b).to_f64()),
+            DType::BF16 => each(data, |b| half::bf16::from_le_bytes(b).to_f64()),
+            DType::U32 => each(data, |b| f64::from(u32::from_le_bytes(b))),
+            DType::I32 => each(data, |b| f64::from(i32::from_le_bytes(b))),
+            DType::F32 => each(data, |b| f64::from(f32::from_le_bytes(b))),
+            DType::U64 => each(data, |b| u64::from_le_bytes(b) as f64),
+            DType::I64 => each(data, |b| i64::from_le_bytes(b) as f64),
+            DType::F64 => each(data, f64::from_le_bytes),
+            DType::Bytes => return None,
+        })
+    }
+
+    /// The elements of a [`DType::Bytes`] tensor, without their length prefixes.
+    pub fn bytes_elements(&self) -> Option<Vec<&[u8]>> {
+        if self.dtype != DType::Bytes {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut rest = &self.data[..];
+        while let Some((prefix, tail)) = rest.split_first_chunk::<4>() {
+            let len = u32::from_le_bytes(*prefix) as usize;
+            out.push(&tail[..len]);
+            rest = &tail[len..];
+        }
+        Some(out)
+    }
+}
+
+/// Encodes byte strings in the [`DType::Bytes`] layout.
+pub fn encode_bytes_elements<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for element in elements {
+        let len = u32::try_from(element.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(element);
+    }
+    out
+}
+
 /// Checks that `data` is exactly `n_elements` length-prefixed byte strings.
 /// Walks the prefixes only; nothing is allocated.
 fn check_bytes_elements(

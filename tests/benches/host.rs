@@ -10,6 +10,10 @@
 //!   metrics plugins, against no plugins, in one run.
 //! - `reload`: time from a plugin file landing (rename) to the new version
 //!   serving.
+//! - `oip`: the Open Inference Protocol v2 driven by tools outside this
+//!   process: h2load on gRPC ModelInfer (pre-encoded body) at concurrency 1
+//!   and 16, wrk on REST infer at 1 and 16; the server's ModelStatistics
+//!   check that every request succeeded (h2load cannot read grpc-status).
 //! - `overhead`: Compute round trips on a tiny model, against the same
 //!   TorchScript module called in-process through tch. Throughput comes from
 //!   h2load, a load generator outside this process, with a pre-encoded body.
@@ -53,6 +57,9 @@ async fn main() {
     }
     if wants("overhead") {
         overhead().await;
+    }
+    if wants("oip") {
+        oip().await;
     }
     if wants("chain") {
         chain_overhead().await;
@@ -396,6 +403,195 @@ async fn overhead() {
     );
 }
 
+struct WrkRun {
+    req_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    mean_us: f64,
+    requests: u64,
+    errors: u64,
+}
+
+fn wrk_duration_us(text: &str) -> f64 {
+    let (num, unit) = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| text.split_at(i))
+        .unwrap_or((text, "s"));
+    let n: f64 = num
+        .parse()
+        .unwrap_or_else(|_| panic!("wrk duration {text:?}"));
+    match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        "m" => n * 60e6,
+        other => panic!("wrk unit {other:?}"),
+    }
+}
+
+/// wrk with a Lua script that POSTs `body` as JSON.
+fn wrk(url: &str, body: &str, connections: u32, seconds: u32) -> WrkRun {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [[{body}]]\n"
+        ),
+    )
+    .unwrap();
+    let threads = connections.min(2);
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .expect("wrk (Debian package wrk) runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = |start: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(start))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+    };
+    let need =
+        |start: &str| line(start).unwrap_or_else(|| panic!("wrk output lacks {start:?}:\n{text}"));
+    let req_per_s: f64 = need("Requests/sec:")[1].parse().unwrap();
+    let mean_us = wrk_duration_us(&need("Latency")[1]);
+    let p50_us = wrk_duration_us(&need("50%")[1]);
+    let p99_us = wrk_duration_us(&need("99%")[1]);
+    let requests: u64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("wrk output lacks a request count:\n{text}"));
+    let non_2xx: u64 = line("Non-2xx").map_or(0, |l| l.last().unwrap().parse().unwrap());
+    let socket: u64 = line("Socket errors:").map_or(0, |l| {
+        l.iter()
+            .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+            .sum()
+    });
+    WrkRun {
+        req_per_s,
+        p50_us,
+        p99_us,
+        mean_us,
+        requests,
+        errors: non_2xx + socket,
+    }
+}
+
+async fn oip() {
+    use plinth::grpc::ipb;
+    let srv = TestServer::start(|repo| fixtures::scale(repo, "simple", "1", 2.0), false).await;
+    srv.load("simple").await.unwrap();
+    let mut client = srv.inference().await;
+    let values: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let request = ipb::ModelInferRequest {
+        model_name: "simple".into(),
+        inputs: vec![ipb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![16],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw.into()],
+        ..Default::default()
+    };
+    // Sanity: the pre-encoded request is answered correctly.
+    let answer = client
+        .model_infer(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let doubled: Vec<f32> = answer.raw_output_contents[0]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(doubled, values.iter().map(|v| v * 2.0).collect::<Vec<_>>());
+
+    let stats = || {
+        let mut client = client.clone();
+        async move {
+            let s = client
+                .model_statistics(ipb::ModelStatisticsRequest {
+                    name: "simple".into(),
+                    version: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .model_stats
+                .remove(0)
+                .inference_stats
+                .unwrap();
+            (s.success.unwrap().count, s.fail.unwrap().count)
+        }
+    };
+
+    let body_dir = tempfile::tempdir().unwrap();
+    let body = body_dir.path().join("infer.bin");
+    std::fs::write(&body, grpc_frame(&request)).unwrap();
+    let url = format!(
+        "{}/inference.GRPCInferenceService/ModelInfer",
+        srv.grpc_url()
+    );
+    // Warm-up.
+    h2load(&url, &body, 2_000, 1, 1);
+    let rest_url = format!("{}/v2/models/simple/infer", srv.http_url());
+    let json_body = format!(
+        "{{\"inputs\":[{{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[16],\"data\":[{}]}}]}}",
+        values
+            .iter()
+            .map(|v| format!("{v:.1}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    wrk(&rest_url, &json_body, 1, 2);
+
+    println!("\n## Open Inference Protocol v2, tiny FP32 model (16 floats, y = 2x)");
+    println!("| client | protocol | concurrency | infer/s | mean | p50 | p99 | errors |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut all_ok = true;
+    for (clients, n) in [(1u32, 20_000u64), (16, 100_000)] {
+        let before = stats().await;
+        let run = h2load(&url, &body, n, clients, 1);
+        let after = stats().await;
+        let ok = after.0 - before.0;
+        let failed = after.1 - before.1;
+        all_ok &= failed == 0 && run.failed == 0 && ok == run.succeeded;
+        println!(
+            "| h2load | gRPC ModelInfer | {clients} | {:.0} | {:.0} µs | | | {} HTTP, {failed} gRPC (server counted {ok} successes for {} sent) |",
+            run.req_per_s, run.mean_us, run.failed, run.succeeded
+        );
+    }
+    for connections in [1u32, 16] {
+        let before = stats().await;
+        let run = wrk(&rest_url, &json_body, connections, 10);
+        let after = stats().await;
+        let failed = after.1 - before.1;
+        all_ok &= failed == 0 && run.errors == 0;
+        println!(
+            "| wrk | REST infer (JSON) | {connections} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {} HTTP, {failed} server-side ({} requests) |",
+            run.req_per_s, run.mean_us, run.p50_us, run.p99_us, run.errors, run.requests
+        );
+    }
+    println!(
+        "\nTriton's published figures at concurrency 1 on its quick-start model: 1407 infer/s at 708 µs (HTTP), 1685 infer/s at 591 µs (gRPC)."
+    );
+    println!("zero errors in every run: {all_ok}");
+}
+
 const TINY_IO: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
 
 async fn sequential_latency(srv: &TestServer, model: &str, n: usize) -> Vec<Duration> {
@@ -508,7 +704,7 @@ async fn chain_overhead() {
             chained.4 / plain.4
         );
     }
-    let (_, metrics) = srv.http_get("/metrics").await;
+    let (_, metrics) = srv.metrics().await;
     let dropped = metrics
         .lines()
         .find(|l| l.starts_with("plinth_metrics_events_dropped_total"))

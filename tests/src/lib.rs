@@ -69,6 +69,17 @@ impl TestServer {
         ComputeServiceClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
     }
 
+    /// A client of the Open Inference Protocol's `GRPCInferenceService`.
+    pub async fn inference(
+        &self,
+    ) -> plinth::grpc::ipb::grpc_inference_service_client::GrpcInferenceServiceClient<Channel> {
+        plinth::grpc::ipb::grpc_inference_service_client::GrpcInferenceServiceClient::new(
+            self.channel().await,
+        )
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+    }
+
     pub async fn models(&self) -> ModelServiceClient<Channel> {
         ModelServiceClient::new(self.channel().await)
     }
@@ -235,23 +246,61 @@ impl TestServer {
 
     /// GET on the HTTP port: status code and body.
     pub async fn http_get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self.running().http_addr;
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("HTTP port");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.unwrap();
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (code, dechunk(&body))
+        http_request(self.running().http_addr, "GET", path, &[], b"").await
     }
+
+    /// POST on the HTTP port: status code and body.
+    pub async fn http_post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, String) {
+        http_request(self.running().http_addr, "POST", path, headers, body).await
+    }
+
+    /// GET /metrics on the metrics port: status code and body.
+    pub async fn metrics(&self) -> (u16, String) {
+        http_request(self.running().metrics_addr, "GET", "/metrics", &[], b"").await
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection: status code and body.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("HTTP port");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // A server may answer (413, say) before reading the whole body.
+    let _ = stream.write_all(body).await;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, dechunk(&body))
 }
 
 /// Joins a chunked HTTP/1.1 body (axum streams bodies it does not size).

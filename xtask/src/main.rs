@@ -125,6 +125,7 @@ const PLUGINS: &[&str] = &[
     "weighted-router",
     "image-normalize",
     "softmax-topk",
+    "byte-tokenize",
     "prometheus-metrics",
     "basic-health",
     "hostile-spin",
@@ -154,7 +155,7 @@ fn build_plugins() -> Result<PathBuf> {
 }
 
 /// The first `cargo xtask serve` creates `.plinth/plugins` with the metrics
-/// plugin (request counters at :8000/metrics) and the health plugin (ready
+/// plugin (request counters at :8002/metrics) and the health plugin (ready
 /// once the demo models are). An existing directory is left as it is.
 fn seed_default_plugins(wasm_dir: &Path) -> Result<()> {
     let dir = project_root().join(".plinth/plugins");

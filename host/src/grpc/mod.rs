@@ -1,8 +1,9 @@
-//! The gRPC edge: the only place that sees `plinth.v1` proto types. It
+//! The gRPC edge: the only place that sees `plinth.v1` and `inference` proto types. It
 //! decodes and validates, calls the registry, and maps errors to `Status` in
 //! one place ([`status`]).
 
 mod compute;
+mod inference;
 mod models;
 mod plugins;
 
@@ -11,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tonic::{Code, Status};
 
 pub use compute::ComputeApi;
+pub use inference::InferenceApi;
 pub use models::ModelApi;
 pub use plugins::PluginApi;
 
@@ -22,6 +24,12 @@ use crate::tensor::{DType, Tensor, TensorSpec};
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("plinth.v1");
+}
+
+/// The generated `inference` types: the Open Inference Protocol v2.
+pub mod ipb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("inference");
 }
 
 /// Encoded descriptors of every service, for server reflection.

@@ -4,6 +4,7 @@
 mod errors;
 mod lifecycle;
 mod nonblocking;
+mod oip;
 mod plugins;
 mod poll;
 mod services;

@@ -503,7 +503,7 @@ async fn hostile_plugins_are_contained_and_reported() {
         .unwrap()
         .into_inner();
     assert!(listed.load_failures >= 4, "{}", listed.load_failures);
-    let (_, metrics) = srv.http_get("/metrics").await;
+    let (_, metrics) = srv.metrics().await;
     assert!(
         metrics.contains("plinth_plugin_errors_total{plugin=\"spin\"} 2"),
         "{metrics}"
@@ -599,7 +599,7 @@ async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
     let ok_line = "plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 3";
     let bad_line = "plinth_requests_total{model=\"scale\",status=\"invalid_input\"} 1";
     let metrics = loop {
-        let (code, text) = srv.http_get("/metrics").await;
+        let (code, text) = srv.metrics().await;
         assert_eq!(code, 200);
         if text.contains(ok_line) {
             break text;
@@ -633,7 +633,7 @@ async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
         .await
         .unwrap();
     loop {
-        let (_, text) = srv.http_get("/metrics").await;
+        let (_, text) = srv.metrics().await;
         if text.contains("plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 4") {
             break;
         }

@@ -1,0 +1,563 @@
+//! `inference.GRPCInferenceService`: the Open Inference Protocol v2 over gRPC,
+//! with Triton's extensions, so tritonclient and other stock clients work.
+//! Every inference runs through the same [`Pipeline`] as ComputeService.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ipb::{self, grpc_inference_service_server::GrpcInferenceService};
+use crate::config::{DeviceSpec, ModelConfig, VersionPolicy};
+use crate::error::Error;
+use crate::health::Health;
+use crate::oip::{self, Elements, RequestedOutput};
+use crate::pipeline::{Pipeline, PipelineRequest};
+use crate::tensor::Tensor;
+
+/// Messages of one ModelStreamInfer call computed at once; answers still
+/// leave in request order.
+const STREAM_WINDOW: usize = 16;
+
+#[derive(Clone)]
+pub struct InferenceApi {
+    pipeline: Pipeline,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+}
+
+impl InferenceApi {
+    pub fn new(pipeline: Pipeline, health: Arc<Health>, shutdown: CancellationToken) -> Self {
+        InferenceApi {
+            pipeline,
+            health,
+            shutdown,
+        }
+    }
+}
+
+fn param_text(param: &ipb::InferParameter) -> String {
+    use ipb::infer_parameter::ParameterChoice as P;
+    match &param.parameter_choice {
+        Some(P::BoolParam(v)) => v.to_string(),
+        Some(P::Int64Param(v)) => v.to_string(),
+        Some(P::StringParam(v)) => v.clone(),
+        Some(P::DoubleParam(v)) => v.to_string(),
+        Some(P::Uint64Param(v)) => v.to_string(),
+        None => String::new(),
+    }
+}
+
+fn param_count(output: &str, key: &str, param: &ipb::InferParameter) -> Result<usize, Error> {
+    use ipb::infer_parameter::ParameterChoice as P;
+    let n = match &param.parameter_choice {
+        Some(P::Int64Param(v)) => usize::try_from(*v).ok(),
+        Some(P::Uint64Param(v)) => usize::try_from(*v).ok(),
+        _ => None,
+    };
+    n.filter(|n| *n > 0).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "output '{output}': parameter '{key}' must be a positive integer, got {:?}",
+            param_text(param)
+        ))
+    })
+}
+
+/// Headers, then the request's parameters, as the router and processors see them.
+fn metadata(
+    headers: &tonic::metadata::MetadataMap,
+    parameters: &HashMap<String, ipb::InferParameter>,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|entry| match entry {
+            tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
+                Some((key.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+            }
+            tonic::metadata::KeyAndValueRef::Binary(..) => None,
+        })
+        .collect();
+    let mut params: Vec<(String, String)> = parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), param_text(v)))
+        .collect();
+    params.sort();
+    out.extend(params);
+    out
+}
+
+/// The typed contents that are set, with their field names.
+fn set_contents(contents: &ipb::InferTensorContents) -> Vec<Elements<'_>> {
+    [
+        Elements::Bool(&contents.bool_contents),
+        Elements::Int(&contents.int_contents),
+        Elements::Int64(&contents.int64_contents),
+        Elements::Uint(&contents.uint_contents),
+        Elements::Uint64(&contents.uint64_contents),
+        Elements::Fp32(&contents.fp32_contents),
+        Elements::Fp64(&contents.fp64_contents),
+        Elements::Bytes(&contents.bytes_contents),
+    ]
+    .into_iter()
+    .filter(|e| !e.is_empty())
+    .collect()
+}
+
+/// Decodes the inputs: all raw or all typed, every one checked against its
+/// declared shape before anything is built from it.
+pub(crate) fn decode_inputs(request: &mut ipb::ModelInferRequest) -> Result<Vec<Tensor>, Error> {
+    let raw = std::mem::take(&mut request.raw_input_contents);
+    let inputs = std::mem::take(&mut request.inputs);
+    if !raw.is_empty() && raw.len() != inputs.len() {
+        return Err(Error::InvalidArgument(format!(
+            "raw_input_contents has {} entries for {} inputs; send every input raw, or none",
+            raw.len(),
+            inputs.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    let mut tensors = Vec::with_capacity(inputs.len());
+    for (idx, input) in inputs.into_iter().enumerate() {
+        if input.name.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "input {idx} has an empty name"
+            )));
+        }
+        let name = input.name;
+        let dtype = oip::parse_datatype(&name, &input.datatype)?;
+        let contents = input.contents.unwrap_or_default();
+        let set = set_contents(&contents);
+        let tensor = match raw.next() {
+            Some(bytes) => {
+                if let Some(field) = set.first() {
+                    return Err(Error::InvalidArgument(format!(
+                        "input '{name}': both contents.{} and raw_input_contents are set; use one",
+                        field.field()
+                    )));
+                }
+                oip::checked_numel(&name, &input.shape)?;
+                Tensor::new(name, dtype, input.shape, bytes)?
+            }
+            None => match set.as_slice() {
+                [] => {
+                    let field = oip::contents_field(dtype).unwrap_or("raw_input_contents");
+                    let n = oip::checked_numel(&name, &input.shape)?;
+                    if n > 0 {
+                        return Err(Error::InvalidArgument(format!(
+                            "input '{name}': no data (set contents.{field} or raw_input_contents)"
+                        )));
+                    }
+                    Tensor::new(name, dtype, input.shape, bytes::Bytes::new())?
+                }
+                [elements] => oip::typed_tensor(&name, dtype, input.shape, *elements)?,
+                [first, second, ..] => {
+                    return Err(Error::InvalidArgument(format!(
+                        "input '{name}': both contents.{} and contents.{} are set; use the one for {}",
+                        first.field(),
+                        second.field(),
+                        input.datatype
+                    )));
+                }
+            },
+        };
+        tensors.push(tensor);
+    }
+    Ok(tensors)
+}
+
+fn requested_outputs(
+    outputs: &[ipb::model_infer_request::InferRequestedOutputTensor],
+) -> Result<Vec<RequestedOutput>, Error> {
+    outputs
+        .iter()
+        .map(|output| {
+            if output.name.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "a requested output has an empty name".into(),
+                ));
+            }
+            let classification = output
+                .parameters
+                .get("classification")
+                .map(|p| param_count(&output.name, "classification", p))
+                .transpose()?;
+            Ok(RequestedOutput {
+                name: output.name.clone(),
+                classification,
+                binary: None,
+            })
+        })
+        .collect()
+}
+
+async fn infer_one(
+    pipeline: &Pipeline,
+    headers: &tonic::metadata::MetadataMap,
+    mut request: ipb::ModelInferRequest,
+) -> Result<ipb::ModelInferResponse, Error> {
+    if request.model_name.is_empty() {
+        return Err(Error::InvalidArgument("field 'model_name' is empty".into()));
+    }
+    let inputs = decode_inputs(&mut request)?;
+    let requested = requested_outputs(&request.outputs)?;
+    let version = (!request.model_version.is_empty()).then(|| request.model_version.clone());
+    let response = pipeline
+        .infer(PipelineRequest {
+            id: request.id.clone(),
+            model: request.model_name,
+            version,
+            inputs,
+            metadata: metadata(headers, &request.parameters),
+        })
+        .await?;
+    let outputs = match pipeline.registry().serving(&response.model) {
+        Some(model) => oip::select_outputs(&model, response.outputs, &requested)?,
+        None => response.outputs,
+    };
+    let mut raw = Vec::with_capacity(outputs.len());
+    let described = outputs
+        .into_iter()
+        .map(|tensor| {
+            let described = ipb::model_infer_response::InferOutputTensor {
+                name: tensor.name().to_owned(),
+                datatype: oip::datatype_name(tensor.dtype()).to_owned(),
+                shape: tensor.shape().to_vec(),
+                parameters: HashMap::new(),
+                contents: None,
+            };
+            raw.push(tensor.into_data());
+            described
+        })
+        .collect();
+    Ok(ipb::ModelInferResponse {
+        model_name: response.model,
+        model_version: response.version,
+        id: request.id,
+        parameters: HashMap::new(),
+        outputs: described,
+        raw_output_contents: raw,
+    })
+}
+
+fn duration((count, ns): oip::Duration) -> Option<ipb::StatisticDuration> {
+    Some(ipb::StatisticDuration { count, ns })
+}
+
+fn statistics_pb(s: oip::VersionStatistics) -> ipb::ModelStatistics {
+    ipb::ModelStatistics {
+        name: s.name,
+        version: s.version,
+        last_inference: s.last_inference,
+        inference_count: s.inference_count,
+        execution_count: s.execution_count,
+        inference_stats: Some(ipb::InferStatistics {
+            success: duration(s.success),
+            fail: duration(s.fail),
+            queue: duration(s.queue),
+            compute_input: duration(s.compute_input),
+            compute_infer: duration(s.compute_infer),
+            compute_output: duration(s.compute_output),
+            cache_hit: duration((0, 0)),
+            cache_miss: duration((0, 0)),
+        }),
+        batch_stats: s
+            .batches
+            .into_iter()
+            .map(
+                |(batch_size, [input, infer, output])| ipb::InferBatchStatistics {
+                    batch_size,
+                    compute_input: duration(input),
+                    compute_infer: duration(infer),
+                    compute_output: duration(output),
+                },
+            )
+            .collect(),
+        memory_usage: Vec::new(),
+        response_stats: HashMap::new(),
+    }
+}
+
+fn config_dtype(dtype: crate::tensor::DType) -> i32 {
+    use crate::tensor::DType as D;
+    use ipb::DataType as P;
+    (match dtype {
+        D::Bool => P::TypeBool,
+        D::U8 => P::TypeUint8,
+        D::U16 => P::TypeUint16,
+        D::U32 => P::TypeUint32,
+        D::U64 => P::TypeUint64,
+        D::I8 => P::TypeInt8,
+        D::I16 => P::TypeInt16,
+        D::I32 => P::TypeInt32,
+        D::I64 => P::TypeInt64,
+        D::F16 => P::TypeFp16,
+        D::BF16 => P::TypeBf16,
+        D::F32 => P::TypeFp32,
+        D::F64 => P::TypeFp64,
+        D::Bytes => P::TypeString,
+    }) as i32
+}
+
+/// The model's config.toml in Triton's configuration schema.
+pub(crate) fn model_config_pb(name: &str, config: &ModelConfig) -> ipb::ModelConfig {
+    use ipb::model_version_policy::{All, Latest, PolicyChoice, Specific};
+    let policy = match &config.version_policy {
+        VersionPolicy::Latest(n) => PolicyChoice::Latest(Latest {
+            num_versions: u32::try_from(*n).unwrap_or(u32::MAX),
+        }),
+        VersionPolicy::All => PolicyChoice::All(All {}),
+        VersionPolicy::Specific(labels) => PolicyChoice::Specific(Specific {
+            versions: labels.iter().filter_map(|l| l.parse().ok()).collect(),
+        }),
+    };
+    let (kind, gpus) = match config.device {
+        DeviceSpec::Cpu => (ipb::model_instance_group::Kind::Cpu, Vec::new()),
+        DeviceSpec::Cuda(idx) => (
+            ipb::model_instance_group::Kind::Gpu,
+            vec![i32::try_from(idx).unwrap_or(i32::MAX)],
+        ),
+    };
+    ipb::ModelConfig {
+        name: name.to_owned(),
+        platform: oip::PLATFORM.to_owned(),
+        backend: oip::BACKEND.to_owned(),
+        version_policy: Some(ipb::ModelVersionPolicy {
+            policy_choice: Some(policy),
+        }),
+        max_batch_size: i32::try_from(config.max_batch_size).unwrap_or(i32::MAX),
+        input: config
+            .inputs
+            .iter()
+            .map(|spec| ipb::ModelInput {
+                name: spec.name.clone(),
+                data_type: config_dtype(spec.dtype),
+                dims: spec.shape.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        output: config
+            .outputs
+            .iter()
+            .map(|spec| ipb::ModelOutput {
+                name: spec.name.clone(),
+                data_type: config_dtype(spec.dtype),
+                dims: spec.shape.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        instance_group: vec![ipb::ModelInstanceGroup {
+            name: format!("{name}_0"),
+            kind: kind as i32,
+            count: i32::try_from(config.instances).unwrap_or(i32::MAX),
+            gpus,
+            ..Default::default()
+        }],
+        default_model_filename: crate::config::MODEL_FILE.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn version_arg(version: &str) -> Option<&str> {
+    (!version.is_empty()).then_some(version)
+}
+
+type InferStream =
+    Pin<Box<dyn Stream<Item = Result<ipb::ModelStreamInferResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceApi {
+    async fn server_live(
+        &self,
+        _request: Request<ipb::ServerLiveRequest>,
+    ) -> Result<Response<ipb::ServerLiveResponse>, Status> {
+        Ok(Response::new(ipb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _request: Request<ipb::ServerReadyRequest>,
+    ) -> Result<Response<ipb::ServerReadyResponse>, Status> {
+        Ok(Response::new(ipb::ServerReadyResponse {
+            ready: self.health.is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ipb::ModelReadyRequest>,
+    ) -> Result<Response<ipb::ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(ipb::ModelReadyResponse {
+            ready: oip::model_ready(
+                self.pipeline.registry(),
+                &request.name,
+                version_arg(&request.version),
+            ),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _request: Request<ipb::ServerMetadataRequest>,
+    ) -> Result<Response<ipb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(ipb::ServerMetadataResponse {
+            name: oip::SERVER_NAME.to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            extensions: oip::EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ipb::ModelMetadataRequest>,
+    ) -> Result<Response<ipb::ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let model = oip::ready_model(
+            self.pipeline.registry(),
+            &request.name,
+            version_arg(&request.version),
+        )?;
+        let (inputs, outputs) = oip::tensor_metadata(&model.config);
+        let render = |list: Vec<oip::TensorMetadata>| {
+            list.into_iter()
+                .map(|t| ipb::model_metadata_response::TensorMetadata {
+                    name: t.name,
+                    datatype: t.datatype.to_owned(),
+                    shape: t.shape,
+                })
+                .collect()
+        };
+        Ok(Response::new(ipb::ModelMetadataResponse {
+            name: model.name.clone(),
+            versions: model.version_labels(),
+            platform: oip::PLATFORM.to_owned(),
+            inputs: render(inputs),
+            outputs: render(outputs),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ipb::ModelInferRequest>,
+    ) -> Result<Response<ipb::ModelInferResponse>, Status> {
+        let headers = request.metadata().clone();
+        Ok(Response::new(
+            infer_one(&self.pipeline, &headers, request.into_inner()).await?,
+        ))
+    }
+
+    type ModelStreamInferStream = InferStream;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<ipb::ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let pipeline = self.pipeline.clone();
+        let headers = request.metadata().clone();
+        let inbound = request
+            .into_inner()
+            .take_until(self.shutdown.clone().cancelled_owned());
+        let outbound = inbound
+            .map(move |message| {
+                let pipeline = pipeline.clone();
+                let headers = headers.clone();
+                async move {
+                    let request = message?;
+                    let id = request.id.clone();
+                    let model_name = request.model_name.clone();
+                    // A bad message is answered in place; the stream goes on.
+                    Ok(match infer_one(&pipeline, &headers, request).await {
+                        Ok(response) => ipb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(response),
+                        },
+                        Err(err) => ipb::ModelStreamInferResponse {
+                            error_message: err.to_string(),
+                            infer_response: Some(ipb::ModelInferResponse {
+                                model_name,
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    })
+                }
+            })
+            .buffered(STREAM_WINDOW);
+        Ok(Response::new(Box::pin(outbound)))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<ipb::ModelConfigRequest>,
+    ) -> Result<Response<ipb::ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let model = oip::ready_model(
+            self.pipeline.registry(),
+            &request.name,
+            version_arg(&request.version),
+        )?;
+        Ok(Response::new(ipb::ModelConfigResponse {
+            config: Some(model_config_pb(&model.name, &model.config)),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<ipb::ModelStatisticsRequest>,
+    ) -> Result<Response<ipb::ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let model_stats = oip::statistics(
+            self.pipeline.registry(),
+            &request.name,
+            version_arg(&request.version),
+        )?
+        .into_iter()
+        .map(statistics_pb)
+        .collect();
+        Ok(Response::new(ipb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<ipb::RepositoryIndexRequest>,
+    ) -> Result<Response<ipb::RepositoryIndexResponse>, Status> {
+        let request = request.into_inner();
+        let models = oip::repository_index(self.pipeline.registry(), request.ready)
+            .into_iter()
+            .map(|row| ipb::repository_index_response::ModelIndex {
+                name: row.name,
+                version: row.version,
+                state: row.state.to_owned(),
+                reason: row.reason,
+            })
+            .collect();
+        Ok(Response::new(ipb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<ipb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<ipb::RepositoryModelLoadResponse>, Status> {
+        let request = request.into_inner();
+        if let Some(key) = request.parameters.keys().next() {
+            return Err(Error::InvalidArgument(format!(
+                "load parameter '{key}' is not supported: models load from the repository as they are on disk"
+            ))
+            .into());
+        }
+        oip::repository_load(self.pipeline.registry(), &request.model_name).await?;
+        Ok(Response::new(ipb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<ipb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<ipb::RepositoryModelUnloadResponse>, Status> {
+        let request = request.into_inner();
+        oip::repository_unload(self.pipeline.registry(), &request.model_name).await?;
+        Ok(Response::new(ipb::RepositoryModelUnloadResponse {}))
+    }
+}

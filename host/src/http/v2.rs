@@ -1,0 +1,679 @@
+//! The Open Inference Protocol v2 over HTTP/REST: JSON tensors plus Triton's
+//! binary tensor data extension, model metadata, configuration, statistics
+//! and the model repository. Errors are `{"error": "..."}` with the status
+//! code from [`http_status`].
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+
+use super::HttpState;
+use crate::config::{DeviceSpec, ModelConfig, VersionPolicy};
+use crate::error::Error;
+use crate::oip::{self, RequestedOutput};
+use crate::pipeline::PipelineRequest;
+use crate::tensor::Tensor;
+
+/// The binary tensor data extension's header: the JSON's length in the body.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// The one mapping from host errors to HTTP status codes.
+pub fn http_status(err: &Error) -> StatusCode {
+    match err {
+        Error::ModelNotFound { .. } | Error::VersionNotFound { .. } | Error::NotFound(_) => {
+            StatusCode::NOT_FOUND
+        }
+        Error::ModelNotReady { .. }
+        | Error::Unavailable(_)
+        | Error::ResourceExhausted(_)
+        | Error::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+        Error::AlreadyExists { .. } => StatusCode::CONFLICT,
+        Error::InvalidArgument(_) | Error::LoadFailed(_) | Error::FailedPrecondition(_) => {
+            StatusCode::BAD_REQUEST
+        }
+        Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// An error answered as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> ApiError {
+        ApiError(http_status(&err), err.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+type Params = Path<HashMap<String, String>>;
+
+fn model_param(params: &HashMap<String, String>) -> &str {
+    params.get("model").map_or("", String::as_str)
+}
+
+fn version_param(params: &HashMap<String, String>) -> Option<&str> {
+    params
+        .get("version")
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+pub async fn server_metadata() -> Json<Value> {
+    Json(json!({
+        "name": oip::SERVER_NAME,
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": oip::EXTENSIONS,
+    }))
+}
+
+pub async fn model_metadata(
+    State(state): State<HttpState>,
+    Path(params): Params,
+) -> Result<Json<Value>, ApiError> {
+    let model = oip::ready_model(
+        state.pipeline.registry(),
+        model_param(&params),
+        version_param(&params),
+    )?;
+    let (inputs, outputs) = oip::tensor_metadata(&model.config);
+    let render = |list: Vec<oip::TensorMetadata>| {
+        list.into_iter()
+            .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+            .collect::<Vec<_>>()
+    };
+    Ok(Json(json!({
+        "name": model.name,
+        "versions": model.version_labels(),
+        "platform": oip::PLATFORM,
+        "inputs": render(inputs),
+        "outputs": render(outputs),
+    })))
+}
+
+pub async fn model_ready(
+    State(state): State<HttpState>,
+    Path(params): Params,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let name = model_param(&params);
+    let registry = state.pipeline.registry();
+    // Unknown models are an error; known ones answer ready or not.
+    registry.status(name)?;
+    let ready = oip::model_ready(registry, name, version_param(&params));
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((code, Json(json!({"name": name, "ready": ready}))))
+}
+
+/// The model's config.toml in Triton's configuration schema, as JSON.
+pub fn config_json(name: &str, config: &ModelConfig) -> Value {
+    let tensors = |specs: &[crate::tensor::TensorSpec]| {
+        specs
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": s.name,
+                    "data_type": oip::config_datatype_name(s.dtype),
+                    "dims": s.shape,
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let policy = match &config.version_policy {
+        VersionPolicy::Latest(n) => json!({"latest": {"num_versions": n}}),
+        VersionPolicy::All => json!({"all": {}}),
+        VersionPolicy::Specific(labels) => json!({"specific": {"versions": labels}}),
+    };
+    let (kind, gpus) = match config.device {
+        DeviceSpec::Cpu => ("KIND_CPU", Vec::new()),
+        DeviceSpec::Cuda(idx) => ("KIND_GPU", vec![idx]),
+    };
+    json!({
+        "name": name,
+        "platform": oip::PLATFORM,
+        "backend": oip::BACKEND,
+        "version_policy": policy,
+        "max_batch_size": config.max_batch_size,
+        "input": tensors(&config.inputs),
+        "output": tensors(&config.outputs),
+        "instance_group": [{
+            "name": format!("{name}_0"),
+            "kind": kind,
+            "count": config.instances,
+            "gpus": gpus,
+        }],
+        "default_model_filename": crate::config::MODEL_FILE,
+    })
+}
+
+pub async fn model_config(
+    State(state): State<HttpState>,
+    Path(params): Params,
+) -> Result<Json<Value>, ApiError> {
+    let model = oip::ready_model(
+        state.pipeline.registry(),
+        model_param(&params),
+        version_param(&params),
+    )?;
+    Ok(Json(config_json(&model.name, &model.config)))
+}
+
+fn duration_json((count, ns): oip::Duration) -> Value {
+    json!({"count": count, "ns": ns})
+}
+
+pub async fn all_statistics(State(state): State<HttpState>) -> Result<Json<Value>, ApiError> {
+    statistics_json(&state, "", None)
+}
+
+pub async fn model_statistics(
+    State(state): State<HttpState>,
+    Path(params): Params,
+) -> Result<Json<Value>, ApiError> {
+    statistics_json(&state, model_param(&params), version_param(&params))
+}
+
+fn statistics_json(
+    state: &HttpState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Json<Value>, ApiError> {
+    let stats = oip::statistics(state.pipeline.registry(), model, version)?;
+    let model_stats: Vec<Value> = stats
+        .into_iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "version": s.version,
+                "last_inference": s.last_inference,
+                "inference_count": s.inference_count,
+                "execution_count": s.execution_count,
+                "inference_stats": {
+                    "success": duration_json(s.success),
+                    "fail": duration_json(s.fail),
+                    "queue": duration_json(s.queue),
+                    "compute_input": duration_json(s.compute_input),
+                    "compute_infer": duration_json(s.compute_infer),
+                    "compute_output": duration_json(s.compute_output),
+                    "cache_hit": duration_json((0, 0)),
+                    "cache_miss": duration_json((0, 0)),
+                },
+                "batch_stats": s.batches.into_iter().map(|(size, [input, infer, output])| json!({
+                    "batch_size": size,
+                    "compute_input": duration_json(input),
+                    "compute_infer": duration_json(infer),
+                    "compute_output": duration_json(output),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "model_stats": model_stats })))
+}
+
+/// Reads a whole body, refusing more than `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        let too_large =
+            std::iter::successors(Some(&err as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .any(|e| e.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than the limit of {limit} bytes"),
+            )
+        } else {
+            invalid(format!("reading the request body: {err}"))
+        }
+    })
+}
+
+fn parse_json_object(text: &[u8], what: &str) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(invalid(format!(
+            "{what} must be a JSON object, got {}",
+            json_kind(&other)
+        ))),
+        Err(err) => Err(invalid(format!("{what} is not valid JSON: {err}"))),
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A JSON parameter value as the router and processors see it.
+fn param_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn object_field<'a>(
+    object: &'a Map<String, Value>,
+    field: &str,
+    owner: &str,
+) -> Result<Option<&'a Map<String, Value>>, ApiError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(map)) => Ok(Some(map)),
+        Some(other) => Err(invalid(format!(
+            "{owner}: field '{field}' must be an object, got {}",
+            json_kind(other)
+        ))),
+    }
+}
+
+fn string_field<'a>(
+    object: &'a Map<String, Value>,
+    field: &str,
+    owner: &str,
+) -> Result<&'a str, ApiError> {
+    match object.get(field) {
+        Some(Value::String(s)) => Ok(s),
+        None => Err(invalid(format!("{owner}: field '{field}' is missing"))),
+        Some(other) => Err(invalid(format!(
+            "{owner}: field '{field}' must be a string, got {}",
+            json_kind(other)
+        ))),
+    }
+}
+
+fn bool_param(
+    params: Option<&Map<String, Value>>,
+    key: &str,
+    owner: &str,
+) -> Result<Option<bool>, ApiError> {
+    match params.and_then(|p| p.get(key)) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(invalid(format!(
+            "{owner}: parameter '{key}' must be a boolean, got {other}"
+        ))),
+    }
+}
+
+fn count_param(
+    params: Option<&Map<String, Value>>,
+    key: &str,
+    owner: &str,
+) -> Result<Option<u64>, ApiError> {
+    match params.and_then(|p| p.get(key)) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value.as_u64().map(Some).ok_or_else(|| {
+            invalid(format!(
+                "{owner}: parameter '{key}' must be a non-negative integer, got {value}"
+            ))
+        }),
+    }
+}
+
+/// A decoded REST inference request.
+struct RestRequest {
+    id: Option<String>,
+    inputs: Vec<Tensor>,
+    outputs: Vec<RequestedOutput>,
+    binary_output_default: bool,
+    parameters: Vec<(String, String)>,
+}
+
+/// Splits the body into JSON and binary parts and decodes the inputs. Every
+/// binary part is claimed by exactly one input, in order, and checked
+/// against that input's declared shape and datatype.
+fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<RestRequest, ApiError> {
+    let json_len = match headers.get(HEADER_LENGTH) {
+        None => body.len(),
+        Some(value) => {
+            let len = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "header '{HEADER_LENGTH}' must be a byte count, got {value:?}"
+                    ))
+                })?;
+            if len > body.len() {
+                return Err(invalid(format!(
+                    "header '{HEADER_LENGTH}' is {len} but the body has only {} bytes",
+                    body.len()
+                )));
+            }
+            len
+        }
+    };
+    let request = parse_json_object(&body[..json_len], "the inference request")?;
+    let mut binary = body.slice(json_len..);
+
+    let id = match request.get("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            return Err(invalid(format!(
+                "field 'id' must be a string, got {}",
+                json_kind(other)
+            )));
+        }
+    };
+    let params = object_field(&request, "parameters", "request")?;
+    let binary_output_default =
+        bool_param(params, "binary_data_output", "request")?.unwrap_or(false);
+    let parameters: Vec<(String, String)> = params
+        .map(|p| p.iter().map(|(k, v)| (k.clone(), param_text(v))).collect())
+        .unwrap_or_default();
+
+    let inputs_json = match request.get("inputs") {
+        Some(Value::Array(items)) => items,
+        None => return Err(invalid("field 'inputs' is missing")),
+        Some(other) => {
+            return Err(invalid(format!(
+                "field 'inputs' must be an array, got {}",
+                json_kind(other)
+            )));
+        }
+    };
+    let mut inputs = Vec::with_capacity(inputs_json.len());
+    for (idx, input) in inputs_json.iter().enumerate() {
+        let Value::Object(input) = input else {
+            return Err(invalid(format!("inputs[{idx}] must be an object")));
+        };
+        let owner = format!("inputs[{idx}]");
+        let name = string_field(input, "name", &owner)?;
+        let owner = format!("input '{name}'");
+        let datatype = string_field(input, "datatype", &owner)?;
+        let dtype = oip::parse_datatype(name, datatype)?;
+        let shape: Vec<i64> = match input.get("shape") {
+            Some(Value::Array(dims)) => dims
+                .iter()
+                .map(|d| d.as_i64())
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "{owner}: field 'shape' must be an array of integers"
+                    ))
+                })?,
+            None => return Err(invalid(format!("{owner}: field 'shape' is missing"))),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "{owner}: field 'shape' must be an array, got {}",
+                    json_kind(other)
+                )));
+            }
+        };
+        oip::checked_numel(name, &shape)?;
+        let input_params = object_field(input, "parameters", &owner)?;
+        let binary_size = count_param(input_params, "binary_data_size", &owner)?;
+        let tensor = match (binary_size, input.get("data")) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(format!(
+                    "{owner}: both 'data' and parameter 'binary_data_size' are set; use one"
+                )));
+            }
+            (Some(size), None) => {
+                let size = usize::try_from(size).unwrap_or(usize::MAX);
+                if size > binary.len() {
+                    return Err(invalid(format!(
+                        "{owner}: binary_data_size is {size} but only {} bytes of binary data remain",
+                        binary.len()
+                    )));
+                }
+                let data = binary.split_to(size);
+                Tensor::new(name, dtype, shape, data)?
+            }
+            (None, Some(data)) => oip::json_tensor(name, dtype, shape, data)?,
+            (None, None) => {
+                if oip::checked_numel(name, &shape)? > 0 {
+                    return Err(invalid(format!(
+                        "{owner}: no data (set 'data' or parameter 'binary_data_size')"
+                    )));
+                }
+                Tensor::new(name, dtype, shape, Bytes::new())?
+            }
+        };
+        inputs.push(tensor);
+    }
+    if !binary.is_empty() {
+        return Err(invalid(format!(
+            "{} bytes of binary data after the JSON are not claimed by any input's binary_data_size",
+            binary.len()
+        )));
+    }
+
+    let outputs = match request.get("outputs") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(idx, output)| {
+                let Value::Object(output) = output else {
+                    return Err(invalid(format!("outputs[{idx}] must be an object")));
+                };
+                let name = string_field(output, "name", &format!("outputs[{idx}]"))?;
+                let owner = format!("output '{name}'");
+                let params = object_field(output, "parameters", &owner)?;
+                let classification = count_param(params, "classification", &owner)?
+                    .map(|k| usize::try_from(k).unwrap_or(usize::MAX));
+                Ok(RequestedOutput {
+                    name: name.to_owned(),
+                    classification,
+                    binary: bool_param(params, "binary_data", &owner)?,
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(invalid(format!(
+                "field 'outputs' must be an array, got {}",
+                json_kind(other)
+            )));
+        }
+    };
+    Ok(RestRequest {
+        id,
+        inputs,
+        outputs,
+        binary_output_default,
+        parameters,
+    })
+}
+
+fn header_metadata(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            !matches!(
+                name.as_str(),
+                HEADER_LENGTH | "content-length" | "content-type"
+            )
+        })
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect()
+}
+
+pub async fn infer(
+    State(state): State<HttpState>,
+    Path(params): Params,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, state.max_body_bytes).await?;
+    let request = decode_request(&headers, body)?;
+    let mut metadata = header_metadata(&headers);
+    metadata.extend(request.parameters);
+    let response = state
+        .pipeline
+        .infer(PipelineRequest {
+            id: request.id.clone().unwrap_or_default(),
+            model: model_param(&params).to_owned(),
+            version: version_param(&params).map(str::to_owned),
+            inputs: request.inputs,
+            metadata,
+        })
+        .await?;
+    let outputs = match state.pipeline.registry().serving(&response.model) {
+        Some(model) => oip::select_outputs(&model, response.outputs, &request.outputs)?,
+        None => response.outputs,
+    };
+    let mut binary: Vec<Bytes> = Vec::new();
+    let mut rendered = Vec::with_capacity(outputs.len());
+    for (idx, tensor) in outputs.into_iter().enumerate() {
+        let as_binary = request
+            .outputs
+            .get(idx)
+            .and_then(|o| o.binary)
+            .unwrap_or(request.binary_output_default);
+        let mut output = json!({
+            "name": tensor.name(),
+            "datatype": oip::datatype_name(tensor.dtype()),
+            "shape": tensor.shape(),
+        });
+        if as_binary {
+            output["parameters"] = json!({"binary_data_size": tensor.data().len()});
+            binary.push(tensor.into_data());
+        } else {
+            output["data"] = oip::tensor_json_data(&tensor)?;
+        }
+        rendered.push(output);
+    }
+    let mut answer = json!({
+        "model_name": response.model,
+        "model_version": response.version,
+        "outputs": rendered,
+    });
+    if let Some(id) = request.id {
+        answer["id"] = Value::String(id);
+    }
+    let text = serde_json::to_vec(&answer)
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+    if binary.is_empty() {
+        return Ok((
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            text,
+        )
+            .into_response());
+    }
+    let json_len = text.len();
+    let mut body = text;
+    for part in &binary {
+        body.extend_from_slice(part);
+    }
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static(HEADER_LENGTH),
+                HeaderValue::from(json_len),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// The optional JSON body of the repository endpoints; empty is `{}`.
+async fn optional_object(body: Body, limit: usize) -> Result<Map<String, Value>, ApiError> {
+    let body = read_body(body, limit).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    parse_json_object(&body, "the request body")
+}
+
+pub async fn repository_index(
+    State(state): State<HttpState>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let request = optional_object(body, state.max_body_bytes).await?;
+    let ready = match request.get("ready") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(invalid(format!(
+                "field 'ready' must be a boolean, got {}",
+                json_kind(other)
+            )));
+        }
+    };
+    let rows: Vec<Value> = oip::repository_index(state.pipeline.registry(), ready)
+        .into_iter()
+        .map(|row| {
+            let mut entry = json!({"name": row.name, "state": row.state});
+            if !row.version.is_empty() {
+                entry["version"] = Value::String(row.version);
+            }
+            if !row.reason.is_empty() {
+                entry["reason"] = Value::String(row.reason);
+            }
+            entry
+        })
+        .collect();
+    Ok(Json(Value::Array(rows)))
+}
+
+pub async fn repository_load(
+    State(state): State<HttpState>,
+    Path(params): Params,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let request = optional_object(body, state.max_body_bytes).await?;
+    if let Some(params) = object_field(&request, "parameters", "request")?
+        && let Some(key) = params.keys().next()
+    {
+        return Err(invalid(format!(
+            "load parameter '{key}' is not supported: models load from the repository as they are on disk"
+        )));
+    }
+    oip::repository_load(state.pipeline.registry(), model_param(&params)).await?;
+    Ok(StatusCode::OK)
+}
+
+pub async fn repository_unload(
+    State(state): State<HttpState>,
+    Path(params): Params,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    optional_object(body, state.max_body_bytes).await?;
+    oip::repository_unload(state.pipeline.registry(), model_param(&params)).await?;
+    Ok(StatusCode::OK)
+}
+
+/// Any path the protocol does not define.
+pub async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such endpoint".into())
+}

@@ -1,0 +1,755 @@
+//! The Open Inference Protocol v2 (KServe's, with Triton's extensions), apart
+//! from any transport: datatype names, building checked tensors from typed or
+//! JSON data, requested outputs and classification, and the repository
+//! operations with Triton's semantics. `grpc::inference` and `http::v2` only
+//! translate their wire formats to and from what is here.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::config::ModelConfig;
+use crate::error::Error;
+use crate::registry::{LoadMode, ModelState, ReadyModel, Registry};
+use crate::tensor::{DType, Tensor, encode_bytes_elements, numel, shape_str};
+
+/// The name the server reports in its metadata.
+pub const SERVER_NAME: &str = "plinth";
+
+/// The protocol extensions served, as ServerMetadata lists them.
+pub const EXTENSIONS: &[&str] = &[
+    "classification",
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+];
+
+/// What ModelMetadata and ModelConfig call a TorchScript model.
+pub const PLATFORM: &str = "pytorch_libtorch";
+pub const BACKEND: &str = "pytorch";
+
+const DATATYPES: &str =
+    "BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64, BYTES";
+
+/// The protocol's name of a dtype.
+pub fn datatype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::Bool => "BOOL",
+        DType::U8 => "UINT8",
+        DType::U16 => "UINT16",
+        DType::U32 => "UINT32",
+        DType::U64 => "UINT64",
+        DType::I8 => "INT8",
+        DType::I16 => "INT16",
+        DType::I32 => "INT32",
+        DType::I64 => "INT64",
+        DType::F16 => "FP16",
+        DType::BF16 => "BF16",
+        DType::F32 => "FP32",
+        DType::F64 => "FP64",
+        DType::Bytes => "BYTES",
+    }
+}
+
+/// The model-configuration name of a dtype (`TYPE_FP32`; BYTES is `TYPE_STRING`).
+pub fn config_datatype_name(dtype: DType) -> String {
+    match dtype {
+        DType::Bytes => "TYPE_STRING".to_owned(),
+        other => format!("TYPE_{}", datatype_name(other)),
+    }
+}
+
+/// Parses a protocol datatype string, exactly as the protocol spells it.
+pub fn parse_datatype(tensor: &str, text: &str) -> Result<DType, Error> {
+    DType::ALL
+        .into_iter()
+        .find(|dtype| datatype_name(*dtype) == text)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "tensor '{tensor}': unknown datatype {text:?} (expected one of {DATATYPES})"
+            ))
+        })
+}
+
+/// Element count of a declared shape, refusing negative dims and overflow.
+/// Computed before any data is looked at, and nothing is allocated for it.
+pub fn checked_numel(tensor: &str, shape: &[i64]) -> Result<usize, Error> {
+    if let Some((idx, dim)) = shape.iter().enumerate().find(|(_, d)| **d < 0) {
+        return Err(Error::InvalidArgument(format!(
+            "tensor '{tensor}': dimension {idx} of shape {} is negative ({dim})",
+            shape_str(shape)
+        )));
+    }
+    numel(shape).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "tensor '{tensor}': shape {} is too large (element count overflows)",
+            shape_str(shape)
+        ))
+    })
+}
+
+fn count_mismatch(tensor: &str, shape: &[i64], expected: usize, got: usize) -> Error {
+    Error::InvalidArgument(format!(
+        "tensor '{tensor}': shape {} needs {expected} elements, got {got}",
+        shape_str(shape)
+    ))
+}
+
+/// Typed element data as the gRPC `contents` fields carry it.
+#[derive(Debug, Clone, Copy)]
+pub enum Elements<'a> {
+    Bool(&'a [bool]),
+    /// INT8, INT16 and INT32 travel as int32.
+    Int(&'a [i32]),
+    Int64(&'a [i64]),
+    /// UINT8, UINT16 and UINT32 travel as uint32.
+    Uint(&'a [u32]),
+    Uint64(&'a [u64]),
+    Fp32(&'a [f32]),
+    Fp64(&'a [f64]),
+    Bytes(&'a [Bytes]),
+}
+
+impl Elements<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Elements::Bool(v) => v.len(),
+            Elements::Int(v) => v.len(),
+            Elements::Int64(v) => v.len(),
+            Elements::Uint(v) => v.len(),
+            Elements::Uint64(v) => v.len(),
+            Elements::Fp32(v) => v.len(),
+            Elements::Fp64(v) => v.len(),
+            Elements::Bytes(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The gRPC field that carries these elements.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Elements::Bool(_) => "bool_contents",
+            Elements::Int(_) => "int_contents",
+            Elements::Int64(_) => "int64_contents",
+            Elements::Uint(_) => "uint_contents",
+            Elements::Uint64(_) => "uint64_contents",
+            Elements::Fp32(_) => "fp32_contents",
+            Elements::Fp64(_) => "fp64_contents",
+            Elements::Bytes(_) => "bytes_contents",
+        }
+    }
+}
+
+/// The typed field a datatype travels in; `None` for FP16 and BF16, which
+/// only travel raw.
+pub fn contents_field(dtype: DType) -> Option<&'static str> {
+    Some(match dtype {
+        DType::Bool => "bool_contents",
+        DType::I8 | DType::I16 | DType::I32 => "int_contents",
+        DType::I64 => "int64_contents",
+        DType::U8 | DType::U16 | DType::U32 => "uint_contents",
+        DType::U64 => "uint64_contents",
+        DType::F32 => "fp32_contents",
+        DType::F64 => "fp64_contents",
+        DType::Bytes => "bytes_contents",
+        DType::F16 | DType::BF16 => return None,
+    })
+}
+
+fn narrow<T: TryFrom<i64>>(tensor: &str, dtype: DType, idx: usize, value: i64) -> Result<T, Error> {
+    T::try_from(value).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "tensor '{tensor}': element {idx} ({value}) does not fit {}",
+            datatype_name(dtype)
+        ))
+    })
+}
+
+/// Builds a tensor from typed elements, checking the field against the
+/// datatype and the element count against the shape first.
+pub fn typed_tensor(
+    name: &str,
+    dtype: DType,
+    shape: Vec<i64>,
+    elements: Elements<'_>,
+) -> Result<Tensor, Error> {
+    let expected = checked_numel(name, &shape)?;
+    let Some(field) = contents_field(dtype) else {
+        return Err(Error::InvalidArgument(format!(
+            "tensor '{name}': {} has no typed contents field; send it in raw_input_contents",
+            datatype_name(dtype)
+        )));
+    };
+    if field != elements.field() {
+        return Err(Error::InvalidArgument(format!(
+            "tensor '{name}': datatype {} takes {field}, got {}",
+            datatype_name(dtype),
+            elements.field()
+        )));
+    }
+    if elements.len() != expected {
+        return Err(count_mismatch(name, &shape, expected, elements.len()));
+    }
+    let data: Vec<u8> = match elements {
+        Elements::Bool(v) => v.iter().map(|b| u8::from(*b)).collect(),
+        Elements::Int(v) => {
+            let mut out = Vec::with_capacity(v.len() * 4);
+            for (idx, x) in v.iter().enumerate() {
+                let x = i64::from(*x);
+                match dtype {
+                    DType::I8 => out.push(narrow::<i8>(name, dtype, idx, x)? as u8),
+                    DType::I16 => {
+                        out.extend(narrow::<i16>(name, dtype, idx, x)?.to_le_bytes());
+                    }
+                    _ => out.extend(narrow::<i32>(name, dtype, idx, x)?.to_le_bytes()),
+                }
+            }
+            out
+        }
+        Elements::Uint(v) => {
+            let mut out = Vec::with_capacity(v.len() * 4);
+            for (idx, x) in v.iter().enumerate() {
+                let x = i64::from(*x);
+                match dtype {
+                    DType::U8 => out.push(narrow::<u8>(name, dtype, idx, x)?),
+                    DType::U16 => {
+                        out.extend(narrow::<u16>(name, dtype, idx, x)?.to_le_bytes());
+                    }
+                    _ => out.extend(narrow::<u32>(name, dtype, idx, x)?.to_le_bytes()),
+                }
+            }
+            out
+        }
+        Elements::Int64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Elements::Uint64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Elements::Fp32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Elements::Fp64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Elements::Bytes(v) => encode_bytes_elements(v.iter().map(|b| &b[..])),
+    };
+    Tensor::new(name, dtype, shape, Bytes::from(data))
+}
+
+/// Flattens JSON `data` (flat or nested in row-major order) into its leaves.
+fn json_leaves<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
+    match value {
+        Value::Array(items) => items.iter().for_each(|item| json_leaves(item, out)),
+        leaf => out.push(leaf),
+    }
+}
+
+/// Builds a tensor from the REST protocol's JSON `data`.
+pub fn json_tensor(
+    name: &str,
+    dtype: DType,
+    shape: Vec<i64>,
+    data: &Value,
+) -> Result<Tensor, Error> {
+    let expected = checked_numel(name, &shape)?;
+    let mut leaves = Vec::new();
+    json_leaves(data, &mut leaves);
+    if leaves.len() != expected {
+        return Err(count_mismatch(name, &shape, expected, leaves.len()));
+    }
+    let bad = |idx: usize, value: &Value| {
+        Error::InvalidArgument(format!(
+            "tensor '{name}': element {idx} ({value}) is not a {} value",
+            datatype_name(dtype)
+        ))
+    };
+    let int = |idx: usize, value: &Value| value.as_i64().ok_or_else(|| bad(idx, value));
+    let uint = |idx: usize, value: &Value| value.as_u64().ok_or_else(|| bad(idx, value));
+    let float = |idx: usize, value: &Value| value.as_f64().ok_or_else(|| bad(idx, value));
+    let size = dtype.fixed_size().unwrap_or(8);
+    let mut out: Vec<u8> = Vec::with_capacity(expected.saturating_mul(size));
+    for (idx, leaf) in leaves.iter().copied().enumerate() {
+        match dtype {
+            DType::Bool => out.push(u8::from(leaf.as_bool().ok_or_else(|| bad(idx, leaf))?)),
+            DType::U8 => out.push(narrow::<u8>(name, dtype, idx, int(idx, leaf)?)?),
+            DType::I8 => out.push(narrow::<i8>(name, dtype, idx, int(idx, leaf)?)? as u8),
+            DType::U16 => {
+                out.extend(narrow::<u16>(name, dtype, idx, int(idx, leaf)?)?.to_le_bytes())
+            }
+            DType::I16 => {
+                out.extend(narrow::<i16>(name, dtype, idx, int(idx, leaf)?)?.to_le_bytes())
+            }
+            DType::U32 => {
+                out.extend(narrow::<u32>(name, dtype, idx, int(idx, leaf)?)?.to_le_bytes())
+            }
+            DType::I32 => {
+                out.extend(narrow::<i32>(name, dtype, idx, int(idx, leaf)?)?.to_le_bytes())
+            }
+            DType::U64 => out.extend(uint(idx, leaf)?.to_le_bytes()),
+            DType::I64 => out.extend(int(idx, leaf)?.to_le_bytes()),
+            DType::F16 => out.extend(half::f16::from_f64(float(idx, leaf)?).to_le_bytes()),
+            DType::BF16 => out.extend(half::bf16::from_f64(float(idx, leaf)?).to_le_bytes()),
+            DType::F32 => out.extend((float(idx, leaf)? as f32).to_le_bytes()),
+            DType::F64 => out.extend(float(idx, leaf)?.to_le_bytes()),
+            DType::Bytes => {
+                let text = leaf.as_str().ok_or_else(|| bad(idx, leaf))?;
+                out.extend(encode_bytes_elements([text.as_bytes()]));
+            }
+        }
+    }
+    Tensor::new(name, dtype, shape, Bytes::from(out))
+}
+
+/// A tensor's elements as a flat JSON array. BYTES elements must be UTF-8;
+/// other byte strings have to be fetched as binary data.
+pub fn tensor_json_data(tensor: &Tensor) -> Result<Value, Error> {
+    let name = tensor.name();
+    let data = &tensor.data()[..];
+    let values: Vec<Value> = match tensor.dtype() {
+        DType::Bool => data.iter().map(|b| Value::Bool(*b != 0)).collect(),
+        DType::U64 => data
+            .chunks_exact(8)
+            .map(|b| Value::from(u64::from_le_bytes(b.try_into().expect("8 bytes"))))
+            .collect(),
+        DType::I64 => data
+            .chunks_exact(8)
+            .map(|b| Value::from(i64::from_le_bytes(b.try_into().expect("8 bytes"))))
+            .collect(),
+        DType::Bytes => tensor
+            .bytes_elements()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(idx, element)| {
+                std::str::from_utf8(element)
+                    .map(|s| Value::String(s.to_owned()))
+                    .map_err(|_| {
+                        Error::InvalidArgument(format!(
+                            "output '{name}': element {idx} is not UTF-8; request it with binary_data"
+                        ))
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64 => tensor
+            .to_f64_lossy()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+            .collect(),
+        _ => tensor
+            .to_f64_lossy()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| Value::from(v as i64))
+            .collect(),
+    };
+    Ok(Value::Array(values))
+}
+
+/// One output a request asked for, with its options.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestedOutput {
+    pub name: String,
+    /// Return the top-k classes instead of the tensor (Triton's classification extension).
+    pub classification: Option<usize>,
+    /// HTTP only: send this output as binary data after the JSON.
+    pub binary: Option<bool>,
+}
+
+/// The outputs to send back, in the order asked for (every output when none
+/// is named), with classification applied.
+pub fn select_outputs(
+    model: &ReadyModel,
+    outputs: Vec<Tensor>,
+    requested: &[RequestedOutput],
+) -> Result<Vec<Tensor>, Error> {
+    if requested.is_empty() {
+        return Ok(outputs);
+    }
+    let batched = model.config.max_batch_size > 0;
+    let mut slots: Vec<Option<Tensor>> = outputs.into_iter().map(Some).collect();
+    let mut selected = Vec::with_capacity(requested.len());
+    for (idx, want) in requested.iter().enumerate() {
+        if requested[..idx]
+            .iter()
+            .any(|earlier| earlier.name == want.name)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "output '{}' is requested twice",
+                want.name
+            )));
+        }
+        let Some(slot) = slots
+            .iter_mut()
+            .find(|slot| slot.as_ref().is_some_and(|t| t.name() == want.name))
+        else {
+            let available: Vec<&str> = slots.iter().flatten().map(Tensor::name).collect();
+            return Err(Error::InvalidArgument(format!(
+                "model '{}': requested output '{}' is not an output (outputs: {})",
+                model.name,
+                want.name,
+                available.join(", ")
+            )));
+        };
+        let tensor = slot.take().expect("found above");
+        selected.push(match want.classification {
+            Some(k) => classify(&tensor, k, batched)?,
+            None => tensor,
+        });
+    }
+    Ok(selected)
+}
+
+/// The top `k` entries of each batch row (or of the whole tensor when the
+/// model does not batch) as BYTES `"<score>:<index>"`, best first.
+pub fn classify(tensor: &Tensor, k: usize, batched: bool) -> Result<Tensor, Error> {
+    let name = tensor.name();
+    if k == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "output '{name}': classification count must be at least 1"
+        )));
+    }
+    let Some(values) = tensor.to_f64_lossy() else {
+        return Err(Error::InvalidArgument(format!(
+            "output '{name}': classification needs a numeric tensor, got BYTES"
+        )));
+    };
+    let rows = match (batched, tensor.shape().first()) {
+        (true, Some(&n)) if n > 0 => usize::try_from(n).unwrap_or(1),
+        _ => 1,
+    };
+    let per_row = values.len() / rows.max(1);
+    let keep = k.min(per_row);
+    let mut labels = Vec::with_capacity(rows * keep);
+    for row in values.chunks(per_row.max(1)).take(rows) {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
+        labels.extend(
+            order
+                .into_iter()
+                .take(keep)
+                .map(|idx| format!("{:.6}:{idx}", row[idx])),
+        );
+    }
+    let shape = if batched && !tensor.shape().is_empty() {
+        vec![rows as i64, keep as i64]
+    } else {
+        vec![keep as i64]
+    };
+    let data = encode_bytes_elements(labels.iter().map(String::as_bytes));
+    Tensor::new(name, DType::Bytes, shape, Bytes::from(data))
+}
+
+/// The ready model, checking that `version` (if any) is loaded.
+pub fn ready_model(
+    registry: &Registry,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Arc<ReadyModel>, Error> {
+    let model = registry.get_ready(name)?;
+    model.pick_version(version)?;
+    Ok(model)
+}
+
+/// Whether `name` (at `version`, if given) can serve requests now.
+pub fn model_ready(registry: &Registry, name: &str, version: Option<&str>) -> bool {
+    ready_model(registry, name, version).is_ok()
+}
+
+/// A tensor signature as model metadata reports it: the wire shape, with the
+/// batch dimension as -1 when the model batches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+pub fn tensor_metadata(config: &ModelConfig) -> (Vec<TensorMetadata>, Vec<TensorMetadata>) {
+    let render = |specs: &[crate::tensor::TensorSpec]| {
+        specs
+            .iter()
+            .map(|spec| TensorMetadata {
+                name: spec.name.clone(),
+                datatype: datatype_name(spec.dtype),
+                shape: config.full_shape(spec),
+            })
+            .collect()
+    };
+    (render(&config.inputs), render(&config.outputs))
+}
+
+/// One row of the repository index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexRow {
+    pub name: String,
+    pub version: String,
+    pub state: &'static str,
+    pub reason: String,
+}
+
+/// Triton's name of a model state. A failed load is UNAVAILABLE with its reason.
+pub fn state_name(state: ModelState) -> &'static str {
+    match state {
+        ModelState::Ready => "READY",
+        ModelState::Loading => "LOADING",
+        ModelState::Unloading => "UNLOADING",
+        ModelState::Unavailable | ModelState::Failed => "UNAVAILABLE",
+    }
+}
+
+/// Every model the registry knows: one row per loaded version, or one row
+/// without a version for a model that has none loaded.
+pub fn repository_index(registry: &Registry, ready_only: bool) -> Vec<IndexRow> {
+    let mut rows = Vec::new();
+    for status in registry.list() {
+        if ready_only && status.state != ModelState::Ready {
+            continue;
+        }
+        let state = state_name(status.state);
+        let reason = status.reason.clone().unwrap_or_default();
+        if status.versions.is_empty() {
+            rows.push(IndexRow {
+                name: status.name.clone(),
+                version: String::new(),
+                state,
+                reason: reason.clone(),
+            });
+        }
+        for version in &status.versions {
+            rows.push(IndexRow {
+                name: status.name.clone(),
+                version: version.clone(),
+                state,
+                reason: reason.clone(),
+            });
+        }
+    }
+    rows
+}
+
+/// A `(count, total nanoseconds)` accumulator.
+pub type Duration = (u64, u64);
+
+/// Statistics of one loaded version, as the statistics extension reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionStatistics {
+    pub name: String,
+    pub version: String,
+    /// Milliseconds since the Unix epoch; 0 if never used.
+    pub last_inference: u64,
+    pub inference_count: u64,
+    pub execution_count: u64,
+    pub success: Duration,
+    pub fail: Duration,
+    pub queue: Duration,
+    pub compute_input: Duration,
+    pub compute_infer: Duration,
+    pub compute_output: Duration,
+    /// Per batch size: compute input, infer, output.
+    pub batches: Vec<(u64, [Duration; 3])>,
+}
+
+fn version_statistics(model: &ReadyModel, version: Option<&str>) -> Vec<VersionStatistics> {
+    use std::sync::atomic::Ordering::Relaxed;
+    model
+        .versions()
+        .iter()
+        .filter(|v| version.is_none_or(|want| v.version.answers_to(want)))
+        .map(|v| {
+            let s = &v.stats;
+            VersionStatistics {
+                name: model.name.clone(),
+                version: v.version.label.clone(),
+                last_inference: s.last_inference_ms.load(Relaxed),
+                inference_count: s.inference_count.load(Relaxed),
+                execution_count: s.execution_count.load(Relaxed),
+                success: s.success.get(),
+                fail: s.fail.get(),
+                queue: s.queue.get(),
+                compute_input: s.compute_input.get(),
+                compute_infer: s.compute_infer.get(),
+                compute_output: s.compute_output.get(),
+                batches: s.batches(),
+            }
+        })
+        .collect()
+}
+
+/// Statistics of every loaded version of every model (empty `name`), or of
+/// one model, which must then be ready (and have `version`, if given).
+pub fn statistics(
+    registry: &Registry,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Vec<VersionStatistics>, Error> {
+    if name.is_empty() {
+        return Ok(registry
+            .list()
+            .into_iter()
+            .filter_map(|status| registry.serving(&status.name))
+            .flat_map(|model| version_statistics(&model, version))
+            .collect());
+    }
+    let model = ready_model(registry, name, version)?;
+    Ok(version_statistics(&model, version))
+}
+
+/// Waits until `name` is neither loading, reloading nor unloading, and
+/// returns its state then.
+async fn settled(registry: &Registry, name: &str) -> Result<ModelState, Error> {
+    let mut changes = registry.subscribe();
+    loop {
+        let status = registry.status(name)?;
+        let busy =
+            matches!(status.state, ModelState::Loading | ModelState::Unloading) || status.reloading;
+        if !busy {
+            return Ok(status.state);
+        }
+        // Any change (or a lagged receiver) is a reason to look again.
+        loop {
+            match changes.recv().await {
+                Ok(change) if change.name != name => continue,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return Err(Error::Unavailable("the registry is shutting down".into()));
+                }
+            }
+        }
+    }
+}
+
+/// Loads `name` and returns once it is ready, as Triton's repository load:
+/// a model that is already ready is reloaded (the old versions serve until
+/// the new ones are ready), and a load already under way is waited for
+/// rather than started twice.
+pub async fn repository_load(registry: &Registry, name: &str) -> Result<(), Error> {
+    let ticket = match registry.load(name, LoadMode::Load).await {
+        Ok(ticket) => Some(ticket),
+        Err(Error::AlreadyExists {
+            state: ModelState::Ready,
+            ..
+        }) => match registry.load(name, LoadMode::Reload).await {
+            Ok(ticket) => Some(ticket),
+            Err(Error::AlreadyExists { .. }) => None,
+            Err(err) => return Err(err),
+        },
+        Err(Error::AlreadyExists { .. }) => None,
+        Err(err) => return Err(err),
+    };
+    if let Some(ticket) = ticket {
+        return ticket.finished().await.map(drop);
+    }
+    match settled(registry, name).await? {
+        ModelState::Ready => Ok(()),
+        _ => {
+            let status = registry.status(name)?;
+            Err(Error::LoadFailed(format!(
+                "model '{name}' did not load: {}",
+                status.reason.unwrap_or_else(|| status.state.to_string())
+            )))
+        }
+    }
+}
+
+/// Unloads `name` and returns once its executors have ended. Unloading a
+/// model that is not loaded succeeds, as Triton's.
+pub async fn repository_unload(registry: &Registry, name: &str) -> Result<(), Error> {
+    registry.unload(name)?;
+    settled(registry, name).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datatype_names_round_trip() {
+        for dtype in DType::ALL {
+            assert_eq!(parse_datatype("t", datatype_name(dtype)), Ok(dtype));
+        }
+        let err = parse_datatype("x", "FLOAT32").unwrap_err().to_string();
+        assert!(
+            err.contains("tensor 'x'") && err.contains("\"FLOAT32\""),
+            "{err}"
+        );
+        assert_eq!(config_datatype_name(DType::Bytes), "TYPE_STRING");
+        assert_eq!(config_datatype_name(DType::F32), "TYPE_FP32");
+    }
+
+    #[test]
+    fn typed_contents_are_checked_before_use() {
+        let t = typed_tensor("x", DType::I16, vec![2], Elements::Int(&[-3, 7])).unwrap();
+        assert_eq!(&t.data()[..], &[0xfd, 0xff, 7, 0]);
+        let err = typed_tensor("x", DType::I8, vec![1], Elements::Int(&[300])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("element 0 (300) does not fit INT8"),
+            "{err}"
+        );
+        let err = typed_tensor("x", DType::F32, vec![2], Elements::Int64(&[1, 2])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("FP32 takes fp32_contents, got int64_contents"),
+            "{err}"
+        );
+        let err = typed_tensor("x", DType::F32, vec![2, 2], Elements::Fp32(&[1.0])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("shape [2, 2] needs 4 elements, got 1"),
+            "{err}"
+        );
+        let err = typed_tensor("x", DType::F16, vec![1], Elements::Fp32(&[1.0])).unwrap_err();
+        assert!(err.to_string().contains("raw_input_contents"), "{err}");
+        let err =
+            typed_tensor("x", DType::F32, vec![i64::MAX, 4], Elements::Fp32(&[])).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
+        let words = [Bytes::from_static(b"hi"), Bytes::from_static(b"")];
+        let t = typed_tensor("s", DType::Bytes, vec![2], Elements::Bytes(&words)).unwrap();
+        assert_eq!(t.bytes_elements().unwrap(), vec![&b"hi"[..], &b""[..]]);
+    }
+
+    #[test]
+    fn json_data_flattens_and_checks() {
+        let t = json_tensor(
+            "x",
+            DType::F32,
+            vec![2, 2],
+            &serde_json::json!([[1, 2.5], [3, 4]]),
+        )
+        .unwrap();
+        assert_eq!(t.to_f32().unwrap(), vec![1.0, 2.5, 3.0, 4.0]);
+        let err = json_tensor("x", DType::I64, vec![2], &serde_json::json!([1, "a"])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("element 1 (\"a\") is not a INT64 value"),
+            "{err}"
+        );
+        let err = json_tensor("x", DType::U8, vec![1], &serde_json::json!([256])).unwrap_err();
+        assert!(err.to_string().contains("does not fit UINT8"), "{err}");
+        let t = json_tensor("s", DType::Bytes, vec![1], &serde_json::json!(["héllo"])).unwrap();
+        assert_eq!(tensor_json_data(&t).unwrap(), serde_json::json!(["héllo"]));
+        let b = json_tensor("b", DType::Bool, vec![2], &serde_json::json!([true, false])).unwrap();
+        assert_eq!(
+            tensor_json_data(&b).unwrap(),
+            serde_json::json!([true, false])
+        );
+    }
+
+    #[test]
+    fn classification_ranks_each_batch_row() {
+        let t = Tensor::from_f32("p", vec![2, 3], &[0.1, 0.7, 0.2, 0.5, 0.25, 0.25]).unwrap();
+        let top = classify(&t, 2, true).unwrap();
+        assert_eq!(top.shape(), &[2, 2]);
+        let labels: Vec<String> = top
+            .bytes_elements()
+            .unwrap()
+            .into_iter()
+            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+            .collect();
+        assert_eq!(
+            labels,
+            ["0.700000:1", "0.200000:2", "0.500000:0", "0.250000:1"]
+        );
+        let all = classify(&t, 10, false).unwrap();
+        assert_eq!(all.shape(), &[6]);
+    }
+}
