@@ -5,9 +5,11 @@
 use std::cmp::Ordering;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::executor::BatchPolicy;
 use crate::tensor::{DType, TensorSpec};
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -107,6 +109,9 @@ pub struct ModelConfig {
     /// 0: no batch dimension. N > 0: every input and output has a leading
     /// batch dimension of at most N that the specs do not list (as Triton).
     pub max_batch_size: usize,
+    /// Dynamic batching: how requests queued for this model are merged into
+    /// one forward pass. Off (`max_batch_size == 0`) unless the model batches.
+    pub batching: BatchPolicy,
     /// Executor threads, each with its own copy of the module.
     pub instances: usize,
     /// Torch intra-op threads per executor; `None` derives it from the budget.
@@ -127,6 +132,12 @@ struct RawConfig {
     device: String,
     #[serde(default)]
     max_batch_size: i64,
+    #[serde(default)]
+    dynamic_batching: Option<bool>,
+    #[serde(default)]
+    max_queue_delay_us: i64,
+    #[serde(default)]
+    preferred_batch_sizes: Vec<i64>,
     #[serde(default = "default_instances")]
     instances: i64,
     #[serde(default)]
@@ -212,6 +223,7 @@ impl ModelConfig {
                 format!("must be 0 or more, got {}", raw.max_batch_size),
             )
         })?;
+        let batching = batch_policy(path, &raw, max_batch_size)?;
         let instances = positive(path, "instances", raw.instances)?;
         let intra_op_threads = raw
             .intra_op_threads
@@ -241,6 +253,7 @@ impl ModelConfig {
             outputs,
             device,
             max_batch_size,
+            batching,
             instances,
             intra_op_threads,
             max_queue_size,
@@ -260,6 +273,51 @@ impl ModelConfig {
         shape.extend_from_slice(&spec.shape);
         shape
     }
+}
+
+/// `dynamic_batching` (default: on when `max_batch_size > 0`),
+/// `max_queue_delay_us` (default 0: merge only what is already queued) and
+/// `preferred_batch_sizes`.
+fn batch_policy(
+    path: &Path,
+    raw: &RawConfig,
+    max_batch_size: usize,
+) -> Result<BatchPolicy, String> {
+    let delay_us = u64::try_from(raw.max_queue_delay_us).map_err(|_| {
+        field_error(
+            path,
+            "max_queue_delay_us",
+            format!("must be 0 or more, got {}", raw.max_queue_delay_us),
+        )
+    })?;
+    let mut preferred = Vec::with_capacity(raw.preferred_batch_sizes.len());
+    for (idx, size) in raw.preferred_batch_sizes.iter().enumerate() {
+        match usize::try_from(*size) {
+            Ok(n) if n >= 1 && n <= max_batch_size => preferred.push(n),
+            _ => {
+                return Err(field_error(
+                    path,
+                    &format!("preferred_batch_sizes[{idx}]"),
+                    format!("must be in 1..={max_batch_size} (max_batch_size), got {size}"),
+                ));
+            }
+        }
+    }
+    let enabled = raw.dynamic_batching.unwrap_or(max_batch_size > 0);
+    if enabled && max_batch_size == 0 {
+        return Err(field_error(
+            path,
+            "dynamic_batching",
+            "needs max_batch_size > 0 (the model must take a batch dimension)",
+        ));
+    }
+    preferred.sort_unstable();
+    preferred.dedup();
+    Ok(BatchPolicy {
+        max_batch_size: if enabled { max_batch_size } else { 0 },
+        max_queue_delay: Duration::from_micros(delay_us),
+        preferred_batch_sizes: preferred,
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -494,6 +552,28 @@ mod tests {
     const IO: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
 
     #[test]
+    fn batching_follows_max_batch_size_unless_turned_off() {
+        let parse = |text: &str| ModelConfig::parse(Path::new("m/config.toml"), text).unwrap();
+        assert_eq!(parse(IO).batching, BatchPolicy::default());
+        let on = parse(&format!(
+            "max_batch_size = 16\nmax_queue_delay_us = 500\npreferred_batch_sizes = [8, 4, 8]\n{IO}"
+        ));
+        assert_eq!(
+            on.batching,
+            BatchPolicy {
+                max_batch_size: 16,
+                max_queue_delay: Duration::from_micros(500),
+                preferred_batch_sizes: vec![4, 8],
+            }
+        );
+        let off = parse(&format!(
+            "max_batch_size = 16\ndynamic_batching = false\n{IO}"
+        ));
+        assert_eq!(off.max_batch_size, 16);
+        assert_eq!(off.batching.max_batch_size, 0);
+    }
+
+    #[test]
     fn config_errors_name_file_field_and_reason() {
         check(IO, Ok(()));
         check(
@@ -503,7 +583,7 @@ mod tests {
         check(
             &format!("devise = \"cpu\"\n{IO}"),
             Err(
-                "m/config.toml:1:1: unknown field `devise`, expected one of `platform`, `device`, `max_batch_size`, `instances`, `intra_op_threads`, `max_queue_size`, `version_policy`, `preprocess`, `postprocess`, `input`, `output`",
+                "m/config.toml:1:1: unknown field `devise`, expected one of `platform`, `device`, `max_batch_size`, `dynamic_batching`, `max_queue_delay_us`, `preferred_batch_sizes`, `instances`, `intra_op_threads`, `max_queue_size`, `version_policy`, `preprocess`, `postprocess`, `input`, `output`",
             ),
         );
         check(
@@ -517,6 +597,22 @@ mod tests {
         check(
             &format!("max_batch_size = -2\n{IO}"),
             Err("m/config.toml: max_batch_size: must be 0 or more, got -2"),
+        );
+        check(
+            &format!("max_batch_size = 8\npreferred_batch_sizes = [4, 9]\n{IO}"),
+            Err(
+                "m/config.toml: preferred_batch_sizes[1]: must be in 1..=8 (max_batch_size), got 9",
+            ),
+        );
+        check(
+            &format!("max_batch_size = 8\nmax_queue_delay_us = -1\n{IO}"),
+            Err("m/config.toml: max_queue_delay_us: must be 0 or more, got -1"),
+        );
+        check(
+            &format!("dynamic_batching = true\n{IO}"),
+            Err(
+                "m/config.toml: dynamic_batching: needs max_batch_size > 0 (the model must take a batch dimension)",
+            ),
         );
         check(
             "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4, -3]\n",

@@ -38,6 +38,22 @@ pub struct PipelineRequest {
     pub inputs: Vec<Tensor>,
     /// Request headers and parameters, for the router and processors.
     pub metadata: Vec<(String, String)>,
+    /// The longest the request may wait in the model's queue.
+    pub timeout: Option<Duration>,
+}
+
+/// The `timeout` request parameter, as Triton reads it: microseconds the
+/// request may wait in the model's queue. `None` when absent.
+pub fn queue_timeout(value: Option<&str>) -> Result<Option<Duration>, Error> {
+    let Some(text) = value else {
+        return Ok(None);
+    };
+    match text.trim().parse::<u64>() {
+        Ok(us) if us > 0 => Ok(Some(Duration::from_micros(us))),
+        _ => Err(Error::InvalidArgument(format!(
+            "parameter 'timeout': expected a positive number of microseconds, got {text:?}"
+        ))),
+    }
 }
 
 #[derive(Clone)]
@@ -88,6 +104,8 @@ struct Timings {
     /// The model the request reached, for its statistics.
     model: Option<Arc<ReadyModel>>,
     executed: bool,
+    executed_rows: u64,
+    leader: bool,
 }
 
 impl Pipeline {
@@ -127,7 +145,9 @@ impl Pipeline {
             version: request.version,
             metadata: request.metadata,
         };
-        let res = self.run(&mut view, request.inputs, &mut timings).await;
+        let res = self
+            .run(&mut view, request.inputs, request.timeout, &mut timings)
+            .await;
         let total = started.elapsed();
         if let Some(model) = timings.model.take() {
             let version = timings.version.as_deref().or(view.version.as_deref());
@@ -142,6 +162,8 @@ impl Pipeline {
                     compute_infer: timings.compute,
                     compute_output: timings.post,
                     batch_size: u64::from(timings.batch_size),
+                    executed_rows: timings.executed_rows,
+                    leader: timings.leader,
                 },
             );
         }
@@ -172,6 +194,7 @@ impl Pipeline {
         &self,
         view: &mut RequestView,
         inputs: Vec<Tensor>,
+        timeout: Option<Duration>,
         timings: &mut Timings,
     ) -> Result<InferResponse, Error> {
         if let Some(router) = self.inner.plugins.router() {
@@ -192,10 +215,14 @@ impl Pipeline {
                 .first()
                 .map_or(1, |n| u32::try_from(*n).unwrap_or(u32::MAX)),
         };
-        let inference = model.infer(view.version.as_deref(), inputs).await?;
+        let inference = model
+            .infer(view.version.as_deref(), inputs, timeout)
+            .await?;
         timings.queue = inference.queue;
         timings.compute = inference.compute;
         timings.executed = true;
+        timings.executed_rows = u64::try_from(inference.batch_rows).unwrap_or(u64::MAX);
+        timings.leader = inference.leader;
         let (version, outputs) = (inference.version, inference.outputs);
         timings.version = Some(version.clone());
         let request_version = view.version.replace(version.clone());

@@ -169,7 +169,12 @@ pub struct RequestRecord {
     pub compute_input: Duration,
     pub compute_infer: Duration,
     pub compute_output: Duration,
+    /// Rows of this request.
     pub batch_size: u64,
+    /// Rows of the forward pass it was part of.
+    pub executed_rows: u64,
+    /// Whether this request counts the forward pass (one per pass).
+    pub leader: bool,
 }
 
 impl VersionStats {
@@ -192,10 +197,13 @@ impl VersionStats {
         self.compute_output.add(record.compute_output);
         self.inference_count
             .fetch_add(record.batch_size.max(1), Ordering::Relaxed);
+        if !record.leader {
+            return;
+        }
         self.execution_count.fetch_add(1, Ordering::Relaxed);
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let mut batches = self.batches.lock();
-        let row = batches.entry(record.batch_size.max(1)).or_default();
+        let row = batches.entry(record.executed_rows.max(1)).or_default();
         for (slot, d) in row.iter_mut().zip([
             record.compute_input,
             record.compute_infer,
@@ -258,6 +266,11 @@ pub struct Inference {
     pub queue: Duration,
     /// The forward pass on the executor.
     pub compute: Duration,
+    /// Rows of the forward pass the request was part of (dynamic batching
+    /// may have merged it with others).
+    pub batch_rows: usize,
+    /// Whether this request counts the forward pass (one per pass).
+    pub leader: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -407,13 +420,15 @@ impl ReadyModel {
 
     /// Runs one request on this model. The caller holds the `Arc`, so an
     /// unload during the request leaves it to finish.
+    /// `timeout` bounds the time the request may wait in the queue.
     pub async fn infer(
         &self,
         version: Option<&str>,
         inputs: Vec<Tensor>,
+        timeout: Option<Duration>,
     ) -> Result<Inference, Error> {
         let _in_flight = InFlight::enter(&self.in_flight);
-        let res = self.infer_inner(version, inputs).await;
+        let res = self.infer_inner(version, inputs, timeout).await;
         let counter = if res.is_ok() {
             &self.success
         } else {
@@ -427,14 +442,25 @@ impl ReadyModel {
         &self,
         version: Option<&str>,
         inputs: Vec<Tensor>,
+        timeout: Option<Duration>,
     ) -> Result<Inference, Error> {
         let ready_version = self.pick_version(version)?;
         let inputs = self.arrange_inputs(inputs)?;
+        let rows = match (self.config.max_batch_size, inputs.first()) {
+            (0, _) | (_, None) => 1,
+            (_, Some(first)) => first
+                .shape()
+                .first()
+                .map_or(1, |n| usize::try_from(*n).unwrap_or(1)),
+        };
         let (reply, answer) = oneshot::channel();
+        let enqueued = Instant::now();
         ready_version.pool.submit(Job {
             inputs,
+            rows,
             reply,
-            enqueued: Instant::now(),
+            enqueued,
+            deadline: timeout.map(|t| enqueued + t),
         })?;
         let executed = answer
             .await
@@ -444,6 +470,8 @@ impl ReadyModel {
             outputs: executed.outputs,
             queue: executed.queue,
             compute: executed.compute,
+            batch_rows: executed.batch_rows,
+            leader: executed.leader,
         })
     }
 }
@@ -689,7 +717,7 @@ impl Registry {
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, Error> {
         let model = self.get_ready(&request.model)?;
         let inference = model
-            .infer(request.version.as_deref(), request.inputs)
+            .infer(request.version.as_deref(), request.inputs, None)
             .await?;
         Ok(InferResponse {
             model: request.model,
@@ -940,6 +968,7 @@ fn load_model(
             Arc::clone(&outputs),
             intra_op_threads,
             config.max_queue_size,
+            config.batching.clone(),
             Arc::clone(&threads),
         )
         .map_err(|err| format!("starting executor threads: {err}"))?;

@@ -10,7 +10,7 @@ use tracing::Instrument;
 use super::pb::{self, compute_service_server::ComputeService};
 use super::{now_micros, status_to_pb, tensor_from_pb, tensor_to_pb};
 use crate::error::Error;
-use crate::pipeline::{Pipeline, PipelineRequest};
+use crate::pipeline::{Pipeline, PipelineRequest, queue_timeout};
 use crate::server::HostInfo;
 
 /// Messages of one StreamCompute call that may be computed at once. Answers
@@ -73,6 +73,7 @@ async fn compute_one(
         .collect::<Result<Vec<_>, _>>()?;
     let version = (!request.version.is_empty()).then_some(request.version);
     let metadata = request_metadata(headers, &request.parameters);
+    let timeout = queue_timeout(request.parameters.get("timeout").map(String::as_str))?;
     let response = pipeline
         .infer(PipelineRequest {
             id: request.id.clone(),
@@ -80,6 +81,7 @@ async fn compute_one(
             version,
             inputs,
             metadata,
+            timeout,
         })
         .await?;
     Ok(pb::ComputeResponse {

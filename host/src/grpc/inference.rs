@@ -15,7 +15,7 @@ use crate::config::{DeviceSpec, ModelConfig, VersionPolicy};
 use crate::error::Error;
 use crate::health::Health;
 use crate::oip::{self, Elements, RequestedOutput};
-use crate::pipeline::{Pipeline, PipelineRequest};
+use crate::pipeline::{Pipeline, PipelineRequest, queue_timeout};
 use crate::tensor::Tensor;
 
 /// Messages of one ModelStreamInfer call computed at once; answers still
@@ -204,6 +204,7 @@ async fn infer_one(
     let inputs = decode_inputs(&mut request)?;
     let requested = requested_outputs(&request.outputs)?;
     let version = (!request.model_version.is_empty()).then(|| request.model_version.clone());
+    let timeout = queue_timeout(request.parameters.get("timeout").map(param_text).as_deref())?;
     let response = pipeline
         .infer(PipelineRequest {
             id: request.id.clone(),
@@ -211,6 +212,7 @@ async fn infer_one(
             version,
             inputs,
             metadata: metadata(headers, &request.parameters),
+            timeout,
         })
         .await?;
     let outputs = match pipeline.registry().serving(&response.model) {

@@ -17,7 +17,7 @@ use super::HttpState;
 use crate::config::{DeviceSpec, ModelConfig, VersionPolicy};
 use crate::error::Error;
 use crate::oip::{self, RequestedOutput};
-use crate::pipeline::PipelineRequest;
+use crate::pipeline::{PipelineRequest, queue_timeout};
 use crate::tensor::Tensor;
 
 /// The binary tensor data extension's header: the JSON's length in the body.
@@ -528,6 +528,13 @@ pub async fn infer(
 ) -> Result<Response, ApiError> {
     let body = read_body(body, state.max_body_bytes).await?;
     let request = decode_request(&headers, body)?;
+    let timeout = queue_timeout(
+        request
+            .parameters
+            .iter()
+            .find(|(key, _)| key == "timeout")
+            .map(|(_, value)| value.as_str()),
+    )?;
     let mut metadata = header_metadata(&headers);
     metadata.extend(request.parameters);
     let response = state
@@ -538,6 +545,7 @@ pub async fn infer(
             version: version_param(&params).map(str::to_owned),
             inputs: request.inputs,
             metadata,
+            timeout,
         })
         .await?;
     let outputs = match state.pipeline.registry().serving(&response.model) {

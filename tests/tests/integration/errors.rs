@@ -492,7 +492,7 @@ async fn a_full_queue_is_refused_at_once() {
                     (err.code(), err.message()),
                     (
                         Code::ResourceExhausted,
-                        "queue is full (1 requests waiting)"
+                        "model 'slow:1': queue is full, 1 requests already waiting (max_queue_size = 1)"
                     )
                 );
             }

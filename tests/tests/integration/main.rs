@@ -1,6 +1,7 @@
 //! The one integration-test binary: real servers on 127.0.0.1:0, real tonic
 //! clients, real TorchScript models.
 
+mod batching;
 mod errors;
 mod lifecycle;
 mod nonblocking;

@@ -1,0 +1,353 @@
+//! Dynamic batching, backpressure, queue timeouts and cancellation, on a real
+//! server with a real TorchScript model. Orderings are made deterministic by
+//! a long `max_queue_delay_us`: a batch then runs only once it is full, so
+//! the tests never depend on how fast this machine is.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use plinth::grpc::ipb::{self, model_infer_request::InferInputTensor};
+use plinth_tests::fixtures;
+use plinth_tests::{ModelState, TestServer};
+use tonic::Code;
+
+/// `y = 3x` on `[batch, n]` (n free), batching up to `max_batch` rows.
+fn batching_scale(repo: &std::path::Path, model: &str, extra: &str) {
+    fixtures::write_config(
+        repo,
+        model,
+        &format!(
+            "{extra}\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n"
+        ),
+    );
+    fixtures::scale_file(&plinth_tests::model_file(repo, model, "1"), 3.0);
+}
+
+fn rows_request(model: &str, rows: &[Vec<f32>]) -> ipb::ModelInferRequest {
+    let width = rows[0].len();
+    let raw: Vec<u8> = rows
+        .iter()
+        .flatten()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    ipb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows.len() as i64, width as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw.into()],
+        ..Default::default()
+    }
+}
+
+fn with_timeout_us(mut req: ipb::ModelInferRequest, us: i64) -> ipb::ModelInferRequest {
+    req.parameters.insert(
+        "timeout".into(),
+        ipb::InferParameter {
+            parameter_choice: Some(ipb::infer_parameter::ParameterChoice::Int64Param(us)),
+        },
+    );
+    req
+}
+
+fn output_values(response: &ipb::ModelInferResponse) -> (Vec<i64>, Vec<f32>) {
+    let values = response.raw_output_contents[0]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (response.outputs[0].shape.clone(), values)
+}
+
+async fn stats(srv: &TestServer, model: &str) -> ipb::ModelStatistics {
+    srv.inference()
+        .await
+        .model_statistics(ipb::ModelStatisticsRequest {
+            name: model.into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats
+        .remove(0)
+}
+
+async fn ready(srv: &TestServer, model: &str) {
+    srv.wait_for(model, |s| s.state == ModelState::Ready as i32)
+        .await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
+    // The batch runs only when 8 rows are queued, so all 8 requests must
+    // share one forward pass.
+    let srv = TestServer::start(
+        |repo| {
+            batching_scale(
+                repo,
+                "scale",
+                "max_batch_size = 8\nmax_queue_delay_us = 60000000",
+            )
+        },
+        true,
+    )
+    .await;
+    ready(&srv, "scale").await;
+    let client = srv.inference().await;
+    let calls = (0..8).map(|i| {
+        let mut client = client.clone();
+        async move {
+            let row = vec![i as f32, -(i as f32), 0.5 * i as f32];
+            let response = client
+                .model_infer(rows_request("scale", &[row.clone()]))
+                .await
+                .unwrap()
+                .into_inner();
+            (row, output_values(&response))
+        }
+    });
+    for (row, (shape, values)) in futures::future::join_all(calls).await {
+        assert_eq!(shape, [1, 3]);
+        assert_eq!(values, row.iter().map(|v| v * 3.0).collect::<Vec<_>>());
+    }
+    let stats = stats(&srv, "scale").await;
+    assert_eq!(stats.inference_count, 8);
+    assert_eq!(stats.execution_count, 1);
+    assert_eq!(stats.batch_stats.len(), 1, "{:?}", stats.batch_stats);
+    assert_eq!(stats.batch_stats[0].batch_size, 8);
+    assert_eq!(
+        stats.batch_stats[0].compute_infer.as_ref().unwrap().count,
+        1
+    );
+}
+
+#[tokio::test]
+async fn requests_of_different_widths_are_never_merged() {
+    // Without a delay, whatever is queued together may merge; widths 3 and 5
+    // must never share a pass (a merge would fail or mix up numbers).
+    let srv = TestServer::start(
+        |repo| batching_scale(repo, "scale", "max_batch_size = 16\ninstances = 1"),
+        true,
+    )
+    .await;
+    ready(&srv, "scale").await;
+    let client = srv.inference().await;
+    let calls = (0..48).map(|i| {
+        let mut client = client.clone();
+        async move {
+            let width = if i % 2 == 0 { 3 } else { 5 };
+            let rows: Vec<Vec<f32>> = (0..1 + i % 3)
+                .map(|r| (0..width).map(|c| (i * 100 + r * 10 + c) as f32).collect())
+                .collect();
+            let response = client
+                .model_infer(rows_request("scale", &rows))
+                .await
+                .unwrap_or_else(|status| panic!("request {i}: {status:?}"))
+                .into_inner();
+            (rows, output_values(&response))
+        }
+    });
+    for (rows, (shape, values)) in futures::future::join_all(calls).await {
+        assert_eq!(shape, [rows.len() as i64, rows[0].len() as i64]);
+        let want: Vec<f32> = rows.iter().flatten().map(|v| v * 3.0).collect();
+        assert_eq!(values, want);
+    }
+    let stats = stats(&srv, "scale").await;
+    assert_eq!(
+        stats.inference_count,
+        (0..48).map(|i| 1 + i % 3).sum::<u64>()
+    );
+    assert!(stats.execution_count <= 48);
+}
+
+#[tokio::test]
+async fn a_stream_through_a_batching_model_answers_in_order() {
+    let srv = TestServer::start(
+        |repo| {
+            batching_scale(
+                repo,
+                "scale",
+                "max_batch_size = 4\nmax_queue_delay_us = 20000",
+            )
+        },
+        true,
+    )
+    .await;
+    ready(&srv, "scale").await;
+    let requests: Vec<ipb::ModelInferRequest> = (0..60)
+        .map(|i| {
+            let mut req = rows_request("scale", &[vec![i as f32, 1.0]]);
+            req.id = i.to_string();
+            req
+        })
+        .collect();
+    let mut responses = srv
+        .inference()
+        .await
+        .model_stream_infer(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = 0;
+    while let Some(message) = responses.message().await.unwrap() {
+        assert_eq!(message.error_message, "");
+        let response = message.infer_response.unwrap();
+        assert_eq!(response.id, seen.to_string());
+        assert_eq!(output_values(&response).1, [3.0 * seen as f32, 3.0]);
+        seen += 1;
+    }
+    assert_eq!(seen, 60);
+    let stats = stats(&srv, "scale").await;
+    assert_eq!(stats.inference_count, 60);
+    // The stream keeps up to 16 requests in flight, so passes were shared.
+    assert!(stats.execution_count < 60, "{}", stats.execution_count);
+}
+
+#[tokio::test]
+async fn a_full_queue_is_refused_at_once_and_queue_timeouts_are_honoured() {
+    let srv = TestServer::start(
+        |repo| {
+            batching_scale(
+                repo,
+                "scale",
+                "max_batch_size = 8\nmax_queue_delay_us = 60000000\nmax_queue_size = 2",
+            )
+        },
+        true,
+    )
+    .await;
+    ready(&srv, "scale").await;
+    let client = srv.inference().await;
+    // Two requests wait for a batch that will not fill; each may wait 2 s.
+    let waiting: Vec<_> = (0..2)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .model_infer(with_timeout_us(
+                        rows_request("scale", &[vec![i as f32]]),
+                        2_000_000,
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    srv.wait_for("scale", |s| s.in_flight == 2).await;
+
+    // The queue holds two: a third is refused at once, on both protocols.
+    let refused = client
+        .clone()
+        .model_infer(rows_request("scale", &[vec![9.0]]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("queue is full")
+            && refused.message().contains("max_queue_size = 2"),
+        "{}",
+        refused.message()
+    );
+    let (code, text) = srv
+        .http_post(
+            "/v2/models/scale/infer",
+            &[],
+            br#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1,1],"data":[9]}]}"#,
+        )
+        .await;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("queue is full"), "{text}");
+
+    // The two waiting requests time out in the queue, with the reason.
+    for task in waiting {
+        let status = task.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            status.message().contains("timed out in the queue")
+                && status.message().contains("2000000 µs"),
+            "{}",
+            status.message()
+        );
+    }
+    // The queue is free again: a full batch runs at once.
+    let rows: Vec<Vec<f32>> = (0..8).map(|i| vec![i as f32]).collect();
+    let response = client
+        .clone()
+        .model_infer(rows_request("scale", &rows))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        output_values(&response).1,
+        (0..8).map(|i| 3.0 * i as f32).collect::<Vec<_>>()
+    );
+    let stats = stats(&srv, "scale").await;
+    assert_eq!(stats.inference_count, 8, "timed-out requests never ran");
+    assert_eq!(stats.execution_count, 1);
+
+    // A timeout that is not a number is refused, naming the parameter.
+    let mut bad = rows_request("scale", &[vec![1.0]]);
+    bad.parameters.insert(
+        "timeout".into(),
+        ipb::InferParameter {
+            parameter_choice: Some(ipb::infer_parameter::ParameterChoice::StringParam(
+                "soon".into(),
+            )),
+        },
+    );
+    let status = client.clone().model_infer(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("parameter 'timeout'") && status.message().contains("\"soon\""),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn a_request_whose_client_has_gone_is_not_executed() {
+    let srv = TestServer::start(
+        |repo| {
+            batching_scale(
+                repo,
+                "scale",
+                "max_batch_size = 4\nmax_queue_delay_us = 60000000",
+            )
+        },
+        true,
+    )
+    .await;
+    ready(&srv, "scale").await;
+    let client = srv.inference().await;
+    // A one-row request waits for a batch; its client gives up after 200 ms.
+    let mut gone = tonic::Request::new(rows_request("scale", &[vec![100.0]]));
+    gone.set_timeout(Duration::from_millis(200));
+    let status = client.clone().model_infer(gone).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // The server has let go of it (its handler was dropped)...
+    srv.wait_for("scale", |s| s.in_flight == 0).await;
+    // ...but its job still sits in the batch being gathered. Three more rows
+    // complete the batch; the abandoned row must not run with them.
+    let rows = vec![vec![1.0], vec![2.0], vec![3.0]];
+    let response = client
+        .clone()
+        .model_infer(rows_request("scale", &rows))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(output_values(&response), (vec![3, 1], vec![3.0, 6.0, 9.0]));
+    let stats = stats(&srv, "scale").await;
+    assert_eq!(stats.inference_count, 3, "the abandoned request ran");
+    assert_eq!(stats.execution_count, 1);
+    let sizes: HashMap<u64, u64> = stats
+        .batch_stats
+        .iter()
+        .map(|b| (b.batch_size, b.compute_infer.as_ref().unwrap().count))
+        .collect();
+    assert_eq!(sizes, HashMap::from([(3, 1)]));
+}
