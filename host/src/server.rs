@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
@@ -222,18 +221,19 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
+        // Our own listener (bound before serving, so tests can use port 0):
+        // tonic sets TCP_NODELAY only on listeners it binds, so say it here,
+        // or small responses wait on Nagle and delayed ACKs (40 ms).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let res = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(compute)
             .add_service(models)
             .add_service(plugin_api)
             .add_service(inference)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc_listener),
-                grpc_shutdown.cancelled_owned(),
-            )
+            .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned())
             .await;
         if let Err(err) = res {
             tracing::error!(%err, "gRPC server failed");

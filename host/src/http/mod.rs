@@ -97,6 +97,13 @@ async fn metrics(
 
 /// Serves `router` on `listener` until `shutdown`, then drains.
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    use axum::serve::ListenerExt;
+    // Small responses must not wait on Nagle and delayed ACKs.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "TCP_NODELAY");
+        }
+    });
     let res = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;

@@ -102,7 +102,7 @@ async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
         async move {
             let row = vec![i as f32, -(i as f32), 0.5 * i as f32];
             let response = client
-                .model_infer(rows_request("scale", &[row.clone()]))
+                .model_infer(rows_request("scale", std::slice::from_ref(&row)))
                 .await
                 .unwrap()
                 .into_inner();
