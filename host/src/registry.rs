@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, broadcast, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::config::{ModelConfig, ModelRepository, ModelVersion, valid_model_name};
 use crate::error::Error;
@@ -873,6 +874,36 @@ impl Registry {
     /// hold. Returns after marking `Unloading`; the entry becomes `Unavailable`
     /// once every executor has ended and freed its module.
     pub fn unload(&self, name: &str) -> Result<ModelStatus, Error> {
+        self.start_unload(name).map(|(status, _)| status)
+    }
+
+    /// Unloads every ready model and returns once their executors have ended
+    /// and freed their modules. The last step of a shutdown, after the
+    /// servers have drained: no torch work may still run while the process
+    /// exits and libtorch's static destructors run.
+    pub async fn unload_all(&self) {
+        let names: Vec<String> = {
+            let entries = self.inner.entries.lock();
+            entries
+                .iter()
+                .filter(|(_, entry)| entry.state == ModelState::Ready)
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        let mut finished = Vec::new();
+        for name in names {
+            if let Ok((_, Some(done))) = self.start_unload(&name) {
+                finished.push(done);
+            }
+        }
+        for done in finished {
+            let _ = done.await;
+        }
+    }
+
+    /// [`Registry::unload`], also handing back the task that completes once
+    /// the executors have ended (`None` when there was nothing to unload).
+    fn start_unload(&self, name: &str) -> Result<(ModelStatus, Option<JoinHandle<()>>), Error> {
         let (model, generation, status) = {
             let mut entries = self.inner.entries.lock();
             let entry = entries.get_mut(name).ok_or_else(|| Error::ModelNotFound {
@@ -887,7 +918,7 @@ impl Registry {
                 }
                 // Already on its way out, or not loaded: nothing to do.
                 ModelState::Unloading | ModelState::Unavailable | ModelState::Failed => {
-                    return Ok(entry.status(name));
+                    return Ok((entry.status(name), None));
                 }
             }
             let model = entry.serving.take().expect("a ready entry serves a model");
@@ -908,7 +939,7 @@ impl Registry {
         tracing::info!(model = name, "unloading");
         let registry = self.clone();
         let name = name.to_owned();
-        tokio::spawn(async move {
+        let done = tokio::spawn(async move {
             for waiter in waiters {
                 let _ = waiter.await;
             }
@@ -921,7 +952,7 @@ impl Registry {
                 registry.publish(entry.status(&name));
             }
         });
-        Ok(status)
+        Ok((status, Some(done)))
     }
 }
 

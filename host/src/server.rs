@@ -104,10 +104,19 @@ impl RunningServer {
         self.wait().await;
     }
 
-    /// Returns once the servers have stopped (after [`RunningServer::trigger`]).
+    /// Returns once the servers have stopped (after [`RunningServer::trigger`])
+    /// and every model has been unloaded, its executor threads ended.
     pub async fn wait(self) {
         for task in self.tasks {
             let _ = task.await;
+        }
+        // The servers have drained, so nothing holds a model any more. A
+        // model still held (a bug) must not keep the process from exiting.
+        if tokio::time::timeout(Duration::from_secs(30), self.registry.unload_all())
+            .await
+            .is_err()
+        {
+            tracing::warn!("models still executing 30 s after the drain; exiting anyway");
         }
     }
 

@@ -45,6 +45,14 @@ impl TestServer {
         }
     }
 
+    /// Drains and stops the server, returning once every model is unloaded
+    /// and its executor threads have ended.
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+
     pub fn running(&self) -> &plinth::RunningServer {
         self.server.as_ref().expect("server is running")
     }

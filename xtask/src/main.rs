@@ -92,8 +92,24 @@ fn run() -> Result<()> {
         "bench" => {
             let libtorch = ensure_libtorch()?;
             let wasm_dir = build_plugins()?;
+            let python = ensure_test_venv()?;
             let mut cmd = cargo(&libtorch);
             cmd.env("PLINTH_PLUGIN_WASM_DIR", wasm_dir);
+            cmd.env("PLINTH_PYTHON", python);
+            let peers_wanted = rest.is_empty()
+                || rest
+                    .iter()
+                    .any(|arg| arg.to_str().is_some_and(|a| a == "peers"));
+            if peers_wanted {
+                match ensure_peer_venvs() {
+                    Ok(dir) => {
+                        cmd.env("PLINTH_PEERS_DIR", dir);
+                    }
+                    Err(err) => {
+                        eprintln!("xtask: peers unavailable, the benchmark will skip them: {err:#}")
+                    }
+                }
+            }
             cmd.args(["bench", "--package", "plinth-tests"]);
             cmd.args(rest);
             status(cmd)
@@ -307,6 +323,45 @@ fn ensure_test_venv() -> Result<PathBuf> {
     status(install).context("installing the test clients")?;
     std::fs::write(&stamp, wanted)?;
     Ok(python)
+}
+
+/// The peers the throughput benchmark compares against, each in its own
+/// venv under `<cache>/peers`: MLServer, and PyTriton (whose Triton stub
+/// links the system libpython, so its venv is made with Debian's python3).
+fn ensure_peer_venvs() -> Result<PathBuf> {
+    let dir = cache_dir()?.join("peers");
+    let peers: [(&str, &str, &[&str]); 2] = [
+        ("mlserver", python(), &["mlserver==1.7.1", "numpy<3"]),
+        (
+            "pytriton",
+            "/usr/bin/python3",
+            &["nvidia-pytriton==0.7.0", "numpy<3"],
+        ),
+    ];
+    for (name, base_python, requirements) in peers {
+        let venv = dir.join(name);
+        let stamp = venv.join(".requirements");
+        let wanted = requirements.join("\n");
+        if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+            continue;
+        }
+        eprintln!("xtask: creating the {name} venv in {}", venv.display());
+        let mut create = Command::new(base_python);
+        create.args(["-m", "venv", "--clear"]).arg(&venv);
+        status(create).with_context(|| format!("creating the {name} venv"))?;
+        let mut install = Command::new(venv.join("bin/python"));
+        install.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ]);
+        install.args(requirements);
+        status(install).with_context(|| format!("installing {name}"))?;
+        std::fs::write(&stamp, wanted)?;
+    }
+    Ok(dir)
 }
 
 fn python() -> &'static str {

@@ -1,0 +1,733 @@
+//! Throughput side by side (issue: throughput). One command,
+//! `cargo xtask bench --bench peers`, drives in turn, with the same client
+//! (h2load over gRPC, a pre-encoded Open Inference Protocol v2 ModelInfer
+//! body), the same payload (16 floats) and the same concurrency levels:
+//!
+//! 1. a bare tonic server that echoes the input (the ceiling for a Rust gRPC
+//!    server on this machine);
+//! 2. Plinth with a tiny TorchScript model (`y = 2x`): the plain pipeline,
+//!    then the full plugin chain (router, preprocess, postprocess, metrics);
+//! 3. MLServer serving the same computation;
+//! 4. PyTriton (Triton server 2.51 through its Python binding), the same.
+//!
+//! Every server gets a tritonclient correctness check before and after its
+//! runs, because h2load does not read grpc-status. Then, on Plinth only: a
+//! small CNN image classifier at batch 1 and 32, dynamic batching on against
+//! off at concurrency 64, and 500 connections held for 60 s.
+//!
+//! Sections: `servers`, `cnn`, `batching`, `connections` (default: all).
+//! The peers' virtual environments come from `cargo xtask bench`
+//! (`PLINTH_PEERS_DIR`); without them the peers are skipped, saying so.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use plinth::grpc::ipb;
+use plinth::grpc::ipb::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use plinth::torch::trace::{self, Kind, TchTensor};
+use plinth_tests::{ModelState, TestServer, fixtures};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+const CONCURRENCY: [u32; 3] = [1, 8, 64];
+
+#[tokio::main]
+async fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| f == name);
+    println!(
+        "peer benchmarks on {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    if wants("servers") {
+        servers().await;
+    }
+    if wants("cnn") {
+        cnn().await;
+    }
+    if wants("batching") {
+        batching().await;
+    }
+    if wants("connections") {
+        connections().await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The load generator.
+
+fn grpc_frame(message: &impl Message) -> Vec<u8> {
+    let body = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+fn infer_request(model: &str, shape: &[i64], values: &[f32]) -> ipb::ModelInferRequest {
+    ipb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![ipb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: shape.to_vec(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ],
+        ..Default::default()
+    }
+}
+
+/// One h2load run.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    req_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    succeeded: u64,
+    failed: u64,
+}
+
+enum Amount {
+    Requests(u64),
+    Seconds(u64),
+}
+
+/// h2load against `addr` (host:port) posting `body` to `path`; latencies
+/// come from its per-request log.
+fn h2load(addr: &str, path: &str, body: &Path, amount: Amount, clients: u32, streams: u32) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("requests.log");
+    let mut cmd = Command::new("h2load");
+    match amount {
+        Amount::Requests(n) => cmd.args(["-n", &n.to_string()]),
+        Amount::Seconds(s) => cmd.args(["-D", &s.to_string()]),
+    };
+    let out = cmd
+        .args(["-c", &clients.to_string(), "-m", &streams.to_string()])
+        .args(["-t", &clients.min(2).to_string()])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(body)
+        .arg("--log-file")
+        .arg(&log)
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("h2load (Debian package nghttp2-client) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("requests:"))
+        .unwrap_or_else(|| panic!("h2load output lacks a requests line:\n{text}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let succeeded: u64 = words[7].parse().unwrap();
+    let failed: u64 = words[9].parse::<u64>().unwrap() + words[11].parse::<u64>().unwrap();
+    let finished = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("finished in"))
+        .unwrap_or_else(|| panic!("h2load output lacks its summary:\n{text}"));
+    let req_per_s: f64 = finished.split_whitespace().nth(3).unwrap().parse().unwrap();
+    // Each log line: start (µs since the epoch), HTTP status, duration (µs).
+    let mut durations: Vec<f64> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    durations.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        durations
+            .get(((durations.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Run {
+        req_per_s,
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        succeeded,
+        failed,
+    }
+}
+
+fn write_body(dir: &Path, name: &str, request: &ipb::ModelInferRequest) -> PathBuf {
+    let path = dir.join(format!("{name}.bin"));
+    std::fs::write(&path, grpc_frame(request)).unwrap();
+    path
+}
+
+/// A tritonclient call checking `y = 2x` exactly; `None` when no test
+/// Python is available.
+fn triton_check(addr: &str, model: &str) -> Option<bool> {
+    let python = std::env::var_os("PLINTH_PYTHON")?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/peers/check.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(addr)
+        .arg(model)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "check against {addr} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Some(out.status.success())
+}
+
+// ---------------------------------------------------------------------------
+// The ceiling: a bare tonic server that echoes ModelInfer.
+
+struct Echo;
+
+type EchoStream = Pin<Box<dyn Stream<Item = Result<ipb::ModelStreamInferResponse, Status>> + Send>>;
+
+fn unimplemented<T>() -> Result<Response<T>, Status> {
+    Err(Status::unimplemented(
+        "the echo server answers ModelInfer only",
+    ))
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Echo {
+    async fn server_live(
+        &self,
+        _: Request<ipb::ServerLiveRequest>,
+    ) -> Result<Response<ipb::ServerLiveResponse>, Status> {
+        Ok(Response::new(ipb::ServerLiveResponse { live: true }))
+    }
+    async fn server_ready(
+        &self,
+        _: Request<ipb::ServerReadyRequest>,
+    ) -> Result<Response<ipb::ServerReadyResponse>, Status> {
+        Ok(Response::new(ipb::ServerReadyResponse { ready: true }))
+    }
+    async fn model_ready(
+        &self,
+        _: Request<ipb::ModelReadyRequest>,
+    ) -> Result<Response<ipb::ModelReadyResponse>, Status> {
+        Ok(Response::new(ipb::ModelReadyResponse { ready: true }))
+    }
+    async fn server_metadata(
+        &self,
+        _: Request<ipb::ServerMetadataRequest>,
+    ) -> Result<Response<ipb::ServerMetadataResponse>, Status> {
+        unimplemented()
+    }
+    async fn model_metadata(
+        &self,
+        _: Request<ipb::ModelMetadataRequest>,
+    ) -> Result<Response<ipb::ModelMetadataResponse>, Status> {
+        unimplemented()
+    }
+    async fn model_infer(
+        &self,
+        request: Request<ipb::ModelInferRequest>,
+    ) -> Result<Response<ipb::ModelInferResponse>, Status> {
+        let request = request.into_inner();
+        let outputs = request
+            .inputs
+            .iter()
+            .map(|input| ipb::model_infer_response::InferOutputTensor {
+                name: "y".into(),
+                datatype: input.datatype.clone(),
+                shape: input.shape.clone(),
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(ipb::ModelInferResponse {
+            model_name: request.model_name,
+            model_version: "1".into(),
+            id: request.id,
+            outputs,
+            raw_output_contents: request.raw_input_contents,
+            ..Default::default()
+        }))
+    }
+    type ModelStreamInferStream = EchoStream;
+    async fn model_stream_infer(
+        &self,
+        _: Request<tonic::Streaming<ipb::ModelInferRequest>>,
+    ) -> Result<Response<EchoStream>, Status> {
+        unimplemented()
+    }
+    async fn model_config(
+        &self,
+        _: Request<ipb::ModelConfigRequest>,
+    ) -> Result<Response<ipb::ModelConfigResponse>, Status> {
+        unimplemented()
+    }
+    async fn model_statistics(
+        &self,
+        _: Request<ipb::ModelStatisticsRequest>,
+    ) -> Result<Response<ipb::ModelStatisticsResponse>, Status> {
+        unimplemented()
+    }
+    async fn repository_index(
+        &self,
+        _: Request<ipb::RepositoryIndexRequest>,
+    ) -> Result<Response<ipb::RepositoryIndexResponse>, Status> {
+        unimplemented()
+    }
+    async fn repository_model_load(
+        &self,
+        _: Request<ipb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<ipb::RepositoryModelLoadResponse>, Status> {
+        unimplemented()
+    }
+    async fn repository_model_unload(
+        &self,
+        _: Request<ipb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<ipb::RepositoryModelUnloadResponse>, Status> {
+        unimplemented()
+    }
+}
+
+async fn start_echo() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(GrpcInferenceServiceServer::new(Echo))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ),
+    );
+    addr.to_string()
+}
+
+// ---------------------------------------------------------------------------
+// The peers, as child processes.
+
+struct Peer {
+    name: &'static str,
+    child: Child,
+    grpc: String,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our own child's process group; no memory is touched.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn peers_dir() -> Option<PathBuf> {
+    std::env::var_os("PLINTH_PEERS_DIR").map(PathBuf::from)
+}
+
+fn bench_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/peers")
+}
+
+/// Starts a peer in its own process group and waits for its HTTP readiness.
+async fn start_peer(name: &'static str, mut cmd: Command, http: u16, grpc: u16) -> Option<Peer> {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            println!("\n{name}: not started ({err}); skipped");
+            return None;
+        }
+    };
+    let mut peer = Peer {
+        name,
+        child,
+        grpc: format!("127.0.0.1:{grpc}"),
+    };
+    let started = Instant::now();
+    // A safety net for a peer that never comes up, not a measurement.
+    while started.elapsed() < Duration::from_secs(180) {
+        if let Ok(Some(status)) = peer.child.try_wait() {
+            println!("\n{name}: exited during startup ({status}); skipped");
+            return None;
+        }
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], http).into();
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            let (code, _) =
+                plinth_tests::http_request(addr, "GET", "/v2/health/ready", &[], b"").await;
+            if code == 200 && triton_check(&peer.grpc, "double") != Some(false) {
+                println!(
+                    "\n{name}: ready after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                return Some(peer);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("\n{name}: not ready after 180 s; skipped");
+    None
+}
+
+async fn mlserver() -> Option<Peer> {
+    let venv = peers_dir()?.join("mlserver");
+    let mut cmd = Command::new(venv.join("bin/mlserver"));
+    cmd.arg("start")
+        .arg(".")
+        .current_dir(bench_dir().join("mlserver"))
+        .env("MLSERVER_HTTP_PORT", "9100")
+        .env("MLSERVER_GRPC_PORT", "9101")
+        .env("MLSERVER_METRICS_PORT", "9102");
+    start_peer("MLServer", cmd, 9100, 9101).await
+}
+
+async fn pytriton() -> Option<Peer> {
+    let venv = peers_dir()?.join("pytriton");
+    let mut cmd = Command::new(venv.join("bin/python"));
+    cmd.arg(bench_dir().join("pytriton_double.py")).args([
+        "--http-port",
+        "9200",
+        "--grpc-port",
+        "9201",
+        "--metrics-port",
+        "9202",
+    ]);
+    start_peer("PyTriton", cmd, 9200, 9201).await
+}
+
+// ---------------------------------------------------------------------------
+// Sections.
+
+const MODEL_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+fn tiny_values() -> Vec<f32> {
+    (0..16).map(|i| i as f32).collect()
+}
+
+/// Runs the three concurrency levels against one server; returns its rows.
+fn sweep(label: &str, addr: &str, body: &Path) -> Vec<(String, u32, Run)> {
+    // Warm-up.
+    h2load(addr, MODEL_PATH, body, Amount::Requests(2_000), 4, 1);
+    CONCURRENCY
+        .iter()
+        .map(|&c| {
+            // Concurrency c: c connections with one stream each, as
+            // concurrent clients would be, for 10 s.
+            let run = h2load(addr, MODEL_PATH, body, Amount::Seconds(10), c, 1);
+            (label.to_owned(), c, run)
+        })
+        .collect()
+}
+
+async fn servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = write_body(
+        dir.path(),
+        "double",
+        &infer_request("double", &[16], &tiny_values()),
+    );
+    let chain_body = write_body(
+        dir.path(),
+        "chained",
+        &infer_request("chained", &[16], &tiny_values()),
+    );
+    let mut rows: Vec<(String, u32, Run)> = Vec::new();
+    let mut checks: Vec<String> = Vec::new();
+
+    let echo = start_echo().await;
+    rows.extend(sweep("bare tonic echo (ceiling)", &echo, &body));
+
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::scale(repo, "double", "1", 2.0);
+            fixtures::scale(repo, "chained", "1", 2.0);
+            fixtures::write_config(
+                repo,
+                "chained",
+                "preprocess = [\"pre\"]\npostprocess = [\"post\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n",
+            );
+        },
+        true,
+    )
+    .await;
+    for model in ["double", "chained"] {
+        srv.wait_for(model, |s| s.state == ModelState::Ready as i32)
+            .await;
+    }
+    let plinth_addr = srv.running().grpc_addr.to_string();
+    let check = |addr: &str, model: &str, when: &str| {
+        let verdict = match triton_check(addr, model) {
+            Some(true) => "ok",
+            Some(false) => "FAILED",
+            None => "not run (no PLINTH_PYTHON)",
+        };
+        format!("{model} at {addr}, {when}: {verdict}")
+    };
+    checks.push(check(&plinth_addr, "double", "before"));
+    rows.extend(sweep("Plinth, plain pipeline", &plinth_addr, &body));
+    checks.push(check(&plinth_addr, "double", "after"));
+    let plugins = srv.plugins.path();
+    // image-normalize passes f32 tensors through unchanged: the cost is the
+    // calls and the tensor copies every processor pays.
+    plinth_tests::install_plugin(plugins, "pre", "image_normalize", None);
+    plinth_tests::install_plugin(plugins, "post", "image_normalize", None);
+    plinth_tests::install_plugin(plugins, "router", "weighted_router", None);
+    plinth_tests::install_plugin(plugins, "metrics", "prometheus_metrics", None);
+    for name in ["pre", "post", "router", "metrics"] {
+        srv.wait_plugin(name, |s| s.serving).await;
+    }
+    checks.push(check(&plinth_addr, "chained", "before"));
+    rows.extend(sweep(
+        "Plinth, full plugin chain",
+        &plinth_addr,
+        &chain_body,
+    ));
+    checks.push(check(&plinth_addr, "chained", "after"));
+    srv.stop().await;
+
+    if peers_dir().is_none() {
+        println!(
+            "\nPLINTH_PEERS_DIR is not set: MLServer and PyTriton skipped (run through `cargo xtask bench`)"
+        );
+    }
+    for which in ["MLServer", "PyTriton"] {
+        let peer = if which == "MLServer" {
+            mlserver().await
+        } else {
+            pytriton().await
+        };
+        let Some(peer) = peer else {
+            continue;
+        };
+        checks.push(check(&peer.grpc, "double", "before"));
+        rows.extend(sweep(peer.name, &peer.grpc, &body));
+        checks.push(check(&peer.grpc, "double", "after"));
+    }
+
+    println!("\n## Servers side by side: y = 2x over 16 floats, h2load, 10 s per cell");
+    println!("| server | concurrency | req/s | p50 | p99 | failed | req/s ÷ Plinth plain |");
+    println!("|---|---|---|---|---|---|---|");
+    let plain = |c: u32| {
+        rows.iter()
+            .find(|(label, cc, _)| label == "Plinth, plain pipeline" && *cc == c)
+            .map(|(_, _, run)| run.req_per_s)
+    };
+    for (label, c, run) in &rows {
+        let ratio = plain(*c).map_or(f64::NAN, |p| run.req_per_s / p);
+        println!(
+            "| {label} | {c} | {:.0} | {:.0} µs | {:.0} µs | {} of {} | {ratio:.2} |",
+            run.req_per_s,
+            run.p50_us,
+            run.p99_us,
+            run.failed,
+            run.succeeded + run.failed
+        );
+    }
+    println!("\ncorrectness checks (tritonclient):");
+    for line in checks {
+        println!("- {line}");
+    }
+}
+
+/// A small CNN classifier: 3×32×32 → conv 32 → pool → conv 64 → pool →
+/// conv 64 → global average → 10 logits. Weights are fixed by a seed.
+fn cnn_file(path: &Path) {
+    tch::manual_seed(7);
+    let opts = (Kind::Float, trace::Device::Cpu);
+    let w1 = TchTensor::randn([32, 3, 3, 3], opts) * 0.2;
+    let w2 = TchTensor::randn([64, 32, 3, 3], opts) * 0.05;
+    let w3 = TchTensor::randn([64, 64, 3, 3], opts) * 0.05;
+    let fc = TchTensor::randn([10, 64], opts) * 0.1;
+    let none: Option<&TchTensor> = None;
+    trace::save(path, &[TchTensor::zeros([2, 3, 32, 32], opts)], |xs| {
+        let x = xs[0]
+            .conv2d(&w1, none, [1, 1], [1, 1], [1, 1], 1)
+            .relu()
+            .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+        let x = x
+            .conv2d(&w2, none, [1, 1], [1, 1], [1, 1], 1)
+            .relu()
+            .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+        let x = x.conv2d(&w3, none, [1, 1], [1, 1], [1, 1], 1).relu();
+        let x = x.mean_dim(&[2i64, 3][..], false, Kind::Float);
+        vec![x.matmul(&fc.tr())]
+    })
+    .expect("tracing the CNN");
+}
+
+fn cnn_repo(repo: &Path, model: &str, extra: &str) {
+    fixtures::write_config(
+        repo,
+        model,
+        &format!(
+            "max_batch_size = 32\n{extra}\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [3, 32, 32]\n[[output]]\nname = \"logits\"\ndtype = \"f32\"\nshape = [10]\n"
+        ),
+    );
+    cnn_file(&plinth_tests::model_file(repo, model, "1"));
+}
+
+fn images(n: usize) -> Vec<f32> {
+    (0..n * 3 * 32 * 32)
+        .map(|i| ((i * 37) % 255) as f32 / 255.0)
+        .collect()
+}
+
+async fn cnn() {
+    let srv = TestServer::start(
+        |repo| cnn_repo(repo, "cnn", "dynamic_batching = false"),
+        true,
+    )
+    .await;
+    srv.wait_for("cnn", |s| s.state == ModelState::Ready as i32)
+        .await;
+    let addr = srv.running().grpc_addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    println!("\n## CNN classifier (3x32x32 → 10), Plinth, no dynamic batching, h2load 10 s");
+    println!("| request batch | concurrency | req/s | images/s | p50 | p99 | failed |");
+    println!("|---|---|---|---|---|---|---|");
+    for batch in [1usize, 32] {
+        let body = write_body(
+            dir.path(),
+            &format!("cnn{batch}"),
+            &infer_request("cnn", &[batch as i64, 3, 32, 32], &images(batch)),
+        );
+        h2load(&addr, MODEL_PATH, &body, Amount::Requests(50), 1, 1);
+        for c in [1u32, 8] {
+            let run = h2load(&addr, MODEL_PATH, &body, Amount::Seconds(10), c, 1);
+            println!(
+                "| {batch} | {c} | {:.0} | {:.0} | {:.0} µs | {:.0} µs | {} |",
+                run.req_per_s,
+                run.req_per_s * batch as f64,
+                run.p50_us,
+                run.p99_us,
+                run.failed
+            );
+        }
+    }
+    srv.stop().await;
+}
+
+async fn batching() {
+    let srv = TestServer::start(
+        |repo| {
+            cnn_repo(repo, "cnn_off", "dynamic_batching = false");
+            cnn_repo(
+                repo,
+                "cnn_on",
+                "dynamic_batching = true\nmax_queue_delay_us = 2000\npreferred_batch_sizes = [16, 32]",
+            );
+        },
+        true,
+    )
+    .await;
+    for model in ["cnn_off", "cnn_on"] {
+        srv.wait_for(model, |s| s.state == ModelState::Ready as i32)
+            .await;
+    }
+    let addr = srv.running().grpc_addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    println!("\n## Dynamic batching on the CNN: batch-1 requests at concurrency 64, h2load 15 s");
+    println!("| model config | req/s | p50 | p99 | failed | forward passes | mean rows per pass |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut results = Vec::new();
+    for round in 0..2 {
+        for model in ["cnn_off", "cnn_on"] {
+            let body = write_body(
+                dir.path(),
+                model,
+                &infer_request(model, &[1, 3, 32, 32], &images(1)),
+            );
+            let before = exec_counts(&srv, model).await;
+            let run = h2load(&addr, MODEL_PATH, &body, Amount::Seconds(15), 64, 1);
+            let after = exec_counts(&srv, model).await;
+            let passes = after.1 - before.1;
+            let rows = (after.0 - before.0) as f64 / passes.max(1) as f64;
+            println!(
+                "| {model} (round {round}) | {:.0} | {:.0} µs | {:.0} µs | {} | {passes} | {rows:.1} |",
+                run.req_per_s, run.p50_us, run.p99_us, run.failed
+            );
+            results.push((model, run.req_per_s));
+        }
+    }
+    let mean = |m: &str| {
+        let v: Vec<f64> = results.iter().filter(|r| r.0 == m).map(|r| r.1).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    println!(
+        "\nbatching on ÷ off: {:.2}",
+        mean("cnn_on") / mean("cnn_off")
+    );
+    srv.stop().await;
+}
+
+/// `(inference_count, execution_count)` from ModelStatistics.
+async fn exec_counts(srv: &TestServer, model: &str) -> (u64, u64) {
+    let stats = srv
+        .inference()
+        .await
+        .model_statistics(ipb::ModelStatisticsRequest {
+            name: model.into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats
+        .remove(0);
+    (stats.inference_count, stats.execution_count)
+}
+
+async fn connections() {
+    let srv = TestServer::start(|repo| fixtures::scale(repo, "double", "1", 2.0), true).await;
+    srv.wait_for("double", |s| s.state == ModelState::Ready as i32)
+        .await;
+    let addr = srv.running().grpc_addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let body = write_body(
+        dir.path(),
+        "double",
+        &infer_request("double", &[16], &tiny_values()),
+    );
+    let before = exec_counts(&srv, "double").await;
+    let run = h2load(&addr, MODEL_PATH, &body, Amount::Seconds(60), 500, 1);
+    let after = exec_counts(&srv, "double").await;
+    let check = triton_check(&addr, "double");
+    println!("\n## 500 concurrent connections for 60 s (h2load -c 500 -m 1 -D 60), Plinth, y = 2x");
+    println!(
+        "| req/s | p50 | p99 | HTTP failures | requests the server ran | tritonclient check after |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {:.0} | {:.0} µs | {:.0} µs | {} of {} | {} | {check:?} |",
+        run.req_per_s,
+        run.p50_us,
+        run.p99_us,
+        run.failed,
+        run.succeeded + run.failed,
+        after.0 - before.0
+    );
+    srv.stop().await;
+}
