@@ -63,6 +63,8 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
             "0",
             "--http-port",
             "0",
+            "--metrics-port",
+            "0",
         ])
         .arg("--model-repository")
         .arg(repo.path())
@@ -103,7 +105,17 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
             .map(|l| strip_ansi(&l.unwrap()))
             .collect::<Vec<_>>()
     });
-    let addr = addr_rx.await.expect("plinth logs its gRPC address");
+    let addr = match addr_rx.await {
+        Ok(addr) => addr,
+        Err(_) => {
+            let status = child.wait();
+            let stderr = err_reader.join().unwrap_or_default();
+            panic!(
+                "plinth exited ({status:?}) before logging its gRPC address; stderr:\n{}",
+                stderr.join("\n")
+            );
+        }
+    };
     let url = format!("http://{addr}");
 
     let mut models = ModelServiceClient::connect(url.clone()).await.unwrap();
