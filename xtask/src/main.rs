@@ -167,7 +167,16 @@ fn build_plugins() -> Result<PathBuf> {
         cmd.args(["--package", plugin]);
     }
     status(cmd).context("building the plugins (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)")?;
-    Ok(project_root().join("target/wasm32-wasip2/plugin"))
+    Ok(target_dir().join("wasm32-wasip2/plugin"))
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the
+/// project root), else `target/`.
+fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => project_root().join(dir),
+        None => project_root().join("target"),
+    }
 }
 
 /// The first `cargo xtask serve` creates `.plinth/plugins` with the metrics
