@@ -23,8 +23,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use plinth::grpc::pb;
+use plinth_tests::load::{self, Amount, H2loadRun, grpc_frame};
 use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, fixtures};
-use prost::Message;
 
 const LARGE_FLOATS: i64 = 75_000_000; // 300 MB of weights per model
 
@@ -241,66 +241,9 @@ async fn concurrent_loads() {
     }
 }
 
-/// A gRPC frame around an encoded message, as h2load sends it.
-fn grpc_frame(message: &impl Message) -> Vec<u8> {
-    let body = message.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
-    frame
-}
-
-struct H2loadRun {
-    req_per_s: f64,
-    succeeded: u64,
-    failed: u64,
-    mean_us: f64,
-}
-
+/// h2load with `-n`, on one client thread, as these sections were measured.
 fn h2load(url: &str, body: &Path, n: u64, clients: u32, streams: u32) -> H2loadRun {
-    let out = Command::new("h2load")
-        .args([
-            "-n",
-            &n.to_string(),
-            "-c",
-            &clients.to_string(),
-            "-m",
-            &streams.to_string(),
-        ])
-        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-        .arg("-d")
-        .arg(body)
-        .arg(url)
-        .output()
-        .expect("h2load (Debian package nghttp2-client) runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |line_start: &str, idx: usize| -> String {
-        text.lines()
-            .find(|l| l.trim_start().starts_with(line_start))
-            .unwrap_or_else(|| panic!("h2load output lacks {line_start:?}:\n{text}"))
-            .split_whitespace()
-            .nth(idx)
-            .unwrap()
-            .trim_end_matches(',')
-            .to_owned()
-    };
-    let req_per_s: f64 = field("finished in", 3).parse().unwrap();
-    let succeeded: u64 = field("requests:", 7).parse().unwrap();
-    let failed: u64 = field("requests:", 9).parse().unwrap();
-    let mean = field("time for request:", 5);
-    let mean_us = if let Some(ms) = mean.strip_suffix("ms") {
-        ms.parse::<f64>().unwrap() * 1e3
-    } else if let Some(us) = mean.strip_suffix("us") {
-        us.parse().unwrap()
-    } else {
-        mean.trim_end_matches('s').parse::<f64>().unwrap() * 1e6
-    };
-    H2loadRun {
-        req_per_s,
-        succeeded,
-        failed,
-        mean_us,
-    }
+    load::h2load(url, body, Amount::Requests(n), clients, streams, 1)
 }
 
 async fn overhead() {

@@ -30,8 +30,8 @@ use plinth::grpc::ipb::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
 use plinth::torch::trace::{self, Kind, TchTensor};
+use plinth_tests::load::{Amount, H2loadRun, grpc_frame, h2load};
 use plinth_tests::{ModelState, TestServer, fixtures};
-use prost::Message;
 use tonic::{Request, Response, Status};
 
 const CONCURRENCY: [u32; 3] = [1, 8, 64];
@@ -64,14 +64,6 @@ async fn main() {
 // ---------------------------------------------------------------------------
 // The load generator.
 
-fn grpc_frame(message: &impl Message) -> Vec<u8> {
-    let body = message.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
-    frame
-}
-
 fn infer_request(model: &str, shape: &[i64], values: &[f32]) -> ipb::ModelInferRequest {
     ipb::ModelInferRequest {
         model_name: model.into(),
@@ -89,77 +81,6 @@ fn infer_request(model: &str, shape: &[i64], values: &[f32]) -> ipb::ModelInferR
                 .into(),
         ],
         ..Default::default()
-    }
-}
-
-/// One h2load run.
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    req_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
-    succeeded: u64,
-    failed: u64,
-}
-
-enum Amount {
-    Requests(u64),
-    Seconds(u64),
-}
-
-/// h2load against `addr` (host:port) posting `body` to `path`; latencies
-/// come from its per-request log.
-fn h2load(addr: &str, path: &str, body: &Path, amount: Amount, clients: u32, streams: u32) -> Run {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("requests.log");
-    let mut cmd = Command::new("h2load");
-    match amount {
-        Amount::Requests(n) => cmd.args(["-n", &n.to_string()]),
-        Amount::Seconds(s) => cmd.args(["-D", &s.to_string()]),
-    };
-    let out = cmd
-        .args(["-c", &clients.to_string(), "-m", &streams.to_string()])
-        .args(["-t", &clients.min(2).to_string()])
-        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-        .arg("-d")
-        .arg(body)
-        .arg("--log-file")
-        .arg(&log)
-        .arg(format!("http://{addr}{path}"))
-        .output()
-        .expect("h2load (Debian package nghttp2-client) runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("requests:"))
-        .unwrap_or_else(|| panic!("h2load output lacks a requests line:\n{text}"));
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let succeeded: u64 = words[7].parse().unwrap();
-    let failed: u64 = words[9].parse::<u64>().unwrap() + words[11].parse::<u64>().unwrap();
-    let finished = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("finished in"))
-        .unwrap_or_else(|| panic!("h2load output lacks its summary:\n{text}"));
-    let req_per_s: f64 = finished.split_whitespace().nth(3).unwrap().parse().unwrap();
-    // Each log line: start (µs since the epoch), HTTP status, duration (µs).
-    let mut durations: Vec<f64> = std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
-        .collect();
-    durations.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        durations
-            .get(((durations.len().max(1) - 1) as f64 * q).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    Run {
-        req_per_s,
-        p50_us: at(0.5),
-        p99_us: at(0.99),
-        succeeded,
-        failed,
     }
 }
 
@@ -427,16 +348,28 @@ fn tiny_values() -> Vec<f32> {
     (0..16).map(|i| i as f32).collect()
 }
 
+/// h2load against ModelInfer on `addr` (host:port), on two client threads.
+fn load(addr: &str, body: &Path, amount: Amount, clients: u32, streams: u32) -> H2loadRun {
+    h2load(
+        &format!("http://{addr}{MODEL_PATH}"),
+        body,
+        amount,
+        clients,
+        streams,
+        2,
+    )
+}
+
 /// Runs the three concurrency levels against one server; returns its rows.
-fn sweep(label: &str, addr: &str, body: &Path) -> Vec<(String, u32, Run)> {
+fn sweep(label: &str, addr: &str, body: &Path) -> Vec<(String, u32, H2loadRun)> {
     // Warm-up.
-    h2load(addr, MODEL_PATH, body, Amount::Requests(2_000), 4, 1);
+    load(addr, body, Amount::Requests(2_000), 4, 1);
     CONCURRENCY
         .iter()
         .map(|&c| {
             // Concurrency c: c connections with one stream each, as
             // concurrent clients would be, for 10 s.
-            let run = h2load(addr, MODEL_PATH, body, Amount::Seconds(10), c, 1);
+            let run = load(addr, body, Amount::Seconds(10), c, 1);
             (label.to_owned(), c, run)
         })
         .collect()
@@ -454,7 +387,7 @@ async fn servers() {
         "chained",
         &infer_request("chained", &[16], &tiny_values()),
     );
-    let mut rows: Vec<(String, u32, Run)> = Vec::new();
+    let mut rows: Vec<(String, u32, H2loadRun)> = Vec::new();
     let mut checks: Vec<String> = Vec::new();
 
     let echo = start_echo().await;
@@ -614,9 +547,9 @@ async fn cnn() {
             &format!("cnn{batch}"),
             &infer_request("cnn", &[batch as i64, 3, 32, 32], &images(batch)),
         );
-        h2load(&addr, MODEL_PATH, &body, Amount::Requests(50), 1, 1);
+        load(&addr, &body, Amount::Requests(50), 1, 1);
         for c in [1u32, 8] {
-            let run = h2load(&addr, MODEL_PATH, &body, Amount::Seconds(10), c, 1);
+            let run = load(&addr, &body, Amount::Seconds(10), c, 1);
             println!(
                 "| {batch} | {c} | {:.0} | {:.0} | {:.0} µs | {:.0} µs | {} |",
                 run.req_per_s,
@@ -661,7 +594,7 @@ async fn batching() {
                 &infer_request(model, &[1, 3, 32, 32], &images(1)),
             );
             let before = exec_counts(&srv, model).await;
-            let run = h2load(&addr, MODEL_PATH, &body, Amount::Seconds(15), 64, 1);
+            let run = load(&addr, &body, Amount::Seconds(15), 64, 1);
             let after = exec_counts(&srv, model).await;
             let passes = after.1 - before.1;
             let rows = (after.0 - before.0) as f64 / passes.max(1) as f64;
@@ -712,7 +645,7 @@ async fn connections() {
         &infer_request("double", &[16], &tiny_values()),
     );
     let before = exec_counts(&srv, "double").await;
-    let run = h2load(&addr, MODEL_PATH, &body, Amount::Seconds(60), 500, 1);
+    let run = load(&addr, &body, Amount::Seconds(60), 500, 1);
     let after = exec_counts(&srv, "double").await;
     let check = match triton_check(&addr, "double") {
         Some(true) => "ok",

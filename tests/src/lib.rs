@@ -13,6 +13,7 @@ use tonic::transport::Channel;
 pub use plinth::grpc::pb::{DataType, ModelState};
 
 pub mod fixtures;
+pub mod load;
 
 /// A running host over a temporary model repository.
 pub struct TestServer {

@@ -1,0 +1,111 @@
+//! The benchmarks' load generator: h2load (Debian `nghttp2-client`) posting
+//! a pre-encoded gRPC body, run as a separate process.
+
+use std::path::Path;
+use std::process::Command;
+
+use prost::Message;
+
+/// A gRPC frame around an encoded message, as h2load sends it: the
+/// compression flag, the big-endian length, the message.
+pub fn grpc_frame(message: &impl Message) -> Vec<u8> {
+    let body = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// How long one run lasts.
+#[derive(Debug, Clone, Copy)]
+pub enum Amount {
+    /// `-n`: this many requests.
+    Requests(u64),
+    /// `-D`: this many seconds.
+    Seconds(u64),
+}
+
+/// What one h2load run reports. h2load reads HTTP statuses only, never
+/// grpc-status: callers check the server's own counters as well.
+#[derive(Debug, Clone, Copy)]
+pub struct H2loadRun {
+    pub req_per_s: f64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub succeeded: u64,
+    /// Errored and timed-out requests.
+    pub failed: u64,
+}
+
+/// Runs h2load against `url` with `clients` connections of `streams`
+/// concurrent streams each, on `threads` client threads. Percentiles come
+/// from h2load's per-request log.
+pub fn h2load(
+    url: &str,
+    body: &Path,
+    amount: Amount,
+    clients: u32,
+    streams: u32,
+    threads: u32,
+) -> H2loadRun {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let log = dir.path().join("requests.log");
+    let mut cmd = Command::new("h2load");
+    match amount {
+        Amount::Requests(n) => cmd.args(["-n", &n.to_string()]),
+        Amount::Seconds(s) => cmd.args(["-D", &s.to_string()]),
+    };
+    let out = cmd
+        .args(["-c", &clients.to_string(), "-m", &streams.to_string()])
+        .args(["-t", &threads.clamp(1, clients.max(1)).to_string()])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(body)
+        .arg("--log-file")
+        .arg(&log)
+        .arg(url)
+        .output()
+        .expect("h2load (Debian package nghttp2-client) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words = |line_start: &str| -> Vec<String> {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(line_start))
+            .unwrap_or_else(|| panic!("h2load output lacks {line_start:?}:\n{text}"))
+            .split_whitespace()
+            .map(|w| w.trim_end_matches(',').to_owned())
+            .collect()
+    };
+    let requests = words("requests:");
+    let count = |idx: usize| -> u64 { requests[idx].parse().expect("a request count") };
+    let req_per_s: f64 = words("finished in")[3].parse().expect("req/s");
+    let mean = words("time for request:")[5].clone();
+    let mean_us = if let Some(ms) = mean.strip_suffix("ms") {
+        ms.parse::<f64>().expect("a mean") * 1e3
+    } else if let Some(us) = mean.strip_suffix("us") {
+        us.parse().expect("a mean")
+    } else {
+        mean.trim_end_matches('s').parse::<f64>().expect("a mean") * 1e6
+    };
+    // Each log line: start (µs since the epoch), HTTP status, duration (µs).
+    let mut durations: Vec<f64> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    durations.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        durations
+            .get(((durations.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    H2loadRun {
+        req_per_s,
+        mean_us,
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        succeeded: count(7),
+        failed: count(9) + count(11),
+    }
+}
