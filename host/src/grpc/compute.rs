@@ -1,8 +1,5 @@
 //! `plinth.v1.ComputeService`.
 
-use std::pin::Pin;
-
-use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -12,10 +9,6 @@ use super::{now_micros, status_to_pb, tensor_from_pb, tensor_to_pb};
 use crate::error::Error;
 use crate::pipeline::{Pipeline, PipelineRequest, queue_timeout};
 use crate::server::HostInfo;
-
-/// Messages of one StreamCompute call that may be computed at once. Answers
-/// still leave in request order.
-const STREAM_WINDOW: usize = 16;
 
 #[derive(Clone)]
 pub struct ComputeApi {
@@ -93,7 +86,7 @@ async fn compute_one(
     })
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::ComputeResponse, Status>> + Send>>;
+type ResponseStream = super::AnswerStream<pb::ComputeResponse>;
 
 #[tonic::async_trait]
 impl ComputeService for ComputeApi {
@@ -119,19 +112,14 @@ impl ComputeService for ComputeApi {
     ) -> Result<Response<Self::StreamComputeStream>, Status> {
         let pipeline = self.pipeline.clone();
         let headers = request.metadata().clone();
-        let inbound = request
-            .into_inner()
-            .take_until(self.shutdown.clone().cancelled_owned());
-        let outbound = inbound
-            .map(move |message| {
+        let outbound =
+            super::answer_in_order(request.into_inner(), &self.shutdown, move |request| {
                 let pipeline = pipeline.clone();
                 let headers = headers.clone();
                 async move {
-                    let request = message?;
                     let id = request.id.clone();
                     let model = request.model.clone();
-                    // A bad message is answered in place; the stream goes on.
-                    Ok(compute_one(&pipeline, &headers, request)
+                    compute_one(&pipeline, &headers, request)
                         .await
                         .unwrap_or_else(|err| {
                             let status = super::status(err);
@@ -145,11 +133,10 @@ impl ComputeService for ComputeApi {
                                     message: status.message().to_owned(),
                                 }),
                             }
-                        }))
+                        })
                 }
-            })
-            .buffered(STREAM_WINDOW);
-        Ok(Response::new(Box::pin(outbound)))
+            });
+        Ok(Response::new(outbound))
     }
 
     async fn ping(

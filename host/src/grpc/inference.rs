@@ -3,10 +3,8 @@
 //! Every inference runs through the same [`Pipeline`] as ComputeService.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -17,10 +15,6 @@ use crate::health::Health;
 use crate::oip::{self, Elements, RequestedOutput};
 use crate::pipeline::{Pipeline, PipelineRequest, queue_timeout};
 use crate::tensor::Tensor;
-
-/// Messages of one ModelStreamInfer call computed at once; answers still
-/// leave in request order.
-const STREAM_WINDOW: usize = 16;
 
 #[derive(Clone)]
 pub struct InferenceApi {
@@ -366,8 +360,7 @@ fn version_arg(version: &str) -> Option<&str> {
     (!version.is_empty()).then_some(version)
 }
 
-type InferStream =
-    Pin<Box<dyn Stream<Item = Result<ipb::ModelStreamInferResponse, Status>> + Send>>;
+type InferStream = super::AnswerStream<ipb::ModelStreamInferResponse>;
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceApi {
@@ -459,19 +452,14 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let pipeline = self.pipeline.clone();
         let headers = request.metadata().clone();
-        let inbound = request
-            .into_inner()
-            .take_until(self.shutdown.clone().cancelled_owned());
-        let outbound = inbound
-            .map(move |message| {
+        let outbound =
+            super::answer_in_order(request.into_inner(), &self.shutdown, move |request| {
                 let pipeline = pipeline.clone();
                 let headers = headers.clone();
                 async move {
-                    let request = message?;
                     let id = request.id.clone();
                     let model_name = request.model_name.clone();
-                    // A bad message is answered in place; the stream goes on.
-                    Ok(match infer_one(&pipeline, &headers, request).await {
+                    match infer_one(&pipeline, &headers, request).await {
                         Ok(response) => ipb::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
@@ -484,11 +472,10 @@ impl GrpcInferenceService for InferenceApi {
                                 ..Default::default()
                             }),
                         },
-                    })
+                    }
                 }
-            })
-            .buffered(STREAM_WINDOW);
-        Ok(Response::new(Box::pin(outbound)))
+            });
+        Ok(Response::new(outbound))
     }
 
     async fn model_config(

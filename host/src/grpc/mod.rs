@@ -7,9 +7,13 @@ mod inference;
 mod models;
 mod plugins;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tonic::{Code, Status};
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status, Streaming};
 
 pub use compute::ComputeApi;
 pub use inference::InferenceApi;
@@ -19,6 +23,43 @@ pub use plugins::PluginApi;
 use crate::error::Error;
 use crate::registry::{ModelState, ModelStatus};
 use crate::tensor::{DType, Tensor, TensorSpec};
+
+/// How many messages of one stream may be in the pipeline at once.
+const STREAM_WINDOW: usize = 16;
+
+/// The response side of a bidirectional stream.
+type AnswerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Answers a bidirectional stream in order: every inbound message goes
+/// through `answer`, up to [`STREAM_WINDOW`] of them at a time, and the
+/// answers leave in the order the messages came. `answer` reports a bad
+/// message in its answer, so the stream goes on; a broken transport ends it.
+/// The stream also ends when the server shuts down.
+fn answer_in_order<Req, Resp, F, Fut>(
+    inbound: Streaming<Req>,
+    shutdown: &CancellationToken,
+    answer: F,
+) -> AnswerStream<Resp>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+    F: Fn(Req) -> Fut + Send + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    let outbound = inbound
+        .take_until(shutdown.clone().cancelled_owned())
+        .map(move |message| {
+            let pending = message.map(&answer);
+            async move {
+                match pending {
+                    Ok(answer) => Ok(answer.await),
+                    Err(status) => Err(status),
+                }
+            }
+        })
+        .buffered(STREAM_WINDOW);
+    Box::pin(outbound)
+}
 
 /// The generated `plinth.v1` types.
 pub mod pb {
