@@ -566,10 +566,8 @@ async fn chain_overhead() {
         true,
     )
     .await;
-    srv.wait_for("plain", |s| s.state == ModelState::Ready as i32)
-        .await;
-    srv.wait_for("chained", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("plain").await;
+    srv.wait_ready("chained").await;
     // image-normalize passes f32 tensors through: the cost measured is the
     // call and the tensor copies, which every processor pays.
     for (name, component) in [("pre", "image_normalize"), ("post", "image_normalize")] {

@@ -31,7 +31,7 @@ use plinth::grpc::ipb::grpc_inference_service_server::{
 };
 use plinth::torch::trace::{self, Kind, TchTensor};
 use plinth_tests::load::{Amount, H2loadRun, grpc_frame, h2load};
-use plinth_tests::{ModelState, TestServer, fixtures};
+use plinth_tests::{TestServer, fixtures};
 use tonic::{Request, Response, Status};
 
 const CONCURRENCY: [u32; 3] = [1, 8, 64];
@@ -407,8 +407,7 @@ async fn servers() {
     )
     .await;
     for model in ["double", "chained"] {
-        srv.wait_for(model, |s| s.state == ModelState::Ready as i32)
-            .await;
+        srv.wait_ready(model).await;
     }
     let plinth_addr = srv.running().grpc_addr.to_string();
     let check = |addr: &str, model: &str, when: &str| {
@@ -534,8 +533,7 @@ async fn cnn() {
         true,
     )
     .await;
-    srv.wait_for("cnn", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("cnn").await;
     let addr = srv.running().grpc_addr.to_string();
     let dir = tempfile::tempdir().unwrap();
     println!("\n## CNN classifier (3x32x32 → 10), Plinth, no dynamic batching, h2load 10 s");
@@ -577,8 +575,7 @@ async fn batching() {
     )
     .await;
     for model in ["cnn_off", "cnn_on"] {
-        srv.wait_for(model, |s| s.state == ModelState::Ready as i32)
-            .await;
+        srv.wait_ready(model).await;
     }
     let addr = srv.running().grpc_addr.to_string();
     let dir = tempfile::tempdir().unwrap();
@@ -618,25 +615,13 @@ async fn batching() {
 
 /// `(inference_count, execution_count)` from ModelStatistics.
 async fn exec_counts(srv: &TestServer, model: &str) -> (u64, u64) {
-    let stats = srv
-        .inference()
-        .await
-        .model_statistics(ipb::ModelStatisticsRequest {
-            name: model.into(),
-            version: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .model_stats
-        .remove(0);
+    let stats = srv.model_stats(model).await;
     (stats.inference_count, stats.execution_count)
 }
 
 async fn connections() {
     let srv = TestServer::start(|repo| fixtures::scale(repo, "double", "1", 2.0), true).await;
-    srv.wait_for("double", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("double").await;
     let addr = srv.running().grpc_addr.to_string();
     let dir = tempfile::tempdir().unwrap();
     let body = write_body(

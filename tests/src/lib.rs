@@ -122,6 +122,27 @@ impl TestServer {
             .expect("status")
     }
 
+    /// Waits until `name` is READY (see [`TestServer::wait_for`]).
+    pub async fn wait_ready(&self, name: &str) -> pb::ModelStatus {
+        self.wait_for(name, |s| s.state == ModelState::Ready as i32)
+            .await
+    }
+
+    /// The Open Inference Protocol statistics of `name`, all versions.
+    pub async fn model_stats(&self, name: &str) -> plinth::grpc::ipb::ModelStatistics {
+        self.inference()
+            .await
+            .model_statistics(plinth::grpc::ipb::ModelStatisticsRequest {
+                name: name.into(),
+                version: String::new(),
+            })
+            .await
+            .expect("ModelStatistics")
+            .into_inner()
+            .model_stats
+            .remove(0)
+    }
+
     /// Polls GetModel until `pred` holds. Tests bound it by an event count,
     /// not by time: a stuck server fails through the test harness timeout.
     pub async fn wait_for(

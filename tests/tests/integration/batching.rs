@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use plinth::grpc::ipb::{self, model_infer_request::InferInputTensor};
+use plinth_tests::TestServer;
 use plinth_tests::fixtures;
-use plinth_tests::{ModelState, TestServer};
 use tonic::Code;
 
 /// `y = 3x` on `[batch, n]` (n free), batching up to `max_batch` rows.
@@ -61,25 +61,6 @@ fn output_values(response: &ipb::ModelInferResponse) -> (Vec<i64>, Vec<f32>) {
     (response.outputs[0].shape.clone(), values)
 }
 
-async fn stats(srv: &TestServer, model: &str) -> ipb::ModelStatistics {
-    srv.inference()
-        .await
-        .model_statistics(ipb::ModelStatisticsRequest {
-            name: model.into(),
-            version: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .model_stats
-        .remove(0)
-}
-
-async fn ready(srv: &TestServer, model: &str) {
-    srv.wait_for(model, |s| s.state == ModelState::Ready as i32)
-        .await;
-}
-
 #[tokio::test]
 async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
     // The batch runs only when 8 rows are queued, so all 8 requests must
@@ -95,7 +76,7 @@ async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
         true,
     )
     .await;
-    ready(&srv, "scale").await;
+    srv.wait_ready("scale").await;
     let client = srv.inference().await;
     let calls = (0..8).map(|i| {
         let mut client = client.clone();
@@ -113,7 +94,7 @@ async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
         assert_eq!(shape, [1, 3]);
         assert_eq!(values, row.iter().map(|v| v * 3.0).collect::<Vec<_>>());
     }
-    let stats = stats(&srv, "scale").await;
+    let stats = srv.model_stats("scale").await;
     assert_eq!(stats.inference_count, 8);
     assert_eq!(stats.execution_count, 1);
     assert_eq!(stats.batch_stats.len(), 1, "{:?}", stats.batch_stats);
@@ -133,7 +114,7 @@ async fn requests_of_different_widths_are_never_merged() {
         true,
     )
     .await;
-    ready(&srv, "scale").await;
+    srv.wait_ready("scale").await;
     let client = srv.inference().await;
     let calls = (0..48).map(|i| {
         let mut client = client.clone();
@@ -155,7 +136,7 @@ async fn requests_of_different_widths_are_never_merged() {
         let want: Vec<f32> = rows.iter().flatten().map(|v| v * 3.0).collect();
         assert_eq!(values, want);
     }
-    let stats = stats(&srv, "scale").await;
+    let stats = srv.model_stats("scale").await;
     assert_eq!(
         stats.inference_count,
         (0..48).map(|i| 1 + i % 3).sum::<u64>()
@@ -176,7 +157,7 @@ async fn a_stream_through_a_batching_model_answers_in_order() {
         true,
     )
     .await;
-    ready(&srv, "scale").await;
+    srv.wait_ready("scale").await;
     let requests: Vec<ipb::ModelInferRequest> = (0..60)
         .map(|i| {
             let mut req = rows_request("scale", &[vec![i as f32, 1.0]]);
@@ -200,7 +181,7 @@ async fn a_stream_through_a_batching_model_answers_in_order() {
         seen += 1;
     }
     assert_eq!(seen, 60);
-    let stats = stats(&srv, "scale").await;
+    let stats = srv.model_stats("scale").await;
     assert_eq!(stats.inference_count, 60);
     // The stream keeps up to 16 requests in flight, so passes were shared.
     assert!(stats.execution_count < 60, "{}", stats.execution_count);
@@ -219,7 +200,7 @@ async fn a_full_queue_is_refused_at_once_and_queue_timeouts_are_honoured() {
         true,
     )
     .await;
-    ready(&srv, "scale").await;
+    srv.wait_ready("scale").await;
     let client = srv.inference().await;
     // Two requests wait for a batch that will not fill; each may wait 2 s.
     let waiting: Vec<_> = (0..2)
@@ -283,7 +264,7 @@ async fn a_full_queue_is_refused_at_once_and_queue_timeouts_are_honoured() {
         output_values(&response).1,
         (0..8).map(|i| 3.0 * i as f32).collect::<Vec<_>>()
     );
-    let stats = stats(&srv, "scale").await;
+    let stats = srv.model_stats("scale").await;
     assert_eq!(stats.inference_count, 8, "timed-out requests never ran");
     assert_eq!(stats.execution_count, 1);
 
@@ -319,7 +300,7 @@ async fn a_request_whose_client_has_gone_is_not_executed() {
         true,
     )
     .await;
-    ready(&srv, "scale").await;
+    srv.wait_ready("scale").await;
     let client = srv.inference().await;
     // A one-row request waits for a batch; its client gives up after 200 ms.
     let mut gone = tonic::Request::new(rows_request("scale", &[vec![100.0]]));
@@ -341,7 +322,7 @@ async fn a_request_whose_client_has_gone_is_not_executed() {
         .unwrap()
         .into_inner();
     assert_eq!(output_values(&response), (vec![3, 1], vec![3.0, 6.0, 9.0]));
-    let stats = stats(&srv, "scale").await;
+    let stats = srv.model_stats("scale").await;
     assert_eq!(stats.inference_count, 3, "the abandoned request ran");
     assert_eq!(stats.execution_count, 1);
     let sizes: HashMap<u64, u64> = stats

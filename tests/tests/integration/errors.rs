@@ -403,8 +403,7 @@ async fn concurrent_duplicate_loads_load_once() {
 #[tokio::test]
 async fn unload_lets_in_flight_requests_finish() {
     let srv = TestServer::start(|repo| fixtures::slow(repo, "slow", 400), true).await;
-    srv.wait_for("slow", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("slow").await;
     let mut compute = srv.compute().await;
     let in_flight = tokio::spawn(async move {
         compute
@@ -461,8 +460,7 @@ async fn a_full_queue_is_refused_at_once() {
         true,
     )
     .await;
-    srv.wait_for("slow", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("slow").await;
     let mut calls = Vec::new();
     for idx in 0..6 {
         let mut compute = srv.compute().await;

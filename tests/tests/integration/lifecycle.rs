@@ -233,10 +233,8 @@ async fn stream_compute_answers_in_order_and_survives_bad_messages() {
         true,
     )
     .await;
-    srv.wait_for("slow", |s| s.state == ModelState::Ready as i32)
-        .await;
-    srv.wait_for("scale", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("slow").await;
+    srv.wait_ready("scale").await;
 
     // Alternate a slow model and a fast one: answers must still come back in order.
     let mut requests = Vec::new();
@@ -316,8 +314,7 @@ async fn every_dtype_round_trips_through_torch() {
     let mut compute = srv.compute().await;
     for (name, _, dtype, size) in cases {
         let model = format!("dt_{name}");
-        srv.wait_for(&model, |s| s.state == ModelState::Ready as i32)
-            .await;
+        srv.wait_ready(&model).await;
         // Little-endian encodings of [1, 3, 0] (bool: [true, true, false]) and of the doubled values.
         let (input, expected): (Vec<u8>, Vec<u8>) = match name {
             "bool" => (vec![1, 1, 0], vec![0, 0, 1]),
@@ -404,8 +401,7 @@ fn f16_bits(value: f32) -> u16 {
 #[tokio::test]
 async fn inputs_are_matched_by_name_not_position() {
     let srv = TestServer::start(|repo| fixtures::two_io(repo, "two"), true).await;
-    srv.wait_for("two", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("two").await;
     let b = pb::Tensor {
         name: "b".into(),
         dtype: pb::DataType::Int64 as i32,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use plinth::grpc::ipb::{self, model_infer_request::InferInputTensor};
 use plinth_tests::fixtures::{self, affine_expected};
-use plinth_tests::{ModelState, TestServer, install_plugin};
+use plinth_tests::{TestServer, install_plugin};
 use tonic::Code;
 
 fn f32_bytes(values: &[f32]) -> bytes::Bytes {
@@ -58,11 +58,6 @@ fn request(
     }
 }
 
-async fn ready(srv: &TestServer, model: &str) {
-    srv.wait_for(model, |s| s.state == ModelState::Ready as i32)
-        .await;
-}
-
 #[tokio::test]
 async fn model_infer_runs_the_pipeline_with_typed_and_raw_tensors() {
     let srv = TestServer::start(
@@ -92,7 +87,7 @@ async fn model_infer_runs_the_pipeline_with_typed_and_raw_tensors() {
     );
     srv.wait_plugin("topk", |s| s.serving).await;
     for model in ["affine", "double_u8", "ranked"] {
-        ready(&srv, model).await;
+        srv.wait_ready(model).await;
     }
     let mut client = srv.inference().await;
     let rows = [1.0f32, 2.0, 3.0, 4.0, 4.0, -3.0, 1.0, 0.0];
@@ -244,7 +239,7 @@ async fn malformed_requests_are_refused_naming_the_tensor() {
         true,
     )
     .await;
-    ready(&srv, "affine").await;
+    srv.wait_ready("affine").await;
     let mut client = srv.inference().await;
     let four = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
 
@@ -441,7 +436,7 @@ async fn messages_over_the_limit_are_refused_and_the_server_goes_on() {
         |config| config.max_message_bytes = 1 << 20,
     )
     .await;
-    ready(&srv, "scale").await;
+    srv.wait_ready("scale").await;
     let mut client = srv.inference().await;
     let big: Vec<f32> = vec![1.0; 512 * 1024]; // 2 MiB
     let status = client
@@ -501,7 +496,7 @@ async fn messages_over_the_limit_are_refused_and_the_server_goes_on() {
 #[tokio::test]
 async fn stream_infer_answers_in_order_and_reports_errors_in_band() {
     let srv = TestServer::start(|repo| fixtures::scale(repo, "scale", "1", 3.0), true).await;
-    ready(&srv, "scale").await;
+    srv.wait_ready("scale").await;
     let mut client = srv.inference().await;
     let requests: Vec<ipb::ModelInferRequest> = (0..40)
         .map(|i| {
@@ -547,7 +542,7 @@ async fn stream_infer_answers_in_order_and_reports_errors_in_band() {
 #[tokio::test]
 async fn statistics_count_requests_stages_and_batches() {
     let srv = TestServer::start(|repo| fixtures::affine(repo, "affine", 8), true).await;
-    ready(&srv, "affine").await;
+    srv.wait_ready("affine").await;
     let mut client = srv.inference().await;
     for batch in [1i64, 2, 2] {
         let values = vec![0.5f32; batch as usize * 4];
@@ -688,7 +683,7 @@ async fn tritonclient_conformance() {
     );
     srv.wait_plugin("tokenize", |s| s.serving).await;
     for model in ["affine", "double_i64", "scale", "text_len"] {
-        ready(&srv, model).await;
+        srv.wait_ready(model).await;
     }
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oip_conformance.py");
     let grpc = srv.running().grpc_addr.to_string();

@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use plinth::grpc::pb;
 use plinth_tests::fixtures::{self, affine_expected};
-use plinth_tests::{
-    ModelState, TestServer, compute_request, f32_tensor, f32_values, install_plugin,
-};
+use plinth_tests::{TestServer, compute_request, f32_tensor, f32_values, install_plugin};
 use tonic::Code;
 
 const SCALE_IO: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
@@ -64,10 +62,8 @@ async fn pre_and_post_chains_run_around_the_model() {
     );
     srv.wait_plugin("normalize", serving).await;
     srv.wait_plugin("topk", serving).await;
-    srv.wait_for("img", |s| s.state == ModelState::Ready as i32)
-        .await;
-    srv.wait_for("affine", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("img").await;
+    srv.wait_ready("affine").await;
 
     // u8 HWC [2, 2, 3]: pixel p has channels (p, 10 + p, 20 + p) for p = 1..=4.
     let pixels: Vec<u8> = (1u8..=4).flat_map(|p| [p, 10 + p, 20 + p]).collect();
@@ -147,8 +143,7 @@ async fn the_router_splits_by_weight_and_a_header_pins_the_version() {
         true,
     )
     .await;
-    srv.wait_for("scale", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("scale").await;
     let mut compute = srv.compute().await;
     let run = |id: &str| pb::ComputeRequest {
         id: id.into(),
@@ -233,8 +228,7 @@ async fn plugins_are_added_replaced_and_removed_with_no_restart() {
         true,
     )
     .await;
-    srv.wait_for("affine", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("affine").await;
     let mut compute = srv.compute().await;
     let row = [1.0f32, 2.0, 3.0, 4.0];
     let run = || compute_request("affine", vec![f32_tensor("x", &[1, 4], &row)]);
@@ -353,8 +347,7 @@ async fn hostile_plugins_are_contained_and_reported() {
         srv.wait_plugin(name, serving).await;
     }
     for model in ["healthy", "m_spin", "m_trap", "m_bomb", "m_router"] {
-        srv.wait_for(model, |s| s.state == ModelState::Ready as i32)
-            .await;
+        srv.wait_ready(model).await;
     }
     let mut compute = srv.compute().await;
     let x = || vec![f32_tensor("x", &[2], &[1.0, 2.0])];
@@ -527,8 +520,7 @@ async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
         Some("[config]\nk = 1\n"),
     );
     let mut last = srv.wait_plugin("post", serving).await;
-    srv.wait_for("affine", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("affine").await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -577,8 +569,7 @@ async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
     let srv = TestServer::start(|repo| fixtures::scale(repo, "scale", "1", 2.0), true).await;
     install_plugin(srv.plugins.path(), "metrics", "prometheus_metrics", None);
     let first = srv.wait_plugin("metrics", serving).await;
-    srv.wait_for("scale", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("scale").await;
     let mut compute = srv.compute().await;
     for _ in 0..3 {
         compute

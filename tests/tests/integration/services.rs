@@ -128,8 +128,7 @@ async fn health_and_reflection_services_answer() {
 
     let srv = TestServer::start(|repo| fixtures::scale(repo, "m", "1", 2.0), true).await;
     // Not ready until the startup loads finish, then serving.
-    srv.wait_for("m", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("m").await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(srv.channel().await);
     let mut statuses = health
         .watch(tonic_health::pb::HealthCheckRequest {
@@ -177,8 +176,7 @@ async fn oversized_messages_are_refused_at_the_configured_limit() {
         |config| config.max_message_bytes = 4096,
     )
     .await;
-    srv.wait_for("m", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("m").await;
     let mut compute = srv.compute().await;
     let small = compute
         .compute(compute_request(
@@ -208,8 +206,7 @@ async fn oversized_messages_are_refused_at_the_configured_limit() {
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests() {
     let mut srv = TestServer::start(|repo| fixtures::slow(repo, "slow", 400), true).await;
-    srv.wait_for("slow", |s| s.state == ModelState::Ready as i32)
-        .await;
+    srv.wait_ready("slow").await;
     let mut compute = srv.compute().await;
     let in_flight = tokio::spawn(async move {
         compute
