@@ -309,17 +309,52 @@ const TEST_REQUIREMENTS: &[&str] = &["tritonclient[grpc,http]==2.73.0", "numpy<3
 
 /// A virtual environment in the cache with the test clients; returns its python.
 fn ensure_test_venv() -> Result<PathBuf> {
-    let venv = cache_dir()?.join("venv-tests");
+    ensure_venv(
+        &cache_dir()?.join("venv-tests"),
+        python(),
+        TEST_REQUIREMENTS,
+        "test",
+    )
+}
+
+/// The peers the throughput benchmark compares against, each in its own
+/// venv under `<cache>/peers`: MLServer, and PyTriton (whose Triton stub
+/// links the system libpython, so its venv is made with Debian's python3).
+fn ensure_peer_venvs() -> Result<PathBuf> {
+    let dir = cache_dir()?.join("peers");
+    ensure_venv(
+        &dir.join("mlserver"),
+        python(),
+        &["mlserver==1.7.1", "numpy<3"],
+        "mlserver",
+    )?;
+    ensure_venv(
+        &dir.join("pytriton"),
+        "/usr/bin/python3",
+        &["nvidia-pytriton==0.7.0", "numpy<3"],
+        "pytriton",
+    )?;
+    Ok(dir)
+}
+
+/// A venv at `venv` made with `base_python` holding `requirements`; rebuilt
+/// only when the requirements it was made with differ. Returns its python.
+fn ensure_venv(
+    venv: &Path,
+    base_python: &str,
+    requirements: &[&str],
+    name: &str,
+) -> Result<PathBuf> {
     let python = venv.join("bin").join("python");
     let stamp = venv.join(".requirements");
-    let wanted = TEST_REQUIREMENTS.join("\n");
+    let wanted = requirements.join("\n");
     if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
         return Ok(python);
     }
-    eprintln!("xtask: creating the test venv in {}", venv.display());
-    let mut create = Command::new(self::python());
-    create.args(["-m", "venv", "--clear"]).arg(&venv);
-    status(create).context("creating the test venv")?;
+    eprintln!("xtask: creating the {name} venv in {}", venv.display());
+    let mut create = Command::new(base_python);
+    create.args(["-m", "venv", "--clear"]).arg(venv);
+    status(create).with_context(|| format!("creating the {name} venv"))?;
     let mut install = Command::new(&python);
     install.args([
         "-m",
@@ -328,49 +363,10 @@ fn ensure_test_venv() -> Result<PathBuf> {
         "--quiet",
         "--disable-pip-version-check",
     ]);
-    install.args(TEST_REQUIREMENTS);
-    status(install).context("installing the test clients")?;
+    install.args(requirements);
+    status(install).with_context(|| format!("installing into the {name} venv"))?;
     std::fs::write(&stamp, wanted)?;
     Ok(python)
-}
-
-/// The peers the throughput benchmark compares against, each in its own
-/// venv under `<cache>/peers`: MLServer, and PyTriton (whose Triton stub
-/// links the system libpython, so its venv is made with Debian's python3).
-fn ensure_peer_venvs() -> Result<PathBuf> {
-    let dir = cache_dir()?.join("peers");
-    let peers: [(&str, &str, &[&str]); 2] = [
-        ("mlserver", python(), &["mlserver==1.7.1", "numpy<3"]),
-        (
-            "pytriton",
-            "/usr/bin/python3",
-            &["nvidia-pytriton==0.7.0", "numpy<3"],
-        ),
-    ];
-    for (name, base_python, requirements) in peers {
-        let venv = dir.join(name);
-        let stamp = venv.join(".requirements");
-        let wanted = requirements.join("\n");
-        if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
-            continue;
-        }
-        eprintln!("xtask: creating the {name} venv in {}", venv.display());
-        let mut create = Command::new(base_python);
-        create.args(["-m", "venv", "--clear"]).arg(&venv);
-        status(create).with_context(|| format!("creating the {name} venv"))?;
-        let mut install = Command::new(venv.join("bin/python"));
-        install.args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ]);
-        install.args(requirements);
-        status(install).with_context(|| format!("installing {name}"))?;
-        std::fs::write(&stamp, wanted)?;
-    }
-    Ok(dir)
 }
 
 fn python() -> &'static str {
