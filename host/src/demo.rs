@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::torch::trace::{self, Kind, TchTensor};
+use plinth_torch::models::{self, AFFINE_BIAS, AFFINE_WEIGHT};
 
 const DOUBLE_CONFIG: &str = r#"# y = 2 * x, any length.
 [[input]]
@@ -35,10 +35,6 @@ dtype = "f32"
 shape = [3]
 "#;
 
-/// Weights of the `affine` demo model, row-major [3, 4].
-pub const AFFINE_WEIGHT: [f32; 12] = [1., 0., 0., 0., 0., 1., 0., 0., 0., 0., 1., 1.];
-pub const AFFINE_BIAS: [f32; 3] = [0.5, -0.5, 0.];
-
 /// Writes the demo models into `dir` (which may not exist yet).
 pub fn write_demo_repository(dir: &Path) -> anyhow::Result<()> {
     let write_config = |model: &str, text: &str| -> anyhow::Result<()> {
@@ -49,23 +45,8 @@ pub fn write_demo_repository(dir: &Path) -> anyhow::Result<()> {
     };
 
     write_config("double", DOUBLE_CONFIG)?;
-    trace::save(
-        &dir.join("double/1/model.pt"),
-        &[TchTensor::zeros([3], (Kind::Float, tch_cpu()))],
-        |xs| vec![&xs[0] * 2.0],
-    )?;
-
+    models::write_scale(&dir.join("double/1/model.pt"), 2.0)?;
     write_config("affine", AFFINE_CONFIG)?;
-    let weight = TchTensor::from_slice(&AFFINE_WEIGHT).reshape([3, 4]);
-    let bias = TchTensor::from_slice(&AFFINE_BIAS);
-    trace::save(
-        &dir.join("affine/1/model.pt"),
-        &[TchTensor::zeros([2, 4], (Kind::Float, tch_cpu()))],
-        |xs| vec![xs[0].matmul(&weight.tr()) + &bias],
-    )?;
+    models::write_affine(&dir.join("affine/1/model.pt"), &AFFINE_WEIGHT, &AFFINE_BIAS)?;
     Ok(())
-}
-
-fn tch_cpu() -> trace::Device {
-    trace::Device::Cpu
 }

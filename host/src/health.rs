@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -16,7 +17,8 @@ use crate::plugin::bindings::wit;
 use crate::plugin::{PluginHost, PluginKind};
 use crate::registry::{ModelState, Registry};
 
-const PERIOD: Duration = Duration::from_secs(1);
+/// How often health plugins re-judge the host when nothing changes.
+pub const DEFAULT_PERIOD: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {
@@ -36,7 +38,9 @@ pub struct Verdict {
 #[derive(Debug)]
 pub struct Health {
     verdict: ArcSwap<Verdict>,
-    pub startup_done: AtomicBool,
+    startup_done: AtomicBool,
+    /// Wakes the monitor to judge again now.
+    wake: Notify,
 }
 
 impl Default for Health {
@@ -47,6 +51,7 @@ impl Default for Health {
                 message: "startup loads in progress".into(),
             }),
             startup_done: AtomicBool::new(false),
+            wake: Notify::new(),
         }
     }
 }
@@ -58,6 +63,15 @@ impl Health {
 
     pub fn is_ready(&self) -> bool {
         self.verdict.load().readiness != Readiness::NotReady
+    }
+
+    /// The startup loads have finished: readiness may turn on, and the
+    /// monitor judges again at once rather than at its next tick.
+    pub fn startup_finished(&self) {
+        self.startup_done.store(true, Ordering::Release);
+        // A permit is kept if the monitor is busy judging, so the wake is
+        // never lost.
+        self.wake.notify_one();
     }
 }
 
@@ -178,12 +192,14 @@ fn judge(health: &Health, registry: &Registry, plugins: &PluginHost, started: In
     worst
 }
 
-/// Re-judges on a timer and on every model state change until `shutdown`.
+/// Re-judges every `period`, on every model state change and when the
+/// startup loads finish, until `shutdown`.
 pub fn spawn_monitor(
     health: Arc<Health>,
     registry: Registry,
     plugins: Arc<PluginHost>,
     reporter: HealthReporter,
+    period: Duration,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let started = Instant::now();
@@ -211,7 +227,8 @@ pub fn spawn_monitor(
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(PERIOD) => {}
+                () = tokio::time::sleep(period) => {}
+                () = health.wake.notified() => {}
                 _ = events.recv() => {}
             }
         }

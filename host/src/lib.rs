@@ -1,20 +1,52 @@
 //! Plinth: a model-serving host. See ARCHITECTURE.md for the map.
+//!
+//! This crate is the top of the host: the registry, the pipeline, the edges
+//! (gRPC and HTTP) and the server assembly. The vocabulary below it lives in
+//! `plinth-core` (re-exported here as `config`, `error` and `tensor`), the
+//! torch layer in `plinth-torch`.
 
-pub mod config;
+pub use plinth_core::{config, error, tensor};
+
 pub mod demo;
-pub mod error;
-pub mod executor;
 pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod oip;
 pub mod pipeline;
+pub mod plugin;
 pub mod registry;
 pub mod server;
-pub mod tensor;
-pub mod torch;
 pub mod watch;
 
 pub use error::Error;
 pub use server::{RunningServer, ServerConfig, start};
-pub mod plugin;
+
+/// `Pipeline::infer` is the one way into a model: the registry's ready
+/// models cannot be called around it (which would skip plugins and
+/// statistics).
+///
+/// ```compile_fail
+/// async fn around(model: &plinth::registry::ReadyModel) {
+///     let _ = model.infer(None, Vec::new(), None).await;
+/// }
+/// ```
+///
+/// ```compile_fail
+/// async fn around(registry: &plinth::registry::Registry) {
+///     let request = plinth::registry::InferRequest {
+///         model: "m".into(),
+///         version: None,
+///         inputs: Vec::new(),
+///     };
+///     let _ = registry.infer(request).await;
+/// }
+/// ```
+///
+/// ```no_run
+/// // What the two above call is reachable only through the pipeline.
+/// async fn through(pipeline: &plinth::pipeline::Pipeline) {
+///     let _ = pipeline.infer(plinth::pipeline::PipelineRequest::default()).await;
+/// }
+/// ```
+#[doc(hidden)]
+pub mod one_way_in {}

@@ -45,7 +45,8 @@ struct ServeArgs {
     /// Prometheus /metrics.
     #[arg(long, default_value_t = 8002)]
     metrics_port: u16,
-    /// Cores for torch work (default: all available).
+    /// The compute budget: cores' worth of torch work that may run at once,
+    /// over every model (default: all available cores).
     #[arg(long)]
     threads: Option<usize>,
     /// Model loads that may run at once.
@@ -63,6 +64,10 @@ struct ServeArgs {
     /// Don't watch the plugin directory (reload with SIGHUP or ReloadPlugins).
     #[arg(long)]
     no_plugin_watch: bool,
+    /// Seconds between health-plugin checks when nothing changes (they also
+    /// run on every model state change and when the startup loads finish).
+    #[arg(long, default_value_t = 1.0)]
+    health_period_s: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -109,6 +114,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         poll: args.poll,
         load_all: !args.no_load,
         watch_plugins: !args.no_plugin_watch,
+        state_events_capacity: 1024,
+        health_period: std::time::Duration::try_from_secs_f64(args.health_period_s)
+            .ok()
+            .filter(|period| !period.is_zero())
+            .with_context(|| {
+                format!(
+                    "--health-period-s: expected a positive number of seconds, got {}",
+                    args.health_period_s
+                )
+            })?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

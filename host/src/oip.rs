@@ -593,28 +593,9 @@ pub fn statistics(
     Ok(version_statistics(&model, version))
 }
 
-/// Waits until `name` is neither loading, reloading nor unloading, and
-/// returns its state then.
+/// Waits until `name` is not busy and returns its state then.
 async fn settled(registry: &Registry, name: &str) -> Result<ModelState, Error> {
-    let mut changes = registry.subscribe();
-    loop {
-        let status = registry.status(name)?;
-        let busy =
-            matches!(status.state, ModelState::Loading | ModelState::Unloading) || status.reloading;
-        if !busy {
-            return Ok(status.state);
-        }
-        // Any change (or a lagged receiver) is a reason to look again.
-        loop {
-            match changes.recv().await {
-                Ok(change) if change.name != name => continue,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    return Err(Error::Unavailable("the registry is shutting down".into()));
-                }
-            }
-        }
-    }
+    registry.settled(name).await.map(|status| status.state)
 }
 
 /// Loads `name` and returns once it is ready, as Triton's repository load:

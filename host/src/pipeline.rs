@@ -198,7 +198,13 @@ impl Pipeline {
         timings: &mut Timings,
     ) -> Result<InferResponse, Error> {
         if let Some(router) = self.inner.plugins.router() {
-            let candidates = self.inner.registry.ready_refs();
+            let candidates: Vec<wit::ModelRef> = self
+                .inner
+                .registry
+                .ready_models()
+                .into_iter()
+                .map(|(name, versions)| wit::ModelRef { name, versions })
+                .collect();
             let decision = router.route(view, &candidates)?;
             view.model = decision.model;
             view.version = decision.version;
@@ -336,6 +342,139 @@ async fn feed_metrics(plugins: Arc<PluginHost>, mut rx: mpsc::Receiver<wit::Requ
                 let _ = plugin.record(&events);
             }
         })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelRepository;
+    use crate::registry::{RegistrySettings, test_model, test_model_with};
+
+    /// `y = 2x`, answering as "y".
+    fn double(inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
+        let x = inputs[0].to_f32().expect("f32");
+        let y: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+        Ok(vec![Tensor::from_f32("y", inputs[0].shape().to_vec(), &y)?])
+    }
+
+    /// A pipeline over a registry holding `double` (versions 1 and 2), a
+    /// model whose forward fails, and one that needs a preprocess plugin the
+    /// (empty) plugin directory lacks.
+    fn pipeline(plugin_dir: &std::path::Path) -> Pipeline {
+        let registry = Registry::new(RegistrySettings::new(ModelRepository::new(plugin_dir), 1));
+        registry.insert_ready(test_model("double", &["1", "2"], double));
+        registry.insert_ready(test_model("broken", &["1"], |_: &[Tensor]| {
+            Err(Error::Internal("forward failed: boom".into()))
+        }));
+        registry.insert_ready(test_model_with(
+            "needs-plugin",
+            "preprocess = [\"absent\"]",
+            &["1"],
+            double,
+        ));
+        Pipeline::new(registry, Arc::new(PluginHost::new(plugin_dir)))
+    }
+
+    /// Sends `x = [1, 2]` to `model` (at `version`) and renders the answer,
+    /// then the model's success/failure counts and the version's statistics.
+    async fn check(model: &str, version: Option<&str>, expect: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = pipeline(dir.path());
+        let x = Tensor::from_f32("x", vec![2], &[1., 2.]).unwrap();
+        let res = pipeline
+            .infer(PipelineRequest {
+                id: "r1".into(),
+                model: model.into(),
+                version: version.map(str::to_owned),
+                inputs: vec![x],
+                ..PipelineRequest::default()
+            })
+            .await;
+        let mut text = match res {
+            Ok(response) => format!(
+                "ok {}:{} {:?}",
+                response.model,
+                response.version,
+                response.outputs[0].to_f32().unwrap()
+            ),
+            Err(err) => format!("err {err}"),
+        };
+        if let Some(ready) = pipeline.registry().serving(model) {
+            let (ok, failed) = ready.counts();
+            text.push_str(&format!("\ncounts ok={ok} failed={failed}"));
+            for version in ready.versions() {
+                let (success, _) = version.stats.success.get();
+                let (fail, _) = version.stats.fail.get();
+                text.push_str(&format!(
+                    "\nv{} success={success} fail={fail}",
+                    version.version.label
+                ));
+            }
+        }
+        assert_eq!(text, expect.trim());
+    }
+
+    #[tokio::test]
+    async fn requests_reach_the_model_and_are_counted_on_their_version() {
+        check(
+            "double",
+            None,
+            "
+ok double:2 [2.0, 4.0]
+counts ok=1 failed=0
+v1 success=0 fail=0
+v2 success=1 fail=0",
+        )
+        .await;
+        check(
+            "double",
+            Some("1"),
+            "
+ok double:1 [2.0, 4.0]
+counts ok=1 failed=0
+v1 success=1 fail=0
+v2 success=0 fail=0",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn refusals_name_the_model_and_count_as_its_failures() {
+        check(
+            "nope",
+            None,
+            "err model 'nope' is not in the model repository",
+        )
+        .await;
+        check(
+            "double",
+            Some("7"),
+            "
+err model 'double' has no ready version '7' (ready: 1, 2)
+counts ok=0 failed=1
+v1 success=0 fail=0
+v2 success=0 fail=0",
+        )
+        .await;
+        check(
+            "broken",
+            None,
+            "
+err internal error: forward failed: boom
+counts ok=0 failed=1
+v1 success=0 fail=1",
+        )
+        .await;
+        check(
+            "needs-plugin",
+            None,
+            "
+err model 'needs-plugin': preprocess plugin 'absent' is not loaded (no absent.wasm in the plugin directory)
+counts ok=0 failed=0
+v1 success=0 fail=1",
+        )
         .await;
     }
 }

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,7 +29,8 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     /// Prometheus `/metrics`.
     pub metrics_addr: SocketAddr,
-    /// Cores for torch work; `None` uses every available core.
+    /// The compute budget: cores' worth of torch work that may run at once
+    /// over every model; `None` uses every available core.
     pub threads: Option<usize>,
     pub max_concurrent_loads: usize,
     /// Largest gRPC message accepted or sent, and largest HTTP request body.
@@ -41,6 +41,12 @@ pub struct ServerConfig {
     pub load_all: bool,
     /// Watch the plugin directory and hot-reload plugins as files change.
     pub watch_plugins: bool,
+    /// How often health plugins re-judge the host when nothing changes.
+    pub health_period: Duration,
+    /// Room in the broadcast of model state changes (WatchModels, the
+    /// `--poll` watcher, the health monitor). A subscriber that falls further
+    /// behind resyncs from the registry.
+    pub state_events_capacity: usize,
 }
 
 impl ServerConfig {
@@ -61,6 +67,8 @@ impl ServerConfig {
             poll: false,
             load_all: true,
             watch_plugins: true,
+            health_period: crate::health::DEFAULT_PERIOD,
+            state_events_capacity: 1024,
         }
     }
 }
@@ -76,9 +84,7 @@ impl HostInfo {
     fn current() -> HostInfo {
         HostInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            libtorch_version: option_env!("PLINTH_LIBTORCH_VERSION")
-                .unwrap_or("unknown")
-                .to_owned(),
+            libtorch_version: plinth_torch::LIBTORCH_VERSION.to_owned(),
         }
     }
 }
@@ -131,7 +137,7 @@ fn init_torch_threads() {
     ONCE.call_once(|| {
         // Requests never fan out across inter-op threads: one is enough, and
         // it keeps the thread count at executors x intra-op.
-        let res = std::panic::catch_unwind(|| crate::torch::set_inter_op_threads(1));
+        let res = std::panic::catch_unwind(|| plinth_torch::set_inter_op_threads(1));
         if res.is_err() {
             tracing::warn!("torch inter-op threads were already fixed");
         }
@@ -146,7 +152,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let cuda = crate::torch::init_cuda();
+    let cuda = plinth_torch::init_cuda();
     match &cuda.library {
         Some(lib) => {
             tracing::info!(library = %lib.display(), devices = cuda.device_count, "CUDA libtorch loaded")
@@ -159,15 +165,17 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     tracing::info!(
         cores,
         inter_op_threads = 1,
-        intra_op_threads_per_executor = "cores / instances, unless the model sets intra_op_threads",
-        "thread budget"
+        intra_op_threads_per_executor =
+            "cores / instances, unless the model sets intra_op_threads (clamped to cores)",
+        libtorch = plinth_torch::LIBTORCH_VERSION,
+        "compute budget: at most `cores` torch threads compute at once, over every model"
     );
 
     let repository = ModelRepository::new(&config.model_repository);
     let registry = Registry::new(RegistrySettings {
-        repository: repository.clone(),
         max_concurrent_loads: config.max_concurrent_loads,
-        cores,
+        event_capacity: config.state_events_capacity,
+        ..RegistrySettings::new(repository.clone(), cores)
     });
     let shutdown = CancellationToken::new();
     let health = Arc::new(Health::default());
@@ -295,9 +303,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 let _ = ticket.finished().await;
             }
         }
-        startup_health.startup_done.store(true, Ordering::Release);
-        // A no-op state change wakes the health monitor to re-judge now.
-        startup_registry.register_known(&[]);
+        startup_health.startup_finished();
         tracing::info!(models = names.len(), "startup loads finished");
     });
     tasks.push(crate::health::spawn_monitor(
@@ -305,6 +311,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         registry.clone(),
         Arc::clone(&plugins),
         health_reporter,
+        config.health_period,
         shutdown.clone(),
     ));
 

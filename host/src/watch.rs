@@ -9,7 +9,8 @@ use std::time::Duration;
 use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer, notify};
 use tokio::sync::mpsc;
 
-use crate::registry::{LoadMode, ModelState, Registry};
+use crate::error::Error;
+use crate::registry::{LoadMode, ModelState, ModelStatus, Registry};
 
 /// Stops watching when dropped.
 pub struct RepositoryWatcher {
@@ -72,12 +73,15 @@ async fn apply_change(
     let on_disk = tokio::task::spawn_blocking(move || repository.contains(&owned))
         .await
         .unwrap_or(false);
-    let state = registry.status(name).ok().map(|s| s.state);
-    let action = match (on_disk, state) {
+    let status = registry.status(name).ok();
+    if status.as_ref().is_some_and(ModelStatus::is_busy) {
+        apply_once_settled(registry, name, requeue);
+        return;
+    }
+    let action = match (on_disk, status.map(|s| s.state)) {
         (false, Some(ModelState::Ready)) => {
-            let res = registry.unload(name).map(|_| ());
             tracing::info!(model = name, "model directory removed: unloading");
-            res
+            registry.unload(name).map(drop)
         }
         (false, _) => {
             registry.forget(name);
@@ -85,41 +89,44 @@ async fn apply_change(
         }
         (true, Some(ModelState::Ready)) => {
             tracing::info!(model = name, "model directory changed: reloading");
-            registry.load(name, LoadMode::Reload).await.map(|_| ())
-        }
-        (true, Some(ModelState::Loading | ModelState::Unloading)) => {
-            // Busy: look again once it settles, so a change is never lost.
-            tracing::info!(
-                model = name,
-                "model directory changed while it is busy; applying once it settles"
-            );
-            let registry = registry.clone();
-            let name = name.to_owned();
-            let requeue = requeue.clone();
-            let mut events = registry.subscribe();
-            tokio::spawn(async move {
-                loop {
-                    let settled = registry.status(&name).map_or(true, |s| {
-                        !matches!(s.state, ModelState::Loading | ModelState::Unloading)
-                    });
-                    if settled {
-                        break;
-                    }
-                    if events.recv().await.is_err() {
-                        return;
-                    }
-                }
-                let _ = requeue.send(BTreeSet::from([name]));
-            });
-            Ok(())
+            registry.load(name, LoadMode::Reload).await.map(drop)
         }
         (true, _) => {
             tracing::info!(model = name, "model directory appeared or changed: loading");
             registry.register_known(&[name.to_owned()]);
-            registry.load(name, LoadMode::Load).await.map(|_| ())
+            registry.load(name, LoadMode::Load).await.map(drop)
         }
     };
-    if let Err(err) = action {
-        tracing::warn!(model = name, %err, "repository change not applied");
+    match action {
+        Ok(()) => {}
+        // It became busy since we looked: the change waits for it to settle.
+        Err(Error::AlreadyExists { .. } | Error::FailedPrecondition(_)) => {
+            apply_once_settled(registry, name, requeue);
+        }
+        Err(err) => tracing::warn!(model = name, %err, "repository change not applied"),
     }
+}
+
+/// A change to a busy model (loading, reloading or unloading) is applied
+/// once it settles, so that it is never lost.
+fn apply_once_settled(
+    registry: &Registry,
+    name: &str,
+    requeue: &mpsc::UnboundedSender<BTreeSet<String>>,
+) {
+    tracing::info!(
+        model = name,
+        "model directory changed while the model is busy; applying once it settles"
+    );
+    let registry = registry.clone();
+    let name = name.to_owned();
+    let requeue = requeue.clone();
+    tokio::spawn(async move {
+        match registry.settled(&name).await {
+            Ok(_) | Err(Error::ModelNotFound { .. }) => {
+                let _ = requeue.send(BTreeSet::from([name]));
+            }
+            Err(err) => tracing::warn!(model = name, %err, "repository change not applied"),
+        }
+    });
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use plinth::grpc::pb;
 use plinth::grpc::pb::compute_service_client::ComputeServiceClient;
 use plinth::grpc::pb::model_service_client::ModelServiceClient;
-use plinth::torch::trace::{self, Device, Kind, TchTensor};
+use plinth_torch::trace::{self, Device, Kind, TchTensor};
 
 const CONFIG: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
 

@@ -29,9 +29,9 @@ use plinth::grpc::ipb;
 use plinth::grpc::ipb::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
-use plinth::torch::trace::{self, Kind, TchTensor};
 use plinth_tests::load::{Amount, H2loadRun, grpc_frame, h2load};
 use plinth_tests::{TestServer, fixtures};
+use plinth_torch::trace::{self, Kind, TchTensor};
 use tonic::{Request, Response, Status};
 
 const CONCURRENCY: [u32; 3] = [1, 8, 64];

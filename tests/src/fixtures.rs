@@ -5,7 +5,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use plinth::torch::trace::{self, Device, Kind, TchTensor};
+use plinth_torch::trace::{self, Device, Kind, TchTensor};
 
 pub fn write_config(repo: &Path, model: &str, text: &str) {
     let dir = repo.join(model);
@@ -174,33 +174,58 @@ pub fn large_file(path: &Path, n_floats: i64) {
 pub struct BlockedModel {
     fifo: PathBuf,
     bytes: Option<Vec<u8>>,
+    /// Holds the pipe itself. The model file is a symlink to it, so that
+    /// writing the bytes makes no file event inside the repository (a
+    /// `--poll` watcher would take it for a change of the model).
+    _pipe_dir: tempfile::TempDir,
 }
 
 impl BlockedModel {
     /// Prepares `<repo>/<model>/1/model.pt` as a pipe that will deliver `bytes`.
     pub fn new(repo: &Path, model: &str, config: &str, bytes: Vec<u8>) -> BlockedModel {
+        BlockedModel::at_version(repo, model, "1", config, bytes)
+    }
+
+    /// [`BlockedModel::new`] for another version directory.
+    pub fn at_version(
+        repo: &Path,
+        model: &str,
+        version: &str,
+        config: &str,
+        bytes: Vec<u8>,
+    ) -> BlockedModel {
         write_config(repo, model, config);
-        let fifo = crate::model_file(repo, model, "1");
-        std::fs::create_dir_all(fifo.parent().expect("version dir")).expect("version dir");
+        let pipe_dir = tempfile::tempdir().expect("pipe dir");
+        let fifo = pipe_dir.path().join("model.pt");
         let status = std::process::Command::new("mkfifo")
             .arg(&fifo)
             .status()
             .expect("mkfifo runs");
         assert!(status.success(), "mkfifo {}", fifo.display());
+        let file = crate::model_file(repo, model, version);
+        std::fs::create_dir_all(file.parent().expect("version dir")).expect("version dir");
+        std::os::unix::fs::symlink(&fifo, &file).expect("symlink to the pipe");
         BlockedModel {
             fifo,
             bytes: Some(bytes),
+            _pipe_dir: pipe_dir,
         }
     }
 
     /// A `scale` model (y = factor * x) whose load blocks until released.
     pub fn scale(repo: &Path, model: &str, factor: f64) -> BlockedModel {
+        BlockedModel::scale_version(repo, model, "1", factor)
+    }
+
+    /// Version `version` of a `scale` model, whose load blocks until released.
+    pub fn scale_version(repo: &Path, model: &str, version: &str, factor: f64) -> BlockedModel {
         let staging = tempfile::tempdir().expect("staging dir");
         let path = staging.path().join("model.pt");
         scale_file(&path, factor);
-        BlockedModel::new(
+        BlockedModel::at_version(
             repo,
             model,
+            version,
             SCALE_CONFIG,
             std::fs::read(path).expect("traced file"),
         )

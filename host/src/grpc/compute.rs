@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::pb::{self, compute_service_server::ComputeService};
-use super::{now_micros, status_to_pb, tensor_from_pb, tensor_to_pb};
+use super::{now_micros, status, status_to_pb, tensor_from_pb, tensor_to_pb};
 use crate::error::Error;
 use crate::pipeline::{Pipeline, PipelineRequest, queue_timeout};
 use crate::server::HostInfo;
@@ -100,7 +100,8 @@ impl ComputeService for ComputeApi {
         Ok(Response::new(
             compute_one(&self.pipeline, &headers, request)
                 .instrument(span)
-                .await?,
+                .await
+                .map_err(status)?,
         ))
     }
 
@@ -153,7 +154,7 @@ impl ComputeService for ComputeApi {
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
         let budget = self.pipeline.registry().thread_budget();
-        let cuda = crate::torch::init_cuda();
+        let cuda = plinth_torch::init_cuda();
         let cpu = tokio::task::spawn_blocking(crate::health::cpu_memory)
             .await
             .ok()
@@ -177,6 +178,8 @@ impl ComputeService for ComputeApi {
                 inter_op_threads: budget.inter_op_threads as u32,
                 executors: budget.executors as u32,
                 torch_threads: budget.torch_threads as u32,
+                cores_in_use: budget.cores_in_use as u32,
+                cores_peak: budget.cores_peak as u32,
             }),
             models: self
                 .pipeline

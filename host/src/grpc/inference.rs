@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ipb::{self, grpc_inference_service_server::GrpcInferenceService};
+use super::status;
 use crate::config::{DeviceSpec, ModelConfig, VersionPolicy};
 use crate::error::Error;
 use crate::health::Health;
@@ -414,7 +415,8 @@ impl GrpcInferenceService for InferenceApi {
             self.pipeline.registry(),
             &request.name,
             version_arg(&request.version),
-        )?;
+        )
+        .map_err(status)?;
         let (inputs, outputs) = oip::tensor_metadata(&model.config);
         let render = |list: Vec<oip::TensorMetadata>| {
             list.into_iter()
@@ -440,7 +442,9 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<ipb::ModelInferResponse>, Status> {
         let headers = request.metadata().clone();
         Ok(Response::new(
-            infer_one(&self.pipeline, &headers, request.into_inner()).await?,
+            infer_one(&self.pipeline, &headers, request.into_inner())
+                .await
+                .map_err(status)?,
         ))
     }
 
@@ -487,7 +491,8 @@ impl GrpcInferenceService for InferenceApi {
             self.pipeline.registry(),
             &request.name,
             version_arg(&request.version),
-        )?;
+        )
+        .map_err(status)?;
         Ok(Response::new(ipb::ModelConfigResponse {
             config: Some(model_config_pb(&model.name, &model.config)),
         }))
@@ -502,7 +507,8 @@ impl GrpcInferenceService for InferenceApi {
             self.pipeline.registry(),
             &request.name,
             version_arg(&request.version),
-        )?
+        )
+        .map_err(status)?
         .into_iter()
         .map(statistics_pb)
         .collect();
@@ -532,12 +538,13 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<ipb::RepositoryModelLoadResponse>, Status> {
         let request = request.into_inner();
         if let Some(key) = request.parameters.keys().next() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(status(Error::InvalidArgument(format!(
                 "load parameter '{key}' is not supported: models load from the repository as they are on disk"
-            ))
-            .into());
+            ))));
         }
-        oip::repository_load(self.pipeline.registry(), &request.model_name).await?;
+        oip::repository_load(self.pipeline.registry(), &request.model_name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ipb::RepositoryModelLoadResponse {}))
     }
 
@@ -546,7 +553,9 @@ impl GrpcInferenceService for InferenceApi {
         request: Request<ipb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<ipb::RepositoryModelUnloadResponse>, Status> {
         let request = request.into_inner();
-        oip::repository_unload(self.pipeline.registry(), &request.model_name).await?;
+        oip::repository_unload(self.pipeline.registry(), &request.model_name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ipb::RepositoryModelUnloadResponse {}))
     }
 }

@@ -94,12 +94,6 @@ pub fn status(err: Error) -> Status {
     Status::new(code, err.to_string())
 }
 
-impl From<Error> for Status {
-    fn from(err: Error) -> Status {
-        status(err)
-    }
-}
-
 pub(crate) fn dtype_from_pb(value: i32, tensor: &str) -> Result<DType, Error> {
     use pb::DataType as P;
     let dtype = match P::try_from(value) {

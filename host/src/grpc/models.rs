@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::pb::{self, model_service_server::ModelService};
-use super::{spec_to_pb, status_to_pb};
+use super::{spec_to_pb, status, status_to_pb};
 use crate::config::ModelConfig;
 use crate::error::Error;
 use crate::registry::{LoadMode, Registry};
@@ -39,9 +39,13 @@ impl ModelService for ModelApi {
         } else {
             LoadMode::Load
         };
-        let ticket = self.registry.load(&request.name, mode).await?;
+        let ticket = self
+            .registry
+            .load(&request.name, mode)
+            .await
+            .map_err(status)?;
         let status = if request.wait {
-            ticket.finished().await?
+            ticket.finished().await.map_err(status)?
         } else {
             ticket.status
         };
@@ -54,7 +58,10 @@ impl ModelService for ModelApi {
         &self,
         request: Request<pb::UnloadModelRequest>,
     ) -> Result<Response<pb::UnloadModelResponse>, Status> {
-        let status = self.registry.unload(&request.into_inner().name)?;
+        let status = self
+            .registry
+            .unload(&request.into_inner().name)
+            .map_err(status)?;
         Ok(Response::new(pb::UnloadModelResponse {
             status: Some(status_to_pb(status)),
         }))
@@ -73,7 +80,7 @@ impl ModelService for ModelApi {
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::GetModelResponse>, Status> {
         let name = request.into_inner().name;
-        let status = self.registry.status(&name)?;
+        let status = self.registry.status(&name).map_err(status)?;
         let serving = self.registry.serving(&name);
         // A model that is not loaded still shows its declared config when it parses.
         let config = match &serving {
@@ -82,7 +89,7 @@ impl ModelService for ModelApi {
                 let dir = self.registry.repository().model_dir(&name);
                 tokio::task::spawn_blocking(move || ModelConfig::load(&dir).ok())
                     .await
-                    .map_err(|err| Error::Internal(err.to_string()))?
+                    .map_err(|err| super::status(Error::Internal(err.to_string())))?
             }
         };
         let (success_count, failure_count) = serving.as_ref().map_or((0, 0), |m| m.counts());

@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 
 use tonic::{Request, Response, Status};
 
-use super::micros_since_epoch;
 use super::pb::{self, plugin_service_server::PluginService};
+use super::{micros_since_epoch, status};
 use crate::error::Error;
 use crate::plugin::{PluginHost, PluginReport};
 
@@ -69,7 +69,9 @@ impl PluginService for PluginApi {
     ) -> Result<Response<pb::PluginStatus>, Status> {
         let name = request.into_inner().name;
         self.find(&name).map(Response::new).ok_or_else(|| {
-            Error::NotFound(format!("plugin '{name}' is not in the plugin directory")).into()
+            status(Error::NotFound(format!(
+                "plugin '{name}' is not in the plugin directory"
+            )))
         })
     }
 
@@ -87,9 +89,9 @@ impl PluginService for PluginApi {
                 .collect()
         } else {
             if !crate::config::valid_model_name(&name) {
-                return Err(
-                    Error::InvalidArgument(format!("'{name}' is not a plugin name")).into(),
-                );
+                return Err(status(Error::InvalidArgument(format!(
+                    "'{name}' is not a plugin name"
+                ))));
             }
             let _ = self.plugins.load(&name).await;
             vec![name]

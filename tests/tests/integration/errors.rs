@@ -303,7 +303,7 @@ async fn broken_models_fail_alone_with_file_field_and_reason() {
     }
 
     let gpu = srv.load("on_gpu").await;
-    if plinth::torch::init_cuda().device_count == 0 {
+    if plinth_torch::init_cuda().device_count == 0 {
         let err = gpu.expect_err("cuda without a GPU");
         assert_eq!(err.code(), Code::FailedPrecondition);
         assert!(

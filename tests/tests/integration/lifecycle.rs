@@ -289,7 +289,7 @@ async fn stream_compute_answers_in_order_and_survives_bad_messages() {
 
 #[tokio::test]
 async fn every_dtype_round_trips_through_torch() {
-    use plinth::torch::trace::Kind;
+    use plinth_torch::trace::Kind;
     let cases: [(&str, Kind, pb::DataType, usize); 10] = [
         ("bool", Kind::Bool, pb::DataType::Bool, 1),
         ("u8", Kind::Uint8, pb::DataType::Uint8, 1),

@@ -2,6 +2,7 @@
 //! clients, real TorchScript models.
 
 mod batching;
+mod budget;
 mod errors;
 mod lifecycle;
 mod nonblocking;
@@ -9,3 +10,4 @@ mod oip;
 mod plugins;
 mod poll;
 mod services;
+mod settling;

@@ -662,9 +662,9 @@ async fn tritonclient_conformance() {
                 "text_len",
                 "max_batch_size = 4\npreprocess = [\"tokenize\"]\n[[input]]\nname = \"tokens\"\ndtype = \"i64\"\nshape = [8]\n[[output]]\nname = \"length\"\ndtype = \"i64\"\nshape = [1]\n",
             );
-            plinth::torch::trace::save(
+            plinth_torch::trace::save(
                 &plinth_tests::model_file(repo, "text_len", "1"),
-                &[plinth::torch::trace::TchTensor::ones(
+                &[plinth_torch::trace::TchTensor::ones(
                     [2, 8],
                     (tch::Kind::Int64, tch::Device::Cpu),
                 )],

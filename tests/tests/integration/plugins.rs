@@ -32,10 +32,10 @@ async fn pre_and_post_chains_run_around_the_model() {
                 "img",
                 "max_batch_size = 4\npreprocess = [\"normalize\"]\n[[input]]\nname = \"image\"\ndtype = \"f32\"\nshape = [3, 2, 2]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n",
             );
-            plinth::torch::trace::save(
+            plinth_torch::trace::save(
                 &plinth_tests::model_file(repo, "img", "1"),
-                &[plinth::torch::trace::TchTensor::zeros([1, 3, 2, 2], (plinth::torch::trace::Kind::Float, plinth::torch::trace::Device::Cpu))],
-                |xs| vec![xs[0].mean_dim([2i64, 3].as_slice(), false, plinth::torch::trace::Kind::Float)],
+                &[plinth_torch::trace::TchTensor::zeros([1, 3, 2, 2], (plinth_torch::trace::Kind::Float, plinth_torch::trace::Device::Cpu))],
+                |xs| vec![xs[0].mean_dim([2i64, 3].as_slice(), false, plinth_torch::trace::Kind::Float)],
             )
             .unwrap();
             fixtures::affine(repo, "affine", 4);

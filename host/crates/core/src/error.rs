@@ -1,7 +1,7 @@
 //! The host's error type. The edges map it to gRPC and HTTP status codes in
 //! one place each (`grpc::status`, `http`); nothing else knows about codes.
 
-use crate::registry::ModelState;
+use crate::state::ModelState;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum Error {

@@ -1,8 +1,11 @@
-//! The libtorch boundary: the only module that sees `tch` types.
+//! The torch layer: the only crate that sees `tch` types.
 //!
 //! It loads TorchScript modules onto a device, runs `forward` under `no_grad`,
 //! converts between Plinth's [`Tensor`] and torch tensors, sets the thread
-//! budget, and loads the CUDA half of libtorch at run time when it is present.
+//! counts, and loads the CUDA half of libtorch at run time when it is present
+//! (and of the version this binary was built against). [`executor`] runs
+//! forward passes on dedicated threads under the process-wide
+//! [`budget::ComputeBudget`]; [`models`] writes the demo models.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -11,9 +14,20 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use tch::{CModule, Device, IValue, Kind};
 
-use crate::config::DeviceSpec;
-use crate::error::Error;
-use crate::tensor::{DType, Tensor, TensorSpec, shape_str};
+use plinth_core::Error;
+use plinth_core::config::DeviceSpec;
+use plinth_core::tensor::{DType, Tensor, TensorSpec, shape_str};
+
+pub mod budget;
+pub mod executor;
+pub mod models;
+
+pub use budget::ComputeBudget;
+pub use executor::{ExecutorPool, Forward};
+
+/// The libtorch version this binary was built against, from its headers'
+/// `version.h` (`MAJOR.MINOR.PATCH`), or `"unknown"` when they were not found.
+pub const LIBTORCH_VERSION: &str = env!("PLINTH_LIBTORCH_VERSION");
 
 /// The torch kind of a dtype; `None` for dtypes libtorch cannot hold here.
 pub(crate) fn kind_of(dtype: DType) -> Option<Kind> {
@@ -69,20 +83,33 @@ static CUDA: OnceLock<CudaReport> = OnceLock::new();
 
 /// Loads `libtorch_cuda.so` once, if one can be found, so that a CPU-linked
 /// binary can run models on a GPU. Looks at `PLINTH_LIBTORCH_CUDA` (the file
-/// or its directory), then the dynamic loader's search path.
+/// or its directory), then each directory of `LD_LIBRARY_PATH`, then the
+/// directory of the libtorch this process runs on. A library whose torch
+/// version differs from [`LIBTORCH_VERSION`] is refused before it is loaded.
 pub fn init_cuda() -> &'static CudaReport {
     CUDA.get_or_init(|| {
         let mut candidates: Vec<PathBuf> = Vec::new();
         if let Some(path) = std::env::var_os("PLINTH_LIBTORCH_CUDA").map(PathBuf::from) {
             candidates.push(if path.is_dir() { path.join("libtorch_cuda.so") } else { path });
         }
-        candidates.push(PathBuf::from("libtorch_cuda.so"));
+        if let Some(dirs) = std::env::var_os("LD_LIBRARY_PATH") {
+            candidates.extend(std::env::split_paths(&dirs).map(|dir| dir.join("libtorch_cuda.so")));
+        }
+        if let Some(dir) = loaded_libtorch_dir() {
+            candidates.push(dir.join("libtorch_cuda.so"));
+        }
         let mut errors = Vec::new();
-        for candidate in candidates {
+        for candidate in candidates.into_iter().filter(|path| path.is_file()) {
+            if let Err(reason) = check_cuda_library_version(&candidate, LIBTORCH_VERSION) {
+                tracing::error!(library = %candidate.display(), %reason, "refusing libtorch_cuda.so");
+                errors.push(format!("{}: {reason}", candidate.display()));
+                continue;
+            }
             // SAFETY: loading libtorch_cuda.so runs its static initialisers, which
             // register the CUDA backend with the already-loaded libtorch_cpu. It
-            // is done once, before any model is loaded. RTLD_GLOBAL makes its
-            // symbols visible to libraries loaded later, as libtorch expects.
+            // is done once, before any model is loaded, and only for a library
+            // of the same torch version. RTLD_GLOBAL makes its symbols visible
+            // to libraries loaded later, as libtorch expects.
             let lib = unsafe {
                 libloading::os::unix::Library::open(
                     Some(&candidate),
@@ -104,15 +131,66 @@ pub fn init_cuda() -> &'static CudaReport {
                 Err(err) => errors.push(format!("{}: {err}", candidate.display())),
             }
         }
+        let tried = if errors.is_empty() {
+            "none found".to_owned()
+        } else {
+            errors.join("; ")
+        };
         CudaReport {
             library: None,
             device_count: 0,
             note: Some(format!(
-                "no CUDA libtorch found (set PLINTH_LIBTORCH_CUDA to a libtorch_cuda.so of torch 2.11): {}",
-                errors.join("; ")
+                "no usable CUDA libtorch (set PLINTH_LIBTORCH_CUDA to a libtorch_cuda.so of torch {LIBTORCH_VERSION}): {tried}"
             )),
         }
     })
+}
+
+/// The directory of the `libtorch_cpu.so` mapped into this process.
+fn loaded_libtorch_dir() -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| path.ends_with("/libtorch_cpu.so"))
+        .and_then(|path| Path::new(path).parent().map(Path::to_path_buf))
+}
+
+/// The torch version a `libtorch_cuda.so` belongs to, read from the files its
+/// distribution ships beside it: `../version.py` in a `torch` wheel,
+/// `../build-version` in a libtorch archive. `None` when neither is there.
+fn cuda_library_version(library: &Path) -> Option<String> {
+    let root = library.parent()?.parent()?;
+    if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
+        return text.lines().find_map(|line| {
+            let value = line
+                .trim()
+                .strip_prefix("__version__")?
+                .trim()
+                .strip_prefix('=')?;
+            Some(value.trim().trim_matches(['\'', '"']).to_owned())
+        });
+    }
+    std::fs::read_to_string(root.join("build-version"))
+        .ok()
+        .map(|text| text.trim().to_owned())
+}
+
+/// Refuses a `libtorch_cuda.so` whose torch version (without its local
+/// `+cu130` suffix) differs from `expected`. A library whose version cannot
+/// be read is accepted with a warning.
+pub fn check_cuda_library_version(library: &Path, expected: &str) -> Result<(), String> {
+    let Some(found) = cuda_library_version(library) else {
+        tracing::warn!(library = %library.display(), "cannot tell the torch version of this libtorch_cuda.so (no ../version.py or ../build-version); loading it");
+        return Ok(());
+    };
+    let release = found.split('+').next().unwrap_or(&found);
+    if expected == "unknown" || release == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "it belongs to torch {found}, this binary is built against libtorch {expected}"
+        ))
+    }
 }
 
 /// Refuses a device the process cannot use, with the reason.
@@ -240,6 +318,16 @@ impl TorchModule {
     }
 }
 
+impl Forward for TorchModule {
+    fn forward(&self, inputs: &[Tensor], outputs: &[TensorSpec]) -> Result<Vec<Tensor>, Error> {
+        TorchModule::forward(self, inputs, outputs)
+    }
+
+    fn prepare_thread(&self, intra_op_threads: usize) {
+        set_intra_op_threads(intra_op_threads);
+    }
+}
+
 fn to_plinth(tensor: &tch::Tensor, name: &str) -> Result<Tensor, Error> {
     let internal =
         |what: &str, err: tch::TchError| Error::Internal(format!("output '{name}': {what}: {err}"));
@@ -315,5 +403,67 @@ pub mod trace {
         let module =
             CModule::create_by_tracing("plinth_fixture", "forward", example_inputs, &mut f)?;
         module.save(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake distribution: `<root>/lib/libtorch_cuda.so` with `file` at the root.
+    fn distribution(file: Option<(&str, String)>) -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let lib = root.path().join("lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        let library = lib.join("libtorch_cuda.so");
+        std::fs::write(&library, b"not loaded by this test").unwrap();
+        if let Some((name, text)) = file {
+            std::fs::write(root.path().join(name), text).unwrap();
+        }
+        (root, library)
+    }
+
+    fn check(file: Option<(&str, String)>, expected: &str, expect: Result<(), &str>) {
+        let (_root, library) = distribution(file);
+        let got = check_cuda_library_version(&library, expected);
+        assert_eq!(
+            got.as_ref().map_err(String::as_str),
+            expect.as_ref().map_err(|e| *e)
+        );
+    }
+
+    #[test]
+    fn a_cuda_library_of_another_torch_version_is_refused() {
+        let wheel = |v: &str| {
+            Some((
+                "version.py",
+                format!("__version__ = '{v}'\ndebug = False\n"),
+            ))
+        };
+        let archive = |v: &str| Some(("build-version", format!("{v}\n")));
+        check(wheel("2.11.0+cu130"), "2.11.0", Ok(()));
+        check(
+            wheel("2.10.1+cu128"),
+            "2.11.0",
+            Err("it belongs to torch 2.10.1+cu128, this binary is built against libtorch 2.11.0"),
+        );
+        check(archive("2.11.0+cu126"), "2.11.0", Ok(()));
+        check(
+            archive("2.9.0+cu126"),
+            "2.11.0",
+            Err("it belongs to torch 2.9.0+cu126, this binary is built against libtorch 2.11.0"),
+        );
+        // Nothing to tell the version by: loaded, with a warning.
+        check(None, "2.11.0", Ok(()));
+    }
+
+    #[test]
+    fn the_build_knows_its_libtorch_version() {
+        let parts: Vec<&str> = LIBTORCH_VERSION.split('.').collect();
+        assert_eq!(parts.len(), 3, "{LIBTORCH_VERSION}");
+        assert!(
+            parts.iter().all(|p| p.parse::<u32>().is_ok()),
+            "{LIBTORCH_VERSION}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::executor::BatchPolicy;
+use crate::batch::BatchPolicy;
 use crate::tensor::{DType, TensorSpec};
 
 pub const CONFIG_FILE: &str = "config.toml";

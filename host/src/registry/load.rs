@@ -1,0 +1,128 @@
+//! Step two of a load: read the config and the files, deserialise, warm up
+//! and validate, and only then start the executor threads. Blocking; runs on
+//! the blocking pool with no lock held.
+
+use std::sync::Arc;
+
+use plinth_torch::executor::{ExecutorThreads, ThreadCounters};
+use plinth_torch::{ComputeBudget, TorchModule};
+use tokio_util::sync::CancellationToken;
+
+use super::ready::ReadyModel;
+use crate::config::{ModelConfig, ModelRepository};
+use crate::error::Error;
+use crate::tensor::{Tensor, shape_str};
+
+/// What step two needs from the registry.
+#[derive(Debug, Clone)]
+pub(super) struct LoadContext {
+    pub(super) budget: Arc<ComputeBudget>,
+    pub(super) counters: Arc<ThreadCounters>,
+    /// Set when the registry shuts down: a load that sees it starts no threads.
+    pub(super) closing: CancellationToken,
+}
+
+/// Step two of a load. Blocking: file I/O, deserialisation, warm-up.
+pub(super) fn load_model(
+    repository: &ModelRepository,
+    name: &str,
+    context: &LoadContext,
+) -> Result<ReadyModel, String> {
+    let dir = repository.model_dir(name);
+    let config = ModelConfig::load(&dir)?;
+    plinth_torch::check_device(config.device)?;
+    let chosen = repository.select_versions(name, &config.version_policy)?;
+    let intra_op_threads = intra_op_threads(name, &config, &context.budget);
+    plinth_torch::set_intra_op_threads(intra_op_threads);
+
+    let mut prepared = Vec::with_capacity(chosen.len());
+    for (version, file) in chosen {
+        let bytes = std::fs::read(&file)
+            .map_err(|err| format!("{}: cannot read: {err}", file.display()))?;
+        let mut modules = Vec::with_capacity(config.instances);
+        for _ in 0..config.instances {
+            modules.push(
+                TorchModule::load(&bytes, config.device)
+                    .map_err(|err| format!("{}: {err}", file.display()))?,
+            );
+        }
+        drop(bytes);
+        // The warm-up is torch work too: it runs on the budget.
+        let cores = context.budget.acquire(intra_op_threads);
+        let computing = context.counters.computing(intra_op_threads);
+        warm_up(&modules[0], &config)
+            .map_err(|err| format!("{}: warm-up: {err}", file.display()))?;
+        drop((computing, cores));
+        prepared.push((version, modules));
+    }
+    // Every version validated: only now start threads, unless the registry
+    // is shutting down (its drain must not race with new executors).
+    if context.closing.is_cancelled() {
+        return Err("the server is shutting down".into());
+    }
+    let threads = ExecutorThreads {
+        intra_op_threads,
+        budget: Arc::clone(&context.budget),
+        counters: Arc::clone(&context.counters),
+    };
+    ReadyModel::start(name, config, prepared, &threads)
+        .map_err(|err| format!("starting executor threads: {err}"))
+}
+
+/// The intra-op threads of each executor of the model: its config's
+/// `intra_op_threads`, else the budget shared among its instances; never more
+/// than the whole budget (a larger request is clamped, with a warning).
+fn intra_op_threads(name: &str, config: &ModelConfig, budget: &ComputeBudget) -> usize {
+    match config.intra_op_threads {
+        Some(requested) => {
+            let granted = budget.clamp(requested);
+            if granted != requested {
+                tracing::warn!(
+                    model = name,
+                    requested,
+                    granted,
+                    budget = budget.limit(),
+                    "intra_op_threads is larger than the compute budget (--threads); clamped"
+                );
+            }
+            granted
+        }
+        None => budget.clamp(budget.limit() / config.instances.max(1)),
+    }
+}
+
+/// Runs one forward on zeros shaped by the config (free dims and batch as 1)
+/// and checks the outputs against the declared ones.
+fn warm_up(module: &TorchModule, config: &ModelConfig) -> Result<(), String> {
+    let mut inputs = Vec::with_capacity(config.inputs.len());
+    for spec in &config.inputs {
+        let shape: Vec<i64> = config
+            .full_shape(spec)
+            .into_iter()
+            .map(|d| d.max(1))
+            .collect();
+        let n_bytes = crate::tensor::numel(&shape)
+            .zip(spec.dtype.fixed_size())
+            .and_then(|(n, size)| n.checked_mul(size))
+            .ok_or_else(|| {
+                format!(
+                    "input '{}': shape {} is too large",
+                    spec.name,
+                    shape_str(&shape)
+                )
+            })?;
+        let tensor = Tensor::new(&spec.name, spec.dtype, shape, vec![0u8; n_bytes].into())
+            .map_err(|err| err.to_string())?;
+        inputs.push(tensor);
+    }
+    let outputs = module
+        .forward(&inputs, &config.outputs)
+        .map_err(|err| match err {
+            Error::Internal(msg) => msg,
+            other => other.to_string(),
+        })?;
+    for (output, spec) in outputs.iter().zip(&config.outputs) {
+        plinth_torch::check_output(output, spec, &config.full_shape(spec))?;
+    }
+    Ok(())
+}

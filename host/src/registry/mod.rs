@@ -1,0 +1,552 @@
+//! The async model registry.
+//!
+//! Loads follow the three-step protocol:
+//! 1. under the lock (microseconds): check the state and insert `Loading`;
+//! 2. with no lock held, on the blocking pool: read the config and the file,
+//!    deserialise, move to the device, warm up and validate, start executors;
+//! 3. under the lock again: swap in `Ready` (or `Failed{reason}`).
+//!
+//! The lock is a plain mutex over a map and is never held across `.await` or
+//! any I/O, so `list`, health and inference on other models answer while any
+//! number of loads run. Requests hold an `Arc<ReadyModel>`; unload only drops
+//! the registry's reference, so in-flight requests finish and memory is freed
+//! when the last holder lets go.
+//!
+//! The files: `entry.rs` is one model's state machine, `load.rs` step two,
+//! `ready.rs` the request path of a ready model, `stats.rs` its statistics.
+
+mod entry;
+mod load;
+mod ready;
+mod stats;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, broadcast, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use plinth_torch::ComputeBudget;
+use plinth_torch::executor::ThreadCounters;
+
+use crate::config::{ModelRepository, valid_model_name};
+use crate::error::Error;
+pub use plinth_core::ModelState;
+
+use entry::{Entry, LoadFinished};
+use load::LoadContext;
+pub use ready::{InferResponse, Inference, ReadyModel, ReadyVersion};
+pub use stats::{BatchTimings, RequestRecord, StatCounter, VersionStats};
+
+#[cfg(test)]
+pub(crate) use ready::{test_model, test_model_with};
+
+/// A snapshot of one model's entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelStatus {
+    pub name: String,
+    pub state: ModelState,
+    pub reason: Option<String>,
+    pub since: SystemTime,
+    pub load_duration: Option<Duration>,
+    /// Ready version labels, oldest first.
+    pub versions: Vec<String>,
+    pub device: Option<String>,
+    pub in_flight: u64,
+    /// A replacement is loading while the current versions keep serving.
+    pub reloading: bool,
+}
+
+impl ModelStatus {
+    /// Whether a load, reload or unload of the model is under way: the one
+    /// definition of "busy". A change to a busy model must wait until it
+    /// settles ([`Registry::settled`]).
+    pub fn is_busy(&self) -> bool {
+        matches!(self.state, ModelState::Loading | ModelState::Unloading) || self.reloading
+    }
+}
+
+/// A model as the health snapshot sees it.
+#[derive(Debug, Clone)]
+pub struct HealthRow {
+    pub name: String,
+    pub state: ModelState,
+    pub reason: Option<String>,
+    /// The newest ready version.
+    pub version: Option<String>,
+    pub queue_depth: usize,
+    pub in_flight: u64,
+    pub requests: u64,
+    pub failures: u64,
+}
+
+/// Whether a load may replace a ready model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadMode {
+    /// Refused with ALREADY_EXISTS if the model is loading or ready.
+    Load,
+    /// Replaces a ready model; the old versions serve until the new ones are ready.
+    Reload,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    pub repository: ModelRepository,
+    /// Loads that may run at once; more wait for a slot.
+    pub max_concurrent_loads: usize,
+    /// The compute budget: cores' worth of forward passes that may run at
+    /// once over every model (`--threads`).
+    pub cores: usize,
+    /// Room in the broadcast of state changes; a watcher that falls further
+    /// behind resyncs from [`Registry::list`].
+    pub event_capacity: usize,
+}
+
+impl RegistrySettings {
+    pub fn new(repository: ModelRepository, cores: usize) -> RegistrySettings {
+        RegistrySettings {
+            repository,
+            max_concurrent_loads: 4,
+            cores,
+            event_capacity: 1024,
+        }
+    }
+}
+
+struct Inner {
+    settings: RegistrySettings,
+    entries: Mutex<HashMap<String, Entry>>,
+    events: broadcast::Sender<ModelStatus>,
+    load_permits: Arc<Semaphore>,
+    load_context: LoadContext,
+    /// Every load and unload task, so that a shutdown can wait for them.
+    tasks: TaskTracker,
+}
+
+/// Handle on the registry; cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+/// A started load: its status right after step one, and its outcome.
+#[derive(Debug)]
+pub struct LoadTicket {
+    pub status: ModelStatus,
+    pub done: oneshot::Receiver<Result<ModelStatus, Error>>,
+}
+
+impl LoadTicket {
+    /// Waits for step three.
+    pub async fn finished(self) -> Result<ModelStatus, Error> {
+        self.done
+            .await
+            .unwrap_or_else(|_| Err(Error::Internal("load task ended without an outcome".into())))
+    }
+}
+
+/// The thread budget as it stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadBudget {
+    /// Cores' worth of forward passes that may run at once (`--threads`).
+    pub cores: usize,
+    /// Intra-op threads of an executor of a model with one instance and no override.
+    pub intra_op_threads: usize,
+    pub inter_op_threads: usize,
+    pub executors: usize,
+    /// Intra-op threads of every executor: the torch threads that exist.
+    pub torch_threads: usize,
+    /// Torch threads of the forward passes (and warm-ups) running now.
+    pub cores_in_use: usize,
+    /// The most torch threads ever computing at once; the budget keeps it
+    /// at or below `cores`.
+    pub cores_peak: usize,
+}
+
+impl Registry {
+    pub fn new(settings: RegistrySettings) -> Registry {
+        let (events, _) = broadcast::channel(settings.event_capacity.max(1));
+        let permits = settings.max_concurrent_loads.max(1);
+        let load_context = LoadContext {
+            budget: Arc::new(ComputeBudget::new(settings.cores)),
+            counters: Arc::new(ThreadCounters::default()),
+            closing: CancellationToken::new(),
+        };
+        Registry {
+            inner: Arc::new(Inner {
+                settings,
+                entries: Mutex::new(HashMap::new()),
+                events,
+                load_permits: Arc::new(Semaphore::new(permits)),
+                load_context,
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn repository(&self) -> &ModelRepository {
+        &self.inner.settings.repository
+    }
+
+    pub fn thread_budget(&self) -> ThreadBudget {
+        let context = &self.inner.load_context;
+        let budget = &context.budget;
+        let (cores_in_use, cores_peak) = context.counters.computing_now_and_peak();
+        ThreadBudget {
+            cores: budget.limit(),
+            intra_op_threads: budget.limit(),
+            inter_op_threads: 1,
+            executors: context.counters.executors.load(Ordering::Relaxed),
+            torch_threads: context.counters.torch_threads.load(Ordering::Relaxed),
+            cores_in_use,
+            cores_peak,
+        }
+    }
+
+    /// Whether [`Registry::unload_all`] has begun: loads are refused from then on.
+    pub fn is_closing(&self) -> bool {
+        self.inner.load_context.closing.is_cancelled()
+    }
+
+    /// Changes of any model's state, as they happen.
+    pub fn subscribe(&self) -> broadcast::Receiver<ModelStatus> {
+        self.inner.events.subscribe()
+    }
+
+    /// Adds `Unavailable` entries for models found in the repository, so they
+    /// are listed before they load. Existing entries are left alone.
+    pub fn register_known(&self, names: &[String]) {
+        let mut entries = self.inner.entries.lock();
+        for name in names {
+            entries.entry(name.clone()).or_insert_with(Entry::new);
+        }
+    }
+
+    /// Drops the entry of a model that left the repository and is not loaded.
+    pub fn forget(&self, name: &str) {
+        let mut entries = self.inner.entries.lock();
+        if entries
+            .get(name)
+            .is_some_and(|e| matches!(e.state, ModelState::Unavailable | ModelState::Failed))
+        {
+            entries.remove(name);
+        }
+    }
+
+    pub fn list(&self) -> Vec<ModelStatus> {
+        let entries = self.inner.entries.lock();
+        let mut all: Vec<ModelStatus> = entries
+            .iter()
+            .map(|(name, entry)| entry.status(name))
+            .collect();
+        drop(entries);
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn status(&self, name: &str) -> Result<ModelStatus, Error> {
+        let entries = self.inner.entries.lock();
+        entries
+            .get(name)
+            .map(|entry| entry.status(name))
+            .ok_or_else(|| Error::ModelNotFound {
+                model: name.to_owned(),
+            })
+    }
+
+    /// Waits until `name` is not busy ([`ModelStatus::is_busy`]) and returns
+    /// its status then. A lagged subscription is not a lost change: the
+    /// status is read again whatever the broadcast says.
+    pub async fn settled(&self, name: &str) -> Result<ModelStatus, Error> {
+        let mut changes = self.subscribe();
+        loop {
+            let status = self.status(name)?;
+            if !status.is_busy() {
+                return Ok(status);
+            }
+            loop {
+                match changes.recv().await {
+                    Ok(change) if change.name != name => continue,
+                    // A change of this model, or an unknown number of missed
+                    // changes: look again.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(Error::Unavailable("the registry has shut down".into()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The ready model, for a request to hold.
+    pub fn get_ready(&self, name: &str) -> Result<Arc<ReadyModel>, Error> {
+        let entries = self.inner.entries.lock();
+        let entry = entries.get(name).ok_or_else(|| Error::ModelNotFound {
+            model: name.to_owned(),
+        })?;
+        match (&entry.serving, entry.state) {
+            (Some(model), ModelState::Ready) => Ok(Arc::clone(model)),
+            (_, state) => Err(Error::ModelNotReady {
+                model: name.to_owned(),
+                state,
+                reason: entry.reason.clone(),
+            }),
+        }
+    }
+
+    /// One row per known model, for the health snapshot.
+    pub fn health_rows(&self) -> Vec<HealthRow> {
+        let entries = self.inner.entries.lock();
+        entries
+            .iter()
+            .map(|(name, e)| {
+                let serving = e.serving.as_deref();
+                let (requests, failures) = serving.map_or((0, 0), |m| {
+                    let (ok, failed) = m.counts();
+                    (ok + failed, failed)
+                });
+                HealthRow {
+                    name: name.clone(),
+                    state: e.state,
+                    reason: e.reason.clone(),
+                    version: serving.and_then(|m| m.version_labels().pop()),
+                    queue_depth: serving.map_or(0, ReadyModel::queue_depth),
+                    in_flight: serving.map_or(0, ReadyModel::in_flight),
+                    requests,
+                    failures,
+                }
+            })
+            .collect()
+    }
+
+    /// Ready models and their version labels, for a router plugin to choose from.
+    pub fn ready_models(&self) -> Vec<(String, Vec<String>)> {
+        let entries = self.inner.entries.lock();
+        entries
+            .iter()
+            .filter(|(_, e)| e.state == ModelState::Ready)
+            .filter_map(|(name, e)| {
+                e.serving
+                    .as_ref()
+                    .map(|m| (name.clone(), m.version_labels()))
+            })
+            .collect()
+    }
+
+    /// The serving model, whatever its state, for detail views.
+    pub fn serving(&self, name: &str) -> Option<Arc<ReadyModel>> {
+        self.inner
+            .entries
+            .lock()
+            .get(name)
+            .and_then(|e| e.serving.clone())
+    }
+
+    fn publish(&self, status: ModelStatus) {
+        // No receivers is fine: nobody is watching.
+        let _ = self.inner.events.send(status);
+    }
+
+    /// Starts loading `name` and returns after step one.
+    pub async fn load(&self, name: &str, mode: LoadMode) -> Result<LoadTicket, Error> {
+        if !valid_model_name(name) {
+            return Err(Error::InvalidArgument(format!(
+                "'{name}' is not a model name (letters, digits, '_', '-', '.'; not starting with '.')"
+            )));
+        }
+        if self.is_closing() {
+            return Err(shutting_down());
+        }
+        let repository = self.inner.settings.repository.clone();
+        let owned_name = name.to_owned();
+        let on_disk = tokio::task::spawn_blocking(move || repository.contains(&owned_name))
+            .await
+            .map_err(|err| Error::Internal(format!("repository check: {err}")))?;
+        if !on_disk {
+            return Err(Error::ModelNotFound {
+                model: name.to_owned(),
+            });
+        }
+
+        // Step one: the placeholder, under the lock, no I/O.
+        let (generation, status) = {
+            let mut entries = self.inner.entries.lock();
+            // Checked again under the lock: `unload_all` closes the registry
+            // under it, so no load starts after its drain began.
+            if self.is_closing() {
+                return Err(shutting_down());
+            }
+            let entry = entries.entry(name.to_owned()).or_insert_with(Entry::new);
+            let generation = entry.begin_load(name, mode)?;
+            let status = entry.status(name);
+            self.publish(status.clone());
+            (generation, status)
+        };
+
+        let (done_tx, done) = oneshot::channel();
+        let registry = self.clone();
+        let name = name.to_owned();
+        self.inner.tasks.spawn(async move {
+            let outcome = registry.run_load(&name, generation).await;
+            let _ = done_tx.send(outcome);
+        });
+        Ok(LoadTicket { status, done })
+    }
+
+    /// Steps two and three.
+    async fn run_load(&self, name: &str, generation: u64) -> Result<ModelStatus, Error> {
+        let closing = self.inner.load_context.closing.clone();
+        let permits = Arc::clone(&self.inner.load_permits);
+        let started = Instant::now();
+        let loaded = tokio::select! {
+            // A load still waiting for a slot at shutdown never starts.
+            () = closing.cancelled() => Err("the server is shutting down".to_owned()),
+            permit = permits.acquire_owned() => match permit {
+                Ok(permit) => {
+                    let repository = self.inner.settings.repository.clone();
+                    let context = self.inner.load_context.clone();
+                    let owned_name = name.to_owned();
+                    // Step two: no lock held, on the blocking pool.
+                    let loaded = tokio::task::spawn_blocking(move || {
+                        load::load_model(&repository, &owned_name, &context)
+                    })
+                    .await
+                    .unwrap_or_else(|err| Err(format!("load task panicked: {err}")));
+                    drop(permit);
+                    loaded
+                }
+                Err(_) => Err("the server is shutting down".to_owned()),
+            },
+        };
+        let elapsed = started.elapsed();
+        match &loaded {
+            Ok(_) => tracing::info!(
+                model = name,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "model ready"
+            ),
+            Err(reason) => tracing::warn!(model = name, %reason, "model load failed"),
+        }
+
+        // Step three: swap, under the lock.
+        let (finished, status) = {
+            let mut entries = self.inner.entries.lock();
+            let finished = entries
+                .get_mut(name)
+                .and_then(|entry| Some((entry.finish_load(generation, loaded, elapsed)?, entry)));
+            let Some((finished, entry)) = finished else {
+                return Err(Error::Unavailable(format!(
+                    "load of model '{name}' was superseded"
+                )));
+            };
+            let status = entry.status(name);
+            self.publish(status.clone());
+            (finished, status)
+        };
+        let LoadFinished { outcome, replaced } = finished;
+        // The old versions go when their last in-flight request finishes.
+        drop(replaced);
+        outcome.map(|()| status)
+    }
+
+    /// Refuses new requests at once; in-flight ones finish on the `Arc` they
+    /// hold. Returns after marking `Unloading`; the entry becomes `Unavailable`
+    /// once every executor has ended and freed its module.
+    pub fn unload(&self, name: &str) -> Result<ModelStatus, Error> {
+        let (model, generation, status) = {
+            let mut entries = self.inner.entries.lock();
+            let entry = entries.get_mut(name).ok_or_else(|| Error::ModelNotFound {
+                model: name.to_owned(),
+            })?;
+            let Some((model, generation)) = entry.begin_unload(name)? else {
+                return Ok(entry.status(name));
+            };
+            let mut status = entry.status(name);
+            status.in_flight = model.in_flight();
+            self.publish(status.clone());
+            (model, generation, status)
+        };
+        let waiters = model.take_exit_waiters();
+        drop(model);
+        tracing::info!(model = name, "unloading");
+        let registry = self.clone();
+        let name = name.to_owned();
+        self.inner.tasks.spawn(async move {
+            for waiter in waiters {
+                let _ = waiter.await;
+            }
+            let mut entries = registry.inner.entries.lock();
+            if let Some(entry) = entries.get_mut(&name)
+                && entry.finish_unload(generation)
+            {
+                registry.publish(entry.status(&name));
+            }
+        });
+        Ok(status)
+    }
+
+    /// The last step of a shutdown, after the servers have drained: refuses
+    /// new loads, lets the loads under way finish (those that had not
+    /// started their executors yet start none), unloads every ready model
+    /// and returns once every executor thread has ended and freed its
+    /// module. No torch work may still run while the process exits and
+    /// libtorch's static destructors run.
+    pub async fn unload_all(&self) {
+        {
+            // Under the lock, so that no load passes step one after this.
+            let _entries = self.inner.entries.lock();
+            self.inner.load_context.closing.cancel();
+        }
+        self.inner.tasks.close();
+        // Loads (and unloads) under way.
+        self.inner.tasks.wait().await;
+        let ready: Vec<String> = {
+            let entries = self.inner.entries.lock();
+            entries
+                .iter()
+                .filter(|(_, entry)| entry.state == ModelState::Ready)
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        for name in ready {
+            if let Err(err) = self.unload(&name) {
+                tracing::warn!(model = name, %err, "unload at shutdown failed");
+            }
+        }
+        self.inner.tasks.wait().await;
+    }
+
+    /// Puts a ready model straight into the registry, for unit tests of what
+    /// sits above it.
+    #[cfg(test)]
+    pub(crate) fn insert_ready(&self, model: ReadyModel) {
+        let name = model.name.clone();
+        let mut entries = self.inner.entries.lock();
+        let entry = entries.entry(name.clone()).or_insert_with(Entry::new);
+        let generation = entry
+            .begin_load(&name, LoadMode::Load)
+            .expect("a new entry loads");
+        entry
+            .finish_load(generation, Ok(model), Duration::ZERO)
+            .expect("its own generation")
+            .outcome
+            .expect("a ready model");
+    }
+}
+
+fn shutting_down() -> Error {
+    Error::Unavailable("the server is shutting down".into())
+}

@@ -1,0 +1,363 @@
+//! The ready-model request path: what a request holds (`Arc<ReadyModel>`),
+//! version choice, input checks against the config, and the hand-off to the
+//! version's executors.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use plinth_torch::executor::{ExecutorPool, ExecutorThreads, Forward, Job};
+
+use super::stats::{RequestRecord, VersionStats};
+use crate::config::{ModelConfig, ModelVersion};
+use crate::error::Error;
+use crate::tensor::{Tensor, TensorSpec, shape_str};
+
+/// One loaded version: its executors and its statistics.
+#[derive(Debug)]
+pub struct ReadyVersion {
+    pub version: ModelVersion,
+    pool: ExecutorPool,
+    pub stats: VersionStats,
+}
+
+/// A loaded model. Requests hold it by `Arc` for their whole life.
+#[derive(Debug)]
+pub struct ReadyModel {
+    pub name: String,
+    pub config: Arc<ModelConfig>,
+    /// Oldest first; never empty.
+    versions: Vec<ReadyVersion>,
+    pub intra_op_threads: usize,
+    in_flight: AtomicU64,
+    success: AtomicU64,
+    failure: AtomicU64,
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicU64) -> InFlight<'a> {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One request's answer from a model, with where its time went.
+#[derive(Debug)]
+pub struct Inference {
+    pub version: String,
+    pub outputs: Vec<Tensor>,
+    /// Waiting for an executor.
+    pub queue: Duration,
+    /// The forward pass on the executor.
+    pub compute: Duration,
+    /// Rows of the forward pass the request was part of (dynamic batching
+    /// may have merged it with others).
+    pub batch_rows: usize,
+    /// Whether this request counts the forward pass (one per pass).
+    pub leader: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct InferResponse {
+    pub model: String,
+    pub version: String,
+    pub outputs: Vec<Tensor>,
+}
+
+impl ReadyModel {
+    /// Starts the executors of every version: the last step of a load, once
+    /// each version's modules are loaded and validated.
+    pub(crate) fn start<M: Forward>(
+        name: &str,
+        config: ModelConfig,
+        versions: Vec<(ModelVersion, Vec<M>)>,
+        threads: &ExecutorThreads,
+    ) -> std::io::Result<ReadyModel> {
+        let outputs: Arc<[TensorSpec]> = config.outputs.clone().into();
+        let mut ready = Vec::with_capacity(versions.len());
+        for (version, modules) in versions {
+            let label = format!("{name}:{}", version.label);
+            let pool = ExecutorPool::start(
+                &label,
+                modules,
+                Arc::clone(&outputs),
+                config.max_queue_size,
+                config.batching.clone(),
+                threads,
+            )?;
+            ready.push(ReadyVersion {
+                version,
+                pool,
+                stats: VersionStats::default(),
+            });
+        }
+        Ok(ReadyModel {
+            name: name.to_owned(),
+            config: Arc::new(config),
+            versions: ready,
+            intra_op_threads: threads.intra_op_threads,
+            in_flight: AtomicU64::new(0),
+            success: AtomicU64::new(0),
+            failure: AtomicU64::new(0),
+        })
+    }
+
+    /// Receivers that complete when each executor thread of every version
+    /// has ended and freed its module. Taken once, by the unload.
+    pub(crate) fn take_exit_waiters(&self) -> Vec<oneshot::Receiver<()>> {
+        self.versions
+            .iter()
+            .flat_map(|v| v.pool.take_exit_waiters())
+            .collect()
+    }
+
+    pub fn version_labels(&self) -> Vec<String> {
+        self.versions
+            .iter()
+            .map(|v| v.version.label.clone())
+            .collect()
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.success.load(Ordering::Relaxed),
+            self.failure.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.versions.iter().map(|v| v.pool.queue_depth()).sum()
+    }
+
+    /// The loaded versions, oldest first.
+    pub fn versions(&self) -> &[ReadyVersion] {
+        &self.versions
+    }
+
+    /// Adds one request to the statistics of `version` (the newest when
+    /// `None`). A version that is not loaded is not counted.
+    pub fn record(&self, version: Option<&str>, record: &RequestRecord) {
+        if let Ok(ready) = self.pick_version(version) {
+            ready.stats.record(record);
+        }
+    }
+
+    /// The version a request for `requested` runs on: the newest that answers
+    /// to it, or the newest of all when `None` or empty.
+    pub fn pick_version(&self, requested: Option<&str>) -> Result<&ReadyVersion, Error> {
+        let Some(requested) = requested.filter(|v| !v.is_empty()) else {
+            return Ok(self.versions.last().expect("a ready model has a version"));
+        };
+        self.versions
+            .iter()
+            .rev()
+            .find(|v| v.version.answers_to(requested))
+            .ok_or_else(|| Error::VersionNotFound {
+                model: self.name.clone(),
+                version: requested.to_owned(),
+                available: self.version_labels().join(", "),
+            })
+    }
+
+    /// Checks the inputs against the config and puts them in declared order.
+    fn arrange_inputs(&self, mut given: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
+        let model = &self.name;
+        let invalid = |msg: String| Error::InvalidArgument(format!("model '{model}': {msg}"));
+        let config = &self.config;
+        let expected_names = || {
+            config
+                .inputs
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (idx, tensor) in given.iter().enumerate() {
+            if !config.inputs.iter().any(|spec| spec.name == tensor.name()) {
+                return Err(invalid(format!(
+                    "unexpected input '{}' (expected inputs: {})",
+                    tensor.name(),
+                    expected_names()
+                )));
+            }
+            if given[..idx]
+                .iter()
+                .any(|earlier| earlier.name() == tensor.name())
+            {
+                return Err(invalid(format!("input '{}' is given twice", tensor.name())));
+            }
+        }
+        let mut ordered = Vec::with_capacity(config.inputs.len());
+        let mut batch: Option<(i64, String)> = None;
+        for spec in &config.inputs {
+            let Some(pos) = given.iter().position(|t| t.name() == spec.name) else {
+                return Err(invalid(format!(
+                    "missing input '{}' (expected inputs: {})",
+                    spec.name,
+                    expected_names()
+                )));
+            };
+            let tensor = given.swap_remove(pos);
+            if tensor.dtype() != spec.dtype {
+                return Err(invalid(format!(
+                    "input '{}': expected dtype {}, got {}",
+                    spec.name,
+                    spec.dtype,
+                    tensor.dtype()
+                )));
+            }
+            let full = config.full_shape(spec);
+            let fits = full.len() == tensor.shape().len()
+                && full
+                    .iter()
+                    .zip(tensor.shape())
+                    .all(|(want, got)| *want == -1 || want == got);
+            if !fits {
+                return Err(invalid(format!(
+                    "input '{}': expected shape {}, got {}",
+                    spec.name,
+                    shape_str(&full),
+                    shape_str(tensor.shape())
+                )));
+            }
+            if config.max_batch_size > 0 {
+                let n = tensor.shape()[0];
+                if n < 1 || n as u64 > config.max_batch_size as u64 {
+                    return Err(invalid(format!(
+                        "input '{}': batch size {n} is outside 1..={}",
+                        spec.name, config.max_batch_size
+                    )));
+                }
+                match &batch {
+                    None => batch = Some((n, spec.name.clone())),
+                    Some((first, first_name)) if *first != n => {
+                        return Err(invalid(format!(
+                            "input '{}': batch size {n} differs from input '{first_name}' ({first})",
+                            spec.name
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            ordered.push(tensor);
+        }
+        Ok(ordered)
+    }
+
+    /// Runs one request on this model. The caller holds the `Arc`, so an
+    /// unload during the request leaves it to finish.
+    /// `timeout` bounds the time the request may wait in the queue.
+    ///
+    /// Crate-private: `Pipeline::infer` is the one way in, so that plugins
+    /// and statistics are never skipped.
+    pub(crate) async fn infer(
+        &self,
+        version: Option<&str>,
+        inputs: Vec<Tensor>,
+        timeout: Option<Duration>,
+    ) -> Result<Inference, Error> {
+        let _in_flight = InFlight::enter(&self.in_flight);
+        let res = self.infer_inner(version, inputs, timeout).await;
+        let counter = if res.is_ok() {
+            &self.success
+        } else {
+            &self.failure
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        res
+    }
+
+    async fn infer_inner(
+        &self,
+        version: Option<&str>,
+        inputs: Vec<Tensor>,
+        timeout: Option<Duration>,
+    ) -> Result<Inference, Error> {
+        let ready_version = self.pick_version(version)?;
+        let inputs = self.arrange_inputs(inputs)?;
+        let rows = match (self.config.max_batch_size, inputs.first()) {
+            (0, _) | (_, None) => 1,
+            (_, Some(first)) => first
+                .shape()
+                .first()
+                .map_or(1, |n| usize::try_from(*n).unwrap_or(1)),
+        };
+        let (reply, answer) = oneshot::channel();
+        let enqueued = Instant::now();
+        ready_version.pool.submit(Job {
+            inputs,
+            rows,
+            reply,
+            enqueued,
+            deadline: timeout.map(|t| enqueued + t),
+        })?;
+        let executed = answer
+            .await
+            .map_err(|_| Error::Internal("executor ended without answering".into()))??;
+        Ok(Inference {
+            version: ready_version.version.label.clone(),
+            outputs: executed.outputs,
+            queue: executed.queue,
+            compute: executed.compute,
+            batch_rows: executed.batch_rows,
+            leader: executed.leader,
+        })
+    }
+}
+
+/// A ready model for unit tests: input `x` and output `y`, f32 of any
+/// length, one executor per version running `forward` (a closure standing in
+/// for the model), on a budget of one core.
+#[cfg(test)]
+pub(crate) fn test_model<F>(name: &str, versions: &[&str], forward: F) -> ReadyModel
+where
+    F: Fn(&[Tensor]) -> Result<Vec<Tensor>, Error> + Clone + Send + 'static,
+{
+    test_model_with(name, "", versions, forward)
+}
+
+/// [`test_model`] with `extra` prepended to its `config.toml`.
+#[cfg(test)]
+pub(crate) fn test_model_with<F>(
+    name: &str,
+    extra: &str,
+    versions: &[&str],
+    forward: F,
+) -> ReadyModel
+where
+    F: Fn(&[Tensor]) -> Result<Vec<Tensor>, Error> + Clone + Send + 'static,
+{
+    let text = format!(
+        "{extra}\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n"
+    );
+    let config = ModelConfig::parse(std::path::Path::new("config.toml"), &text)
+        .expect("the test config parses");
+    let threads = ExecutorThreads {
+        intra_op_threads: 1,
+        budget: Arc::new(plinth_torch::ComputeBudget::new(1)),
+        counters: Arc::default(),
+    };
+    let versions = versions
+        .iter()
+        .map(|label| {
+            let version = ModelVersion::parse(label).expect("a version label");
+            (version, vec![forward.clone()])
+        })
+        .collect();
+    ReadyModel::start(name, config, versions, &threads).expect("executor threads start")
+}

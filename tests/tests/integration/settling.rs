@@ -1,0 +1,245 @@
+//! Changes that land while the registry is busy: `--poll` changes to a model
+//! that is loading or reloading, readiness once the startup loads finish,
+//! and a shutdown while loads are in flight. Each waits on a load held open
+//! by a named pipe (`BlockedModel`), so "while it is busy" is a fact, not a
+//! matter of timing.
+
+use std::time::Duration;
+
+use plinth::grpc::pb;
+use plinth_tests::fixtures::{self, BlockedModel};
+use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, f32_values};
+
+/// Longer than the `--poll` watcher's 250 ms debounce: by then it has seen a
+/// change. A slower watcher would only make the tests below pass without
+/// exercising the busy path, never fail them.
+const WATCHER_SETTLES: Duration = Duration::from_millis(1000);
+
+/// Polls `probe` until it answers `Some`, for at most a minute (a bound on a
+/// hang, not a speed assertion).
+async fn wait_until<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `name` as ListModels shows it, if it is listed.
+async fn listed(srv: &TestServer, name: &str) -> Option<pb::ModelStatus> {
+    srv.models()
+        .await
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .into_iter()
+        .find(|m| m.name == name)
+}
+
+/// Publishes version `version` of a scale model by renaming a finished
+/// directory in, as a careful deployment does.
+fn publish_scale(repo: &std::path::Path, model: &str, version: &str, factor: f64) {
+    let staging = repo.join(format!(".staging-{model}-{version}"));
+    fixtures::scale_file(&staging.join("model.pt"), factor);
+    std::fs::rename(&staging, repo.join(model).join(version)).unwrap();
+}
+
+async fn answer(srv: &TestServer, model: &str) -> Vec<f32> {
+    let request = compute_request(model, vec![f32_tensor("x", &[1], &[5.0])]);
+    f32_values(
+        &srv.compute()
+            .await
+            .compute(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .outputs[0],
+    )
+}
+
+/// Waits until `model` serves exactly `versions` and nothing is under way.
+async fn wait_serving(srv: &TestServer, model: &str, versions: &[&str]) {
+    wait_until(&format!("{model} to serve {versions:?}"), || async {
+        let status = listed(srv, model).await?;
+        (status.state == ModelState::Ready as i32
+            && !status.reloading
+            && status.versions == versions)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn poll_applies_a_change_that_lands_during_a_reload() {
+    let srv = TestServer::start_with(
+        |repo| fixtures::scale(repo, "live", "1", 2.0),
+        |config| config.poll = true,
+    )
+    .await;
+    let repo = srv.repo.path().to_path_buf();
+    srv.wait_ready("live").await;
+
+    // Version 2 appears as a pipe: the reload it starts blocks on reading it.
+    let blocked = BlockedModel::scale_version(&repo, "live", "2", 3.0);
+    wait_until("the reload to start", || async {
+        listed(&srv, "live").await?.reloading.then_some(())
+    })
+    .await;
+    // Version 3 lands while the reload is under way, and the watcher sees it
+    // (its debounce is 250 ms) before the reload is let go.
+    publish_scale(&repo, "live", "3", 4.0);
+    tokio::time::sleep(WATCHER_SETTLES).await;
+    // The old version serves throughout.
+    assert_eq!(answer(&srv, "live").await, [10.0]);
+    blocked.release().await;
+
+    // The reload finishes with version 2, and the change that landed during
+    // it is applied after: version 3 serves.
+    wait_serving(&srv, "live", &["3"]).await;
+    assert_eq!(answer(&srv, "live").await, [20.0]);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn poll_applies_a_change_even_when_its_watch_of_the_registry_lags() {
+    // Room for one state change only: the watcher waiting on `live` falls
+    // behind as soon as two other changes are broadcast before it runs.
+    let srv = TestServer::start_with(
+        |repo| {
+            fixtures::scale(repo, "a", "1", 1.0);
+            fixtures::scale(repo, "b", "1", 1.0);
+        },
+        |config| {
+            config.poll = true;
+            config.state_events_capacity = 1;
+        },
+    )
+    .await;
+    let repo = srv.repo.path().to_path_buf();
+    srv.wait_ready("a").await;
+    srv.wait_ready("b").await;
+
+    // `live` appears with a version whose load blocks.
+    let blocked = BlockedModel::scale(&repo, "live", 2.0);
+    wait_until("live to be loading", || async {
+        (listed(&srv, "live").await?.state == ModelState::Loading as i32).then_some(())
+    })
+    .await;
+    // Version 2 lands while the first load is under way: the watcher waits
+    // for `live` to settle...
+    publish_scale(&repo, "live", "2", 3.0);
+    tokio::time::sleep(WATCHER_SETTLES).await;
+    // ... and misses changes: this test's runtime is single-threaded, so the
+    // two unloads are broadcast back to back before the watcher runs again.
+    let registry = srv.running().registry.clone();
+    registry.unload("a").unwrap();
+    registry.unload("b").unwrap();
+    blocked.release().await;
+
+    // The first load ends with version 1; the change is applied after it.
+    wait_serving(&srv, "live", &["2"]).await;
+    assert_eq!(answer(&srv, "live").await, [15.0]);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_follows_the_startup_loads_not_the_health_timer() {
+    // The health monitor's timer would first fire in an hour: readiness must
+    // come from the startup loads finishing.
+    let mut blocked = None;
+    let srv = TestServer::start_with(
+        |repo| {
+            fixtures::scale(repo, "quick", "1", 2.0);
+            blocked = Some(BlockedModel::scale(repo, "slow", 2.0));
+        },
+        |config| config.health_period = Duration::from_secs(3600),
+    )
+    .await;
+    let blocked = blocked.unwrap();
+    let channel = srv.channel().await;
+    let serving = || async {
+        tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    };
+    srv.wait_ready("quick").await;
+    // One startup load is still under way: not ready.
+    assert!(!serving().await);
+    assert!(!srv.running().health.is_ready());
+    blocked.release().await;
+    srv.wait_ready("slow").await;
+    wait_until("the server to turn ready", || async {
+        serving().await.then_some(())
+    })
+    .await;
+    assert!(srv.running().health.is_ready());
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_shutdown_waits_for_loads_in_flight_and_starts_no_executor_after_its_drain() {
+    let mut blocked = None;
+    let mut srv = TestServer::start_with(
+        |repo| {
+            fixtures::scale(repo, "early", "1", 2.0);
+            blocked = Some(BlockedModel::scale(repo, "late", 2.0));
+        },
+        |_| {},
+    )
+    .await;
+    let blocked = blocked.unwrap();
+    srv.wait_ready("early").await;
+    assert_eq!(
+        listed(&srv, "late").await.unwrap().state,
+        ModelState::Loading as i32
+    );
+
+    let server = srv.server.take().unwrap();
+    let registry = server.registry.clone();
+    server.trigger().cancel();
+    let drained = tokio::spawn(server.wait());
+    wait_until("the registry to close", || async {
+        registry.is_closing().then_some(())
+    })
+    .await;
+    // A load asked for after the drain began is refused.
+    let refused = registry
+        .load("early", plinth::registry::LoadMode::Reload)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.to_string(), "the server is shutting down");
+    // The load in flight finishes its read only now.
+    blocked.release().await;
+    drained.await.unwrap();
+
+    // `wait` returned after that load: it started no executor, and every
+    // executor of `early` has ended.
+    let late = registry.status("late").unwrap();
+    assert_ne!(late.state, plinth::registry::ModelState::Loading);
+    assert_ne!(late.state, plinth::registry::ModelState::Ready);
+    assert_eq!(late.reason.as_deref(), Some("the server is shutting down"));
+    assert_eq!(
+        registry.status("early").unwrap().state,
+        plinth::registry::ModelState::Unavailable
+    );
+    let budget = registry.thread_budget();
+    assert_eq!((budget.executors, budget.torch_threads), (0, 0));
+}
