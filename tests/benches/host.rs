@@ -595,23 +595,27 @@ async fn chain_overhead() {
                 srv.wait_plugin("router", |s| s.serving).await;
                 srv.wait_plugin("metrics", |s| s.serving).await;
             } else {
-                loop {
-                    let listed = srv
-                        .plugin_api()
-                        .await
-                        .list_plugins(pb::ListPluginsRequest {})
-                        .await
-                        .unwrap()
-                        .into_inner();
-                    if listed
-                        .plugins
-                        .iter()
-                        .all(|p| p.name != "router" && p.name != "metrics")
-                    {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                plinth_tests::eventually(
+                    plinth_tests::PATIENCE,
+                    "the router and metrics plugins to leave the list",
+                    async || {
+                        let listed = srv
+                            .plugin_api()
+                            .await
+                            .list_plugins(pb::ListPluginsRequest {})
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        let names: Vec<String> =
+                            listed.plugins.into_iter().map(|p| p.name).collect();
+                        if names.iter().all(|n| n != "router" && n != "metrics") {
+                            Ok(())
+                        } else {
+                            Err(format!("listed: {names:?}"))
+                        }
+                    },
+                )
+                .await;
             }
             let model = if chained { "chained" } else { "plain" };
             let (p50, p99, _, _) = percentiles(sequential_latency(&srv, model, 4000).await);

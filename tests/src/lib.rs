@@ -3,7 +3,6 @@
 //! from Rust with known weights.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use plinth::grpc::pb;
 use plinth::grpc::pb::compute_service_client::ComputeServiceClient;
@@ -12,8 +11,11 @@ use tonic::transport::Channel;
 
 pub use plinth::grpc::pb::{DataType, ModelState};
 
+mod eventually;
 pub mod fixtures;
 pub mod load;
+
+pub use eventually::{Attempt, PATIENCE, eventually};
 
 /// A running host over a temporary model repository.
 pub struct TestServer {
@@ -66,9 +68,13 @@ impl TestServer {
         format!("http://{}", self.running().http_addr)
     }
 
+    /// A channel whose every call is bounded by [`PATIENCE`] (until the
+    /// response headers, so a stream's messages are not), so that an RPC
+    /// the server never answers fails the test instead of hanging it.
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.grpc_url())
             .expect("valid url")
+            .timeout(PATIENCE)
             .connect()
             .await
             .expect("connects to the gRPC port")
@@ -143,24 +149,22 @@ impl TestServer {
             .remove(0)
     }
 
-    /// Polls GetModel until `pred` holds. Tests bound it by an event count,
-    /// not by time: a stuck server fails through the test harness timeout.
+    /// Polls GetModel until `pred` holds (bounded by [`PATIENCE`]).
     pub async fn wait_for(
         &self,
         name: &str,
         pred: impl Fn(&pb::ModelStatus) -> bool,
     ) -> pb::ModelStatus {
-        // A safety net against hangs, as in `wait_plugin`; not a speed bound.
-        let mut last = None;
-        for _ in 0..12000 {
+        let what = format!("model '{name}' to reach the expected state");
+        eventually(PATIENCE, &what, async || {
             let status = self.status(name).await;
             if pred(&status) {
-                return status;
+                Ok(status)
+            } else {
+                Err(format!("{status:?}"))
             }
-            last = Some(status);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        panic!("model '{name}' never reached the expected state; last status: {last:?}");
+        })
+        .await
     }
 }
 
@@ -248,30 +252,28 @@ impl TestServer {
         pb::plugin_service_client::PluginServiceClient::new(self.channel().await)
     }
 
-    /// Polls GetPlugin until `pred` holds.
+    /// Polls GetPlugin until `pred` holds (bounded by [`PATIENCE`]).
     pub async fn wait_plugin(
         &self,
         name: &str,
         pred: impl Fn(&pb::PluginStatus) -> bool,
     ) -> pb::PluginStatus {
         let mut api = self.plugin_api().await;
-        let mut last = None;
-        // A safety net that turns a hang into a failure with the last status;
-        // not a speed bound (60 s on a machine where this takes milliseconds).
-        for _ in 0..6000 {
-            if let Ok(status) = api
+        let what = format!("plugin '{name}' to reach the expected state");
+        eventually(PATIENCE, &what, async || {
+            // NotFound until the watcher has seen the file: that is "not yet".
+            let status = api
                 .get_plugin(pb::GetPluginRequest { name: name.into() })
                 .await
-            {
-                let status = status.into_inner();
-                if pred(&status) {
-                    return status;
-                }
-                last = Some(status);
+                .map_err(|err| format!("GetPlugin: {err}"))?
+                .into_inner();
+            if pred(&status) {
+                Ok(status)
+            } else {
+                Err(format!("{status:?}"))
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("plugin '{name}' never reached the expected state; last status: {last:?}");
+        })
+        .await
     }
 
     /// GET on the HTTP port: status code and body.

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use plinth::grpc::ipb::{self, model_infer_request::InferInputTensor};
-use plinth_tests::TestServer;
 use plinth_tests::fixtures;
+use plinth_tests::{PATIENCE, TestServer, eventually};
 use tonic::Code;
 
 /// `y = 3x` on `[batch, n]` (n free), batching up to `max_batch` rows.
@@ -173,13 +173,18 @@ async fn a_stream_through_a_batching_model_answers_in_order() {
         .unwrap()
         .into_inner();
     let mut seen = 0;
-    while let Some(message) = responses.message().await.unwrap() {
+    eventually(PATIENCE, "the response stream to end", async || {
+        let Some(message) = responses.message().await.unwrap() else {
+            return Ok(());
+        };
         assert_eq!(message.error_message, "");
         let response = message.infer_response.unwrap();
         assert_eq!(response.id, seen.to_string());
         assert_eq!(output_values(&response).1, [3.0 * seen as f32, 3.0]);
         seen += 1;
-    }
+        Err(format!("{seen} responses so far"))
+    })
+    .await;
     assert_eq!(seen, 60);
     let stats = srv.model_stats("scale").await;
     assert_eq!(stats.inference_count, 60);

@@ -5,7 +5,9 @@
 use futures::StreamExt;
 use plinth::grpc::pb;
 use plinth_tests::fixtures::{self, BlockedModel};
-use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, f32_values};
+use plinth_tests::{
+    ModelState, PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values,
+};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -119,24 +121,33 @@ async fn list_health_and_inference_answer_while_three_large_loads_are_in_flight(
     }
     let mut ready = std::collections::BTreeSet::new();
     let mut seen_loading = std::collections::BTreeSet::new();
-    while ready.len() < 3 {
-        let event = watch.next().await.expect("watch stream open").unwrap();
-        if !event.name.starts_with("big_") {
-            continue;
-        }
-        if event.state == loading {
-            seen_loading.insert(event.name.clone());
-        }
-        if event.state == ModelState::Ready as i32 {
-            assert!(
-                seen_loading.contains(&event.name),
-                "{} READY before LOADING",
-                event.name
-            );
-            ready.insert(event.name);
-        }
-        assert_ne!(event.state, ModelState::Failed as i32, "{}", event.reason);
-    }
+    eventually(
+        PATIENCE,
+        "WatchModels to report the three big models READY",
+        async || {
+            let event = watch.next().await.expect("watch stream open").unwrap();
+            if event.name.starts_with("big_") {
+                if event.state == loading {
+                    seen_loading.insert(event.name.clone());
+                }
+                if event.state == ModelState::Ready as i32 {
+                    assert!(
+                        seen_loading.contains(&event.name),
+                        "{} READY before LOADING",
+                        event.name
+                    );
+                    ready.insert(event.name.clone());
+                }
+                assert_ne!(event.state, ModelState::Failed as i32, "{}", event.reason);
+            }
+            if ready.len() == 3 {
+                Ok(())
+            } else {
+                Err(format!("READY so far: {ready:?}"))
+            }
+        },
+    )
+    .await;
     let out = srv
         .compute()
         .await
@@ -194,12 +205,22 @@ async fn the_load_bound_holds_back_extra_loads() {
     );
     blocked.take().unwrap().release().await;
     let mut order = Vec::new();
-    while order.len() < 2 {
-        let event = watch.next().await.expect("watch open").unwrap();
-        if event.state == ModelState::Ready as i32 {
-            order.push(event.name);
-        }
-    }
+    eventually(
+        PATIENCE,
+        "WatchModels to report both models READY",
+        async || {
+            let event = watch.next().await.expect("watch open").unwrap();
+            if event.state == ModelState::Ready as i32 {
+                order.push(event.name);
+            }
+            if order.len() == 2 {
+                Ok(())
+            } else {
+                Err(format!("READY so far: {order:?}"))
+            }
+        },
+    )
+    .await;
     assert_eq!(order, ["slow_disk", "quick"]);
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use plinth::grpc::ipb::{self, model_infer_request::InferInputTensor};
 use plinth_tests::fixtures::{self, affine_expected};
-use plinth_tests::{TestServer, install_plugin};
+use plinth_tests::{PATIENCE, TestServer, eventually, install_plugin};
 use tonic::Code;
 
 fn f32_bytes(values: &[f32]) -> bytes::Bytes {
@@ -518,7 +518,10 @@ async fn stream_infer_answers_in_order_and_reports_errors_in_band() {
         .unwrap()
         .into_inner();
     let mut seen = 0;
-    while let Some(message) = responses.message().await.unwrap() {
+    eventually(PATIENCE, "the response stream to end", async || {
+        let Some(message) = responses.message().await.unwrap() else {
+            return Ok(());
+        };
         let response = message.infer_response.unwrap();
         assert_eq!(response.id, seen.to_string());
         if seen == 17 {
@@ -535,7 +538,9 @@ async fn stream_infer_answers_in_order_and_reports_errors_in_band() {
             );
         }
         seen += 1;
-    }
+        Err(format!("{seen} responses so far"))
+    })
+    .await;
     assert_eq!(seen, 40);
 }
 

@@ -1,11 +1,11 @@
 //! Plugins for real: components built from plugins/ dropped into the plugin
 //! directory of a running server, changing its behaviour with no restart.
 
-use std::time::Duration;
-
 use plinth::grpc::pb;
 use plinth_tests::fixtures::{self, affine_expected};
-use plinth_tests::{TestServer, compute_request, f32_tensor, f32_values, install_plugin};
+use plinth_tests::{
+    PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values, install_plugin,
+};
 use tonic::Code;
 
 const SCALE_IO: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
@@ -283,7 +283,7 @@ async fn plugins_are_added_replaced_and_removed_with_no_restart() {
 
     // Remove.
     std::fs::remove_file(srv.plugins.path().join("post.wasm")).unwrap();
-    loop {
+    eventually(PATIENCE, "plugin 'post' to leave the list", async || {
         let listed = srv
             .plugin_api()
             .await
@@ -291,11 +291,14 @@ async fn plugins_are_added_replaced_and_removed_with_no_restart() {
             .await
             .unwrap()
             .into_inner();
-        if listed.plugins.iter().all(|p| p.name != "post") {
-            break;
+        let names: Vec<String> = listed.plugins.into_iter().map(|p| p.name).collect();
+        if names.iter().all(|name| name != "post") {
+            Ok(())
+        } else {
+            Err(format!("listed: {names:?}"))
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     let err = compute.compute(run()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
 }
@@ -589,14 +592,7 @@ async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
         .unwrap_err();
     let ok_line = "plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 3";
     let bad_line = "plinth_requests_total{model=\"scale\",status=\"invalid_input\"} 1";
-    let metrics = loop {
-        let (code, text) = srv.metrics().await;
-        assert_eq!(code, 200);
-        if text.contains(ok_line) {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let metrics = metrics_containing(&srv, ok_line).await;
     assert!(
         metrics.contains(
             "plinth_request_duration_seconds_bucket{model=\"scale\",version=\"1\",stage=\"compute\""
@@ -623,13 +619,40 @@ async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
         ))
         .await
         .unwrap();
-    loop {
-        let (_, text) = srv.metrics().await;
-        if text.contains("plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 4") {
-            break;
+    metrics_containing(
+        &srv,
+        "plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 4",
+    )
+    .await;
+}
+
+/// Polls /metrics until it holds `line`, and returns the text.
+async fn metrics_containing(srv: &TestServer, line: &str) -> String {
+    let what = format!("/metrics to contain {line:?}");
+    eventually(PATIENCE, &what, async || {
+        let (code, text) = srv.metrics().await;
+        assert_eq!(code, 200, "{text}");
+        if text.contains(line) {
+            Ok(text)
+        } else {
+            Err(text)
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
+}
+
+/// Polls /v2/health/ready until it answers `code`, and returns the body.
+async fn readiness_becomes(srv: &TestServer, code: u16) -> String {
+    let what = format!("/v2/health/ready to answer {code}");
+    eventually(PATIENCE, &what, async || {
+        let (got, body) = srv.http_get("/v2/health/ready").await;
+        if got == code {
+            Ok(body)
+        } else {
+            Err(format!("{got} {body:?}"))
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -644,12 +667,7 @@ async fn a_health_plugin_gates_readiness() {
     .await;
     srv.load("other").await.unwrap();
     // Without health plugins: ready once startup is done.
-    loop {
-        if srv.http_get("/v2/health/ready").await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    readiness_becomes(&srv, 200).await;
     install_plugin(
         srv.plugins.path(),
         "health",
@@ -657,14 +675,7 @@ async fn a_health_plugin_gates_readiness() {
         Some("[config]\nmodels = \"needed\"\n"),
     );
     srv.wait_plugin("health", serving).await;
-    let (code, body) = loop {
-        let (code, body) = srv.http_get("/v2/health/ready").await;
-        if code == 503 {
-            break (code, body);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert_eq!(code, 503);
+    let body = readiness_becomes(&srv, 503).await;
     assert!(body.starts_with("health: "), "{body}");
     assert!(body.contains("needed"), "{body}");
     let mut health = tonic_health::pb::health_client::HealthClient::new(srv.channel().await);
@@ -682,12 +693,7 @@ async fn a_health_plugin_gates_readiness() {
 
     // Loading the required model turns readiness on, without waiting for the timer.
     srv.load("needed").await.unwrap();
-    loop {
-        if srv.http_get("/v2/health/ready").await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    readiness_becomes(&srv, 200).await;
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),

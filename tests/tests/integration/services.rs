@@ -4,7 +4,9 @@
 use futures::StreamExt;
 use plinth::grpc::pb;
 use plinth_tests::fixtures;
-use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, f32_values};
+use plinth_tests::{
+    ModelState, PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values,
+};
 use tonic::Code;
 
 #[tokio::test]
@@ -104,10 +106,20 @@ async fn watch_models_follows_a_load_and_an_unload() {
         .await
         .unwrap();
     let mut states = Vec::new();
-    while states.last() != Some(&ModelState::Unavailable) {
-        let event = watch.next().await.unwrap().unwrap();
-        states.push(ModelState::try_from(event.state).unwrap());
-    }
+    eventually(
+        PATIENCE,
+        "WatchModels to report 'm' UNAVAILABLE",
+        async || {
+            let event = watch.next().await.expect("watch stream open").unwrap();
+            states.push(ModelState::try_from(event.state).unwrap());
+            if states.last() == Some(&ModelState::Unavailable) {
+                Ok(())
+            } else {
+                Err(format!("states so far: {states:?}"))
+            }
+        },
+    )
+    .await;
     assert_eq!(
         states,
         [
@@ -137,12 +149,15 @@ async fn health_and_reflection_services_answer() {
         .await
         .unwrap()
         .into_inner();
-    loop {
-        let status = statuses.next().await.unwrap().unwrap().status;
+    eventually(PATIENCE, "the health watch to report SERVING", async || {
+        let status = statuses.next().await.expect("watch open").unwrap().status;
         if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("status {status}"))
         }
-    }
+    })
+    .await;
 
     let mut reflection = ServerReflectionClient::new(srv.channel().await);
     let request = ServerReflectionRequest {
