@@ -125,8 +125,9 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
         let mut lines = Vec::new();
         for line in BufReader::new(stdout).lines() {
             let line = strip_ansi(&line.unwrap());
-            if let (Some(tx), Some(pos)) = (addr_tx.as_ref(), line.find("grpc_addr=")) {
-                let _ = tx;
+            if addr_tx.is_some()
+                && let Some(pos) = line.find("grpc_addr=")
+            {
                 let addr = line[pos + "grpc_addr=".len()..]
                     .split_whitespace()
                     .next()

@@ -560,7 +560,7 @@ async fn statistics_count_requests_stages_and_batches() {
             .await
             .unwrap();
     }
-    client
+    let refused = client
         .model_infer(request(
             "affine",
             vec![input("x", "FP32", &[1, 5])],
@@ -568,6 +568,13 @@ async fn statistics_count_requests_stages_and_batches() {
         ))
         .await
         .unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.message()),
+        (
+            Code::InvalidArgument,
+            "model 'affine': input 'x': expected shape [-1, 4], got [1, 5]"
+        )
+    );
     let stats = client
         .model_statistics(ipb::ModelStatisticsRequest {
             name: "affine".into(),

@@ -526,10 +526,12 @@ async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
     srv.wait_ready("affine").await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut clients = Vec::new();
     for _ in 0..4 {
         let mut compute = srv.compute().await;
         let stop = std::sync::Arc::clone(&stop);
+        let done = std::sync::Arc::clone(&done);
         clients.push(tokio::spawn(async move {
             let mut n_ok = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -542,11 +544,27 @@ async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
                     .expect("no request fails during swaps");
                 assert_eq!(out.into_inner().outputs[0].name, "topk_indices");
                 n_ok += 1;
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             n_ok
         }));
     }
     for swap in 0..20 {
+        // Load between every two swaps: one more request finishes first.
+        let before = done.load(std::sync::atomic::Ordering::Relaxed);
+        eventually(
+            PATIENCE,
+            "a request to finish before the swap",
+            async || {
+                let now = done.load(std::sync::atomic::Ordering::Relaxed);
+                if now > before {
+                    Ok(())
+                } else {
+                    Err(format!("{now} requests done"))
+                }
+            },
+        )
+        .await;
         // Each manifest differs from the one before, so every write is a real swap.
         let k = 2 + swap % 3;
         install_plugin(
@@ -564,7 +582,8 @@ async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
     for client in clients {
         total += client.await.expect("client task");
     }
-    assert!(total > 0);
+    assert_eq!(total, done.load(std::sync::atomic::Ordering::Relaxed));
+    assert!(total >= 20, "{total} requests ran across 20 swaps");
 }
 
 #[tokio::test]
@@ -583,23 +602,30 @@ async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
             .await
             .unwrap();
     }
-    compute
+    // A shape the model refuses: no version was chosen for it.
+    let err = compute
         .compute(compute_request(
             "scale",
-            vec![f32_tensor("x", &[2], &[1.0])],
+            vec![f32_tensor("x", &[1, 1], &[1.0])],
         ))
         .await
         .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::InvalidArgument,
+            "model 'scale': input 'x': expected shape [-1], got [1, 1]"
+        )
+    );
     let ok_line = "plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 3";
-    let bad_line = "plinth_requests_total{model=\"scale\",status=\"invalid_input\"} 1";
-    let metrics = metrics_containing(&srv, ok_line).await;
+    let bad_line = "plinth_requests_total{model=\"scale\",version=\"\",status=\"invalid_input\"} 1";
+    let metrics = metrics_containing(&srv, &[ok_line, bad_line]).await;
     assert!(
         metrics.contains(
             "plinth_request_duration_seconds_bucket{model=\"scale\",version=\"1\",stage=\"compute\""
         ),
         "{metrics}"
     );
-    let _ = bad_line;
 
     // Reload the plugin (same file, new manifest): the counters carry over.
     install_plugin(
@@ -621,18 +647,18 @@ async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
         .unwrap();
     metrics_containing(
         &srv,
-        "plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 4",
+        &["plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 4"],
     )
     .await;
 }
 
-/// Polls /metrics until it holds `line`, and returns the text.
-async fn metrics_containing(srv: &TestServer, line: &str) -> String {
-    let what = format!("/metrics to contain {line:?}");
+/// Polls /metrics until it holds every one of `lines`, and returns the text.
+async fn metrics_containing(srv: &TestServer, lines: &[&str]) -> String {
+    let what = format!("/metrics to contain {lines:?}");
     eventually(PATIENCE, &what, async || {
         let (code, text) = srv.metrics().await;
         assert_eq!(code, 200, "{text}");
-        if text.contains(line) {
+        if lines.iter().all(|line| text.contains(line)) {
             Ok(text)
         } else {
             Err(text)
