@@ -276,28 +276,75 @@ impl TestServer {
         .await
     }
 
-    /// GET on the HTTP port: status code and body.
+    /// GET on the HTTP port: status code and body (text).
     pub async fn http_get(&self, path: &str) -> (u16, String) {
-        http_request(self.running().http_addr, "GET", path, &[], b"").await
+        self.http(reqwest::Method::GET, path, &[], Vec::new())
+            .await
+            .status_and_text()
     }
 
-    /// POST on the HTTP port: status code and body.
+    /// POST on the HTTP port: status code and body (text).
     pub async fn http_post(
         &self,
         path: &str,
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> (u16, String) {
-        http_request(self.running().http_addr, "POST", path, headers, body).await
+        self.http(reqwest::Method::POST, path, headers, body.to_vec())
+            .await
+            .status_and_text()
+    }
+
+    /// Any request on the HTTP port, answered with the raw body and the
+    /// headers (for binary bodies, such as the binary tensor extension).
+    pub async fn http(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> HttpResponse {
+        http_send(self.running().http_addr, method, path, headers, body).await
     }
 
     /// GET /metrics on the metrics port: status code and body.
     pub async fn metrics(&self) -> (u16, String) {
-        http_request(self.running().metrics_addr, "GET", "/metrics", &[], b"").await
+        http_send(
+            self.running().metrics_addr,
+            reqwest::Method::GET,
+            "/metrics",
+            &[],
+            Vec::new(),
+        )
+        .await
+        .status_and_text()
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection: status code and body.
+/// An HTTP answer: status, headers and the body as sent.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+impl HttpResponse {
+    /// The status and the body as text; panics, naming the status, on a
+    /// body that is not UTF-8 (read [`HttpResponse::body`] for those).
+    pub fn status_and_text(self) -> (u16, String) {
+        let text = String::from_utf8(self.body.to_vec()).unwrap_or_else(|err| {
+            panic!(
+                "HTTP {} body is not UTF-8 ({err}): read HttpResponse::body",
+                self.status
+            )
+        });
+        (self.status, text)
+    }
+}
+
+/// One HTTP request to a server on this machine: status code and body
+/// (text). Kept for callers that hold an address, not a [`TestServer`].
 pub async fn http_request(
     addr: std::net::SocketAddr,
     method: &str,
@@ -305,51 +352,46 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .unwrap_or_else(|err| panic!("HTTP method {method:?}: {err}"));
+    http_send(addr, method, path, headers, body.to_vec())
         .await
-        .expect("HTTP port");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    // A server may answer (413, say) before reading the whole body.
-    let _ = stream.write_all(body).await;
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response).await;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, dechunk(&body))
+        .status_and_text()
 }
 
-/// Joins a chunked HTTP/1.1 body (axum streams bodies it does not size).
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    loop {
-        let Some((size_line, after)) = rest.split_once("\r\n") else {
-            return body.to_owned();
-        };
-        let Ok(size) = usize::from_str_radix(size_line.trim(), 16) else {
-            return body.to_owned();
-        };
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&after[..size]);
-        rest = &after[size + 2..];
+/// Sends one request with a client of its own (a test's runtime ends with
+/// the test, so no pooled connection may outlive it), bounded by
+/// [`PATIENCE`] so that a server that never answers fails the test.
+async fn http_send(
+    addr: std::net::SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> HttpResponse {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PATIENCE)
+        .build()
+        .expect("HTTP client");
+    let url = format!("http://{addr}{path}");
+    let mut request = client.request(method.clone(), &url).body(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("{method} {url}: {err:?}"));
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .bytes()
+        .await
+        .unwrap_or_else(|err| panic!("{method} {url}: reading the body: {err:?}"));
+    HttpResponse {
+        status,
+        headers,
+        body,
     }
 }

@@ -81,7 +81,7 @@ async fn list_health_and_inference_answer_while_three_large_loads_are_in_flight(
         .unwrap()
         .into_inner();
     assert_eq!(health.status, ServingStatus::Serving as i32);
-    let live = reqwest_free_get(&format!("{}/v2/health/live", srv.http_url())).await;
+    let (live, _) = srv.http_get("/v2/health/live").await;
     assert_eq!(live, 200);
 
     let out = srv
@@ -222,21 +222,4 @@ async fn the_load_bound_holds_back_extra_loads() {
     )
     .await;
     assert_eq!(order, ["slow_disk", "quick"]);
-}
-
-/// A bare HTTP/1.1 GET returning the status code.
-async fn reqwest_free_get(url: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-    stream
-        .write_all(
-            format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
