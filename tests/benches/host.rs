@@ -535,8 +535,6 @@ async fn oip() {
     println!("zero errors in every run: {all_ok}");
 }
 
-const TINY_IO: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
-
 async fn sequential_latency(srv: &TestServer, model: &str, n: usize) -> Vec<Duration> {
     let mut compute = srv.compute().await;
     let request = compute_request(model, vec![f32_tensor("x", &[4], &[1.0, 2.0, 3.0, 4.0])]);
@@ -557,11 +555,10 @@ async fn chain_overhead() {
         |repo| {
             fixtures::scale(repo, "plain", "1", 2.0);
             fixtures::scale(repo, "chained", "1", 2.0);
-            fixtures::write_config(
-                repo,
-                "chained",
-                &format!("preprocess = [\"pre\"]\npostprocess = [\"post\"]\n{TINY_IO}"),
-            );
+            fixtures::scale_config()
+                .preprocess(&["pre"])
+                .postprocess(&["post"])
+                .write(repo, "chained");
         },
         true,
     )

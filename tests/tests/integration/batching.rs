@@ -7,19 +7,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use plinth::grpc::ipb::{self, model_infer_request::InferInputTensor};
-use plinth_tests::fixtures;
+use plinth_tests::fixtures::{self, ModelConfig, scale_config};
 use plinth_tests::{PATIENCE, TestServer, eventually};
 use tonic::Code;
 
-/// `y = 3x` on `[batch, n]` (n free), batching up to `max_batch` rows.
-fn batching_scale(repo: &std::path::Path, model: &str, extra: &str) {
-    fixtures::write_config(
-        repo,
-        model,
-        &format!(
-            "{extra}\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n"
-        ),
-    );
+/// `y = 3x` on `[batch, n]` (n free), batching up to `max_batch_size` rows:
+/// `batching` is the batching policy set on [`fixtures::scale_config`].
+fn batching_scale(repo: &std::path::Path, model: &str, batching: ModelConfig) {
+    batching.write(repo, model);
     fixtures::scale_file(&plinth_tests::model_file(repo, model, "1"), 3.0);
 }
 
@@ -70,7 +65,9 @@ async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
             batching_scale(
                 repo,
                 "scale",
-                "max_batch_size = 8\nmax_queue_delay_us = 60000000",
+                scale_config()
+                    .max_batch_size(8)
+                    .max_queue_delay_us(60_000_000),
             )
         },
         true,
@@ -114,11 +111,18 @@ async fn requests_of_different_widths_are_never_merged() {
     // test queues jobs fixes every pass.
     let srv = TestServer::start(
         |repo| {
-            batching_scale(repo, "racing", "max_batch_size = 16\ninstances = 1");
+            batching_scale(
+                repo,
+                "racing",
+                scale_config().max_batch_size(16).instances(1),
+            );
             batching_scale(
                 repo,
                 "gathered",
-                "max_batch_size = 16\ninstances = 1\nmax_queue_delay_us = 60000000",
+                scale_config()
+                    .max_batch_size(16)
+                    .instances(1)
+                    .max_queue_delay_us(60_000_000),
             );
         },
         true,
@@ -236,7 +240,7 @@ async fn a_stream_through_a_batching_model_answers_in_order() {
             batching_scale(
                 repo,
                 "scale",
-                "max_batch_size = 4\nmax_queue_delay_us = 20000",
+                scale_config().max_batch_size(4).max_queue_delay_us(20000),
             )
         },
         true,
@@ -284,7 +288,10 @@ async fn a_full_queue_is_refused_at_once_and_queue_timeouts_are_honoured() {
             batching_scale(
                 repo,
                 "scale",
-                "max_batch_size = 8\nmax_queue_delay_us = 60000000\nmax_queue_size = 2",
+                scale_config()
+                    .max_batch_size(8)
+                    .max_queue_delay_us(60_000_000)
+                    .max_queue_size(2),
             )
         },
         true,
@@ -384,7 +391,9 @@ async fn a_request_whose_client_has_gone_is_not_executed() {
             batching_scale(
                 repo,
                 "scale",
-                "max_batch_size = 4\nmax_queue_delay_us = 60000000",
+                scale_config()
+                    .max_batch_size(4)
+                    .max_queue_delay_us(60_000_000),
             )
         },
         true,

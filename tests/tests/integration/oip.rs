@@ -64,11 +64,9 @@ async fn model_infer_runs_the_pipeline_with_typed_and_raw_tensors() {
         |repo| {
             fixtures::affine(repo, "affine", 8);
             fixtures::dtype_double(repo, "double_u8", "u8", tch::Kind::Uint8);
-            fixtures::write_config(
-                repo,
-                "ranked",
-                "max_batch_size = 8\npostprocess = [\"topk\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n",
-            );
+            fixtures::affine_config(8)
+                .postprocess(&["topk"])
+                .write(repo, "ranked");
             std::fs::create_dir_all(repo.join("ranked/1")).unwrap();
             std::fs::copy(
                 plinth_tests::model_file(repo, "affine", "1"),
@@ -669,18 +667,25 @@ async fn tritonclient_conformance() {
             fixtures::scale(repo, "scale", "1", 2.0);
             // Text in through the byte-tokenize plugin: the count of
             // non-padding tokens per string.
-            fixtures::write_config(
-                repo,
-                "text_len",
-                "max_batch_size = 4\npreprocess = [\"tokenize\"]\n[[input]]\nname = \"tokens\"\ndtype = \"i64\"\nshape = [8]\n[[output]]\nname = \"length\"\ndtype = \"i64\"\nshape = [1]\n",
-            );
+            fixtures::config()
+                .max_batch_size(4)
+                .preprocess(&["tokenize"])
+                .input("tokens", "i64", &[8])
+                .output("length", "i64", &[1])
+                .write(repo, "text_len");
             plinth::torch::trace::save(
                 &plinth_tests::model_file(repo, "text_len", "1"),
                 &[plinth::torch::trace::TchTensor::ones(
                     [2, 8],
                     (tch::Kind::Int64, tch::Device::Cpu),
                 )],
-                |xs| vec![xs[0].ne(0).sum_dim_intlist([1i64].as_slice(), true, tch::Kind::Int64)],
+                |xs| {
+                    vec![
+                        xs[0]
+                            .ne(0)
+                            .sum_dim_intlist([1i64].as_slice(), true, tch::Kind::Int64),
+                    ]
+                },
             )
             .unwrap();
         },

@@ -8,8 +8,6 @@ use plinth_tests::{
 };
 use tonic::Code;
 
-const SCALE_IO: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
-
 fn i64_values(tensor: &pb::Tensor) -> Vec<i64> {
     tensor
         .data
@@ -27,23 +25,34 @@ async fn pre_and_post_chains_run_around_the_model() {
     let srv = TestServer::start(
         |repo| {
             // Per-channel mean of a [3, 2, 2] image: y[c] = mean(x[c]).
-            fixtures::write_config(
-                repo,
-                "img",
-                "max_batch_size = 4\npreprocess = [\"normalize\"]\n[[input]]\nname = \"image\"\ndtype = \"f32\"\nshape = [3, 2, 2]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n",
-            );
+            fixtures::config()
+                .max_batch_size(4)
+                .preprocess(&["normalize"])
+                .input("image", "f32", &[3, 2, 2])
+                .output("y", "f32", &[3])
+                .write(repo, "img");
             plinth::torch::trace::save(
                 &plinth_tests::model_file(repo, "img", "1"),
-                &[plinth::torch::trace::TchTensor::zeros([1, 3, 2, 2], (plinth::torch::trace::Kind::Float, plinth::torch::trace::Device::Cpu))],
-                |xs| vec![xs[0].mean_dim([2i64, 3].as_slice(), false, plinth::torch::trace::Kind::Float)],
+                &[plinth::torch::trace::TchTensor::zeros(
+                    [1, 3, 2, 2],
+                    (
+                        plinth::torch::trace::Kind::Float,
+                        plinth::torch::trace::Device::Cpu,
+                    ),
+                )],
+                |xs| {
+                    vec![xs[0].mean_dim(
+                        [2i64, 3].as_slice(),
+                        false,
+                        plinth::torch::trace::Kind::Float,
+                    )]
+                },
             )
             .unwrap();
             fixtures::affine(repo, "affine", 4);
-            fixtures::write_config(
-                repo,
-                "affine",
-                "max_batch_size = 4\npostprocess = [\"topk\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n",
-            );
+            fixtures::affine_config(4)
+                .postprocess(&["topk"])
+                .write(repo, "affine");
         },
         true,
     )
@@ -134,11 +143,7 @@ async fn the_router_splits_by_weight_and_a_header_pins_the_version() {
         |repo| {
             fixtures::scale(repo, "scale", "1", 2.0);
             fixtures::scale_file(&plinth_tests::model_file(repo, "scale", "2"), 3.0);
-            fixtures::write_config(
-                repo,
-                "scale",
-                &format!("version_policy = {{ all = true }}\n{SCALE_IO}"),
-            );
+            fixtures::scale_config().all_versions().write(repo, "scale");
         },
         true,
     )
@@ -223,7 +228,9 @@ async fn plugins_are_added_replaced_and_removed_with_no_restart() {
     let srv = TestServer::start(
         |repo| {
             fixtures::affine(repo, "affine", 4);
-            fixtures::write_config(repo, "affine", "max_batch_size = 4\npostprocess = [\"post\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n");
+            fixtures::affine_config(4)
+                .postprocess(&["post"])
+                .write(repo, "affine");
         },
         true,
     )
@@ -315,11 +322,9 @@ async fn hostile_plugins_are_contained_and_reported() {
                 ("m_router", "router"),
             ] {
                 fixtures::scale(repo, model, "1", 2.0);
-                fixtures::write_config(
-                    repo,
-                    model,
-                    &format!("preprocess = [\"{plugin}\"]\n{SCALE_IO}"),
-                );
+                fixtures::scale_config()
+                    .preprocess(&[plugin])
+                    .write(repo, model);
             }
         },
         true,
@@ -511,7 +516,9 @@ async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
     let srv = TestServer::start(
         |repo| {
             fixtures::affine(repo, "affine", 4);
-            fixtures::write_config(repo, "affine", "max_batch_size = 4\npostprocess = [\"post\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n");
+            fixtures::affine_config(4)
+                .postprocess(&["post"])
+                .write(repo, "affine");
         },
         true,
     )

@@ -54,11 +54,7 @@ async fn a_watched_repository_loads_reloads_and_unloads() {
     let repo = srv.repo.path().to_path_buf();
 
     // A new model directory appears: it loads.
-    fixtures::write_config(
-        &repo,
-        "live",
-        "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n",
-    );
+    fixtures::scale_config().write(&repo, "live");
     publish_scale(&repo, "live", "1", 2.0);
     let status = wait_listed(&srv, "live", ModelState::Ready, |_| true).await;
     assert_eq!(status.versions, ["1"]);

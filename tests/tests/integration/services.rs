@@ -14,7 +14,9 @@ async fn ping_and_info_report_the_host() {
     let srv = TestServer::start_with(
         |repo| {
             fixtures::scale(repo, "two_instances", "1", 2.0);
-            fixtures::write_config(repo, "two_instances", "instances = 2\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n");
+            fixtures::scale_config()
+                .instances(2)
+                .write(repo, "two_instances");
         },
         |config| {
             config.load_all = false;
