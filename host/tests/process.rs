@@ -3,7 +3,8 @@
 //! cleanly.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use plinth::grpc::pb;
 use plinth::grpc::pb::compute_service_client::ComputeServiceClient;
@@ -32,6 +33,44 @@ fn write_slow_model(repo: &std::path::Path) {
     .unwrap();
 }
 
+/// How long a wait on the process may take: a bound on hangs, not a speed
+/// assertion.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Runs `attempt` until it returns `Ok`, pausing 10 ms between attempts;
+/// panics after [`PATIENCE`] (counting an attempt still pending) with `what`
+/// and the last `Err` seen. The same contract as `plinth_tests::eventually`,
+/// which this package cannot use: `plinth-tests` depends on `plinth`.
+async fn eventually<T>(what: &str, mut attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut last = String::from("nothing (no attempt finished)");
+    loop {
+        match tokio::time::timeout_at(deadline, attempt()).await {
+            Ok(Ok(value)) => return value,
+            Ok(Err(observed)) => last = observed,
+            Err(_) => panic!(
+                "timed out after {PATIENCE:?} waiting for {what}: an attempt was still pending; last observed: {last}"
+            ),
+        }
+        if tokio::time::Instant::now() + Duration::from_millis(10) >= deadline {
+            panic!("timed out after {PATIENCE:?} waiting for {what}; last observed: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The server process, killed if the test ends (or fails) while it runs.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();
@@ -54,7 +93,7 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
     let repo = tempfile::tempdir().unwrap();
     let plugins = tempfile::tempdir().unwrap();
     write_slow_model(repo.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_plinth"))
+    let child = Command::new(env!("CARGO_BIN_EXE_plinth"))
         .args([
             "serve",
             "--host",
@@ -76,17 +115,19 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("plinth starts");
+    let mut child = Server(child);
 
     // The log names the bound address; everything after it is collected for the end.
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let stdout = child.stdout.take().unwrap();
+    let stdout = child.0.stdout.take().unwrap();
     let log_reader = std::thread::spawn(move || {
         let mut addr_tx = Some(addr_tx);
         let mut lines = Vec::new();
         for line in BufReader::new(stdout).lines() {
             let line = strip_ansi(&line.unwrap());
-            if let (Some(tx), Some(pos)) = (addr_tx.as_ref(), line.find("grpc_addr=")) {
-                let _ = tx;
+            if addr_tx.is_some()
+                && let Some(pos) = line.find("grpc_addr=")
+            {
                 let addr = line[pos + "grpc_addr=".len()..]
                     .split_whitespace()
                     .next()
@@ -98,17 +139,22 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
         }
         lines
     });
-    let stderr = child.stderr.take().unwrap();
+    let stderr = child.0.stderr.take().unwrap();
     let err_reader = std::thread::spawn(move || {
         BufReader::new(stderr)
             .lines()
             .map(|l| strip_ansi(&l.unwrap()))
             .collect::<Vec<_>>()
     });
-    let addr = match addr_rx.await {
+    let mut addr_rx = addr_rx;
+    let logged = eventually("the gRPC address in the log", async || {
+        Ok((&mut addr_rx).await)
+    })
+    .await;
+    let addr = match logged {
         Ok(addr) => addr,
         Err(_) => {
-            let status = child.wait();
+            let status = child.0.wait();
             let stderr = err_reader.join().unwrap_or_default();
             panic!(
                 "plinth exited ({status:?}) before logging its gRPC address; stderr:\n{}",
@@ -119,8 +165,8 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
     let url = format!("http://{addr}");
 
     let mut models = ModelServiceClient::connect(url.clone()).await.unwrap();
-    loop {
-        let status = models
+    let mut slow_status = async || {
+        models
             .get_model(pb::GetModelRequest {
                 name: "slow".into(),
             })
@@ -130,18 +176,23 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
             .model
             .unwrap()
             .status
-            .unwrap();
-        if status.state == pb::ModelState::Ready as i32 {
-            break;
-        }
+            .unwrap()
+    };
+    eventually("model 'slow' READY", async || {
+        let status = slow_status().await;
         assert_ne!(
             status.state,
             pb::ModelState::Failed as i32,
             "{}",
             status.reason
         );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+        if status.state == pb::ModelState::Ready as i32 {
+            Ok(())
+        } else {
+            Err(format!("{status:?}"))
+        }
+    })
+    .await;
 
     // With the watcher off, a new plugin file is picked up on SIGHUP only.
     let wasm_dir = std::env::var_os("PLINTH_PLUGIN_WASM_DIR")
@@ -158,23 +209,22 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
         .into_inner();
     assert!(listed.plugins.is_empty(), "{listed:?}");
     let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
+        .args(["-HUP", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(hup.success());
-    loop {
+    let topk = eventually("plugin 'topk' listed after SIGHUP", async || {
         let listed = plugin_api
             .list_plugins(pb::ListPluginsRequest {})
             .await
             .unwrap()
             .into_inner();
-        if let Some(topk) = listed.plugins.iter().find(|p| p.name == "topk") {
-            assert!(topk.serving, "{topk:?}");
-            assert_eq!(topk.world, "processor-plugin");
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+        let topk = listed.plugins.iter().find(|p| p.name == "topk");
+        topk.cloned().ok_or_else(|| format!("{listed:?}"))
+    })
+    .await;
+    assert!(topk.serving, "{topk:?}");
+    assert_eq!(topk.world, "processor-plugin");
 
     let mut compute = ComputeServiceClient::connect(url.clone()).await.unwrap();
     let in_flight = tokio::spawn(async move {
@@ -195,29 +245,23 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
             })
             .await
     });
-    loop {
-        let status = models
-            .get_model(pb::GetModelRequest {
-                name: "slow".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .model
-            .unwrap()
-            .status
-            .unwrap();
+    eventually("the request in flight on 'slow'", async || {
+        let status = slow_status().await;
         if status.in_flight >= 1 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{status:?}"))
         }
-    }
+    })
+    .await;
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
 
-    let response = in_flight
+    let mut in_flight = in_flight;
+    let response = eventually("the drained response", async || Ok((&mut in_flight).await))
         .await
         .unwrap()
         .expect("the in-flight request is drained, not dropped")
@@ -228,10 +272,14 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect();
     assert_eq!(y, [6.0, -2.0]);
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = eventually("plinth to exit after SIGTERM", async || {
+        child
+            .0
+            .try_wait()
+            .unwrap()
+            .ok_or_else(|| "still running".to_owned())
+    })
+    .await;
     assert!(exit.success(), "plinth exited with {exit}");
     let mut log = log_reader.join().unwrap();
     log.extend(err_reader.join().unwrap());

@@ -535,8 +535,6 @@ async fn oip() {
     println!("zero errors in every run: {all_ok}");
 }
 
-const TINY_IO: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
-
 async fn sequential_latency(srv: &TestServer, model: &str, n: usize) -> Vec<Duration> {
     let mut compute = srv.compute().await;
     let request = compute_request(model, vec![f32_tensor("x", &[4], &[1.0, 2.0, 3.0, 4.0])]);
@@ -557,11 +555,10 @@ async fn chain_overhead() {
         |repo| {
             fixtures::scale(repo, "plain", "1", 2.0);
             fixtures::scale(repo, "chained", "1", 2.0);
-            fixtures::write_config(
-                repo,
-                "chained",
-                &format!("preprocess = [\"pre\"]\npostprocess = [\"post\"]\n{TINY_IO}"),
-            );
+            fixtures::scale_config()
+                .preprocess(&["pre"])
+                .postprocess(&["post"])
+                .write(repo, "chained");
         },
         true,
     )
@@ -595,23 +592,27 @@ async fn chain_overhead() {
                 srv.wait_plugin("router", |s| s.serving).await;
                 srv.wait_plugin("metrics", |s| s.serving).await;
             } else {
-                loop {
-                    let listed = srv
-                        .plugin_api()
-                        .await
-                        .list_plugins(pb::ListPluginsRequest {})
-                        .await
-                        .unwrap()
-                        .into_inner();
-                    if listed
-                        .plugins
-                        .iter()
-                        .all(|p| p.name != "router" && p.name != "metrics")
-                    {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                plinth_tests::eventually(
+                    plinth_tests::PATIENCE,
+                    "the router and metrics plugins to leave the list",
+                    async || {
+                        let listed = srv
+                            .plugin_api()
+                            .await
+                            .list_plugins(pb::ListPluginsRequest {})
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        let names: Vec<String> =
+                            listed.plugins.into_iter().map(|p| p.name).collect();
+                        if names.iter().all(|n| n != "router" && n != "metrics") {
+                            Ok(())
+                        } else {
+                            Err(format!("listed: {names:?}"))
+                        }
+                    },
+                )
+                .await;
             }
             let model = if chained { "chained" } else { "plain" };
             let (p50, p99, _, _) = percentiles(sequential_latency(&srv, model, 4000).await);

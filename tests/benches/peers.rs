@@ -29,6 +29,7 @@ use plinth::grpc::ipb;
 use plinth::grpc::ipb::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
+use plinth_tests::fixtures::ModelConfig;
 use plinth_tests::load::{Amount, H2loadRun, grpc_frame, h2load};
 use plinth_tests::{TestServer, fixtures};
 use plinth_torch::trace::{self, Kind, TchTensor};
@@ -397,11 +398,10 @@ async fn servers() {
         |repo| {
             fixtures::scale(repo, "double", "1", 2.0);
             fixtures::scale(repo, "chained", "1", 2.0);
-            fixtures::write_config(
-                repo,
-                "chained",
-                "preprocess = [\"pre\"]\npostprocess = [\"post\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n",
-            );
+            fixtures::scale_config()
+                .preprocess(&["pre"])
+                .postprocess(&["post"])
+                .write(repo, "chained");
         },
         true,
     )
@@ -510,14 +510,16 @@ fn cnn_file(path: &Path) {
     .expect("tracing the CNN");
 }
 
-fn cnn_repo(repo: &Path, model: &str, extra: &str) {
-    fixtures::write_config(
-        repo,
-        model,
-        &format!(
-            "max_batch_size = 32\n{extra}\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [3, 32, 32]\n[[output]]\nname = \"logits\"\ndtype = \"f32\"\nshape = [10]\n"
-        ),
-    );
+/// The CNN's config with `batching` applied: 32 images of [3, 32, 32] in,
+/// 10 logits each out.
+fn cnn_repo(repo: &Path, model: &str, batching: impl FnOnce(ModelConfig) -> ModelConfig) {
+    batching(
+        fixtures::config()
+            .max_batch_size(32)
+            .input("x", "f32", &[3, 32, 32])
+            .output("logits", "f32", &[10]),
+    )
+    .write(repo, model);
     cnn_file(&plinth_tests::model_file(repo, model, "1"));
 }
 
@@ -529,7 +531,7 @@ fn images(n: usize) -> Vec<f32> {
 
 async fn cnn() {
     let srv = TestServer::start(
-        |repo| cnn_repo(repo, "cnn", "dynamic_batching = false"),
+        |repo| cnn_repo(repo, "cnn", |c| c.dynamic_batching(false)),
         true,
     )
     .await;
@@ -564,12 +566,12 @@ async fn cnn() {
 async fn batching() {
     let srv = TestServer::start(
         |repo| {
-            cnn_repo(repo, "cnn_off", "dynamic_batching = false");
-            cnn_repo(
-                repo,
-                "cnn_on",
-                "dynamic_batching = true\nmax_queue_delay_us = 2000\npreferred_batch_sizes = [16, 32]",
-            );
+            cnn_repo(repo, "cnn_off", |c| c.dynamic_batching(false));
+            cnn_repo(repo, "cnn_on", |c| {
+                c.dynamic_batching(true)
+                    .max_queue_delay_us(2000)
+                    .preferred_batch_sizes(&[16, 32])
+            });
         },
         true,
     )

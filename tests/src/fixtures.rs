@@ -7,10 +7,191 @@ use std::path::{Path, PathBuf};
 
 use plinth_torch::trace::{self, Device, Kind, TchTensor};
 
+/// Writes `<repo>/<model>/config.toml` as given. Fixture configs come from
+/// [`ModelConfig`]; raw text is for files that are not a config at all.
 pub fn write_config(repo: &Path, model: &str, text: &str) {
     let dir = repo.join(model);
     std::fs::create_dir_all(&dir).expect("model dir");
     std::fs::write(dir.join("config.toml"), text).expect("config.toml");
+}
+
+/// A model's `config.toml`, built field by field: every fixture config in
+/// the tests comes from here, starting from [`config`], [`scale_config`] or
+/// [`affine_config`].
+///
+/// Top-level fields come out first, in the order they were first set (a
+/// field set twice keeps its place and takes the new value), then the
+/// `[[input]]` tables, then the `[[output]]` tables, one line per field and
+/// no blank lines, so a test can name the line of a field in an error.
+#[derive(Clone, Debug, Default)]
+pub struct ModelConfig {
+    fields: Vec<(String, String)>,
+    inputs: Vec<TensorTable>,
+    outputs: Vec<TensorTable>,
+    /// Where [`ModelConfig::tensor_field`] adds: the last tensor declared.
+    last: Option<(Io, usize)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Io {
+    Input,
+    Output,
+}
+
+#[derive(Clone, Debug)]
+struct TensorTable {
+    name: String,
+    dtype: String,
+    shape: Vec<i64>,
+    extra: Vec<(String, String)>,
+}
+
+/// An empty config: no fields, no tensors.
+pub fn config() -> ModelConfig {
+    ModelConfig::default()
+}
+
+/// The config most fixtures share: `x` f32 [-1] in, `y` f32 [-1] out.
+pub fn scale_config() -> ModelConfig {
+    config().input("x", "f32", &[-1]).output("y", "f32", &[-1])
+}
+
+/// The config of [`affine`]: batching up to `max_batch_size` rows of `x`
+/// f32 [4] into rows of `y` f32 [3].
+pub fn affine_config(max_batch_size: i64) -> ModelConfig {
+    config()
+        .max_batch_size(max_batch_size)
+        .input("x", "f32", &[4])
+        .output("y", "f32", &[3])
+}
+
+impl ModelConfig {
+    /// Declares an input tensor.
+    pub fn input(mut self, name: &str, dtype: &str, shape: &[i64]) -> Self {
+        self.inputs.push(TensorTable::new(name, dtype, shape));
+        self.last = Some((Io::Input, self.inputs.len() - 1));
+        self
+    }
+
+    /// Declares an output tensor.
+    pub fn output(mut self, name: &str, dtype: &str, shape: &[i64]) -> Self {
+        self.outputs.push(TensorTable::new(name, dtype, shape));
+        self.last = Some((Io::Output, self.outputs.len() - 1));
+        self
+    }
+
+    pub fn max_batch_size(self, rows: i64) -> Self {
+        self.field("max_batch_size", rows)
+    }
+
+    pub fn max_queue_delay_us(self, us: i64) -> Self {
+        self.field("max_queue_delay_us", us)
+    }
+
+    pub fn max_queue_size(self, jobs: i64) -> Self {
+        self.field("max_queue_size", jobs)
+    }
+
+    pub fn instances(self, n: i64) -> Self {
+        self.field("instances", n)
+    }
+
+    pub fn dynamic_batching(self, on: bool) -> Self {
+        self.field("dynamic_batching", on)
+    }
+
+    pub fn preferred_batch_sizes(self, sizes: &[i64]) -> Self {
+        self.field("preferred_batch_sizes", list(sizes.iter()))
+    }
+
+    pub fn device(self, device: &str) -> Self {
+        self.field("device", quoted(device))
+    }
+
+    /// `version_policy = { all = true }`: every version directory serves.
+    pub fn all_versions(self) -> Self {
+        self.field("version_policy", "{ all = true }")
+    }
+
+    pub fn preprocess(self, plugins: &[&str]) -> Self {
+        self.field("preprocess", list(plugins.iter().map(|p| quoted(p))))
+    }
+
+    pub fn postprocess(self, plugins: &[&str]) -> Self {
+        self.field("postprocess", list(plugins.iter().map(|p| quoted(p))))
+    }
+
+    /// Sets a top-level field to `value`, written as TOML as it is (so a
+    /// test may write a value the host must refuse).
+    pub fn field(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        let value = value.to_string();
+        match self.fields.iter_mut().find(|(k, _)| k == key) {
+            Some((_, old)) => *old = value,
+            None => self.fields.push((key.to_owned(), value)),
+        }
+        self
+    }
+
+    /// Adds a field, written as TOML as it is, to the tensor declared last
+    /// (for tests of what the host refuses in a tensor table).
+    pub fn tensor_field(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        let table = match self.last {
+            Some((Io::Input, idx)) => &mut self.inputs[idx],
+            Some((Io::Output, idx)) => &mut self.outputs[idx],
+            None => panic!("tensor_field({key:?}) before any input or output"),
+        };
+        table.extra.push((key.to_owned(), value.to_string()));
+        self
+    }
+
+    /// The `config.toml` text.
+    pub fn toml(&self) -> String {
+        let mut out = String::new();
+        for (key, value) in &self.fields {
+            out.push_str(&format!("{key} = {value}\n"));
+        }
+        for (header, tables) in [("input", &self.inputs), ("output", &self.outputs)] {
+            for table in tables {
+                out.push_str(&format!(
+                    "[[{header}]]\nname = {}\ndtype = {}\nshape = {}\n",
+                    quoted(&table.name),
+                    quoted(&table.dtype),
+                    list(table.shape.iter())
+                ));
+                for (key, value) in &table.extra {
+                    out.push_str(&format!("{key} = {value}\n"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes `<repo>/<model>/config.toml`.
+    pub fn write(&self, repo: &Path, model: &str) {
+        write_config(repo, model, &self.toml());
+    }
+}
+
+impl TensorTable {
+    fn new(name: &str, dtype: &str, shape: &[i64]) -> TensorTable {
+        TensorTable {
+            name: name.to_owned(),
+            dtype: dtype.to_owned(),
+            shape: shape.to_vec(),
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// A TOML basic string.
+fn quoted(text: &str) -> String {
+    format!("{text:?}")
+}
+
+/// A TOML array of already-written values.
+fn list<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    let items: Vec<String> = items.map(|item| item.to_string()).collect();
+    format!("[{}]", items.join(", "))
 }
 
 fn save(path: &Path, examples: &[TchTensor], f: impl FnMut(&[TchTensor]) -> Vec<TchTensor>) {
@@ -18,21 +199,9 @@ fn save(path: &Path, examples: &[TchTensor], f: impl FnMut(&[TchTensor]) -> Vec<
         .unwrap_or_else(|err| panic!("tracing {}: {err}", path.display()));
 }
 
-const SCALE_CONFIG: &str = r#"
-[[input]]
-name = "x"
-dtype = "f32"
-shape = [-1]
-
-[[output]]
-name = "y"
-dtype = "f32"
-shape = [-1]
-"#;
-
 /// `y = factor * x` over any length, saved as `<model>/<version>/model.pt`.
 pub fn scale(repo: &Path, model: &str, version: &str, factor: f64) {
-    write_config(repo, model, SCALE_CONFIG);
+    scale_config().write(repo, model);
     scale_file(&crate::model_file(repo, model, version), factor);
 }
 
@@ -60,13 +229,8 @@ pub fn affine_expected(row: &[f32; 4]) -> [f32; 3] {
 
 /// A batching linear layer: input `x` f32 [batch, 4], output `y` f32 [batch, 3].
 pub fn affine(repo: &Path, model: &str, max_batch_size: usize) {
-    write_config(
-        repo,
-        model,
-        &format!(
-            "max_batch_size = {max_batch_size}\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n"
-        ),
-    );
+    affine_config(i64::try_from(max_batch_size).expect("max_batch_size fits i64"))
+        .write(repo, model);
     let weight = TchTensor::from_slice(&AFFINE_W).reshape([3, 4]);
     let bias = TchTensor::from_slice(&AFFINE_B);
     save(
@@ -80,25 +244,11 @@ pub fn affine(repo: &Path, model: &str, max_batch_size: usize) {
 /// that inputs are matched by name, not position. (tch's tracer cannot save
 /// a module with several outputs, so the fixture has one.)
 pub fn two_io(repo: &Path, model: &str) {
-    write_config(
-        repo,
-        model,
-        r#"
-[[input]]
-name = "a"
-dtype = "f32"
-shape = [3]
-[[input]]
-name = "b"
-dtype = "i64"
-shape = [3]
-
-[[output]]
-name = "y"
-dtype = "f64"
-shape = [3]
-"#,
-    );
+    config()
+        .input("a", "f32", &[3])
+        .input("b", "i64", &[3])
+        .output("y", "f64", &[3])
+        .write(repo, model);
     save(
         &crate::model_file(repo, model, "1"),
         &[
@@ -111,13 +261,10 @@ shape = [3]
 
 /// `y = 2 * x` (for bool: `y = !x`) in the given dtype, shape [-1].
 pub fn dtype_double(repo: &Path, model: &str, dtype: &str, kind: Kind) {
-    write_config(
-        repo,
-        model,
-        &format!(
-            "[[input]]\nname = \"x\"\ndtype = \"{dtype}\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"{dtype}\"\nshape = [-1]\n"
-        ),
-    );
+    config()
+        .input("x", dtype, &[-1])
+        .output("y", dtype, &[-1])
+        .write(repo, model);
     save(
         &crate::model_file(repo, model, "1"),
         &[TchTensor::zeros([3], (kind, Device::Cpu))],
@@ -136,7 +283,7 @@ pub fn dtype_double(repo: &Path, model: &str, dtype: &str, kind: Kind) {
 /// The matrix depends on the input, so TorchScript cannot fold the chain
 /// into a constant at the first run.
 pub fn slow(repo: &Path, model: &str, n_matmuls: usize) {
-    write_config(repo, model, SCALE_CONFIG);
+    scale_config().write(repo, model);
     let weight = TchTensor::full([256, 256], 1.0 / 256.0, (Kind::Float, Device::Cpu));
     save(
         &crate::model_file(repo, model, "1"),
@@ -155,7 +302,7 @@ pub fn slow(repo: &Path, model: &str, n_matmuls: usize) {
 
 /// `y = 2 * x` carrying an `n_floats` constant in the archive: a large model.
 pub fn large(repo: &Path, model: &str, n_floats: i64) {
-    write_config(repo, model, SCALE_CONFIG);
+    scale_config().write(repo, model);
     large_file(&crate::model_file(repo, model, "1"), n_floats);
 }
 
@@ -226,7 +373,7 @@ impl BlockedModel {
             repo,
             model,
             version,
-            SCALE_CONFIG,
+            &scale_config().toml(),
             std::fs::read(path).expect("traced file"),
         )
     }
@@ -239,7 +386,7 @@ impl BlockedModel {
         BlockedModel::new(
             repo,
             model,
-            SCALE_CONFIG,
+            &scale_config().toml(),
             std::fs::read(path).expect("traced file"),
         )
     }
@@ -270,5 +417,29 @@ impl Drop for BlockedModel {
                 .custom_flags(libc::O_NONBLOCK)
                 .open(&self.fifo);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_is_fields_then_inputs_then_outputs_one_line_each() {
+        let text = scale_config()
+            .max_batch_size(4)
+            .preprocess(&["norm"])
+            .max_batch_size(8)
+            .all_versions()
+            .input("z", "i64", &[2, 3])
+            .tensor_field("size", 3)
+            .toml();
+        assert_eq!(
+            text,
+            "max_batch_size = 8\npreprocess = [\"norm\"]\nversion_policy = { all = true }\n\
+             [[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n\
+             [[input]]\nname = \"z\"\ndtype = \"i64\"\nshape = [2, 3]\nsize = 3\n\
+             [[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n"
+        );
     }
 }

@@ -3,7 +3,6 @@
 //! from Rust with known weights.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use plinth::grpc::pb;
 use plinth::grpc::pb::compute_service_client::ComputeServiceClient;
@@ -12,8 +11,11 @@ use tonic::transport::Channel;
 
 pub use plinth::grpc::pb::{DataType, ModelState};
 
+mod eventually;
 pub mod fixtures;
 pub mod load;
+
+pub use eventually::{Attempt, PATIENCE, eventually};
 
 /// A running host over a temporary model repository.
 pub struct TestServer {
@@ -66,9 +68,13 @@ impl TestServer {
         format!("http://{}", self.running().http_addr)
     }
 
+    /// A channel whose every call is bounded by [`PATIENCE`] (until the
+    /// response headers, so a stream's messages are not), so that an RPC
+    /// the server never answers fails the test instead of hanging it.
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.grpc_url())
             .expect("valid url")
+            .timeout(PATIENCE)
             .connect()
             .await
             .expect("connects to the gRPC port")
@@ -143,24 +149,22 @@ impl TestServer {
             .remove(0)
     }
 
-    /// Polls GetModel until `pred` holds. Tests bound it by an event count,
-    /// not by time: a stuck server fails through the test harness timeout.
+    /// Polls GetModel until `pred` holds (bounded by [`PATIENCE`]).
     pub async fn wait_for(
         &self,
         name: &str,
         pred: impl Fn(&pb::ModelStatus) -> bool,
     ) -> pb::ModelStatus {
-        // A safety net against hangs, as in `wait_plugin`; not a speed bound.
-        let mut last = None;
-        for _ in 0..12000 {
+        let what = format!("model '{name}' to reach the expected state");
+        eventually(PATIENCE, &what, async || {
             let status = self.status(name).await;
             if pred(&status) {
-                return status;
+                Ok(status)
+            } else {
+                Err(format!("{status:?}"))
             }
-            last = Some(status);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        panic!("model '{name}' never reached the expected state; last status: {last:?}");
+        })
+        .await
     }
 }
 
@@ -248,54 +252,99 @@ impl TestServer {
         pb::plugin_service_client::PluginServiceClient::new(self.channel().await)
     }
 
-    /// Polls GetPlugin until `pred` holds.
+    /// Polls GetPlugin until `pred` holds (bounded by [`PATIENCE`]).
     pub async fn wait_plugin(
         &self,
         name: &str,
         pred: impl Fn(&pb::PluginStatus) -> bool,
     ) -> pb::PluginStatus {
         let mut api = self.plugin_api().await;
-        let mut last = None;
-        // A safety net that turns a hang into a failure with the last status;
-        // not a speed bound (60 s on a machine where this takes milliseconds).
-        for _ in 0..6000 {
-            if let Ok(status) = api
+        let what = format!("plugin '{name}' to reach the expected state");
+        eventually(PATIENCE, &what, async || {
+            // NotFound until the watcher has seen the file: that is "not yet".
+            let status = api
                 .get_plugin(pb::GetPluginRequest { name: name.into() })
                 .await
-            {
-                let status = status.into_inner();
-                if pred(&status) {
-                    return status;
-                }
-                last = Some(status);
+                .map_err(|err| format!("GetPlugin: {err}"))?
+                .into_inner();
+            if pred(&status) {
+                Ok(status)
+            } else {
+                Err(format!("{status:?}"))
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("plugin '{name}' never reached the expected state; last status: {last:?}");
+        })
+        .await
     }
 
-    /// GET on the HTTP port: status code and body.
+    /// GET on the HTTP port: status code and body (text).
     pub async fn http_get(&self, path: &str) -> (u16, String) {
-        http_request(self.running().http_addr, "GET", path, &[], b"").await
+        self.http(reqwest::Method::GET, path, &[], Vec::new())
+            .await
+            .status_and_text()
     }
 
-    /// POST on the HTTP port: status code and body.
+    /// POST on the HTTP port: status code and body (text).
     pub async fn http_post(
         &self,
         path: &str,
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> (u16, String) {
-        http_request(self.running().http_addr, "POST", path, headers, body).await
+        self.http(reqwest::Method::POST, path, headers, body.to_vec())
+            .await
+            .status_and_text()
+    }
+
+    /// Any request on the HTTP port, answered with the raw body and the
+    /// headers (for binary bodies, such as the binary tensor extension).
+    pub async fn http(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> HttpResponse {
+        http_send(self.running().http_addr, method, path, headers, body).await
     }
 
     /// GET /metrics on the metrics port: status code and body.
     pub async fn metrics(&self) -> (u16, String) {
-        http_request(self.running().metrics_addr, "GET", "/metrics", &[], b"").await
+        http_send(
+            self.running().metrics_addr,
+            reqwest::Method::GET,
+            "/metrics",
+            &[],
+            Vec::new(),
+        )
+        .await
+        .status_and_text()
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection: status code and body.
+/// An HTTP answer: status, headers and the body as sent.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+impl HttpResponse {
+    /// The status and the body as text; panics, naming the status, on a
+    /// body that is not UTF-8 (read [`HttpResponse::body`] for those).
+    pub fn status_and_text(self) -> (u16, String) {
+        let text = String::from_utf8(self.body.to_vec()).unwrap_or_else(|err| {
+            panic!(
+                "HTTP {} body is not UTF-8 ({err}): read HttpResponse::body",
+                self.status
+            )
+        });
+        (self.status, text)
+    }
+}
+
+/// One HTTP request to a server on this machine: status code and body
+/// (text). Kept for callers that hold an address, not a [`TestServer`].
 pub async fn http_request(
     addr: std::net::SocketAddr,
     method: &str,
@@ -303,51 +352,46 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .unwrap_or_else(|err| panic!("HTTP method {method:?}: {err}"));
+    http_send(addr, method, path, headers, body.to_vec())
         .await
-        .expect("HTTP port");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    // A server may answer (413, say) before reading the whole body.
-    let _ = stream.write_all(body).await;
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response).await;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, dechunk(&body))
+        .status_and_text()
 }
 
-/// Joins a chunked HTTP/1.1 body (axum streams bodies it does not size).
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    loop {
-        let Some((size_line, after)) = rest.split_once("\r\n") else {
-            return body.to_owned();
-        };
-        let Ok(size) = usize::from_str_radix(size_line.trim(), 16) else {
-            return body.to_owned();
-        };
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&after[..size]);
-        rest = &after[size + 2..];
+/// Sends one request with a client of its own (a test's runtime ends with
+/// the test, so no pooled connection may outlive it), bounded by
+/// [`PATIENCE`] so that a server that never answers fails the test.
+async fn http_send(
+    addr: std::net::SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> HttpResponse {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PATIENCE)
+        .build()
+        .expect("HTTP client");
+    let url = format!("http://{addr}{path}");
+    let mut request = client.request(method.clone(), &url).body(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("{method} {url}: {err:?}"));
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .bytes()
+        .await
+        .unwrap_or_else(|err| panic!("{method} {url}: reading the body: {err:?}"));
+    HttpResponse {
+        status,
+        headers,
+        body,
     }
 }

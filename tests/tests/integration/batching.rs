@@ -7,19 +7,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use plinth::grpc::ipb::{self, model_infer_request::InferInputTensor};
-use plinth_tests::TestServer;
-use plinth_tests::fixtures;
+use plinth_tests::fixtures::{self, ModelConfig, scale_config};
+use plinth_tests::{PATIENCE, TestServer, eventually};
 use tonic::Code;
 
-/// `y = 3x` on `[batch, n]` (n free), batching up to `max_batch` rows.
-fn batching_scale(repo: &std::path::Path, model: &str, extra: &str) {
-    fixtures::write_config(
-        repo,
-        model,
-        &format!(
-            "{extra}\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n"
-        ),
-    );
+/// `y = 3x` on `[batch, n]` (n free), batching up to `max_batch_size` rows:
+/// `batching` is the batching policy set on [`fixtures::scale_config`].
+fn batching_scale(repo: &std::path::Path, model: &str, batching: ModelConfig) {
+    batching.write(repo, model);
     fixtures::scale_file(&plinth_tests::model_file(repo, model, "1"), 3.0);
 }
 
@@ -70,7 +65,9 @@ async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
             batching_scale(
                 repo,
                 "scale",
-                "max_batch_size = 8\nmax_queue_delay_us = 60000000",
+                scale_config()
+                    .max_batch_size(8)
+                    .max_queue_delay_us(60_000_000),
             )
         },
         true,
@@ -107,24 +104,40 @@ async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
 
 #[tokio::test]
 async fn requests_of_different_widths_are_never_merged() {
-    // Without a delay, whatever is queued together may merge; widths 3 and 5
-    // must never share a pass (a merge would fail or mix up numbers).
+    // "racing": without a delay, whatever is queued together may merge;
+    // widths 3 and 5 must never share a pass (a merge would fail or mix up
+    // numbers). "gathered": with a long delay a pass runs only once it is
+    // full or a job of another width arrives, so the order in which the
+    // test queues jobs fixes every pass.
     let srv = TestServer::start(
-        |repo| batching_scale(repo, "scale", "max_batch_size = 16\ninstances = 1"),
+        |repo| {
+            batching_scale(
+                repo,
+                "racing",
+                scale_config().max_batch_size(16).instances(1),
+            );
+            batching_scale(
+                repo,
+                "gathered",
+                scale_config()
+                    .max_batch_size(16)
+                    .instances(1)
+                    .max_queue_delay_us(60_000_000),
+            );
+        },
         true,
     )
     .await;
-    srv.wait_ready("scale").await;
+    srv.wait_ready("racing").await;
+    srv.wait_ready("gathered").await;
     let client = srv.inference().await;
     let calls = (0..48).map(|i| {
         let mut client = client.clone();
         async move {
             let width = if i % 2 == 0 { 3 } else { 5 };
-            let rows: Vec<Vec<f32>> = (0..1 + i % 3)
-                .map(|r| (0..width).map(|c| (i * 100 + r * 10 + c) as f32).collect())
-                .collect();
+            let rows = width_rows(width, 1 + i % 3, i * 100);
             let response = client
-                .model_infer(rows_request("scale", &rows))
+                .model_infer(rows_request("racing", &rows))
                 .await
                 .unwrap_or_else(|status| panic!("request {i}: {status:?}"))
                 .into_inner();
@@ -132,16 +145,92 @@ async fn requests_of_different_widths_are_never_merged() {
         }
     });
     for (rows, (shape, values)) in futures::future::join_all(calls).await {
-        assert_eq!(shape, [rows.len() as i64, rows[0].len() as i64]);
-        let want: Vec<f32> = rows.iter().flatten().map(|v| v * 3.0).collect();
-        assert_eq!(values, want);
+        assert_rows_tripled(&rows, shape, values);
     }
-    let stats = srv.model_stats("scale").await;
-    assert_eq!(
-        stats.inference_count,
-        (0..48).map(|i| 1 + i % 3).sum::<u64>()
+    let stats = srv.model_stats("racing").await;
+    let n_rows = (0..48).map(|i| 1 + i % 3).sum::<u64>();
+    assert_eq!(stats.inference_count, n_rows);
+    // How many passes ran depends on timing; what cannot vary: every row ran
+    // in exactly one pass of at most 16 rows, and no request was split.
+    let passes: u64 = stats
+        .batch_stats
+        .iter()
+        .map(|b| b.compute_infer.as_ref().unwrap().count)
+        .sum();
+    let rows_run: u64 = stats
+        .batch_stats
+        .iter()
+        .map(|b| b.batch_size * b.compute_infer.as_ref().unwrap().count)
+        .sum();
+    assert_eq!((passes, rows_run), (stats.execution_count, n_rows));
+    assert!(
+        stats.batch_stats.iter().all(|b| b.batch_size <= 16),
+        "{:?}",
+        stats.batch_stats
     );
-    assert!(stats.execution_count <= 48);
+    assert!(
+        (n_rows / 16..=48).contains(&stats.execution_count),
+        "{}",
+        stats.execution_count
+    );
+
+    // Six requests, each sent once the one before is queued (or answered).
+    let send = |width: usize, n: usize, base: usize| {
+        let mut client = client.clone();
+        let rows = width_rows(width, n, base);
+        tokio::spawn(async move {
+            let response = client
+                .model_infer(rows_request("gathered", &rows))
+                .await
+                .unwrap()
+                .into_inner();
+            let (shape, values) = output_values(&response);
+            assert_rows_tripled(&rows, shape, values);
+        })
+    };
+    let queued = |n: u64| srv.wait_for("gathered", move |s| s.in_flight == n);
+    let a = send(3, 1, 0);
+    queued(1).await;
+    let b = send(3, 2, 100);
+    queued(2).await;
+    // A width-5 job ends the width-3 pass of a and b (3 rows).
+    let c = send(5, 1, 200);
+    a.await.unwrap();
+    b.await.unwrap();
+    queued(1).await;
+    let d = send(5, 3, 300);
+    queued(2).await;
+    // A width-3 job ends the width-5 pass of c and d (4 rows).
+    let e = send(3, 3, 400);
+    c.await.unwrap();
+    d.await.unwrap();
+    queued(1).await;
+    // Thirteen rows fill the pass of e to 16.
+    let f = send(3, 13, 500);
+    e.await.unwrap();
+    f.await.unwrap();
+    let stats = srv.model_stats("gathered").await;
+    assert_eq!((stats.inference_count, stats.execution_count), (23, 3));
+    let sizes: HashMap<u64, u64> = stats
+        .batch_stats
+        .iter()
+        .map(|b| (b.batch_size, b.compute_infer.as_ref().unwrap().count))
+        .collect();
+    assert_eq!(sizes, HashMap::from([(3, 1), (4, 1), (16, 1)]));
+}
+
+/// `n` rows of `width` distinct values from `base` on.
+fn width_rows(width: usize, n: usize, base: usize) -> Vec<Vec<f32>> {
+    (0..n)
+        .map(|r| (0..width).map(|c| (base + r * 10 + c) as f32).collect())
+        .collect()
+}
+
+/// `y = 3x`, row for row.
+fn assert_rows_tripled(rows: &[Vec<f32>], shape: Vec<i64>, values: Vec<f32>) {
+    assert_eq!(shape, [rows.len() as i64, rows[0].len() as i64]);
+    let want: Vec<f32> = rows.iter().flatten().map(|v| v * 3.0).collect();
+    assert_eq!(values, want);
 }
 
 #[tokio::test]
@@ -151,7 +240,7 @@ async fn a_stream_through_a_batching_model_answers_in_order() {
             batching_scale(
                 repo,
                 "scale",
-                "max_batch_size = 4\nmax_queue_delay_us = 20000",
+                scale_config().max_batch_size(4).max_queue_delay_us(20000),
             )
         },
         true,
@@ -173,13 +262,18 @@ async fn a_stream_through_a_batching_model_answers_in_order() {
         .unwrap()
         .into_inner();
     let mut seen = 0;
-    while let Some(message) = responses.message().await.unwrap() {
+    eventually(PATIENCE, "the response stream to end", async || {
+        let Some(message) = responses.message().await.unwrap() else {
+            return Ok(());
+        };
         assert_eq!(message.error_message, "");
         let response = message.infer_response.unwrap();
         assert_eq!(response.id, seen.to_string());
         assert_eq!(output_values(&response).1, [3.0 * seen as f32, 3.0]);
         seen += 1;
-    }
+        Err(format!("{seen} responses so far"))
+    })
+    .await;
     assert_eq!(seen, 60);
     let stats = srv.model_stats("scale").await;
     assert_eq!(stats.inference_count, 60);
@@ -194,7 +288,10 @@ async fn a_full_queue_is_refused_at_once_and_queue_timeouts_are_honoured() {
             batching_scale(
                 repo,
                 "scale",
-                "max_batch_size = 8\nmax_queue_delay_us = 60000000\nmax_queue_size = 2",
+                scale_config()
+                    .max_batch_size(8)
+                    .max_queue_delay_us(60_000_000)
+                    .max_queue_size(2),
             )
         },
         true,
@@ -294,7 +391,9 @@ async fn a_request_whose_client_has_gone_is_not_executed() {
             batching_scale(
                 repo,
                 "scale",
-                "max_batch_size = 4\nmax_queue_delay_us = 60000000",
+                scale_config()
+                    .max_batch_size(4)
+                    .max_queue_delay_us(60_000_000),
             )
         },
         true,

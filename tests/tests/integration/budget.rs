@@ -13,9 +13,9 @@ async fn four_models_under_load_never_exceed_the_budget() {
             }
             // Asks for more intra-op threads than the whole budget.
             fixtures::slow(repo, "greedy", 8);
-            let config = repo.join("greedy/config.toml");
-            let text = std::fs::read_to_string(&config).unwrap();
-            std::fs::write(&config, format!("intra_op_threads = 8\n{text}")).unwrap();
+            fixtures::scale_config()
+                .field("intra_op_threads", 8)
+                .write(repo, "greedy");
         },
         |config| config.threads = Some(2),
     )

@@ -214,27 +214,45 @@ async fn broken_models_fail_alone_with_file_field_and_reason() {
             fixtures::scale(repo, "good", "1", 2.0);
             // A config with an unknown field.
             fixtures::scale(repo, "typo", "1", 2.0);
-            fixtures::write_config(repo, "typo", "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\nsize = 3\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n");
+            fixtures::config()
+                .input("x", "f32", &[-1])
+                .tensor_field("size", 3)
+                .output("y", "f32", &[-1])
+                .write(repo, "typo");
             // A config that is not TOML at all.
             fixtures::scale(repo, "garbage_config", "1", 2.0);
             fixtures::write_config(repo, "garbage_config", "\u{0}\u{1}binary junk = = =");
             // A consistent-looking config with a bad value.
             fixtures::scale(repo, "bad_shape", "1", 2.0);
-            fixtures::write_config(repo, "bad_shape", "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [0]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n");
+            fixtures::config()
+                .input("x", "f32", &[0])
+                .output("y", "f32", &[-1])
+                .write(repo, "bad_shape");
             // A corrupt TorchScript file.
             fixtures::scale(repo, "corrupt_pt", "1", 2.0);
-            std::fs::write(plinth_tests::model_file(repo, "corrupt_pt", "1"), b"PK\x03\x04 truncated zip").unwrap();
+            std::fs::write(
+                plinth_tests::model_file(repo, "corrupt_pt", "1"),
+                b"PK\x03\x04 truncated zip",
+            )
+            .unwrap();
             // A config that disagrees with what the model returns.
             fixtures::scale(repo, "wrong_output", "1", 2.0);
-            fixtures::write_config(repo, "wrong_output", "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f64\"\nshape = [-1]\n");
+            fixtures::config()
+                .input("x", "f32", &[-1])
+                .output("y", "f64", &[-1])
+                .write(repo, "wrong_output");
             // Two declared outputs, one returned.
             fixtures::scale(repo, "missing_output", "1", 2.0);
-            fixtures::write_config(repo, "missing_output", "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"z\"\ndtype = \"f32\"\nshape = [-1]\n");
+            fixtures::scale_config()
+                .output("z", "f32", &[-1])
+                .write(repo, "missing_output");
             // No version directory.
-            fixtures::write_config(repo, "no_versions", "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n");
+            fixtures::scale_config().write(repo, "no_versions");
             // A GPU model (fails without a GPU).
             fixtures::scale(repo, "on_gpu", "1", 2.0);
-            fixtures::write_config(repo, "on_gpu", "device = \"cuda\"\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n");
+            fixtures::scale_config()
+                .device("cuda")
+                .write(repo, "on_gpu");
         },
         false,
     )
@@ -455,7 +473,9 @@ async fn a_full_queue_is_refused_at_once() {
     let srv = TestServer::start(
         |repo| {
             fixtures::slow(repo, "slow", 300);
-            fixtures::write_config(repo, "slow", "max_queue_size = 1\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n");
+            fixtures::scale_config()
+                .max_queue_size(1)
+                .write(repo, "slow");
         },
         true,
     )

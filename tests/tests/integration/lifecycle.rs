@@ -159,11 +159,9 @@ async fn reload_swaps_versions_and_version_policy_is_honoured() {
     );
 
     // Policy `all` serves both; the newest is the default, the older one by name.
-    fixtures::write_config(
-        srv.repo.path(),
-        "scale",
-        "version_policy = { all = true }\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n",
-    );
+    fixtures::scale_config()
+        .all_versions()
+        .write(srv.repo.path(), "scale");
     let reloaded = srv
         .models()
         .await

@@ -5,7 +5,9 @@
 use futures::StreamExt;
 use plinth::grpc::pb;
 use plinth_tests::fixtures::{self, BlockedModel};
-use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, f32_values};
+use plinth_tests::{
+    ModelState, PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values,
+};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -79,7 +81,7 @@ async fn list_health_and_inference_answer_while_three_large_loads_are_in_flight(
         .unwrap()
         .into_inner();
     assert_eq!(health.status, ServingStatus::Serving as i32);
-    let live = reqwest_free_get(&format!("{}/v2/health/live", srv.http_url())).await;
+    let (live, _) = srv.http_get("/v2/health/live").await;
     assert_eq!(live, 200);
 
     let out = srv
@@ -119,24 +121,33 @@ async fn list_health_and_inference_answer_while_three_large_loads_are_in_flight(
     }
     let mut ready = std::collections::BTreeSet::new();
     let mut seen_loading = std::collections::BTreeSet::new();
-    while ready.len() < 3 {
-        let event = watch.next().await.expect("watch stream open").unwrap();
-        if !event.name.starts_with("big_") {
-            continue;
-        }
-        if event.state == loading {
-            seen_loading.insert(event.name.clone());
-        }
-        if event.state == ModelState::Ready as i32 {
-            assert!(
-                seen_loading.contains(&event.name),
-                "{} READY before LOADING",
-                event.name
-            );
-            ready.insert(event.name);
-        }
-        assert_ne!(event.state, ModelState::Failed as i32, "{}", event.reason);
-    }
+    eventually(
+        PATIENCE,
+        "WatchModels to report the three big models READY",
+        async || {
+            let event = watch.next().await.expect("watch stream open").unwrap();
+            if event.name.starts_with("big_") {
+                if event.state == loading {
+                    seen_loading.insert(event.name.clone());
+                }
+                if event.state == ModelState::Ready as i32 {
+                    assert!(
+                        seen_loading.contains(&event.name),
+                        "{} READY before LOADING",
+                        event.name
+                    );
+                    ready.insert(event.name.clone());
+                }
+                assert_ne!(event.state, ModelState::Failed as i32, "{}", event.reason);
+            }
+            if ready.len() == 3 {
+                Ok(())
+            } else {
+                Err(format!("READY so far: {ready:?}"))
+            }
+        },
+    )
+    .await;
     let out = srv
         .compute()
         .await
@@ -194,28 +205,21 @@ async fn the_load_bound_holds_back_extra_loads() {
     );
     blocked.take().unwrap().release().await;
     let mut order = Vec::new();
-    while order.len() < 2 {
-        let event = watch.next().await.expect("watch open").unwrap();
-        if event.state == ModelState::Ready as i32 {
-            order.push(event.name);
-        }
-    }
+    eventually(
+        PATIENCE,
+        "WatchModels to report both models READY",
+        async || {
+            let event = watch.next().await.expect("watch open").unwrap();
+            if event.state == ModelState::Ready as i32 {
+                order.push(event.name);
+            }
+            if order.len() == 2 {
+                Ok(())
+            } else {
+                Err(format!("READY so far: {order:?}"))
+            }
+        },
+    )
+    .await;
     assert_eq!(order, ["slow_disk", "quick"]);
-}
-
-/// A bare HTTP/1.1 GET returning the status code.
-async fn reqwest_free_get(url: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-    stream
-        .write_all(
-            format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

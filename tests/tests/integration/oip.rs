@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use plinth::grpc::ipb::{self, model_infer_request::InferInputTensor};
 use plinth_tests::fixtures::{self, affine_expected};
-use plinth_tests::{TestServer, install_plugin};
+use plinth_tests::{PATIENCE, TestServer, eventually, install_plugin};
 use tonic::Code;
 
 fn f32_bytes(values: &[f32]) -> bytes::Bytes {
@@ -64,11 +64,9 @@ async fn model_infer_runs_the_pipeline_with_typed_and_raw_tensors() {
         |repo| {
             fixtures::affine(repo, "affine", 8);
             fixtures::dtype_double(repo, "double_u8", "u8", tch::Kind::Uint8);
-            fixtures::write_config(
-                repo,
-                "ranked",
-                "max_batch_size = 8\npostprocess = [\"topk\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n",
-            );
+            fixtures::affine_config(8)
+                .postprocess(&["topk"])
+                .write(repo, "ranked");
             std::fs::create_dir_all(repo.join("ranked/1")).unwrap();
             std::fs::copy(
                 plinth_tests::model_file(repo, "affine", "1"),
@@ -518,7 +516,10 @@ async fn stream_infer_answers_in_order_and_reports_errors_in_band() {
         .unwrap()
         .into_inner();
     let mut seen = 0;
-    while let Some(message) = responses.message().await.unwrap() {
+    eventually(PATIENCE, "the response stream to end", async || {
+        let Some(message) = responses.message().await.unwrap() else {
+            return Ok(());
+        };
         let response = message.infer_response.unwrap();
         assert_eq!(response.id, seen.to_string());
         if seen == 17 {
@@ -535,7 +536,9 @@ async fn stream_infer_answers_in_order_and_reports_errors_in_band() {
             );
         }
         seen += 1;
-    }
+        Err(format!("{seen} responses so far"))
+    })
+    .await;
     assert_eq!(seen, 40);
 }
 
@@ -555,7 +558,7 @@ async fn statistics_count_requests_stages_and_batches() {
             .await
             .unwrap();
     }
-    client
+    let refused = client
         .model_infer(request(
             "affine",
             vec![input("x", "FP32", &[1, 5])],
@@ -563,6 +566,13 @@ async fn statistics_count_requests_stages_and_batches() {
         ))
         .await
         .unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.message()),
+        (
+            Code::InvalidArgument,
+            "model 'affine': input 'x': expected shape [-1, 4], got [1, 5]"
+        )
+    );
     let stats = client
         .model_statistics(ipb::ModelStatisticsRequest {
             name: "affine".into(),
@@ -657,18 +667,25 @@ async fn tritonclient_conformance() {
             fixtures::scale(repo, "scale", "1", 2.0);
             // Text in through the byte-tokenize plugin: the count of
             // non-padding tokens per string.
-            fixtures::write_config(
-                repo,
-                "text_len",
-                "max_batch_size = 4\npreprocess = [\"tokenize\"]\n[[input]]\nname = \"tokens\"\ndtype = \"i64\"\nshape = [8]\n[[output]]\nname = \"length\"\ndtype = \"i64\"\nshape = [1]\n",
-            );
+            fixtures::config()
+                .max_batch_size(4)
+                .preprocess(&["tokenize"])
+                .input("tokens", "i64", &[8])
+                .output("length", "i64", &[1])
+                .write(repo, "text_len");
             plinth_torch::trace::save(
                 &plinth_tests::model_file(repo, "text_len", "1"),
                 &[plinth_torch::trace::TchTensor::ones(
                     [2, 8],
                     (tch::Kind::Int64, tch::Device::Cpu),
                 )],
-                |xs| vec![xs[0].ne(0).sum_dim_intlist([1i64].as_slice(), true, tch::Kind::Int64)],
+                |xs| {
+                    vec![
+                        xs[0]
+                            .ne(0)
+                            .sum_dim_intlist([1i64].as_slice(), true, tch::Kind::Int64),
+                    ]
+                },
             )
             .unwrap();
         },

@@ -1,14 +1,12 @@
 //! Plugins for real: components built from plugins/ dropped into the plugin
 //! directory of a running server, changing its behaviour with no restart.
 
-use std::time::Duration;
-
 use plinth::grpc::pb;
 use plinth_tests::fixtures::{self, affine_expected};
-use plinth_tests::{TestServer, compute_request, f32_tensor, f32_values, install_plugin};
+use plinth_tests::{
+    PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values, install_plugin,
+};
 use tonic::Code;
-
-const SCALE_IO: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
 
 fn i64_values(tensor: &pb::Tensor) -> Vec<i64> {
     tensor
@@ -27,23 +25,34 @@ async fn pre_and_post_chains_run_around_the_model() {
     let srv = TestServer::start(
         |repo| {
             // Per-channel mean of a [3, 2, 2] image: y[c] = mean(x[c]).
-            fixtures::write_config(
-                repo,
-                "img",
-                "max_batch_size = 4\npreprocess = [\"normalize\"]\n[[input]]\nname = \"image\"\ndtype = \"f32\"\nshape = [3, 2, 2]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n",
-            );
+            fixtures::config()
+                .max_batch_size(4)
+                .preprocess(&["normalize"])
+                .input("image", "f32", &[3, 2, 2])
+                .output("y", "f32", &[3])
+                .write(repo, "img");
             plinth_torch::trace::save(
                 &plinth_tests::model_file(repo, "img", "1"),
-                &[plinth_torch::trace::TchTensor::zeros([1, 3, 2, 2], (plinth_torch::trace::Kind::Float, plinth_torch::trace::Device::Cpu))],
-                |xs| vec![xs[0].mean_dim([2i64, 3].as_slice(), false, plinth_torch::trace::Kind::Float)],
+                &[plinth_torch::trace::TchTensor::zeros(
+                    [1, 3, 2, 2],
+                    (
+                        plinth_torch::trace::Kind::Float,
+                        plinth_torch::trace::Device::Cpu,
+                    ),
+                )],
+                |xs| {
+                    vec![xs[0].mean_dim(
+                        [2i64, 3].as_slice(),
+                        false,
+                        plinth_torch::trace::Kind::Float,
+                    )]
+                },
             )
             .unwrap();
             fixtures::affine(repo, "affine", 4);
-            fixtures::write_config(
-                repo,
-                "affine",
-                "max_batch_size = 4\npostprocess = [\"topk\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n",
-            );
+            fixtures::affine_config(4)
+                .postprocess(&["topk"])
+                .write(repo, "affine");
         },
         true,
     )
@@ -134,11 +143,7 @@ async fn the_router_splits_by_weight_and_a_header_pins_the_version() {
         |repo| {
             fixtures::scale(repo, "scale", "1", 2.0);
             fixtures::scale_file(&plinth_tests::model_file(repo, "scale", "2"), 3.0);
-            fixtures::write_config(
-                repo,
-                "scale",
-                &format!("version_policy = {{ all = true }}\n{SCALE_IO}"),
-            );
+            fixtures::scale_config().all_versions().write(repo, "scale");
         },
         true,
     )
@@ -223,7 +228,9 @@ async fn plugins_are_added_replaced_and_removed_with_no_restart() {
     let srv = TestServer::start(
         |repo| {
             fixtures::affine(repo, "affine", 4);
-            fixtures::write_config(repo, "affine", "max_batch_size = 4\npostprocess = [\"post\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n");
+            fixtures::affine_config(4)
+                .postprocess(&["post"])
+                .write(repo, "affine");
         },
         true,
     )
@@ -283,7 +290,7 @@ async fn plugins_are_added_replaced_and_removed_with_no_restart() {
 
     // Remove.
     std::fs::remove_file(srv.plugins.path().join("post.wasm")).unwrap();
-    loop {
+    eventually(PATIENCE, "plugin 'post' to leave the list", async || {
         let listed = srv
             .plugin_api()
             .await
@@ -291,11 +298,14 @@ async fn plugins_are_added_replaced_and_removed_with_no_restart() {
             .await
             .unwrap()
             .into_inner();
-        if listed.plugins.iter().all(|p| p.name != "post") {
-            break;
+        let names: Vec<String> = listed.plugins.into_iter().map(|p| p.name).collect();
+        if names.iter().all(|name| name != "post") {
+            Ok(())
+        } else {
+            Err(format!("listed: {names:?}"))
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     let err = compute.compute(run()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
 }
@@ -312,11 +322,9 @@ async fn hostile_plugins_are_contained_and_reported() {
                 ("m_router", "router"),
             ] {
                 fixtures::scale(repo, model, "1", 2.0);
-                fixtures::write_config(
-                    repo,
-                    model,
-                    &format!("preprocess = [\"{plugin}\"]\n{SCALE_IO}"),
-                );
+                fixtures::scale_config()
+                    .preprocess(&[plugin])
+                    .write(repo, model);
             }
         },
         true,
@@ -508,7 +516,9 @@ async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
     let srv = TestServer::start(
         |repo| {
             fixtures::affine(repo, "affine", 4);
-            fixtures::write_config(repo, "affine", "max_batch_size = 4\npostprocess = [\"post\"]\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [4]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [3]\n");
+            fixtures::affine_config(4)
+                .postprocess(&["post"])
+                .write(repo, "affine");
         },
         true,
     )
@@ -523,10 +533,12 @@ async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
     srv.wait_ready("affine").await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut clients = Vec::new();
     for _ in 0..4 {
         let mut compute = srv.compute().await;
         let stop = std::sync::Arc::clone(&stop);
+        let done = std::sync::Arc::clone(&done);
         clients.push(tokio::spawn(async move {
             let mut n_ok = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -539,11 +551,27 @@ async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
                     .expect("no request fails during swaps");
                 assert_eq!(out.into_inner().outputs[0].name, "topk_indices");
                 n_ok += 1;
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             n_ok
         }));
     }
     for swap in 0..20 {
+        // Load between every two swaps: one more request finishes first.
+        let before = done.load(std::sync::atomic::Ordering::Relaxed);
+        eventually(
+            PATIENCE,
+            "a request to finish before the swap",
+            async || {
+                let now = done.load(std::sync::atomic::Ordering::Relaxed);
+                if now > before {
+                    Ok(())
+                } else {
+                    Err(format!("{now} requests done"))
+                }
+            },
+        )
+        .await;
         // Each manifest differs from the one before, so every write is a real swap.
         let k = 2 + swap % 3;
         install_plugin(
@@ -561,7 +589,8 @@ async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
     for client in clients {
         total += client.await.expect("client task");
     }
-    assert!(total > 0);
+    assert_eq!(total, done.load(std::sync::atomic::Ordering::Relaxed));
+    assert!(total >= 20, "{total} requests ran across 20 swaps");
 }
 
 #[tokio::test]
@@ -580,30 +609,30 @@ async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
             .await
             .unwrap();
     }
-    compute
+    // A shape the model refuses: no version was chosen for it.
+    let err = compute
         .compute(compute_request(
             "scale",
-            vec![f32_tensor("x", &[2], &[1.0])],
+            vec![f32_tensor("x", &[1, 1], &[1.0])],
         ))
         .await
         .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::InvalidArgument,
+            "model 'scale': input 'x': expected shape [-1], got [1, 1]"
+        )
+    );
     let ok_line = "plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 3";
-    let bad_line = "plinth_requests_total{model=\"scale\",status=\"invalid_input\"} 1";
-    let metrics = loop {
-        let (code, text) = srv.metrics().await;
-        assert_eq!(code, 200);
-        if text.contains(ok_line) {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let bad_line = "plinth_requests_total{model=\"scale\",version=\"\",status=\"invalid_input\"} 1";
+    let metrics = metrics_containing(&srv, &[ok_line, bad_line]).await;
     assert!(
         metrics.contains(
             "plinth_request_duration_seconds_bucket{model=\"scale\",version=\"1\",stage=\"compute\""
         ),
         "{metrics}"
     );
-    let _ = bad_line;
 
     // Reload the plugin (same file, new manifest): the counters carry over.
     install_plugin(
@@ -623,13 +652,40 @@ async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
         ))
         .await
         .unwrap();
-    loop {
-        let (_, text) = srv.metrics().await;
-        if text.contains("plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 4") {
-            break;
+    metrics_containing(
+        &srv,
+        &["plinth_requests_total{model=\"scale\",version=\"1\",status=\"ok\"} 4"],
+    )
+    .await;
+}
+
+/// Polls /metrics until it holds every one of `lines`, and returns the text.
+async fn metrics_containing(srv: &TestServer, lines: &[&str]) -> String {
+    let what = format!("/metrics to contain {lines:?}");
+    eventually(PATIENCE, &what, async || {
+        let (code, text) = srv.metrics().await;
+        assert_eq!(code, 200, "{text}");
+        if lines.iter().all(|line| text.contains(line)) {
+            Ok(text)
+        } else {
+            Err(text)
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
+}
+
+/// Polls /v2/health/ready until it answers `code`, and returns the body.
+async fn readiness_becomes(srv: &TestServer, code: u16) -> String {
+    let what = format!("/v2/health/ready to answer {code}");
+    eventually(PATIENCE, &what, async || {
+        let (got, body) = srv.http_get("/v2/health/ready").await;
+        if got == code {
+            Ok(body)
+        } else {
+            Err(format!("{got} {body:?}"))
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -644,12 +700,7 @@ async fn a_health_plugin_gates_readiness() {
     .await;
     srv.load("other").await.unwrap();
     // Without health plugins: ready once startup is done.
-    loop {
-        if srv.http_get("/v2/health/ready").await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    readiness_becomes(&srv, 200).await;
     install_plugin(
         srv.plugins.path(),
         "health",
@@ -657,14 +708,7 @@ async fn a_health_plugin_gates_readiness() {
         Some("[config]\nmodels = \"needed\"\n"),
     );
     srv.wait_plugin("health", serving).await;
-    let (code, body) = loop {
-        let (code, body) = srv.http_get("/v2/health/ready").await;
-        if code == 503 {
-            break (code, body);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert_eq!(code, 503);
+    let body = readiness_becomes(&srv, 503).await;
     assert!(body.starts_with("health: "), "{body}");
     assert!(body.contains("needed"), "{body}");
     let mut health = tonic_health::pb::health_client::HealthClient::new(srv.channel().await);
@@ -682,12 +726,7 @@ async fn a_health_plugin_gates_readiness() {
 
     // Loading the required model turns readiness on, without waiting for the timer.
     srv.load("needed").await.unwrap();
-    loop {
-        if srv.http_get("/v2/health/ready").await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    readiness_becomes(&srv, 200).await;
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),

@@ -3,7 +3,9 @@
 
 use plinth::grpc::pb;
 use plinth_tests::fixtures;
-use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, f32_values};
+use plinth_tests::{
+    ModelState, PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values,
+};
 
 /// Writes a model file next to its final place and renames it in, as a
 /// careful deployment does, so the watcher never sees half a file.
@@ -15,23 +17,35 @@ fn publish_scale(repo: &std::path::Path, model: &str, version: &str, factor: f64
     std::fs::rename(&staging, &version_dir).unwrap();
 }
 
-async fn wait_listed(srv: &TestServer, name: &str, state: ModelState) -> pb::ModelStatus {
-    loop {
-        let listed = srv
-            .models()
-            .await
-            .list_models(pb::ListModelsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(status) = listed.models.into_iter().find(|m| m.name == name)
-            && status.state == state as i32
-            && !status.reloading
-        {
-            return status;
+/// Polls ListModels until `name` is listed in `state`, not reloading, and
+/// `pred` holds for its status.
+async fn wait_listed(
+    srv: &TestServer,
+    name: &str,
+    state: ModelState,
+    pred: impl Fn(&pb::ModelStatus) -> bool,
+) -> pb::ModelStatus {
+    let what = format!("model '{name}' to be listed {state:?}, settled");
+    eventually(PATIENCE, &what, async || match listed(srv, name).await {
+        Some(status) if status.state == state as i32 && !status.reloading && pred(&status) => {
+            Ok(status)
         }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+        other => Err(format!("{other:?}")),
+    })
+    .await
+}
+
+/// The status of `name` in ListModels, if it is listed.
+async fn listed(srv: &TestServer, name: &str) -> Option<pb::ModelStatus> {
+    srv.models()
+        .await
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .into_iter()
+        .find(|m| m.name == name)
 }
 
 #[tokio::test]
@@ -40,13 +54,9 @@ async fn a_watched_repository_loads_reloads_and_unloads() {
     let repo = srv.repo.path().to_path_buf();
 
     // A new model directory appears: it loads.
-    fixtures::write_config(
-        &repo,
-        "live",
-        "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n",
-    );
+    fixtures::scale_config().write(&repo, "live");
     publish_scale(&repo, "live", "1", 2.0);
-    let status = wait_listed(&srv, "live", ModelState::Ready).await;
+    let status = wait_listed(&srv, "live", ModelState::Ready, |_| true).await;
     assert_eq!(status.versions, ["1"]);
     let mut compute = srv.compute().await;
     let run = || compute_request("live", vec![f32_tensor("x", &[1], &[5.0])]);
@@ -57,13 +67,7 @@ async fn a_watched_repository_loads_reloads_and_unloads() {
 
     // A new version lands: the model reloads and serves it.
     publish_scale(&repo, "live", "2", 3.0);
-    loop {
-        let status = wait_listed(&srv, "live", ModelState::Ready).await;
-        if status.versions == ["2"] {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_listed(&srv, "live", ModelState::Ready, |s| s.versions == ["2"]).await;
     let out = compute.compute(run()).await.unwrap().into_inner();
     assert_eq!(
         (out.version.as_str(), f32_values(&out.outputs[0])),
@@ -72,20 +76,16 @@ async fn a_watched_repository_loads_reloads_and_unloads() {
 
     // The directory goes away: the model unloads and leaves the list.
     std::fs::remove_dir_all(repo.join("live")).unwrap();
-    loop {
-        let listed = srv
-            .models()
-            .await
-            .list_models(pb::ListModelsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        match listed.models.iter().find(|m| m.name == "live") {
-            None => break,
-            Some(m) if m.state == ModelState::Unavailable as i32 => break,
-            Some(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    }
+    eventually(
+        PATIENCE,
+        "model 'live' to unload or leave the list",
+        async || match listed(&srv, "live").await {
+            None => Ok(()),
+            Some(m) if m.state == ModelState::Unavailable as i32 => Ok(()),
+            Some(m) => Err(format!("{m:?}")),
+        },
+    )
+    .await;
     let err = compute.compute(run()).await.unwrap_err();
     assert!(
         matches!(err.code(), tonic::Code::Unavailable | tonic::Code::NotFound),

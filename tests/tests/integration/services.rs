@@ -4,7 +4,9 @@
 use futures::StreamExt;
 use plinth::grpc::pb;
 use plinth_tests::fixtures;
-use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, f32_values};
+use plinth_tests::{
+    ModelState, PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values,
+};
 use tonic::Code;
 
 #[tokio::test]
@@ -12,7 +14,9 @@ async fn ping_and_info_report_the_host() {
     let srv = TestServer::start_with(
         |repo| {
             fixtures::scale(repo, "two_instances", "1", 2.0);
-            fixtures::write_config(repo, "two_instances", "instances = 2\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n");
+            fixtures::scale_config()
+                .instances(2)
+                .write(repo, "two_instances");
         },
         |config| {
             config.load_all = false;
@@ -104,10 +108,20 @@ async fn watch_models_follows_a_load_and_an_unload() {
         .await
         .unwrap();
     let mut states = Vec::new();
-    while states.last() != Some(&ModelState::Unavailable) {
-        let event = watch.next().await.unwrap().unwrap();
-        states.push(ModelState::try_from(event.state).unwrap());
-    }
+    eventually(
+        PATIENCE,
+        "WatchModels to report 'm' UNAVAILABLE",
+        async || {
+            let event = watch.next().await.expect("watch stream open").unwrap();
+            states.push(ModelState::try_from(event.state).unwrap());
+            if states.last() == Some(&ModelState::Unavailable) {
+                Ok(())
+            } else {
+                Err(format!("states so far: {states:?}"))
+            }
+        },
+    )
+    .await;
     assert_eq!(
         states,
         [
@@ -137,12 +151,15 @@ async fn health_and_reflection_services_answer() {
         .await
         .unwrap()
         .into_inner();
-    loop {
-        let status = statuses.next().await.unwrap().unwrap().status;
+    eventually(PATIENCE, "the health watch to report SERVING", async || {
+        let status = statuses.next().await.expect("watch open").unwrap().status;
         if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("status {status}"))
         }
-    }
+    })
+    .await;
 
     let mut reflection = ServerReflectionClient::new(srv.channel().await);
     let request = ServerReflectionRequest {

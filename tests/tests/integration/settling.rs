@@ -8,32 +8,14 @@ use std::time::Duration;
 
 use plinth::grpc::pb;
 use plinth_tests::fixtures::{self, BlockedModel};
-use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, f32_values};
+use plinth_tests::{
+    ModelState, PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values,
+};
 
 /// Longer than the `--poll` watcher's 250 ms debounce: by then it has seen a
 /// change. A slower watcher would only make the tests below pass without
 /// exercising the busy path, never fail them.
 const WATCHER_SETTLES: Duration = Duration::from_millis(1000);
-
-/// Polls `probe` until it answers `Some`, for at most a minute (a bound on a
-/// hang, not a speed assertion).
-async fn wait_until<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 /// `name` as ListModels shows it, if it is listed.
 async fn listed(srv: &TestServer, name: &str) -> Option<pb::ModelStatus> {
@@ -71,13 +53,17 @@ async fn answer(srv: &TestServer, model: &str) -> Vec<f32> {
 
 /// Waits until `model` serves exactly `versions` and nothing is under way.
 async fn wait_serving(srv: &TestServer, model: &str, versions: &[&str]) {
-    wait_until(&format!("{model} to serve {versions:?}"), || async {
-        let status = listed(srv, model).await?;
-        (status.state == ModelState::Ready as i32
-            && !status.reloading
-            && status.versions == versions)
-            .then_some(())
-    })
+    eventually(
+        PATIENCE,
+        &format!("{model} to serve {versions:?}"),
+        async || {
+            let status = listed(srv, model).await?;
+            (status.state == ModelState::Ready as i32
+                && !status.reloading
+                && status.versions == versions)
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -93,7 +79,7 @@ async fn poll_applies_a_change_that_lands_during_a_reload() {
 
     // Version 2 appears as a pipe: the reload it starts blocks on reading it.
     let blocked = BlockedModel::scale_version(&repo, "live", "2", 3.0);
-    wait_until("the reload to start", || async {
+    eventually(PATIENCE, "the reload to start", async || {
         listed(&srv, "live").await?.reloading.then_some(())
     })
     .await;
@@ -133,7 +119,7 @@ async fn poll_applies_a_change_even_when_its_watch_of_the_registry_lags() {
 
     // `live` appears with a version whose load blocks.
     let blocked = BlockedModel::scale(&repo, "live", 2.0);
-    wait_until("live to be loading", || async {
+    eventually(PATIENCE, "live to be loading", async || {
         (listed(&srv, "live").await?.state == ModelState::Loading as i32).then_some(())
     })
     .await;
@@ -169,7 +155,7 @@ async fn readiness_follows_the_startup_loads_not_the_health_timer() {
     .await;
     let blocked = blocked.unwrap();
     let channel = srv.channel().await;
-    let serving = || async {
+    let serving = async || {
         tonic_health::pb::health_client::HealthClient::new(channel.clone())
             .check(tonic_health::pb::HealthCheckRequest {
                 service: String::new(),
@@ -186,7 +172,7 @@ async fn readiness_follows_the_startup_loads_not_the_health_timer() {
     assert!(!srv.running().health.is_ready());
     blocked.release().await;
     srv.wait_ready("slow").await;
-    wait_until("the server to turn ready", || async {
+    eventually(PATIENCE, "the server to turn ready", async || {
         serving().await.then_some(())
     })
     .await;
@@ -216,7 +202,7 @@ async fn a_shutdown_waits_for_loads_in_flight_and_starts_no_executor_after_its_d
     let registry = server.registry.clone();
     server.trigger().cancel();
     let drained = tokio::spawn(server.wait());
-    wait_until("the registry to close", || async {
+    eventually(PATIENCE, "the registry to close", async || {
         registry.is_closing().then_some(())
     })
     .await;
