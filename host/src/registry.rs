@@ -690,18 +690,16 @@ impl Registry {
     }
 
     /// Ready models and their versions, for a router plugin to choose from.
-    pub fn ready_refs(&self) -> Vec<crate::plugin::bindings::wit::ModelRef> {
+    pub fn ready_refs(&self) -> Vec<crate::plugin::ModelChoice> {
         let entries = self.inner.entries.lock();
         entries
             .iter()
             .filter(|(_, e)| e.state == ModelState::Ready)
             .filter_map(|(name, e)| {
-                e.serving
-                    .as_ref()
-                    .map(|m| crate::plugin::bindings::wit::ModelRef {
-                        name: name.clone(),
-                        versions: m.version_labels(),
-                    })
+                e.serving.as_ref().map(|m| crate::plugin::ModelChoice {
+                    name: name.clone(),
+                    versions: m.version_labels(),
+                })
             })
             .collect()
     }
