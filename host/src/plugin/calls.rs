@@ -337,3 +337,135 @@ impl Plugin<Health> {
         .map_err(|err| call_error(&self.name, "check", err))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::types::{DeviceMemory, ModelStatus, PluginStatus, StageTimings};
+
+    #[test]
+    fn events_reach_plugins_in_whole_microseconds() {
+        let event = RequestEvent {
+            model: "m".into(),
+            version: Some("2".into()),
+            status: RequestStatus::DeadlineExceeded,
+            timings: StageTimings {
+                queue: Duration::from_nanos(1_999),
+                preprocess: Duration::from_micros(7),
+                compute: Duration::from_millis(3),
+                postprocess: Duration::ZERO,
+                total: Duration::MAX,
+            },
+            batch_size: 4,
+        };
+        let wit = event_to_wit(&event);
+        assert_eq!(
+            (wit.model.as_str(), wit.version.as_deref(), wit.batch_size),
+            ("m", Some("2"), 4)
+        );
+        assert!(matches!(wit.status, wit::RequestStatus::DeadlineExceeded));
+        let t = wit.timings;
+        assert_eq!(
+            [
+                t.queue_us,
+                t.preprocess_us,
+                t.compute_us,
+                t.postprocess_us,
+                t.total_us
+            ],
+            [1, 7, 3_000, 0, u64::MAX]
+        );
+    }
+
+    #[test]
+    fn request_status_follows_the_error_code() {
+        let cases = [
+            (
+                Error::InvalidArgument("x".into()),
+                RequestStatus::InvalidInput,
+            ),
+            (Error::NotFound("x".into()), RequestStatus::NotFound),
+            (Error::Unavailable("x".into()), RequestStatus::Unavailable),
+            (
+                Error::ResourceExhausted("x".into()),
+                RequestStatus::Unavailable,
+            ),
+            (
+                Error::DeadlineExceeded("x".into()),
+                RequestStatus::DeadlineExceeded,
+            ),
+            (Error::Cancelled, RequestStatus::Cancelled),
+            (Error::Internal("x".into()), RequestStatus::Internal),
+            (
+                Error::FailedPrecondition("x".into()),
+                RequestStatus::Internal,
+            ),
+        ];
+        for (err, want) in cases {
+            assert_eq!(RequestStatus::of_error(&err), want, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn snapshots_and_verdicts_cross_field_by_field() {
+        let snapshot = HostSnapshot {
+            uptime: Duration::from_micros(2_500),
+            models: vec![ModelStatus {
+                name: "m".into(),
+                version: "1".into(),
+                phase: ModelPhase::Failed("bad file".into()),
+                queue_depth: 3,
+                in_flight: 2,
+                requests: 10,
+                failures: 1,
+            }],
+            plugins: vec![PluginStatus {
+                name: "p".into(),
+                version: "0.1.0".into(),
+                kind: PluginKind::Metrics,
+                calls: 5,
+                errors: 4,
+            }],
+            devices: vec![DeviceMemory {
+                device: "cpu".into(),
+                used_bytes: 6,
+                total_bytes: 8,
+            }],
+        };
+        let wit = snapshot_to_wit(&snapshot);
+        assert_eq!(wit.uptime_ms, 2);
+        let model = &wit.models[0];
+        assert!(matches!(&model.state, wit::ModelState::Failed(reason) if reason == "bad file"));
+        assert_eq!(
+            (
+                model.queue_depth,
+                model.in_flight,
+                model.requests,
+                model.failures
+            ),
+            (3, 2, 10, 1)
+        );
+        let plugin = &wit.plugins[0];
+        assert!(matches!(plugin.kind, wit::PluginKind::Metrics));
+        assert_eq!((plugin.calls, plugin.errors), (5, 4));
+        assert_eq!(
+            (
+                wit.devices[0].device.as_str(),
+                wit.devices[0].used_bytes,
+                wit.devices[0].total_bytes
+            ),
+            ("cpu", 6, 8)
+        );
+        let report = health_report_from_wit(wit::HealthReport {
+            status: wit::HealthStatus::Degraded,
+            message: "slow".into(),
+        });
+        assert_eq!(
+            report,
+            HealthReport {
+                status: HealthStatus::Degraded,
+                message: "slow".into()
+            }
+        );
+    }
+}

@@ -2,6 +2,23 @@
 //! world's calls exist on it: routing a request through a processor does not
 //! compile. `AnyPlugin` is what the host keeps by name; a caller gets a typed
 //! handle from it with `get::<K>()` or `into_kind::<K>()`.
+//!
+//! The first example compiles; the second, which differs only in the kind,
+//! does not (no `route` on a processor):
+//!
+//! ```
+//! use plinth::plugin::{Plugin, RequestView, kind};
+//! fn route(plugin: &Plugin<kind::Router>, request: &RequestView) {
+//!     let _ = plugin.route(request, &[]);
+//! }
+//! ```
+//!
+//! ```compile_fail,E0599
+//! use plinth::plugin::{Plugin, RequestView, kind};
+//! fn route(plugin: &Plugin<kind::Processor>, request: &RequestView) {
+//!     let _ = plugin.route(request, &[]);
+//! }
+//! ```
 
 use std::path::Path;
 use std::sync::Arc;
