@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::plugin::bindings::wit;
-use crate::plugin::{PluginHost, PluginKind};
+use crate::plugin::{
+    DeviceMemory, HealthStatus, HostSnapshot, ModelPhase, ModelStatus, PluginHost, kind,
+};
 use crate::registry::{ModelState, Registry};
 
 /// How often health plugins re-judge the host when nothing changes.
@@ -77,22 +78,22 @@ impl Health {
 
 /// Builds the snapshot health plugins judge. Cheap: one pass under the
 /// registry lock, plus /proc/meminfo for the CPU device.
-fn snapshot(registry: &Registry, plugins: &PluginHost, started: Instant) -> wit::HostSnapshot {
+fn snapshot(registry: &Registry, plugins: &PluginHost, started: Instant) -> HostSnapshot {
     let models = registry
         .health_rows()
         .into_iter()
         .filter_map(|row| {
-            let state = match row.state {
-                ModelState::Loading => wit::ModelState::Loading,
-                ModelState::Ready => wit::ModelState::Ready,
-                ModelState::Unloading => wit::ModelState::Unloading,
-                ModelState::Failed => wit::ModelState::Failed(row.reason.unwrap_or_default()),
+            let phase = match row.state {
+                ModelState::Loading => ModelPhase::Loading,
+                ModelState::Ready => ModelPhase::Ready,
+                ModelState::Unloading => ModelPhase::Unloading,
+                ModelState::Failed => ModelPhase::Failed(row.reason.unwrap_or_default()),
                 ModelState::Unavailable => return None,
             };
-            Some(wit::ModelStatus {
+            Some(ModelStatus {
                 name: row.name,
                 version: row.version.unwrap_or_default(),
-                state,
+                phase,
                 queue_depth: u32::try_from(row.queue_depth).unwrap_or(u32::MAX),
                 in_flight: u32::try_from(row.in_flight).unwrap_or(u32::MAX),
                 requests: row.requests,
@@ -104,21 +105,10 @@ fn snapshot(registry: &Registry, plugins: &PluginHost, started: Instant) -> wit:
         .list()
         .into_iter()
         .filter_map(|report| report.plugin)
-        .map(|plugin| wit::PluginStatus {
-            name: plugin.name.clone(),
-            version: plugin.info.version.clone(),
-            kind: match plugin.kind {
-                PluginKind::Router => wit::PluginKind::Router,
-                PluginKind::Processor => wit::PluginKind::Processor,
-                PluginKind::Metrics => wit::PluginKind::Metrics,
-                PluginKind::Health => wit::PluginKind::Health,
-            },
-            calls: plugin.stats.calls.load(Ordering::Relaxed),
-            errors: plugin.stats.errors.load(Ordering::Relaxed),
-        })
+        .map(|plugin| plugin.status())
         .collect();
-    wit::HostSnapshot {
-        uptime_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    HostSnapshot {
+        uptime: started.elapsed(),
         models,
         plugins: plugin_rows,
         devices: cpu_memory().into_iter().collect(),
@@ -126,7 +116,7 @@ fn snapshot(registry: &Registry, plugins: &PluginHost, started: Instant) -> wit:
 }
 
 /// Host memory in use and in total, from /proc/meminfo. Blocking (a tiny read).
-pub(crate) fn cpu_memory() -> Option<wit::DeviceMemory> {
+pub(crate) fn cpu_memory() -> Option<DeviceMemory> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |key: &str| -> Option<u64> {
         let line = text.lines().find(|l| l.starts_with(key))?;
@@ -138,7 +128,7 @@ pub(crate) fn cpu_memory() -> Option<wit::DeviceMemory> {
     };
     let total = field("MemTotal:")?;
     let available = field("MemAvailable:")?;
-    Some(wit::DeviceMemory {
+    Some(DeviceMemory {
         device: "cpu".into(),
         used_bytes: total.saturating_sub(available),
         total_bytes: total,
@@ -152,7 +142,7 @@ fn judge(health: &Health, registry: &Registry, plugins: &PluginHost, started: In
             message: "startup loads in progress".into(),
         };
     }
-    let judges = plugins.of_kind(PluginKind::Health);
+    let judges = plugins.of_kind::<kind::Health>();
     if judges.is_empty() {
         return Verdict {
             readiness: Readiness::Ready,
@@ -168,9 +158,9 @@ fn judge(health: &Health, registry: &Registry, plugins: &PluginHost, started: In
         let (readiness, message) = match plugin.check(&snapshot) {
             Ok(report) => (
                 match report.status {
-                    wit::HealthStatus::Ready => Readiness::Ready,
-                    wit::HealthStatus::Degraded => Readiness::Degraded,
-                    wit::HealthStatus::NotReady => Readiness::NotReady,
+                    HealthStatus::Ready => Readiness::Ready,
+                    HealthStatus::Degraded => Readiness::Degraded,
+                    HealthStatus::NotReady => Readiness::NotReady,
                 },
                 report.message,
             ),

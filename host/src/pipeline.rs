@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
-use crate::plugin::bindings::wit;
-use crate::plugin::{PluginHost, PluginKind, RequestView, Stage};
+use crate::plugin::{
+    ModelChoice, PluginHost, RequestEvent, RequestStatus, RequestView, Stage, StageTimings, kind,
+};
 use crate::registry::{InferResponse, ReadyModel, Registry, RequestRecord};
 use crate::tensor::Tensor;
 
@@ -64,32 +65,13 @@ pub struct Pipeline {
 struct Inner {
     registry: Registry,
     plugins: Arc<PluginHost>,
-    events: mpsc::Sender<wit::RequestEvent>,
+    events: mpsc::Sender<RequestEvent>,
     dropped_events: AtomicU64,
 }
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline").finish_non_exhaustive()
-    }
-}
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-fn event_status(err: &Error) -> wit::RequestStatus {
-    match err {
-        Error::InvalidArgument(_) => wit::RequestStatus::InvalidInput,
-        Error::ModelNotFound { .. } | Error::VersionNotFound { .. } | Error::NotFound(_) => {
-            wit::RequestStatus::NotFound
-        }
-        Error::ModelNotReady { .. } | Error::Unavailable(_) | Error::ResourceExhausted(_) => {
-            wit::RequestStatus::Unavailable
-        }
-        Error::DeadlineExceeded(_) => wit::RequestStatus::DeadlineExceeded,
-        Error::Cancelled => wit::RequestStatus::Cancelled,
-        _ => wit::RequestStatus::Internal,
     }
 }
 
@@ -168,19 +150,19 @@ impl Pipeline {
             );
         }
         let status = match &res {
-            Ok(_) => wit::RequestStatus::Ok,
-            Err(err) => event_status(err),
+            Ok(_) => RequestStatus::Ok,
+            Err(err) => RequestStatus::of_error(err),
         };
-        let event = wit::RequestEvent {
+        let event = RequestEvent {
             model: view.model.clone(),
             version: timings.version.take().or(view.version.clone()),
             status,
-            timings: wit::StageTimings {
-                queue_us: micros(timings.queue),
-                preprocess_us: micros(timings.pre),
-                compute_us: micros(timings.compute),
-                postprocess_us: micros(timings.post),
-                total_us: micros(total),
+            timings: StageTimings {
+                queue: timings.queue,
+                preprocess: timings.pre,
+                compute: timings.compute,
+                postprocess: timings.post,
+                total,
             },
             batch_size: timings.batch_size,
         };
@@ -198,12 +180,12 @@ impl Pipeline {
         timings: &mut Timings,
     ) -> Result<InferResponse, Error> {
         if let Some(router) = self.inner.plugins.router() {
-            let candidates: Vec<wit::ModelRef> = self
+            let candidates: Vec<ModelChoice> = self
                 .inner
                 .registry
                 .ready_models()
                 .into_iter()
-                .map(|(name, versions)| wit::ModelRef { name, versions })
+                .map(|(name, versions)| ModelChoice { name, versions })
                 .collect();
             let decision = router.route(view, &candidates)?;
             view.model = decision.model;
@@ -261,7 +243,9 @@ impl Pipeline {
                     model.name
                 ))
             })?;
-            tensors = plugin.process(stage, view, tensors)?;
+            tensors = plugin
+                .into_kind::<kind::Processor>()?
+                .process(stage, view, tensors)?;
         }
         Ok(tensors)
     }
@@ -270,7 +254,7 @@ impl Pipeline {
     /// about plugins. Blocking: call it off the tokio workers.
     pub fn render_plugin_metrics(&self) -> String {
         let mut text = String::new();
-        for plugin in self.inner.plugins.of_kind(PluginKind::Metrics) {
+        for plugin in self.inner.plugins.of_kind::<kind::Metrics>() {
             match plugin.render() {
                 Ok(rendered) => {
                     text.push_str(&rendered);
@@ -317,7 +301,7 @@ impl Pipeline {
 }
 
 /// Hands events to every metrics plugin in batches, off the request path.
-async fn feed_metrics(plugins: Arc<PluginHost>, mut rx: mpsc::Receiver<wit::RequestEvent>) {
+async fn feed_metrics(plugins: Arc<PluginHost>, mut rx: mpsc::Receiver<RequestEvent>) {
     let mut batch = Vec::with_capacity(EVENT_BATCH);
     while rx.recv_many(&mut batch, EVENT_BATCH).await > 0 {
         let flush = tokio::time::sleep(EVENT_FLUSH);
@@ -329,7 +313,7 @@ async fn feed_metrics(plugins: Arc<PluginHost>, mut rx: mpsc::Receiver<wit::Requ
                 n = rx.recv_many(&mut batch, room) => if n == 0 { break },
             }
         }
-        let sinks = plugins.of_kind(PluginKind::Metrics);
+        let sinks = plugins.of_kind::<kind::Metrics>();
         if sinks.is_empty() {
             batch.clear();
             continue;

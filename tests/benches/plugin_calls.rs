@@ -6,10 +6,10 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use plinth::plugin::{Manifest, Plugin, RequestView, Stage};
+use plinth::plugin::{Kind, Manifest, ModelChoice, Plugin, RequestView, Stage, kind};
 use plinth::tensor::Tensor;
 
-fn load(component: &str) -> Plugin {
+fn load<K: Kind>(component: &str) -> Plugin<K> {
     let bytes = std::fs::read(plinth_tests::plugin_wasm(component)).unwrap();
     let cache = tempfile::tempdir().unwrap();
     Plugin::load(component, &bytes, Manifest::default(), cache.path()).unwrap()
@@ -18,7 +18,7 @@ fn load(component: &str) -> Plugin {
 fn calls(c: &mut Criterion) {
     // image-normalize passes f32 tensors through untouched: what is measured
     // is the call and the copy of the tensor in and out of the guest.
-    let plugin = load("image_normalize");
+    let plugin = load::<kind::Processor>("image_normalize");
     let view = RequestView::default();
     let small = Tensor::from_f32("x", vec![4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
     c.bench_function("processor call, warm pooled instance, 4 floats", |b| {
@@ -43,8 +43,8 @@ fn calls(c: &mut Criterion) {
             )
         })
     });
-    let router = load("weighted_router");
-    let candidates = vec![plinth::plugin::bindings::wit::ModelRef {
+    let router = load::<kind::Router>("weighted_router");
+    let candidates = vec![ModelChoice {
         name: "m".into(),
         versions: vec!["1".into(), "2".into()],
     }];
@@ -63,14 +63,19 @@ fn calls(c: &mut Criterion) {
             b.iter(|| {
                 let cache = tempfile::tempdir().unwrap();
                 black_box(
-                    Plugin::load("softmax_topk", &bytes, Manifest::default(), cache.path())
-                        .unwrap(),
+                    Plugin::<kind::Processor>::load(
+                        "softmax_topk",
+                        &bytes,
+                        Manifest::default(),
+                        cache.path(),
+                    )
+                    .unwrap(),
                 )
             })
         },
     );
     let warm_cache = tempfile::tempdir().unwrap();
-    Plugin::load(
+    Plugin::<kind::Processor>::load(
         "softmax_topk",
         &bytes,
         Manifest::default(),
@@ -82,7 +87,7 @@ fn calls(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 black_box(
-                    Plugin::load(
+                    Plugin::<kind::Processor>::load(
                         "softmax_topk",
                         &bytes,
                         Manifest::default(),

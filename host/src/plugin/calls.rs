@@ -1,14 +1,22 @@
-//! Typed calls into each plugin kind, and the conversions between Plinth's
-//! `Tensor` and the WIT tensor.
+//! Typed calls into each plugin kind, and the conversions between the
+//! host's types (`Tensor`, the records of `types.rs`) and the WIT types.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::PluginKind;
 use super::bindings::wit;
-use super::runtime::{CallError, Exports, Plugin, PluginKind};
+use super::kind::{Health, Metrics, Processor, Router};
+use super::runtime::{CallError, Plugin};
+use super::types::{
+    HealthReport, HealthStatus, HostSnapshot, ModelChoice, ModelPhase, PluginError, RequestEvent,
+    RequestStatus, RouteDecision,
+};
 use crate::error::Error;
 use crate::tensor::{DType, Tensor};
 
-pub fn dtype_to_wit(dtype: DType) -> wit::Dtype {
+fn dtype_to_wit(dtype: DType) -> wit::Dtype {
     match dtype {
         DType::Bool => wit::Dtype::Bool,
         DType::U8 => wit::Dtype::U8,
@@ -27,7 +35,7 @@ pub fn dtype_to_wit(dtype: DType) -> wit::Dtype {
     }
 }
 
-pub fn dtype_from_wit(dtype: wit::Dtype) -> DType {
+fn dtype_from_wit(dtype: wit::Dtype) -> DType {
     match dtype {
         wit::Dtype::Bool => DType::Bool,
         wit::Dtype::U8 => DType::U8,
@@ -71,26 +79,17 @@ fn from_wit(plugin: &str, tensor: wit::Tensor) -> Result<Tensor, Error> {
 }
 
 /// The host error for a failed call, naming the plugin and the cause.
-pub fn call_error(plugin: &str, stage: &str, err: CallError) -> Error {
+fn call_error(plugin: &str, stage: &str, err: CallError) -> Error {
     let what = format!("plugin '{plugin}' ({stage}) {err}");
     match err {
-        CallError::Plugin(wit::PluginError::InvalidInput(_)) => Error::InvalidArgument(what),
-        CallError::Plugin(wit::PluginError::Unavailable(_)) => Error::Unavailable(what),
-        CallError::Plugin(wit::PluginError::Internal(_))
+        CallError::Plugin(PluginError::InvalidInput(_)) => Error::InvalidArgument(what),
+        CallError::Plugin(PluginError::Unavailable(_)) => Error::Unavailable(what),
+        CallError::Plugin(PluginError::Internal(_))
         | CallError::Trap(_)
         | CallError::Instantiate(_) => Error::Internal(what),
         CallError::Timeout(_) => Error::DeadlineExceeded(what),
         CallError::OutOfMemory(_) => Error::ResourceExhausted(what),
     }
-}
-
-fn wrong_kind(plugin: &Plugin, want: PluginKind) -> Error {
-    Error::FailedPrecondition(format!(
-        "plugin '{}' implements {}, not {}",
-        plugin.name,
-        plugin.kind.world(),
-        want.world()
-    ))
 }
 
 /// The request as a plugin sees it.
@@ -119,7 +118,115 @@ pub enum Stage {
     Post,
 }
 
-impl Plugin {
+/// Whole microseconds, saturating.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn model_choice_to_wit(choice: &ModelChoice) -> wit::ModelRef {
+    wit::ModelRef {
+        name: choice.name.clone(),
+        versions: choice.versions.clone(),
+    }
+}
+
+fn request_status_to_wit(status: RequestStatus) -> wit::RequestStatus {
+    match status {
+        RequestStatus::Ok => wit::RequestStatus::Ok,
+        RequestStatus::InvalidInput => wit::RequestStatus::InvalidInput,
+        RequestStatus::NotFound => wit::RequestStatus::NotFound,
+        RequestStatus::Unavailable => wit::RequestStatus::Unavailable,
+        RequestStatus::DeadlineExceeded => wit::RequestStatus::DeadlineExceeded,
+        RequestStatus::Cancelled => wit::RequestStatus::Cancelled,
+        RequestStatus::Internal => wit::RequestStatus::Internal,
+    }
+}
+
+fn event_to_wit(event: &RequestEvent) -> wit::RequestEvent {
+    wit::RequestEvent {
+        model: event.model.clone(),
+        version: event.version.clone(),
+        status: request_status_to_wit(event.status),
+        timings: wit::StageTimings {
+            queue_us: micros(event.timings.queue),
+            preprocess_us: micros(event.timings.preprocess),
+            compute_us: micros(event.timings.compute),
+            postprocess_us: micros(event.timings.postprocess),
+            total_us: micros(event.timings.total),
+        },
+        batch_size: event.batch_size,
+    }
+}
+
+fn plugin_kind_to_wit(kind: PluginKind) -> wit::PluginKind {
+    match kind {
+        PluginKind::Router => wit::PluginKind::Router,
+        PluginKind::Processor => wit::PluginKind::Processor,
+        PluginKind::Metrics => wit::PluginKind::Metrics,
+        PluginKind::Health => wit::PluginKind::Health,
+    }
+}
+
+fn snapshot_to_wit(snapshot: &HostSnapshot) -> wit::HostSnapshot {
+    wit::HostSnapshot {
+        uptime_ms: millis(snapshot.uptime),
+        models: snapshot
+            .models
+            .iter()
+            .map(|model| wit::ModelStatus {
+                name: model.name.clone(),
+                version: model.version.clone(),
+                state: match &model.phase {
+                    ModelPhase::Loading => wit::ModelState::Loading,
+                    ModelPhase::Ready => wit::ModelState::Ready,
+                    ModelPhase::Unloading => wit::ModelState::Unloading,
+                    ModelPhase::Failed(reason) => wit::ModelState::Failed(reason.clone()),
+                },
+                queue_depth: model.queue_depth,
+                in_flight: model.in_flight,
+                requests: model.requests,
+                failures: model.failures,
+            })
+            .collect(),
+        plugins: snapshot
+            .plugins
+            .iter()
+            .map(|plugin| wit::PluginStatus {
+                name: plugin.name.clone(),
+                version: plugin.version.clone(),
+                kind: plugin_kind_to_wit(plugin.kind),
+                calls: plugin.calls,
+                errors: plugin.errors,
+            })
+            .collect(),
+        devices: snapshot
+            .devices
+            .iter()
+            .map(|device| wit::DeviceMemory {
+                device: device.device.clone(),
+                used_bytes: device.used_bytes,
+                total_bytes: device.total_bytes,
+            })
+            .collect(),
+    }
+}
+
+fn health_report_from_wit(report: wit::HealthReport) -> HealthReport {
+    HealthReport {
+        status: match report.status {
+            wit::HealthStatus::Ready => HealthStatus::Ready,
+            wit::HealthStatus::Degraded => HealthStatus::Degraded,
+            wit::HealthStatus::NotReady => HealthStatus::NotReady,
+        },
+        message: report.message,
+    }
+}
+
+impl Plugin<Processor> {
     /// Runs `preprocess` or `postprocess` over the tensors.
     pub fn process(
         &self,
@@ -127,9 +234,6 @@ impl Plugin {
         request: &RequestView,
         tensors: Vec<Tensor>,
     ) -> Result<Vec<Tensor>, Error> {
-        if self.kind != PluginKind::Processor {
-            return Err(wrong_kind(self, PluginKind::Processor));
-        }
         let info = request.to_wit();
         let tensors: Vec<wit::Tensor> = tensors.into_iter().map(to_wit).collect();
         let stage_name = match stage {
@@ -137,119 +241,77 @@ impl Plugin {
             Stage::Post => "postprocess",
         };
         let out = self
-            .call(|instance| {
-                let Exports::Processor(exports) = &instance.exports else {
-                    unreachable!("kind checked above");
-                };
+            .call(|exports, store| {
                 let processor = exports.plinth_plugin_processor();
                 match stage {
-                    Stage::Pre => processor.call_preprocess(&mut instance.store, &info, &tensors),
-                    Stage::Post => processor.call_postprocess(&mut instance.store, &info, &tensors),
+                    Stage::Pre => processor.call_preprocess(store, &info, &tensors),
+                    Stage::Post => processor.call_postprocess(store, &info, &tensors),
                 }
             })
             .map_err(|err| call_error(&self.name, stage_name, err))?;
         out.into_iter().map(|t| from_wit(&self.name, t)).collect()
     }
+}
 
-    /// Asks the router for a model and version.
+impl Plugin<Router> {
+    /// Asks the router for a model and version among `candidates`.
     pub fn route(
         &self,
         request: &RequestView,
-        candidates: &[wit::ModelRef],
-    ) -> Result<wit::RouteDecision, Error> {
-        if self.kind != PluginKind::Router {
-            return Err(wrong_kind(self, PluginKind::Router));
-        }
+        candidates: &[ModelChoice],
+    ) -> Result<RouteDecision, Error> {
         let info = request.to_wit();
-        self.call(|instance| {
-            let Exports::Router(exports) = &instance.exports else {
-                unreachable!("kind checked above");
-            };
-            exports
-                .plinth_plugin_router()
-                .call_route(&mut instance.store, &info, candidates)
+        let candidates: Vec<wit::ModelRef> = candidates.iter().map(model_choice_to_wit).collect();
+        let decision = self
+            .call(|exports, store| {
+                exports
+                    .plinth_plugin_router()
+                    .call_route(store, &info, &candidates)
+            })
+            .map_err(|err| call_error(&self.name, "route", err))?;
+        Ok(RouteDecision {
+            model: decision.model,
+            version: decision.version,
         })
-        .map_err(|err| call_error(&self.name, "route", err))
     }
+}
 
-    pub fn record(&self, events: &[wit::RequestEvent]) -> Result<(), Error> {
-        if self.kind != PluginKind::Metrics {
-            return Err(wrong_kind(self, PluginKind::Metrics));
-        }
-        self.call(|instance| {
-            let Exports::Metrics(exports) = &instance.exports else {
-                unreachable!("kind checked above");
-            };
+impl Plugin<Metrics> {
+    pub fn record(&self, events: &[RequestEvent]) -> Result<(), Error> {
+        let events: Vec<wit::RequestEvent> = events.iter().map(event_to_wit).collect();
+        self.call(|exports, store| {
             exports
                 .plinth_plugin_metrics()
-                .call_record(&mut instance.store, events)
+                .call_record(store, &events)
                 .map(Ok)
         })
         .map_err(|err| call_error(&self.name, "record", err))
     }
 
     pub fn render(&self) -> Result<String, Error> {
-        if self.kind != PluginKind::Metrics {
-            return Err(wrong_kind(self, PluginKind::Metrics));
-        }
-        self.call(|instance| {
-            let Exports::Metrics(exports) = &instance.exports else {
-                unreachable!("kind checked above");
-            };
-            exports
-                .plinth_plugin_metrics()
-                .call_render(&mut instance.store)
-                .map(Ok)
-        })
-        .map_err(|err| call_error(&self.name, "render", err))
+        self.call(|exports, store| exports.plinth_plugin_metrics().call_render(store).map(Ok))
+            .map_err(|err| call_error(&self.name, "render", err))
     }
 
-    pub fn check(&self, snapshot: &wit::HostSnapshot) -> Result<wit::HealthReport, Error> {
-        if self.kind != PluginKind::Health {
-            return Err(wrong_kind(self, PluginKind::Health));
-        }
-        self.call(|instance| {
-            let Exports::Health(exports) = &instance.exports else {
-                unreachable!("kind checked above");
-            };
-            exports
-                .plinth_plugin_health()
-                .call_check(&mut instance.store, snapshot)
-                .map(Ok)
-        })
-        .map_err(|err| call_error(&self.name, "check", err))
-    }
-
-    /// Moves a metrics plugin's state into `next`, its replacement. A failure
+    /// Moves this plugin's state into `next`, its replacement. A failure
     /// leaves `next` fresh and is only logged: losing counters must not stop
     /// a reload.
-    pub fn hand_state_to(&self, next: &Plugin) {
-        if self.kind != PluginKind::Metrics || next.kind != PluginKind::Metrics {
-            return;
-        }
-        let Some(mut old) = self.take_instance() else {
-            return;
-        };
-        self.arm_instance(&mut old);
-        let saved = match &old.exports {
-            Exports::Metrics(exports) => exports
-                .plinth_plugin_metrics()
-                .call_save_state(&mut old.store),
-            _ => return,
-        };
-        self.put_instance(old);
+    pub fn hand_state_to(&self, next: &Plugin<Metrics>) {
+        let saved =
+            self.call_idle(|exports, store| exports.plinth_plugin_metrics().call_save_state(store));
         let state = match saved {
-            Ok(state) => state,
-            Err(err) => {
+            // No warm instance (the last one trapped): no state to hand over.
+            None => return,
+            Some(Ok(state)) => state,
+            Some(Err(err)) => {
                 tracing::warn!(plugin = %self.name, %err, "save-state failed; the new version starts fresh");
                 return;
             }
         };
-        let restored = next.call(|instance| match &instance.exports {
-            Exports::Metrics(exports) => exports
+        let restored = next.call(|exports, store| {
+            exports
                 .plinth_plugin_metrics()
-                .call_restore_state(&mut instance.store, &state),
-            _ => Ok(Ok(())),
+                .call_restore_state(store, &state)
         });
         match restored {
             Ok(()) => {
@@ -259,5 +321,151 @@ impl Plugin {
                 tracing::warn!(plugin = %self.name, error = %err, "restore-state failed; the new version starts fresh")
             }
         }
+    }
+}
+
+impl Plugin<Health> {
+    pub fn check(&self, snapshot: &HostSnapshot) -> Result<HealthReport, Error> {
+        let snapshot = snapshot_to_wit(snapshot);
+        self.call(|exports, store| {
+            exports
+                .plinth_plugin_health()
+                .call_check(store, &snapshot)
+                .map(Ok)
+        })
+        .map(health_report_from_wit)
+        .map_err(|err| call_error(&self.name, "check", err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::types::{DeviceMemory, ModelStatus, PluginStatus, StageTimings};
+
+    #[test]
+    fn events_reach_plugins_in_whole_microseconds() {
+        let event = RequestEvent {
+            model: "m".into(),
+            version: Some("2".into()),
+            status: RequestStatus::DeadlineExceeded,
+            timings: StageTimings {
+                queue: Duration::from_nanos(1_999),
+                preprocess: Duration::from_micros(7),
+                compute: Duration::from_millis(3),
+                postprocess: Duration::ZERO,
+                total: Duration::MAX,
+            },
+            batch_size: 4,
+        };
+        let wit = event_to_wit(&event);
+        assert_eq!(
+            (wit.model.as_str(), wit.version.as_deref(), wit.batch_size),
+            ("m", Some("2"), 4)
+        );
+        assert!(matches!(wit.status, wit::RequestStatus::DeadlineExceeded));
+        let t = wit.timings;
+        assert_eq!(
+            [
+                t.queue_us,
+                t.preprocess_us,
+                t.compute_us,
+                t.postprocess_us,
+                t.total_us
+            ],
+            [1, 7, 3_000, 0, u64::MAX]
+        );
+    }
+
+    #[test]
+    fn request_status_follows_the_error_code() {
+        let cases = [
+            (
+                Error::InvalidArgument("x".into()),
+                RequestStatus::InvalidInput,
+            ),
+            (Error::NotFound("x".into()), RequestStatus::NotFound),
+            (Error::Unavailable("x".into()), RequestStatus::Unavailable),
+            (
+                Error::ResourceExhausted("x".into()),
+                RequestStatus::Unavailable,
+            ),
+            (
+                Error::DeadlineExceeded("x".into()),
+                RequestStatus::DeadlineExceeded,
+            ),
+            (Error::Cancelled, RequestStatus::Cancelled),
+            (Error::Internal("x".into()), RequestStatus::Internal),
+            (
+                Error::FailedPrecondition("x".into()),
+                RequestStatus::Internal,
+            ),
+        ];
+        for (err, want) in cases {
+            assert_eq!(RequestStatus::of_error(&err), want, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn snapshots_and_verdicts_cross_field_by_field() {
+        let snapshot = HostSnapshot {
+            uptime: Duration::from_micros(2_500),
+            models: vec![ModelStatus {
+                name: "m".into(),
+                version: "1".into(),
+                phase: ModelPhase::Failed("bad file".into()),
+                queue_depth: 3,
+                in_flight: 2,
+                requests: 10,
+                failures: 1,
+            }],
+            plugins: vec![PluginStatus {
+                name: "p".into(),
+                version: "0.1.0".into(),
+                kind: PluginKind::Metrics,
+                calls: 5,
+                errors: 4,
+            }],
+            devices: vec![DeviceMemory {
+                device: "cpu".into(),
+                used_bytes: 6,
+                total_bytes: 8,
+            }],
+        };
+        let wit = snapshot_to_wit(&snapshot);
+        assert_eq!(wit.uptime_ms, 2);
+        let model = &wit.models[0];
+        assert!(matches!(&model.state, wit::ModelState::Failed(reason) if reason == "bad file"));
+        assert_eq!(
+            (
+                model.queue_depth,
+                model.in_flight,
+                model.requests,
+                model.failures
+            ),
+            (3, 2, 10, 1)
+        );
+        let plugin = &wit.plugins[0];
+        assert!(matches!(plugin.kind, wit::PluginKind::Metrics));
+        assert_eq!((plugin.calls, plugin.errors), (5, 4));
+        assert_eq!(
+            (
+                wit.devices[0].device.as_str(),
+                wit.devices[0].used_bytes,
+                wit.devices[0].total_bytes
+            ),
+            ("cpu", 6, 8)
+        );
+        let report = health_report_from_wit(wit::HealthReport {
+            status: wit::HealthStatus::Degraded,
+            message: "slow".into(),
+        });
+        assert_eq!(
+            report,
+            HealthReport {
+                status: HealthStatus::Degraded,
+                message: "slow".into()
+            }
+        );
     }
 }

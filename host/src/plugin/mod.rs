@@ -8,10 +8,12 @@
 //! A file that fails any step leaves the previous version serving and is
 //! reported through the log, `PluginHost::list` and a counter.
 
-pub mod bindings;
-pub mod calls;
+mod bindings;
+mod calls;
+pub mod kind;
 pub mod manifest;
-pub mod runtime;
+mod runtime;
+mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -24,8 +26,14 @@ use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer, notif
 use tokio::sync::mpsc;
 
 pub use calls::{RequestView, Stage};
+pub use kind::{AnyPlugin, Kind};
 pub use manifest::Manifest;
-pub use runtime::{CallError, Plugin, PluginKind, WIT_VERSION};
+pub use runtime::{CallError, Plugin, PluginKind, PluginMeta, PluginStats, WIT_VERSION};
+pub use types::{
+    DeviceMemory, HealthReport, HealthStatus, HostSnapshot, ModelChoice, ModelPhase, ModelStatus,
+    PluginError, PluginInfo, PluginStatus, RequestEvent, RequestStatus, RouteDecision,
+    StageTimings,
+};
 
 /// A file that failed to load, as reported by `list`.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,14 +48,14 @@ pub struct FileFailure {
 #[derive(Debug, Clone)]
 pub struct PluginReport {
     pub name: String,
-    pub plugin: Option<Arc<Plugin>>,
+    pub plugin: Option<AnyPlugin>,
     pub failure: Option<FileFailure>,
 }
 
 /// The loaded plugins, by file stem.
 pub struct PluginHost {
     dir: PathBuf,
-    plugins: ArcSwap<BTreeMap<String, Arc<Plugin>>>,
+    plugins: ArcSwap<BTreeMap<String, AnyPlugin>>,
     failures: parking_lot::Mutex<BTreeMap<String, FileFailure>>,
     /// Loads that failed since startup.
     pub load_failures: AtomicU64,
@@ -86,25 +94,28 @@ impl PluginHost {
         &self.dir
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<Plugin>> {
+    /// The plugin serving under `name`, of whichever kind; `into_kind`
+    /// gives the typed handle.
+    pub fn get(&self, name: &str) -> Option<AnyPlugin> {
         self.plugins.load().get(name).cloned()
     }
 
-    pub fn of_kind(&self, kind: PluginKind) -> Vec<Arc<Plugin>> {
+    /// The plugins of kind `K`, by name.
+    pub fn of_kind<K: Kind>(&self) -> Vec<Arc<Plugin<K>>> {
         self.plugins
             .load()
             .values()
-            .filter(|p| p.kind == kind)
+            .filter_map(|p| p.get::<K>())
             .cloned()
             .collect()
     }
 
     /// The active router: the first router plugin by name, if any.
-    pub fn router(&self) -> Option<Arc<Plugin>> {
+    pub fn router(&self) -> Option<Arc<Plugin<kind::Router>>> {
         self.plugins
             .load()
             .values()
-            .find(|p| p.kind == PluginKind::Router)
+            .find_map(|p| p.get::<kind::Router>())
             .cloned()
     }
 
@@ -137,38 +148,41 @@ impl PluginHost {
     }
 
     /// Loads or replaces the plugin `<dir>/<name>.wasm`.
-    pub async fn load(&self, name: &str) -> Result<Arc<Plugin>, String> {
+    pub async fn load(&self, name: &str) -> Result<AnyPlugin, String> {
         let _swap = self.swap_lock.lock().await;
         let wasm = self.dir.join(format!("{name}.wasm"));
         let manifest_path = self.dir.join(format!("{name}.toml"));
         let cache = runtime::cache_dir(&self.dir);
         let owned = name.to_owned();
         let current = self.get(name);
-        let unchanged = current
-            .as_ref()
-            .map(|p| (p.file_hash.clone(), Arc::clone(&p.manifest)));
-        let built = tokio::task::spawn_blocking(move || -> Result<Option<Plugin>, String> {
+        /// What the blocking step found: a new plugin, or the serving one
+        /// when the file and manifest are what it was loaded from.
+        enum Built {
+            New(AnyPlugin),
+            Unchanged(AnyPlugin),
+        }
+        let built = tokio::task::spawn_blocking(move || -> Result<Built, String> {
             let bytes = std::fs::read(&wasm)
                 .map_err(|err| format!("{}: cannot read: {err}", wasm.display()))?;
             let manifest = Manifest::load(&manifest_path)?;
             // The same bytes under the same manifest: a duplicate event, not a change.
-            if let Some((hash, current_manifest)) = unchanged
-                && runtime::content_hash(&bytes) == hash
-                && *current_manifest == manifest
+            if let Some(current) = current
+                && runtime::content_hash(&bytes) == current.file_hash
+                && *current.manifest == manifest
             {
-                return Ok(None);
+                return Ok(Built::Unchanged(current));
             }
-            Plugin::load(&owned, &bytes, manifest, &cache)
-                .map(Some)
+            AnyPlugin::load(&owned, &bytes, manifest, &cache)
+                .map(Built::New)
                 .map_err(|err| format!("{}: {err}", wasm.display()))
         })
         .await
         .unwrap_or_else(|err| Err(format!("plugin load panicked: {err}")));
         let plugin = match built {
-            Ok(Some(plugin)) => plugin,
-            Ok(None) => {
+            Ok(Built::New(plugin)) => plugin,
+            Ok(Built::Unchanged(current)) => {
                 self.failures.lock().remove(name);
-                return Ok(current.expect("unchanged implies a current plugin"));
+                return Ok(current);
             }
             Err(reason) => return Err(self.fail(name, reason)),
         };
@@ -184,14 +198,14 @@ impl PluginHost {
             );
             return Err(self.fail(name, reason));
         }
-        let plugin = Arc::new(plugin);
-        if let Some(previous) = &previous {
-            let (previous, next) = (Arc::clone(previous), Arc::clone(&plugin));
+        if let (Some(AnyPlugin::Metrics(previous)), AnyPlugin::Metrics(next)) = (&previous, &plugin)
+        {
+            let (previous, next) = (Arc::clone(previous), Arc::clone(next));
             let _ = tokio::task::spawn_blocking(move || previous.hand_state_to(&next)).await;
         }
         self.plugins.rcu(|current| {
             let mut next = (**current).clone();
-            next.insert(name.to_owned(), Arc::clone(&plugin));
+            next.insert(name.to_owned(), plugin.clone());
             next
         });
         self.failures.lock().remove(name);

@@ -10,11 +10,13 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{health, metrics, processor, router, wit, wit_host};
+use super::bindings::{wit, wit_host};
+use super::kind::Kind;
 use super::manifest::Manifest;
+use super::types::{PluginError, PluginInfo, PluginStatus};
 
 /// The contract version this host speaks (the `package` line of `wit/`).
 pub const WIT_VERSION: &str = "0.1.0";
@@ -24,6 +26,10 @@ const WIT_PACKAGE: &str = "plinth:plugin/";
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// Warm instances kept per stateless plugin.
 const MAX_IDLE_INSTANCES: usize = 16;
+/// Most elements a table of a plugin instance may grow to.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// Most core instances a component may create in its store.
+const MAX_INSTANCES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PluginKind {
@@ -43,7 +49,7 @@ impl PluginKind {
         }
     }
 
-    fn interface(self) -> &'static str {
+    pub(super) fn interface(self) -> &'static str {
         match self {
             PluginKind::Router => "router",
             PluginKind::Processor => "processor",
@@ -54,7 +60,7 @@ impl PluginKind {
 
     /// Metrics and health plugins keep state across calls: they get exactly
     /// one instance and calls to them are serialised.
-    fn stateful(self) -> bool {
+    pub(super) fn stateful(self) -> bool {
         matches!(self, PluginKind::Metrics | PluginKind::Health)
     }
 }
@@ -64,7 +70,7 @@ impl PluginKind {
 #[derive(Debug, Clone)]
 pub enum CallError {
     /// The plugin returned a `plugin-error`.
-    Plugin(wit::PluginError),
+    Plugin(PluginError),
     Timeout(Duration),
     OutOfMemory(usize),
     Trap(String),
@@ -75,15 +81,7 @@ pub enum CallError {
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CallError::Plugin(wit::PluginError::InvalidInput(msg)) => {
-                write!(f, "invalid input: {msg}")
-            }
-            CallError::Plugin(wit::PluginError::Unavailable(msg)) => {
-                write!(f, "unavailable: {msg}")
-            }
-            CallError::Plugin(wit::PluginError::Internal(msg)) => {
-                write!(f, "internal error: {msg}")
-            }
+            CallError::Plugin(err) => write!(f, "{err}"),
             CallError::Timeout(deadline) => {
                 write!(f, "exceeded its {} ms deadline", deadline.as_millis())
             }
@@ -94,13 +92,84 @@ impl std::fmt::Display for CallError {
     }
 }
 
+/// The store's resource limiter. It enforces the manifest's memory cap and
+/// remembers that it refused a growth, which is how a failed call is known
+/// to have run out of memory: the refusal traps the guest, and the flag, not
+/// the trap's text, classifies the failure.
+#[derive(Debug)]
+pub struct MemoryCap {
+    cap_bytes: usize,
+    /// The size a linear memory asked to grow to, past the cap, since the
+    /// flag was last cleared.
+    refused: Option<usize>,
+}
+
+impl MemoryCap {
+    pub fn new(cap_bytes: usize) -> MemoryCap {
+        MemoryCap {
+            cap_bytes,
+            refused: None,
+        }
+    }
+
+    /// The size of the growth that was refused since the last `clear`.
+    pub fn refused(&self) -> Option<usize> {
+        self.refused
+    }
+
+    /// Forgets a refusal, before the next call.
+    pub fn clear(&mut self) {
+        self.refused = None;
+    }
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap_bytes {
+            self.refused = Some(desired);
+            // An error traps the guest at the growth, rather than letting
+            // `memory.grow` answer -1 to an allocator that may not check.
+            wasmtime::bail!(
+                "linear memory growth to {desired} bytes refused: the cap is {} bytes",
+                self.cap_bytes
+            );
+        }
+        // Growth past the memory's own declared maximum is refused by
+        // wasmtime itself, as the spec says (`memory.grow` answers -1).
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            wasmtime::bail!(
+                "table growth to {desired} elements refused: the cap is {MAX_TABLE_ELEMENTS}"
+            );
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+}
+
 /// What a store carries: WASI, the memory limiter and the plugin's config.
 pub struct PluginState {
     name: Arc<str>,
     config: Arc<Manifest>,
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    memory: MemoryCap,
     /// The last error the guest logged during the current call: a Rust guest
     /// logs its panic message just before it traps.
     last_error_log: Option<String>,
@@ -209,7 +278,7 @@ impl Runtime {
 
     /// Finds the one plugin world the component implements and checks that
     /// every `plinth:plugin` interface it names is at a compatible version.
-    pub fn inspect(&self, component: &Component) -> Result<PluginKind, String> {
+    pub(super) fn inspect(&self, component: &Component) -> Result<PluginKind, String> {
         let ty = component.component_type();
         let host_version = semver::Version::parse(WIT_VERSION).expect("valid");
         let mut kinds = Vec::new();
@@ -251,7 +320,10 @@ impl Runtime {
         }
     }
 
-    pub fn instance_pre(&self, component: &Component) -> Result<InstancePre<PluginState>, String> {
+    pub(super) fn instance_pre(
+        &self,
+        component: &Component,
+    ) -> Result<InstancePre<PluginState>, String> {
         self.linker.instantiate_pre(component).map_err(|err| {
             format!(
                 "imports something this host does not provide: {}",
@@ -287,12 +359,6 @@ impl Runtime {
         if manifest.stdio {
             wasi.inherit_stdout().inherit_stderr();
         }
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(manifest.memory_bytes)
-            .table_elements(1 << 20)
-            .instances(64)
-            .trap_on_grow_failure(true)
-            .build();
         let mut store = Store::new(
             &self.engine,
             PluginState {
@@ -300,11 +366,11 @@ impl Runtime {
                 config: Arc::clone(manifest),
                 wasi: wasi.build(),
                 table: ResourceTable::new(),
-                limits,
+                memory: MemoryCap::new(manifest.memory_bytes),
                 last_error_log: None,
             },
         );
-        store.limiter(|state| &mut state.limits);
+        store.limiter(|state| &mut state.memory);
         store.epoch_deadline_trap();
         Ok(store)
     }
@@ -325,37 +391,10 @@ fn root_cause(err: &wasmtime::Error) -> String {
         .unwrap_or_default()
 }
 
-/// A live instance and its typed exports.
-pub(crate) enum Exports {
-    Router(router::RouterPlugin),
-    Processor(processor::ProcessorPlugin),
-    Metrics(metrics::MetricsPlugin),
-    Health(health::HealthPlugin),
-}
-
-pub(crate) struct Instance {
+/// A live instance of a plugin of kind `K`, with its typed exports.
+pub(super) struct Instance<K: Kind> {
     pub store: Store<PluginState>,
-    pub exports: Exports,
-}
-
-impl Instance {
-    fn describe(&mut self) -> wasmtime::Result<wit::PluginInfo> {
-        match &self.exports {
-            Exports::Router(e) => e.call_describe(&mut self.store),
-            Exports::Processor(e) => e.call_describe(&mut self.store),
-            Exports::Metrics(e) => e.call_describe(&mut self.store),
-            Exports::Health(e) => e.call_describe(&mut self.store),
-        }
-    }
-
-    fn init(&mut self) -> wasmtime::Result<Result<(), wit::PluginError>> {
-        match &self.exports {
-            Exports::Router(e) => e.call_init(&mut self.store),
-            Exports::Processor(e) => e.call_init(&mut self.store),
-            Exports::Metrics(e) => e.call_init(&mut self.store),
-            Exports::Health(e) => e.call_init(&mut self.store),
-        }
-    }
+    pub exports: K::Exports,
 }
 
 /// Counters of one plugin.
@@ -366,21 +405,53 @@ pub struct PluginStats {
     pub last_error: parking_lot::Mutex<Option<String>>,
 }
 
-/// A compiled, validated plugin with its pool of warm instances.
-pub struct Plugin {
+/// What every loaded plugin has, whatever its kind: `Plugin<K>` and
+/// `AnyPlugin` both dereference to it.
+#[derive(Debug)]
+pub struct PluginMeta {
+    /// The file stem, the name the host knows it by.
     pub name: String,
     pub kind: PluginKind,
-    pub info: wit::PluginInfo,
+    /// What its `describe` answered.
+    pub info: PluginInfo,
     pub file_hash: String,
     pub loaded_at: SystemTime,
     pub manifest: Arc<Manifest>,
     pub stats: PluginStats,
-    state_name: Arc<str>,
-    pre: InstancePre<PluginState>,
-    idle: parking_lot::Mutex<Vec<Instance>>,
 }
 
-impl std::fmt::Debug for Plugin {
+impl PluginMeta {
+    /// Its row in a health snapshot.
+    pub fn status(&self) -> PluginStatus {
+        PluginStatus {
+            name: self.name.clone(),
+            version: self.info.version.clone(),
+            kind: self.kind,
+            calls: self.stats.calls.load(Ordering::Relaxed),
+            errors: self.stats.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A compiled, validated plugin of kind `K` with its pool of warm instances.
+/// Only the calls of its kind exist on it (`Plugin<Processor>::process`,
+/// `Plugin<Router>::route`, ...).
+pub struct Plugin<K: Kind> {
+    meta: PluginMeta,
+    state_name: Arc<str>,
+    pre: K::Pre,
+    idle: parking_lot::Mutex<Vec<Instance<K>>>,
+}
+
+impl<K: Kind> std::ops::Deref for Plugin<K> {
+    type Target = PluginMeta;
+
+    fn deref(&self) -> &PluginMeta {
+        &self.meta
+    }
+}
+
+impl<K: Kind> std::fmt::Debug for Plugin<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
             .field("name", &self.name)
@@ -390,95 +461,103 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
-impl Plugin {
-    /// Compiles, checks and instantiates the plugin, and calls `describe` and
-    /// `init` once, so a plugin that cannot run is refused before it is
-    /// swapped in. Blocking.
+impl<K: Kind> Plugin<K> {
+    /// Compiles, checks and instantiates a plugin that must be of kind `K`,
+    /// and calls `describe` and `init` once. Blocking.
     pub fn load(
         name: &str,
         bytes: &[u8],
         manifest: Manifest,
         cache_dir: &Path,
-    ) -> Result<Plugin, String> {
+    ) -> Result<Plugin<K>, String> {
         let runtime = Runtime::get();
         let (component, file_hash) = runtime.compile(bytes, cache_dir)?;
         let kind = runtime.inspect(&component)?;
-        let pre = runtime.instance_pre(&component)?;
-        let state_name: Arc<str> = Arc::from(name);
+        if kind != K::KIND {
+            return Err(format!("is a {}, not a {}", kind.world(), K::KIND.world()));
+        }
+        Plugin::from_component(name, &component, file_hash, manifest)
+    }
+
+    /// Instantiates a component `inspect` found to be of kind `K` and calls
+    /// `describe` and `init` once, so a plugin that cannot run is refused
+    /// before it is swapped in. Blocking.
+    pub(super) fn from_component(
+        name: &str,
+        component: &Component,
+        file_hash: String,
+        manifest: Manifest,
+    ) -> Result<Plugin<K>, String> {
+        let pre = Runtime::get().instance_pre(component)?;
+        let pre = K::pre(pre).map_err(|err| {
+            format!(
+                "does not export the {} world's interface: {}",
+                K::KIND.world(),
+                root_cause(&err)
+            )
+        })?;
         let mut plugin = Plugin {
-            name: name.to_owned(),
-            kind,
-            info: wit::PluginInfo {
-                name: String::new(),
-                version: String::new(),
-                description: String::new(),
+            meta: PluginMeta {
+                name: name.to_owned(),
+                kind: K::KIND,
+                info: PluginInfo::default(),
+                file_hash,
+                loaded_at: SystemTime::now(),
+                manifest: Arc::new(manifest),
+                stats: PluginStats::default(),
             },
-            file_hash,
-            loaded_at: SystemTime::now(),
-            manifest: Arc::new(manifest),
-            stats: PluginStats::default(),
-            state_name,
+            state_name: Arc::from(name),
             pre,
             idle: parking_lot::Mutex::new(Vec::new()),
         };
         let mut instance = plugin.instantiate().map_err(|err| err.to_string())?;
         plugin.arm(&mut instance);
-        let info = instance
-            .describe()
-            .map_err(|err| format!("describe() failed: {}", classify(err, &plugin.manifest)))?;
+        let info = K::describe(&instance.exports, &mut instance.store).map_err(|err| {
+            format!(
+                "describe() failed: {}",
+                classify(err, &instance.store, &plugin.manifest)
+            )
+        })?;
         semver::Version::parse(&info.version).map_err(|err| {
             format!(
                 "describe() gave version {:?}, not semver: {err}",
                 info.version
             )
         })?;
-        plugin.info = info;
+        plugin.meta.info = PluginInfo {
+            name: info.name,
+            version: info.version,
+            description: info.description,
+        };
         plugin.idle.lock().push(instance);
         Ok(plugin)
     }
 
-    fn instantiate(&self) -> Result<Instance, CallError> {
+    fn instantiate(&self) -> Result<Instance<K>, CallError> {
         let runtime = Runtime::get();
         let mut store = runtime
             .store(&self.state_name, &self.manifest)
             .map_err(CallError::Instantiate)?;
         self.arm_store(&mut store);
-        let instantiate_err = |err: wasmtime::Error| {
-            CallError::Instantiate(classify(err, &self.manifest).to_string())
-        };
-        let exports = match self.kind {
-            PluginKind::Router => Exports::Router(
-                router::RouterPluginPre::new(self.pre.clone())
-                    .and_then(|pre| pre.instantiate(&mut store))
-                    .map_err(instantiate_err)?,
-            ),
-            PluginKind::Processor => Exports::Processor(
-                processor::ProcessorPluginPre::new(self.pre.clone())
-                    .and_then(|pre| pre.instantiate(&mut store))
-                    .map_err(instantiate_err)?,
-            ),
-            PluginKind::Metrics => Exports::Metrics(
-                metrics::MetricsPluginPre::new(self.pre.clone())
-                    .and_then(|pre| pre.instantiate(&mut store))
-                    .map_err(instantiate_err)?,
-            ),
-            PluginKind::Health => Exports::Health(
-                health::HealthPluginPre::new(self.pre.clone())
-                    .and_then(|pre| pre.instantiate(&mut store))
-                    .map_err(instantiate_err)?,
-            ),
+        let exports = match K::instantiate(&self.pre, &mut store) {
+            Ok(exports) => exports,
+            Err(err) => {
+                return Err(CallError::Instantiate(
+                    classify(err, &store, &self.manifest).to_string(),
+                ));
+            }
         };
         let mut instance = Instance { store, exports };
         self.arm(&mut instance);
-        match instance.init() {
+        match K::init(&instance.exports, &mut instance.store) {
             Ok(Ok(())) => Ok(instance),
             Ok(Err(err)) => Err(CallError::Instantiate(format!(
                 "init() refused: {}",
-                CallError::Plugin(err)
+                CallError::Plugin(plugin_error(err))
             ))),
             Err(err) => Err(CallError::Instantiate(format!(
                 "init() {}",
-                classify(err, &self.manifest)
+                classify(err, &instance.store, &self.manifest)
             ))),
         }
     }
@@ -491,23 +570,30 @@ impl Plugin {
             .div_ceil(EPOCH_TICK.as_millis()) as u64
             + 1;
         store.set_epoch_deadline(ticks);
+        let state = store.data_mut();
+        state.last_error_log = None;
+        state.memory.clear();
     }
 
-    /// Sets a fresh deadline before a call.
-    fn arm(&self, instance: &mut Instance) {
+    /// Sets a fresh deadline and clears what the last call left before a
+    /// call.
+    fn arm(&self, instance: &mut Instance<K>) {
         self.arm_store(&mut instance.store);
     }
 
     /// Runs `f` on a warm instance with a deadline and the memory cap. A trap,
     /// timeout or out-of-memory discards the instance; the next call gets a
     /// fresh one. Blocking, bounded by the deadline.
-    pub(crate) fn call<R>(
+    pub(super) fn call<R>(
         &self,
-        f: impl FnOnce(&mut Instance) -> wasmtime::Result<Result<R, wit::PluginError>>,
+        f: impl FnOnce(
+            &K::Exports,
+            &mut Store<PluginState>,
+        ) -> wasmtime::Result<Result<R, wit::PluginError>>,
     ) -> Result<R, CallError> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         // Stateful plugins keep the lock for the whole call: one instance, in order.
-        let mut stateful_guard = self.kind.stateful().then(|| self.idle.lock());
+        let mut stateful_guard = K::KIND.stateful().then(|| self.idle.lock());
         let pooled = match &mut stateful_guard {
             Some(idle) => idle.pop(),
             None => self.idle.lock().pop(),
@@ -519,8 +605,7 @@ impl Plugin {
                 .inspect_err(|err| self.record_error(err))?,
         };
         self.arm(&mut instance);
-        instance.store.data_mut().last_error_log = None;
-        let res = f(&mut instance);
+        let res = f(&instance.exports, &mut instance.store);
         let err = match res {
             Ok(res) => {
                 let idle = match &mut stateful_guard {
@@ -532,13 +617,13 @@ impl Plugin {
                 }
                 match res {
                     Ok(value) => return Ok(value),
-                    Err(plugin_error) => CallError::Plugin(plugin_error),
+                    Err(err) => CallError::Plugin(plugin_error(err)),
                 }
             }
             // The instance is dropped here: after a trap its state is suspect.
             Err(err) => {
                 let logged = instance.store.data_mut().last_error_log.take();
-                match (classify(err, &self.manifest), logged) {
+                match (classify(err, &instance.store, &self.manifest), logged) {
                     (CallError::Trap(cause), Some(message)) => {
                         CallError::Trap(format!("{message} ({cause})"))
                     }
@@ -548,6 +633,25 @@ impl Plugin {
         };
         self.record_error(&err);
         Err(err)
+    }
+
+    /// Runs `f` on the warm instance, if there is one, without making one and
+    /// without counting a call; the pool stays locked meanwhile. The
+    /// instance goes back unless `f` failed. For state handoff.
+    pub(super) fn call_idle<R>(
+        &self,
+        f: impl FnOnce(&K::Exports, &mut Store<PluginState>) -> wasmtime::Result<R>,
+    ) -> Option<Result<R, CallError>> {
+        let mut idle = self.idle.lock();
+        let mut instance = idle.pop()?;
+        self.arm(&mut instance);
+        match f(&instance.exports, &mut instance.store) {
+            Ok(value) => {
+                idle.push(instance);
+                Some(Ok(value))
+            }
+            Err(err) => Some(Err(classify(err, &instance.store, &self.manifest))),
+        }
     }
 
     /// Makes a fresh instance (instantiate and `init`) and drops it: what a
@@ -561,31 +665,26 @@ impl Plugin {
         *self.stats.last_error.lock() = Some(err.to_string());
         tracing::warn!(plugin = %self.name, error = %err, "plugin call failed");
     }
+}
 
-    /// Takes the warm instance of a stateful plugin out, for state handoff.
-    pub(crate) fn take_instance(&self) -> Option<Instance> {
-        self.idle.lock().pop()
-    }
-
-    pub(crate) fn put_instance(&self, instance: Instance) {
-        self.idle.lock().push(instance);
-    }
-
-    pub(crate) fn arm_instance(&self, instance: &mut Instance) {
-        self.arm(instance);
+fn plugin_error(err: wit::PluginError) -> PluginError {
+    match err {
+        wit::PluginError::InvalidInput(msg) => PluginError::InvalidInput(msg),
+        wit::PluginError::Unavailable(msg) => PluginError::Unavailable(msg),
+        wit::PluginError::Internal(msg) => PluginError::Internal(msg),
     }
 }
 
-/// Turns a wasmtime error into the cause a user can act on.
-fn classify(err: wasmtime::Error, manifest: &Manifest) -> CallError {
+/// Turns a failed call into the cause a user can act on. Out-of-memory is
+/// the limiter's flag, set when it refused a growth during the call.
+fn classify(err: wasmtime::Error, store: &Store<PluginState>, manifest: &Manifest) -> CallError {
+    if store.data().memory.refused().is_some() {
+        return CallError::OutOfMemory(manifest.memory_bytes);
+    }
     if let Some(trap) = err.downcast_ref::<wasmtime::Trap>()
         && *trap == wasmtime::Trap::Interrupt
     {
         return CallError::Timeout(manifest.deadline);
-    }
-    let text = format!("{err:#}");
-    if text.contains("exceeds memory limits") || text.contains("forcing trap when growing memory") {
-        return CallError::OutOfMemory(manifest.memory_bytes);
     }
     // The root cause ("wasm `unreachable` instruction executed"), not the
     // backtrace header.
@@ -596,4 +695,98 @@ fn classify(err: wasmtime::Error, manifest: &Manifest) -> CallError {
 /// A directory for compiled artifacts beside the plugins.
 pub fn cache_dir(plugin_dir: &Path) -> PathBuf {
     plugin_dir.join(".cache")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: usize = 1 << 16;
+
+    #[test]
+    fn the_cap_refuses_growth_past_it_and_remembers_the_refusal() {
+        let mut cap = MemoryCap::new(2 * PAGE);
+        assert!(cap.memory_growing(0, PAGE, None).unwrap());
+        assert!(cap.memory_growing(PAGE, 2 * PAGE, Some(10 * PAGE)).unwrap());
+        assert_eq!(cap.refused(), None);
+        let err = cap.memory_growing(2 * PAGE, 3 * PAGE, None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "linear memory growth to 196608 bytes refused: the cap is 131072 bytes"
+        );
+        assert_eq!(cap.refused(), Some(3 * PAGE));
+        cap.clear();
+        assert_eq!(cap.refused(), None);
+        // Tables have their own cap, which is not an out-of-memory.
+        assert!(cap.table_growing(0, MAX_TABLE_ELEMENTS, None).unwrap());
+        assert!(cap.table_growing(0, MAX_TABLE_ELEMENTS + 1, None).is_err());
+        assert_eq!(cap.refused(), None);
+    }
+
+    /// A core module in a real plugin store: `grow(n)` runs `memory.grow`,
+    /// `crash()` traps for another reason.
+    fn guest(cap: usize, memory: &str) -> (Store<PluginState>, wasmtime::Instance, Manifest) {
+        let manifest = Manifest {
+            memory_bytes: cap,
+            ..Manifest::default()
+        };
+        let runtime = Runtime::get();
+        let mut store = runtime
+            .store(&Arc::from("test"), &Arc::new(manifest.clone()))
+            .unwrap();
+        store.set_epoch_deadline(u64::MAX / 2);
+        let module = wasmtime::Module::new(
+            &runtime.engine,
+            format!(
+                r#"(module
+                    {memory}
+                    (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0)))
+                    (func (export "crash") unreachable))"#
+            ),
+        )
+        .unwrap();
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        (store, instance, manifest)
+    }
+
+    #[test]
+    fn growth_past_the_cap_is_classified_out_of_memory_by_the_flag() {
+        let (mut store, instance, manifest) = guest(2 << 20, "(memory 1)");
+        let grow = instance
+            .get_typed_func::<i32, i32>(&mut store, "grow")
+            .unwrap();
+        // One page to two: within the cap, `memory.grow` answers the old size.
+        assert_eq!(grow.call(&mut store, 1).unwrap(), 1);
+        assert_eq!(store.data().memory.refused(), None);
+        // To 42 pages, past the 32 of 2 MiB: a trap, and the flag.
+        let err = grow.call(&mut store, 40).unwrap_err();
+        assert_eq!(store.data().memory.refused(), Some(42 * PAGE));
+        let classified = classify(err, &store, &manifest);
+        assert!(
+            matches!(classified, CallError::OutOfMemory(cap) if cap == 2 << 20),
+            "{classified:?}"
+        );
+        assert_eq!(classified.to_string(), "exceeded its 2 MiB memory cap");
+    }
+
+    #[test]
+    fn other_failures_are_not_out_of_memory() {
+        let (mut store, instance, manifest) = guest(2 << 20, "(memory 1 4)");
+        let grow = instance
+            .get_typed_func::<i32, i32>(&mut store, "grow")
+            .unwrap();
+        // Past the memory's own maximum (4 pages) but within the cap: the
+        // guest gets -1, as the spec says, and nothing is flagged.
+        assert_eq!(grow.call(&mut store, 8).unwrap(), -1);
+        assert_eq!(store.data().memory.refused(), None);
+        let crash = instance
+            .get_typed_func::<(), ()>(&mut store, "crash")
+            .unwrap();
+        let err = crash.call(&mut store, ()).unwrap_err();
+        let classified = classify(err, &store, &manifest);
+        assert!(
+            matches!(&classified, CallError::Trap(cause) if cause.contains("unreachable")),
+            "{classified:?}"
+        );
+    }
 }

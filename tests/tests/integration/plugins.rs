@@ -420,7 +420,13 @@ async fn hostile_plugins_are_contained_and_reported() {
 
     // No WASI capability was granted: every probe of the filesystem, the
     // environment and the network is denied.
-    let escape = srv.running().plugins.get("escape").unwrap();
+    let escape = srv
+        .running()
+        .plugins
+        .get("escape")
+        .unwrap()
+        .into_kind::<plinth::plugin::kind::Processor>()
+        .unwrap();
     let report = tokio::task::spawn_blocking(move || {
         escape.process(
             plinth::plugin::Stage::Pre,

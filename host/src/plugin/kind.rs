@@ -1,0 +1,205 @@
+//! Plugin kinds as types. `Plugin<K>` is a plugin of one world, and only that
+//! world's calls exist on it: routing a request through a processor does not
+//! compile. `AnyPlugin` is what the host keeps by name; a caller gets a typed
+//! handle from it with `get::<K>()` or `into_kind::<K>()`.
+//!
+//! The first example compiles; the second, which differs only in the kind,
+//! does not (no `route` on a processor):
+//!
+//! ```
+//! use plinth::plugin::{Plugin, RequestView, kind};
+//! fn route(plugin: &Plugin<kind::Router>, request: &RequestView) {
+//!     let _ = plugin.route(request, &[]);
+//! }
+//! ```
+//!
+//! ```compile_fail,E0599
+//! use plinth::plugin::{Plugin, RequestView, kind};
+//! fn route(plugin: &Plugin<kind::Processor>, request: &RequestView) {
+//!     let _ = plugin.route(request, &[]);
+//! }
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+
+use wasmtime::Store;
+use wasmtime::component::InstancePre;
+
+use super::bindings::{health, metrics, processor, router, wit};
+use super::manifest::Manifest;
+use super::runtime::{Plugin, PluginKind, PluginMeta, PluginState, Runtime};
+use crate::error::Error;
+
+pub(super) mod sealed {
+    use super::*;
+
+    /// What the runtime needs of a world: its bindgen types and how to make
+    /// and greet an instance. Sealed: the four worlds are the only kinds.
+    pub trait World: Sized + Send + Sync + 'static {
+        const KIND: PluginKind;
+        /// The pre-linked component, typed to the world.
+        type Pre: Send + Sync + 'static;
+        /// An instance's typed exports.
+        type Exports: Send + Sync + 'static;
+
+        fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre>;
+        fn instantiate(
+            pre: &Self::Pre,
+            store: &mut Store<PluginState>,
+        ) -> wasmtime::Result<Self::Exports>;
+        fn describe(
+            exports: &Self::Exports,
+            store: &mut Store<PluginState>,
+        ) -> wasmtime::Result<wit::PluginInfo>;
+        fn init(
+            exports: &Self::Exports,
+            store: &mut Store<PluginState>,
+        ) -> wasmtime::Result<Result<(), wit::PluginError>>;
+        fn wrap(plugin: Arc<Plugin<Self>>) -> AnyPlugin;
+        fn unwrap(any: &AnyPlugin) -> Option<&Arc<Plugin<Self>>>;
+    }
+}
+
+/// A plugin world: `Router`, `Processor`, `Metrics` or `Health`.
+pub trait Kind: sealed::World {}
+
+impl<W: sealed::World> Kind for W {}
+
+macro_rules! world {
+    ($(#[$doc:meta])* $kind:ident, $variant:ident, $module:ident, $pre:ident, $exports:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $kind {}
+
+        impl sealed::World for $kind {
+            const KIND: PluginKind = PluginKind::$variant;
+            type Pre = $module::$pre<PluginState>;
+            type Exports = $module::$exports;
+
+            fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
+                $module::$pre::new(pre)
+            }
+
+            fn instantiate(
+                pre: &Self::Pre,
+                store: &mut Store<PluginState>,
+            ) -> wasmtime::Result<Self::Exports> {
+                pre.instantiate(store)
+            }
+
+            fn describe(
+                exports: &Self::Exports,
+                store: &mut Store<PluginState>,
+            ) -> wasmtime::Result<wit::PluginInfo> {
+                exports.call_describe(store)
+            }
+
+            fn init(
+                exports: &Self::Exports,
+                store: &mut Store<PluginState>,
+            ) -> wasmtime::Result<Result<(), wit::PluginError>> {
+                exports.call_init(store)
+            }
+
+            fn wrap(plugin: Arc<Plugin<Self>>) -> AnyPlugin {
+                AnyPlugin::$variant(plugin)
+            }
+
+            fn unwrap(any: &AnyPlugin) -> Option<&Arc<Plugin<Self>>> {
+                match any {
+                    AnyPlugin::$variant(plugin) => Some(plugin),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+world!(
+    /// The `router-plugin` world: picks the model and version of a request.
+    Router, Router, router, RouterPluginPre, RouterPlugin
+);
+world!(
+    /// The `processor-plugin` world: transforms tensors before and after a model.
+    Processor, Processor, processor, ProcessorPluginPre, ProcessorPlugin
+);
+world!(
+    /// The `metrics-plugin` world: stateful, fed request events, renders text.
+    Metrics, Metrics, metrics, MetricsPluginPre, MetricsPlugin
+);
+world!(
+    /// The `health-plugin` world: stateful, judges host snapshots.
+    Health, Health, health, HealthPluginPre, HealthPlugin
+);
+
+/// A loaded plugin of whichever kind its component turned out to be.
+/// Dereferences to what every plugin has (`name`, `kind`, `info`, `stats`).
+#[derive(Debug, Clone)]
+pub enum AnyPlugin {
+    Router(Arc<Plugin<Router>>),
+    Processor(Arc<Plugin<Processor>>),
+    Metrics(Arc<Plugin<Metrics>>),
+    Health(Arc<Plugin<Health>>),
+}
+
+impl std::ops::Deref for AnyPlugin {
+    type Target = PluginMeta;
+
+    fn deref(&self) -> &PluginMeta {
+        match self {
+            AnyPlugin::Router(plugin) => plugin,
+            AnyPlugin::Processor(plugin) => plugin,
+            AnyPlugin::Metrics(plugin) => plugin,
+            AnyPlugin::Health(plugin) => plugin,
+        }
+    }
+}
+
+impl AnyPlugin {
+    /// Compiles and checks the component, finds its world, instantiates it
+    /// and calls `describe` and `init` once. Blocking.
+    pub fn load(
+        name: &str,
+        bytes: &[u8],
+        manifest: Manifest,
+        cache_dir: &Path,
+    ) -> Result<AnyPlugin, String> {
+        let runtime = Runtime::get();
+        let (component, hash) = runtime.compile(bytes, cache_dir)?;
+        let kind = runtime.inspect(&component)?;
+        fn typed<K: Kind>(
+            name: &str,
+            component: &wasmtime::component::Component,
+            hash: String,
+            manifest: Manifest,
+        ) -> Result<AnyPlugin, String> {
+            Plugin::<K>::from_component(name, component, hash, manifest)
+                .map(|plugin| K::wrap(Arc::new(plugin)))
+        }
+        match kind {
+            PluginKind::Router => typed::<Router>(name, &component, hash, manifest),
+            PluginKind::Processor => typed::<Processor>(name, &component, hash, manifest),
+            PluginKind::Metrics => typed::<Metrics>(name, &component, hash, manifest),
+            PluginKind::Health => typed::<Health>(name, &component, hash, manifest),
+        }
+    }
+
+    /// The typed handle, if the plugin is of kind `K`.
+    pub fn get<K: Kind>(&self) -> Option<&Arc<Plugin<K>>> {
+        K::unwrap(self)
+    }
+
+    /// The typed handle, or an error naming the plugin, its world and the
+    /// world the caller needed (e.g. a router named in a processor chain).
+    pub fn into_kind<K: Kind>(self) -> Result<Arc<Plugin<K>>, Error> {
+        K::unwrap(&self).cloned().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "plugin '{}' implements {}, not {}",
+                self.name,
+                self.kind.world(),
+                K::KIND.world()
+            ))
+        })
+    }
+}
