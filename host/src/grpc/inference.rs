@@ -12,7 +12,7 @@ use super::ipb::{self, grpc_inference_service_server::GrpcInferenceService};
 use crate::error::Error;
 use crate::health::Health;
 use crate::oip::{self, Elements, RequestedOutput};
-use crate::pipeline::{Pipeline, PipelineRequest, queue_timeout};
+use crate::pipeline::{Pipeline, PipelineRequest, PipelineResponse, queue_timeout};
 use crate::tensor::Tensor;
 
 #[derive(Clone)]
@@ -194,26 +194,59 @@ async fn infer_one(
     if request.model_name.is_empty() {
         return Err(Error::InvalidArgument("field 'model_name' is empty".into()));
     }
-    let inputs = decode_inputs(&mut request)?;
-    let requested = requested_outputs(&request.outputs)?;
     let version = (!request.model_version.is_empty()).then(|| request.model_version.clone());
-    let timeout = queue_timeout(request.parameters.get("timeout").map(param_text).as_deref())?;
-    let response = pipeline
-        .infer(PipelineRequest {
-            id: request.id.clone(),
-            model: request.model_name,
-            version,
-            inputs,
-            metadata: metadata(headers, &request.parameters),
-            timeout,
-        })
-        .await?;
-    let outputs = match pipeline.registry().serving(&response.model) {
-        Some(model) => {
-            oip::select_outputs(&model.name, &model.config, response.outputs, &requested)?
-        }
-        None => response.outputs,
-    };
+    let Decoded {
+        inputs,
+        requested,
+        timeout,
+    } = decode_request(&mut request)
+        .map_err(|err| pipeline.reject(&request.model_name, version.as_deref(), err))?;
+    let id = request.id.clone();
+    let metadata = metadata(headers, &request.parameters);
+    pipeline
+        .infer_then(
+            PipelineRequest {
+                id: request.id,
+                model: request.model_name,
+                version,
+                inputs,
+                metadata,
+                timeout,
+            },
+            |response| infer_response(id, response, &requested),
+        )
+        .await
+}
+
+/// A request as the pipeline takes it.
+struct Decoded {
+    inputs: Vec<Tensor>,
+    requested: Vec<RequestedOutput>,
+    timeout: Option<std::time::Duration>,
+}
+
+/// The inputs, the outputs asked for and the queue timeout of a request.
+fn decode_request(request: &mut ipb::ModelInferRequest) -> Result<Decoded, Error> {
+    Ok(Decoded {
+        inputs: decode_inputs(request)?,
+        requested: requested_outputs(&request.outputs)?,
+        timeout: queue_timeout(request.parameters.get("timeout").map(param_text).as_deref())?,
+    })
+}
+
+/// The answer on the wire: the outputs asked for, rendered with the config
+/// of the model that computed them.
+fn infer_response(
+    id: String,
+    response: PipelineResponse,
+    requested: &[RequestedOutput],
+) -> Result<ipb::ModelInferResponse, Error> {
+    let outputs = oip::select_outputs(
+        &response.model,
+        &response.config,
+        response.outputs,
+        requested,
+    )?;
     let mut raw = Vec::with_capacity(outputs.len());
     let described = outputs
         .into_iter()
@@ -232,7 +265,7 @@ async fn infer_one(
     Ok(ipb::ModelInferResponse {
         model_name: response.model,
         model_version: response.version,
-        id: request.id,
+        id,
         parameters: HashMap::new(),
         outputs: described,
         raw_output_contents: raw,
@@ -357,6 +390,18 @@ pub(crate) fn model_config_pb(view: &oip::ModelConfigView) -> ipb::ModelConfig {
             ..Default::default()
         }],
         default_model_filename: view.default_model_filename.to_owned(),
+        parameters: view
+            .parameters
+            .iter()
+            .map(|(key, value)| {
+                (
+                    key.clone(),
+                    ipb::ModelParameter {
+                        string_value: value.clone(),
+                    },
+                )
+            })
+            .collect(),
         ..Default::default()
     }
 }

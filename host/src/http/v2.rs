@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use super::HttpState;
 use crate::error::Error;
 use crate::oip::{self, RequestedOutput};
-use crate::pipeline::{PipelineRequest, queue_timeout};
+use crate::pipeline::{PipelineRequest, PipelineResponse, queue_timeout};
 use crate::tensor::Tensor;
 
 /// The binary tensor data extension's header: the JSON's length in the body.
@@ -555,45 +555,77 @@ pub async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, state.max_body_bytes).await?;
-    let request = decode_request(&headers, body)?;
-    let timeout = queue_timeout(
-        request
-            .parameters
-            .iter()
-            .find(|(key, _)| key == "timeout")
-            .map(|(_, value)| value.as_str()),
-    )?;
-    let mut metadata = header_metadata(&headers);
-    metadata.extend(request.parameters);
-    let response = state
-        .pipeline
-        .infer(PipelineRequest {
-            id: request.id.clone().unwrap_or_default(),
-            model: model_param(&params).to_owned(),
-            version: version_param(&params).map(str::to_owned),
-            inputs: request.inputs,
-            metadata,
-            timeout,
-        })
-        .await?;
-    let outputs = match state.pipeline.registry().serving(&response.model) {
-        Some(model) => oip::select_outputs(
-            &model.name,
-            &model.config,
-            response.outputs,
-            &request.outputs,
-        )?,
-        None => response.outputs,
+    let model = model_param(&params);
+    let version = version_param(&params);
+    // Every refusal of a request to a model counts against the model.
+    let body = match read_body(body, state.max_body_bytes).await {
+        Ok(body) => body,
+        Err(ApiError(code, message)) => {
+            let err = state
+                .pipeline
+                .reject(model, version, Error::InvalidArgument(message));
+            return Err(ApiError(code, err.to_string()));
+        }
     };
+    let (request, timeout) = decode_request(&headers, body)
+        .and_then(|request| {
+            let timeout = queue_timeout(
+                request
+                    .parameters
+                    .iter()
+                    .find(|(key, _)| key == "timeout")
+                    .map(|(_, value)| value.as_str()),
+            )?;
+            Ok((request, timeout))
+        })
+        .map_err(|err| state.pipeline.reject(model, version, err))?;
+    let RestRequest {
+        id,
+        inputs,
+        outputs,
+        binary_output_default,
+        parameters,
+    } = request;
+    let mut metadata = header_metadata(&headers);
+    metadata.extend(parameters);
+    let answer = state
+        .pipeline
+        .infer_then(
+            PipelineRequest {
+                id: id.clone().unwrap_or_default(),
+                model: model.to_owned(),
+                version: version.map(str::to_owned),
+                inputs,
+                metadata,
+                timeout,
+            },
+            |response| infer_response(id, response, &outputs, binary_output_default),
+        )
+        .await?;
+    Ok(answer)
+}
+
+/// The answer on the wire: JSON, then the outputs sent as binary data, each
+/// output rendered with the config of the model that computed it.
+fn infer_response(
+    id: Option<String>,
+    response: PipelineResponse,
+    requested: &[RequestedOutput],
+    binary_output_default: bool,
+) -> Result<Response, Error> {
+    let outputs = oip::select_outputs(
+        &response.model,
+        &response.config,
+        response.outputs,
+        requested,
+    )?;
     let mut binary: Vec<Bytes> = Vec::new();
     let mut rendered = Vec::with_capacity(outputs.len());
     for (idx, tensor) in outputs.into_iter().enumerate() {
-        let as_binary = request
-            .outputs
+        let as_binary = requested
             .get(idx)
             .and_then(|o| o.binary)
-            .unwrap_or(request.binary_output_default);
+            .unwrap_or(binary_output_default);
         let mut output = json!({
             "name": tensor.name(),
             "datatype": oip::datatype_name(tensor.dtype()),
@@ -612,11 +644,10 @@ pub async fn infer(
         "model_version": response.version,
         "outputs": rendered,
     });
-    if let Some(id) = request.id {
+    if let Some(id) = id {
         answer["id"] = Value::String(id);
     }
-    let text = serde_json::to_vec(&answer)
-        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+    let text = serde_json::to_vec(&answer).map_err(|err| Error::Internal(err.to_string()))?;
     if binary.is_empty() {
         return Ok((
             [(

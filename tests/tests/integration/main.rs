@@ -2,6 +2,7 @@
 //! clients, real TorchScript models.
 
 mod batching;
+mod edges;
 mod errors;
 mod lifecycle;
 mod nonblocking;
