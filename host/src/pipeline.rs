@@ -442,3 +442,37 @@ async fn feed_metrics(plugins: Arc<PluginHost>, mut rx: mpsc::Receiver<wit::Requ
         .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_the_model_once() {
+        let check = |err: Error, want: &str| assert_eq!(name_model("m", err).to_string(), want);
+        check(
+            Error::InvalidArgument("tensor 'x': dtype is not set".into()),
+            "model 'm': tensor 'x': dtype is not set",
+        );
+        check(
+            Error::InvalidArgument("model 'm': input 'x' is given twice".into()),
+            "model 'm': input 'x' is given twice",
+        );
+        check(
+            Error::ResourceExhausted("model 'm:1': queue is full".into()),
+            "model 'm:1': queue is full",
+        );
+        check(
+            Error::Internal("the body ended early".into()),
+            "internal error: model 'm': the body ended early",
+        );
+        check(
+            Error::ModelNotFound { model: "m".into() },
+            "model 'm' is not in the model repository",
+        );
+        assert_eq!(
+            name_model("", Error::InvalidArgument("tensor 'x': bad".into())).to_string(),
+            "tensor 'x': bad"
+        );
+    }
+}

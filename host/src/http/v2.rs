@@ -752,3 +752,111 @@ pub async fn repository_unload(
 pub async fn not_found() -> ApiError {
     ApiError(StatusCode::NOT_FOUND, "no such endpoint".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes `json` followed by `binary` (with the length header when
+    /// there is binary data): the decoded inputs' names and byte lengths, or
+    /// the error message.
+    fn check(json: Value, binary: &[u8], expect: Result<&[(&str, usize)], &str>) {
+        let text = json.to_string();
+        let mut headers = HeaderMap::new();
+        if !binary.is_empty() {
+            headers.insert(HEADER_LENGTH, HeaderValue::from(text.len()));
+        }
+        let mut body = text.into_bytes();
+        body.extend_from_slice(binary);
+        let got = decode_request(&headers, Bytes::from(body)).map(|request| {
+            request
+                .inputs
+                .iter()
+                .map(|t| (t.name().to_owned(), t.data().len()))
+                .collect::<Vec<_>>()
+        });
+        match (got, expect) {
+            (Ok(inputs), Ok(want)) => {
+                let want: Vec<(String, usize)> = want
+                    .iter()
+                    .map(|(n, len)| ((*n).to_owned(), *len))
+                    .collect();
+                assert_eq!(inputs, want);
+            }
+            (Err(err), Err(want)) => assert_eq!(err.to_string(), want),
+            (got, want) => panic!("got {got:?}, expected {want:?}"),
+        }
+    }
+
+    fn binary_input(name: &str, shape: &[i64], size: usize) -> Value {
+        json!({"name": name, "datatype": "FP32", "shape": shape,
+               "parameters": {"binary_data_size": size}})
+    }
+
+    #[test]
+    fn binary_parts_are_claimed_in_order_exactly_once() {
+        check(
+            json!({"inputs": [binary_input("a", &[2], 8), binary_input("b", &[1], 4)]}),
+            &[0; 12],
+            Ok(&[("a", 8), ("b", 4)]),
+        );
+        check(
+            json!({"inputs": [binary_input("a", &[2], 8)]}),
+            &[0; 12],
+            Err(
+                "4 bytes of binary data after the JSON are not claimed by any input's binary_data_size",
+            ),
+        );
+        check(
+            json!({"inputs": [binary_input("a", &[2], 8), binary_input("b", &[2], 8)]}),
+            &[0; 12],
+            Err("input 'b': binary_data_size is 8 but only 4 bytes of binary data remain"),
+        );
+        check(
+            json!({"inputs": [binary_input("a", &[3], 8)]}),
+            &[0; 8],
+            Err("tensor 'a': shape [3] of f32 needs 12 bytes, got 8"),
+        );
+    }
+
+    #[test]
+    fn each_field_is_checked_by_name() {
+        check(json!({}), b"", Err("field 'inputs' is missing"));
+        check(
+            json!({"inputs": null}),
+            b"",
+            Err("field 'inputs' must be an array, got null"),
+        );
+        check(
+            json!({"id": 3, "inputs": []}),
+            b"",
+            Err("field 'id' must be a string, got a number"),
+        );
+        check(
+            json!({"inputs": [{"name": "x", "datatype": "FP32"}]}),
+            b"",
+            Err("input 'x': field 'shape' is missing"),
+        );
+        check(
+            json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}),
+            b"",
+            Err("input 'x': no data (set 'data' or parameter 'binary_data_size')"),
+        );
+        check(
+            json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [0]}]}),
+            b"",
+            Ok(&[("x", 0)]),
+        );
+        check(
+            json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1],
+                               "parameters": {"binary_data_size": 4}}]}),
+            b"",
+            Err("input 'x': both 'data' and parameter 'binary_data_size' are set; use one"),
+        );
+        check(
+            json!({"inputs": [], "outputs": [{"name": "y", "parameters": {"classification": -1}}]}),
+            b"",
+            Err("output 'y': parameter 'classification' must be a non-negative integer, got -1"),
+        );
+    }
+}
