@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::config::ModelConfig;
 use crate::error::Error;
 use crate::plugin::{
     ModelChoice, PluginHost, RequestEvent, RequestStatus, RequestView, Stage, StageTimings, kind,
 };
-use crate::registry::{InferResponse, ReadyModel, Registry, RequestRecord};
+use crate::registry::{ReadyModel, Registry, RequestRecord};
 use crate::tensor::Tensor;
 
 const EVENT_QUEUE: usize = 8192;
@@ -41,6 +42,17 @@ pub struct PipelineRequest {
     pub metadata: Vec<(String, String)>,
     /// The longest the request may wait in the model's queue.
     pub timeout: Option<Duration>,
+}
+
+/// What a request got: the outputs, with the model, version and config
+/// that computed them. The config is the one the request ran on; a reload
+/// may have replaced the registry's since, so the edges render from this.
+#[derive(Debug, Clone)]
+pub struct PipelineResponse {
+    pub model: String,
+    pub version: String,
+    pub config: Arc<ModelConfig>,
+    pub outputs: Vec<Tensor>,
 }
 
 /// The `timeout` request parameter, as Triton reads it: microseconds the
@@ -72,6 +84,37 @@ struct Inner {
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline").finish_non_exhaustive()
+    }
+}
+
+/// `err` with the model named, for errors raised before anything knew the
+/// model (a tensor that did not decode, say). Errors that name it already
+/// are left alone.
+fn name_model(model: &str, err: Error) -> Error {
+    let named = |message: String| {
+        if model.is_empty()
+            || message.contains(&format!("model '{model}'"))
+            || message.contains(&format!("model '{model}:"))
+        {
+            message
+        } else {
+            format!("model '{model}': {message}")
+        }
+    };
+    match err {
+        Error::InvalidArgument(m) => Error::InvalidArgument(named(m)),
+        Error::FailedPrecondition(m) => Error::FailedPrecondition(named(m)),
+        Error::ResourceExhausted(m) => Error::ResourceExhausted(named(m)),
+        Error::Unavailable(m) => Error::Unavailable(named(m)),
+        Error::DeadlineExceeded(m) => Error::DeadlineExceeded(named(m)),
+        Error::LoadFailed(m) => Error::LoadFailed(named(m)),
+        Error::NotFound(m) => Error::NotFound(named(m)),
+        Error::Internal(m) => Error::Internal(named(m)),
+        named_already @ (Error::ModelNotFound { .. }
+        | Error::VersionNotFound { .. }
+        | Error::ModelNotReady { .. }
+        | Error::AlreadyExists { .. }
+        | Error::Cancelled) => named_already,
     }
 }
 
@@ -118,9 +161,22 @@ impl Pipeline {
         self.inner.dropped_events.load(Ordering::Relaxed)
     }
 
-    pub async fn infer(&self, request: PipelineRequest) -> Result<InferResponse, Error> {
+    /// Runs one request through the router, the model's chains and the model.
+    pub async fn infer(&self, request: PipelineRequest) -> Result<PipelineResponse, Error> {
+        self.infer_then(request, Ok).await
+    }
+
+    /// [`Pipeline::infer`], then `answer` (the edge rendering the response
+    /// for its wire) as part of the same request: a request counts as
+    /// failed, in the model's counts and its statistics, if `answer` fails.
+    pub async fn infer_then<T>(
+        &self,
+        request: PipelineRequest,
+        answer: impl FnOnce(PipelineResponse) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let started = Instant::now();
         let mut timings = Timings::default();
+        let asked = (request.model.clone(), request.version.clone());
         let mut view = RequestView {
             id: request.id,
             model: request.model,
@@ -129,12 +185,26 @@ impl Pipeline {
         };
         let res = self
             .run(&mut view, request.inputs, request.timeout, &mut timings)
-            .await;
+            .await
+            .and_then(|response| {
+                let model = response.model.clone();
+                answer(response).map_err(|err| name_model(&model, err))
+            });
         let total = started.elapsed();
-        if let Some(model) = timings.model.take() {
-            let version = timings.version.as_deref().or(view.version.as_deref());
+        // A request that failed before reaching a model (the router failed,
+        // say) is a failure of the model the client asked for.
+        let reached = match timings.model.take() {
+            Some(model) => Some((model, timings.version.clone().or(view.version.clone()))),
+            None if res.is_err() => self
+                .inner
+                .registry
+                .serving(&asked.0)
+                .map(|model| (model, asked.1.clone())),
+            None => None,
+        };
+        if let Some((model, version)) = reached {
             model.record(
-                version,
+                version.as_deref(),
                 &RequestRecord {
                     ok: res.is_ok(),
                     executed: timings.executed,
@@ -153,7 +223,7 @@ impl Pipeline {
             Ok(_) => RequestStatus::Ok,
             Err(err) => RequestStatus::of_error(err),
         };
-        let event = RequestEvent {
+        self.send_event(RequestEvent {
             model: view.model.clone(),
             version: timings.version.take().or(view.version.clone()),
             status,
@@ -165,11 +235,43 @@ impl Pipeline {
                 total,
             },
             batch_size: timings.batch_size,
-        };
+        });
+        res
+    }
+
+    /// Refuses a request to `model` (at `version`) before it reaches the
+    /// pipeline, because the edge could not decode it: the refusal counts as
+    /// a failed request of the model if it is loaded, exactly as a failure
+    /// inside the pipeline does, and the message names the model.
+    pub fn reject(&self, model: &str, version: Option<&str>, err: Error) -> Error {
+        let err = name_model(model, err);
+        if model.is_empty() {
+            return err;
+        }
+        if let Some(ready) = self.inner.registry.serving(model) {
+            // Not ok, nothing ran: a failure and nothing else.
+            ready.record(version, &RequestRecord::default());
+        }
+        self.send_event(RequestEvent {
+            model: model.to_owned(),
+            version: version.map(str::to_owned),
+            status: RequestStatus::of_error(&err),
+            timings: StageTimings {
+                queue: Duration::ZERO,
+                preprocess: Duration::ZERO,
+                compute: Duration::ZERO,
+                postprocess: Duration::ZERO,
+                total: Duration::ZERO,
+            },
+            batch_size: 0,
+        });
+        err
+    }
+
+    fn send_event(&self, event: RequestEvent) {
         if self.inner.events.try_send(event).is_err() {
             self.inner.dropped_events.fetch_add(1, Ordering::Relaxed);
         }
-        res
     }
 
     async fn run(
@@ -178,7 +280,7 @@ impl Pipeline {
         inputs: Vec<Tensor>,
         timeout: Option<Duration>,
         timings: &mut Timings,
-    ) -> Result<InferResponse, Error> {
+    ) -> Result<PipelineResponse, Error> {
         if let Some(router) = self.inner.plugins.router() {
             let candidates: Vec<ModelChoice> = self
                 .inner
@@ -218,9 +320,10 @@ impl Pipeline {
         let outputs = self.chain(&model, Stage::Post, view, outputs);
         view.version = request_version;
         timings.post = t.elapsed();
-        Ok(InferResponse {
+        Ok(PipelineResponse {
             model: model.name.clone(),
             version,
+            config: Arc::clone(&model.config),
             outputs: outputs?,
         })
     }
@@ -456,9 +559,38 @@ v1 success=0 fail=1",
             None,
             "
 err model 'needs-plugin': preprocess plugin 'absent' is not loaded (no absent.wasm in the plugin directory)
-counts ok=0 failed=0
+counts ok=0 failed=1
 v1 success=0 fail=1",
         )
         .await;
+    }
+
+    #[test]
+    fn refusals_name_the_model_once() {
+        let check = |err: Error, want: &str| assert_eq!(name_model("m", err).to_string(), want);
+        check(
+            Error::InvalidArgument("tensor 'x': dtype is not set".into()),
+            "model 'm': tensor 'x': dtype is not set",
+        );
+        check(
+            Error::InvalidArgument("model 'm': input 'x' is given twice".into()),
+            "model 'm': input 'x' is given twice",
+        );
+        check(
+            Error::ResourceExhausted("model 'm:1': queue is full".into()),
+            "model 'm:1': queue is full",
+        );
+        check(
+            Error::Internal("the body ended early".into()),
+            "internal error: model 'm': the body ended early",
+        );
+        check(
+            Error::ModelNotFound { model: "m".into() },
+            "model 'm' is not in the model repository",
+        );
+        assert_eq!(
+            name_model("", Error::InvalidArgument("tensor 'x': bad".into())).to_string(),
+            "tensor 'x': bad"
+        );
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 use crate::config::ModelRepository;
-use crate::grpc::{self, ComputeApi, ModelApi, pb};
+use crate::grpc;
 use crate::health::Health;
 use crate::pipeline::Pipeline;
 use crate::plugin::{PluginHost, PluginWatcher};
@@ -202,39 +202,17 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let http_addr = http_listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let limit = config.max_message_bytes;
+    let (grpc_routes, health_reporter) = grpc::routes(grpc::GrpcState {
+        pipeline: pipeline.clone(),
+        health: Arc::clone(&health),
+        info: HostInfo::current(),
+        shutdown: shutdown.clone(),
+        max_message_bytes: limit,
+    })?;
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(grpc::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let info = HostInfo::current();
-    let limit = config.max_message_bytes;
-    let compute = pb::compute_service_server::ComputeServiceServer::new(ComputeApi::new(
-        pipeline.clone(),
-        info,
-        shutdown.clone(),
-    ))
-    .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit);
-    let models = pb::model_service_server::ModelServiceServer::new(ModelApi::new(
-        registry.clone(),
-        shutdown.clone(),
-    ))
-    .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit);
-
-    let inference = grpc::ipb::grpc_inference_service_server::GrpcInferenceServiceServer::new(
-        grpc::InferenceApi::new(pipeline.clone(), Arc::clone(&health), shutdown.clone()),
-    )
-    .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit);
-
-    let plugin_api = pb::plugin_service_server::PluginServiceServer::new(grpc::PluginApi::new(
-        Arc::clone(&plugins),
-    ));
 
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
@@ -244,12 +222,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         let incoming =
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let res = tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(compute)
-            .add_service(models)
-            .add_service(plugin_api)
-            .add_service(inference)
+            .add_routes(grpc_routes)
             .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned())
             .await;
         if let Err(err) = res {

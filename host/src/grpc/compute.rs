@@ -59,14 +59,19 @@ async fn compute_one(
     if request.model.is_empty() {
         return Err(Error::InvalidArgument("field 'model' is empty".into()));
     }
-    let inputs = request
+    let version = (!request.version.is_empty()).then_some(request.version);
+    let decoded = request
         .inputs
         .into_iter()
         .map(tensor_from_pb)
-        .collect::<Result<Vec<_>, _>>()?;
-    let version = (!request.version.is_empty()).then_some(request.version);
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|inputs| {
+            let timeout = queue_timeout(request.parameters.get("timeout").map(String::as_str))?;
+            Ok((inputs, timeout))
+        });
+    let (inputs, timeout) =
+        decoded.map_err(|err| pipeline.reject(&request.model, version.as_deref(), err))?;
     let metadata = request_metadata(headers, &request.parameters);
-    let timeout = queue_timeout(request.parameters.get("timeout").map(String::as_str))?;
     let response = pipeline
         .infer(PipelineRequest {
             id: request.id.clone(),

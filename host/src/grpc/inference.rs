@@ -10,11 +10,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::ipb::{self, grpc_inference_service_server::GrpcInferenceService};
 use super::status;
-use crate::config::{DeviceSpec, ModelConfig, VersionPolicy};
 use crate::error::Error;
 use crate::health::Health;
 use crate::oip::{self, Elements, RequestedOutput};
-use crate::pipeline::{Pipeline, PipelineRequest, queue_timeout};
+use crate::pipeline::{Pipeline, PipelineRequest, PipelineResponse, queue_timeout};
 use crate::tensor::Tensor;
 
 #[derive(Clone)]
@@ -196,24 +195,59 @@ async fn infer_one(
     if request.model_name.is_empty() {
         return Err(Error::InvalidArgument("field 'model_name' is empty".into()));
     }
-    let inputs = decode_inputs(&mut request)?;
-    let requested = requested_outputs(&request.outputs)?;
     let version = (!request.model_version.is_empty()).then(|| request.model_version.clone());
-    let timeout = queue_timeout(request.parameters.get("timeout").map(param_text).as_deref())?;
-    let response = pipeline
-        .infer(PipelineRequest {
-            id: request.id.clone(),
-            model: request.model_name,
-            version,
-            inputs,
-            metadata: metadata(headers, &request.parameters),
-            timeout,
-        })
-        .await?;
-    let outputs = match pipeline.registry().serving(&response.model) {
-        Some(model) => oip::select_outputs(&model, response.outputs, &requested)?,
-        None => response.outputs,
-    };
+    let Decoded {
+        inputs,
+        requested,
+        timeout,
+    } = decode_request(&mut request)
+        .map_err(|err| pipeline.reject(&request.model_name, version.as_deref(), err))?;
+    let id = request.id.clone();
+    let metadata = metadata(headers, &request.parameters);
+    pipeline
+        .infer_then(
+            PipelineRequest {
+                id: request.id,
+                model: request.model_name,
+                version,
+                inputs,
+                metadata,
+                timeout,
+            },
+            |response| infer_response(id, response, &requested),
+        )
+        .await
+}
+
+/// A request as the pipeline takes it.
+struct Decoded {
+    inputs: Vec<Tensor>,
+    requested: Vec<RequestedOutput>,
+    timeout: Option<std::time::Duration>,
+}
+
+/// The inputs, the outputs asked for and the queue timeout of a request.
+fn decode_request(request: &mut ipb::ModelInferRequest) -> Result<Decoded, Error> {
+    Ok(Decoded {
+        inputs: decode_inputs(request)?,
+        requested: requested_outputs(&request.outputs)?,
+        timeout: queue_timeout(request.parameters.get("timeout").map(param_text).as_deref())?,
+    })
+}
+
+/// The answer on the wire: the outputs asked for, rendered with the config
+/// of the model that computed them.
+fn infer_response(
+    id: String,
+    response: PipelineResponse,
+    requested: &[RequestedOutput],
+) -> Result<ipb::ModelInferResponse, Error> {
+    let outputs = oip::select_outputs(
+        &response.model,
+        &response.config,
+        response.outputs,
+        requested,
+    )?;
     let mut raw = Vec::with_capacity(outputs.len());
     let described = outputs
         .into_iter()
@@ -232,15 +266,18 @@ async fn infer_one(
     Ok(ipb::ModelInferResponse {
         model_name: response.model,
         model_version: response.version,
-        id: request.id,
+        id,
         parameters: HashMap::new(),
         outputs: described,
         raw_output_contents: raw,
     })
 }
 
-fn duration((count, ns): oip::Duration) -> Option<ipb::StatisticDuration> {
-    Some(ipb::StatisticDuration { count, ns })
+fn duration(d: oip::StatDuration) -> Option<ipb::StatisticDuration> {
+    Some(ipb::StatisticDuration {
+        count: d.count,
+        ns: d.ns,
+    })
 }
 
 fn statistics_pb(s: oip::VersionStatistics) -> ipb::ModelStatistics {
@@ -257,8 +294,8 @@ fn statistics_pb(s: oip::VersionStatistics) -> ipb::ModelStatistics {
             compute_input: duration(s.compute_input),
             compute_infer: duration(s.compute_infer),
             compute_output: duration(s.compute_output),
-            cache_hit: duration((0, 0)),
-            cache_miss: duration((0, 0)),
+            cache_hit: duration(oip::StatDuration::default()),
+            cache_miss: duration(oip::StatDuration::default()),
         }),
         batch_stats: s
             .batches
@@ -298,61 +335,74 @@ fn config_dtype(dtype: crate::tensor::DType) -> i32 {
     }) as i32
 }
 
-/// The model's config.toml in Triton's configuration schema.
-pub(crate) fn model_config_pb(name: &str, config: &ModelConfig) -> ipb::ModelConfig {
+/// The model configuration view in Triton's configuration schema.
+pub(crate) fn model_config_pb(view: &oip::ModelConfigView) -> ipb::ModelConfig {
     use ipb::model_version_policy::{All, Latest, PolicyChoice, Specific};
-    let policy = match &config.version_policy {
-        VersionPolicy::Latest(n) => PolicyChoice::Latest(Latest {
-            num_versions: u32::try_from(*n).unwrap_or(u32::MAX),
+    let policy = match &view.version_policy {
+        oip::VersionPolicyView::Latest { num_versions } => PolicyChoice::Latest(Latest {
+            num_versions: u32::try_from(*num_versions).unwrap_or(u32::MAX),
         }),
-        VersionPolicy::All => PolicyChoice::All(All {}),
-        VersionPolicy::Specific(labels) => PolicyChoice::Specific(Specific {
-            versions: labels.iter().filter_map(|l| l.parse().ok()).collect(),
+        oip::VersionPolicyView::All => PolicyChoice::All(All {}),
+        oip::VersionPolicyView::Specific { .. } => PolicyChoice::Specific(Specific {
+            versions: view.version_policy.integer_versions(),
         }),
     };
-    let (kind, gpus) = match config.device {
-        DeviceSpec::Cpu => (ipb::model_instance_group::Kind::Cpu, Vec::new()),
-        DeviceSpec::Cuda(idx) => (
-            ipb::model_instance_group::Kind::Gpu,
-            vec![i32::try_from(idx).unwrap_or(i32::MAX)],
-        ),
+    let kind = match view.instance_group.kind {
+        oip::InstanceKind::Cpu => ipb::model_instance_group::Kind::Cpu,
+        oip::InstanceKind::Gpu => ipb::model_instance_group::Kind::Gpu,
     };
+    let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+    let tensor = |t: &oip::ConfigTensor| (t.name.clone(), config_dtype(t.dtype), t.dims.clone());
     ipb::ModelConfig {
-        name: name.to_owned(),
-        platform: oip::PLATFORM.to_owned(),
-        backend: oip::BACKEND.to_owned(),
+        name: view.name.clone(),
+        platform: view.platform.to_owned(),
+        backend: view.backend.to_owned(),
         version_policy: Some(ipb::ModelVersionPolicy {
             policy_choice: Some(policy),
         }),
-        max_batch_size: i32::try_from(config.max_batch_size).unwrap_or(i32::MAX),
-        input: config
+        max_batch_size: count(view.max_batch_size),
+        input: view
             .inputs
             .iter()
-            .map(|spec| ipb::ModelInput {
-                name: spec.name.clone(),
-                data_type: config_dtype(spec.dtype),
-                dims: spec.shape.clone(),
+            .map(tensor)
+            .map(|(name, data_type, dims)| ipb::ModelInput {
+                name,
+                data_type,
+                dims,
                 ..Default::default()
             })
             .collect(),
-        output: config
+        output: view
             .outputs
             .iter()
-            .map(|spec| ipb::ModelOutput {
-                name: spec.name.clone(),
-                data_type: config_dtype(spec.dtype),
-                dims: spec.shape.clone(),
+            .map(tensor)
+            .map(|(name, data_type, dims)| ipb::ModelOutput {
+                name,
+                data_type,
+                dims,
                 ..Default::default()
             })
             .collect(),
         instance_group: vec![ipb::ModelInstanceGroup {
-            name: format!("{name}_0"),
+            name: view.instance_group.name.clone(),
             kind: kind as i32,
-            count: i32::try_from(config.instances).unwrap_or(i32::MAX),
-            gpus,
+            count: count(view.instance_group.count),
+            gpus: view.instance_group.gpus.iter().map(|g| count(*g)).collect(),
             ..Default::default()
         }],
-        default_model_filename: crate::config::MODEL_FILE.to_owned(),
+        default_model_filename: view.default_model_filename.to_owned(),
+        parameters: view
+            .parameters
+            .iter()
+            .map(|(key, value)| {
+                (
+                    key.clone(),
+                    ipb::ModelParameter {
+                        string_value: value.clone(),
+                    },
+                )
+            })
+            .collect(),
         ..Default::default()
     }
 }
@@ -494,7 +544,10 @@ impl GrpcInferenceService for InferenceApi {
         )
         .map_err(status)?;
         Ok(Response::new(ipb::ModelConfigResponse {
-            config: Some(model_config_pb(&model.name, &model.config)),
+            config: Some(model_config_pb(&oip::model_config(
+                &model.name,
+                &model.config,
+            ))),
         }))
     }
 

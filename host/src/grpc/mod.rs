@@ -9,11 +9,14 @@ mod plugins;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tonic::{Code, Status, Streaming};
+use tonic_health::server::HealthReporter;
 
 pub use compute::ComputeApi;
 pub use inference::InferenceApi;
@@ -21,8 +24,68 @@ pub use models::ModelApi;
 pub use plugins::PluginApi;
 
 use crate::error::Error;
+use crate::health::Health;
+use crate::pipeline::Pipeline;
 use crate::registry::{ModelState, ModelStatus};
+use crate::server::HostInfo;
 use crate::tensor::{DType, Tensor, TensorSpec};
+
+/// What the gRPC services share.
+#[derive(Clone)]
+pub struct GrpcState {
+    pub pipeline: Pipeline,
+    /// The cached readiness verdict.
+    pub health: Arc<Health>,
+    pub info: HostInfo,
+    /// Cancelled at shutdown: the stream RPCs end.
+    pub shutdown: CancellationToken,
+    /// Largest message accepted or sent (the same limit as HTTP bodies).
+    pub max_message_bytes: usize,
+}
+
+/// Every gRPC service on the gRPC port: `plinth.v1` (compute, models,
+/// plugins), the Open Inference Protocol, `grpc.health.v1` and server
+/// reflection. The health service starts NOT_SERVING; the returned reporter
+/// is how the health monitor changes that.
+pub fn routes(state: GrpcState) -> Result<(Routes, HealthReporter), Error> {
+    let limit = state.max_message_bytes;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|err| Error::Internal(format!("gRPC reflection: {err}")))?;
+    let compute = pb::compute_service_server::ComputeServiceServer::new(ComputeApi::new(
+        state.pipeline.clone(),
+        state.info,
+        state.shutdown.clone(),
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let models = pb::model_service_server::ModelServiceServer::new(ModelApi::new(
+        state.pipeline.registry().clone(),
+        state.shutdown.clone(),
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let plugins = pb::plugin_service_server::PluginServiceServer::new(PluginApi::new(Arc::clone(
+        state.pipeline.plugins(),
+    )))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let inference = ipb::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+        InferenceApi::new(state.pipeline, state.health, state.shutdown),
+    )
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let routes = Routes::new(health)
+        .add_service(reflection)
+        .add_service(compute)
+        .add_service(models)
+        .add_service(plugins)
+        .add_service(inference);
+    Ok((routes, reporter))
+}
 
 /// How many messages of one stream may be in the pipeline at once.
 const STREAM_WINDOW: usize = 16;

@@ -14,10 +14,9 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::HttpState;
-use crate::config::{DeviceSpec, ModelConfig, VersionPolicy};
 use crate::error::Error;
 use crate::oip::{self, RequestedOutput};
-use crate::pipeline::{PipelineRequest, queue_timeout};
+use crate::pipeline::{PipelineRequest, PipelineResponse, queue_timeout};
 use crate::tensor::Tensor;
 
 /// The binary tensor data extension's header: the JSON's length in the body.
@@ -58,8 +57,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, message.into())
+fn invalid(message: impl Into<String>) -> Error {
+    Error::InvalidArgument(message.into())
 }
 
 type Params = Path<HashMap<String, String>>;
@@ -124,44 +123,45 @@ pub async fn model_ready(
     Ok((code, Json(json!({"name": name, "ready": ready}))))
 }
 
-/// The model's config.toml in Triton's configuration schema, as JSON.
-pub fn config_json(name: &str, config: &ModelConfig) -> Value {
-    let tensors = |specs: &[crate::tensor::TensorSpec]| {
+/// The model configuration view in Triton's JSON configuration schema.
+pub fn config_json(view: &oip::ModelConfigView) -> Value {
+    let tensors = |specs: &[oip::ConfigTensor]| {
         specs
             .iter()
-            .map(|s| {
-                json!({
-                    "name": s.name,
-                    "data_type": oip::config_datatype_name(s.dtype),
-                    "dims": s.shape,
-                })
-            })
+            .map(|s| json!({"name": s.name, "data_type": s.data_type, "dims": s.dims}))
             .collect::<Vec<_>>()
     };
-    let policy = match &config.version_policy {
-        VersionPolicy::Latest(n) => json!({"latest": {"num_versions": n}}),
-        VersionPolicy::All => json!({"all": {}}),
-        VersionPolicy::Specific(labels) => json!({"specific": {"versions": labels}}),
+    let policy = match &view.version_policy {
+        oip::VersionPolicyView::Latest { num_versions } => {
+            json!({"latest": {"num_versions": num_versions}})
+        }
+        oip::VersionPolicyView::All => json!({"all": {}}),
+        oip::VersionPolicyView::Specific { labels } => {
+            json!({"specific": {"versions": labels}})
+        }
     };
-    let (kind, gpus) = match config.device {
-        DeviceSpec::Cpu => ("KIND_CPU", Vec::new()),
-        DeviceSpec::Cuda(idx) => ("KIND_GPU", vec![idx]),
-    };
+    let group = &view.instance_group;
+    let parameters: Map<String, Value> = view
+        .parameters
+        .iter()
+        .map(|(key, value)| (key.clone(), json!({"string_value": value})))
+        .collect();
     json!({
-        "name": name,
-        "platform": oip::PLATFORM,
-        "backend": oip::BACKEND,
+        "name": view.name,
+        "platform": view.platform,
+        "backend": view.backend,
         "version_policy": policy,
-        "max_batch_size": config.max_batch_size,
-        "input": tensors(&config.inputs),
-        "output": tensors(&config.outputs),
+        "max_batch_size": view.max_batch_size,
+        "input": tensors(&view.inputs),
+        "output": tensors(&view.outputs),
         "instance_group": [{
-            "name": format!("{name}_0"),
-            "kind": kind,
-            "count": config.instances,
-            "gpus": gpus,
+            "name": group.name,
+            "kind": group.kind.name(),
+            "count": group.count,
+            "gpus": group.gpus,
         }],
-        "default_model_filename": crate::config::MODEL_FILE,
+        "default_model_filename": view.default_model_filename,
+        "parameters": parameters,
     })
 }
 
@@ -174,11 +174,14 @@ pub async fn model_config(
         model_param(&params),
         version_param(&params),
     )?;
-    Ok(Json(config_json(&model.name, &model.config)))
+    Ok(Json(config_json(&oip::model_config(
+        &model.name,
+        &model.config,
+    ))))
 }
 
-fn duration_json((count, ns): oip::Duration) -> Value {
-    json!({"count": count, "ns": ns})
+fn duration_json(d: oip::StatDuration) -> Value {
+    json!({"count": d.count, "ns": d.ns})
 }
 
 pub async fn all_statistics(State(state): State<HttpState>) -> Result<Json<Value>, ApiError> {
@@ -214,8 +217,8 @@ fn statistics_json(
                     "compute_input": duration_json(s.compute_input),
                     "compute_infer": duration_json(s.compute_infer),
                     "compute_output": duration_json(s.compute_output),
-                    "cache_hit": duration_json((0, 0)),
-                    "cache_miss": duration_json((0, 0)),
+                    "cache_hit": duration_json(oip::StatDuration::default()),
+                    "cache_miss": duration_json(oip::StatDuration::default()),
                 },
                 "batch_stats": s.batches.into_iter().map(|(size, [input, infer, output])| json!({
                     "batch_size": size,
@@ -243,12 +246,12 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
                 format!("request body is larger than the limit of {limit} bytes"),
             )
         } else {
-            invalid(format!("reading the request body: {err}"))
+            invalid(format!("reading the request body: {err}")).into()
         }
     })
 }
 
-fn parse_json_object(text: &[u8], what: &str) -> Result<Map<String, Value>, ApiError> {
+fn parse_json_object(text: &[u8], what: &str) -> Result<Map<String, Value>, Error> {
     match serde_json::from_slice::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(invalid(format!(
@@ -282,7 +285,7 @@ fn object_field<'a>(
     object: &'a Map<String, Value>,
     field: &str,
     owner: &str,
-) -> Result<Option<&'a Map<String, Value>>, ApiError> {
+) -> Result<Option<&'a Map<String, Value>>, Error> {
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(map)) => Ok(Some(map)),
@@ -297,7 +300,7 @@ fn string_field<'a>(
     object: &'a Map<String, Value>,
     field: &str,
     owner: &str,
-) -> Result<&'a str, ApiError> {
+) -> Result<&'a str, Error> {
     match object.get(field) {
         Some(Value::String(s)) => Ok(s),
         None => Err(invalid(format!("{owner}: field '{field}' is missing"))),
@@ -312,7 +315,7 @@ fn bool_param(
     params: Option<&Map<String, Value>>,
     key: &str,
     owner: &str,
-) -> Result<Option<bool>, ApiError> {
+) -> Result<Option<bool>, Error> {
     match params.and_then(|p| p.get(key)) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -326,7 +329,7 @@ fn count_param(
     params: Option<&Map<String, Value>>,
     key: &str,
     owner: &str,
-) -> Result<Option<u64>, ApiError> {
+) -> Result<Option<u64>, Error> {
     match params.and_then(|p| p.get(key)) {
         None | Some(Value::Null) => Ok(None),
         Some(value) => value.as_u64().map(Some).ok_or_else(|| {
@@ -346,10 +349,27 @@ struct RestRequest {
     parameters: Vec<(String, String)>,
 }
 
-/// Splits the body into JSON and binary parts and decodes the inputs. Every
-/// binary part is claimed by exactly one input, in order, and checked
-/// against that input's declared shape and datatype.
-fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<RestRequest, ApiError> {
+/// Decodes an inference request: the JSON object, then its id, parameters,
+/// inputs (claiming the binary parts) and requested outputs.
+fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<RestRequest, Error> {
+    let (request, mut binary) = split_body(headers, body)?;
+    let id = request_id(&request)?;
+    let params = object_field(&request, "parameters", "request")?;
+    let binary_output_default =
+        bool_param(params, "binary_data_output", "request")?.unwrap_or(false);
+    Ok(RestRequest {
+        id,
+        inputs: decode_inputs(&request, &mut binary)?,
+        outputs: requested_outputs(&request)?,
+        binary_output_default,
+        parameters: params.map(parameter_texts).unwrap_or_default(),
+    })
+}
+
+/// Splits the body into the request's JSON object and the binary data after
+/// it (the binary tensor data extension); without the length header the
+/// whole body is JSON.
+fn split_body(headers: &HeaderMap, body: Bytes) -> Result<(Map<String, Value>, Bytes), Error> {
     let json_len = match headers.get(HEADER_LENGTH) {
         None => body.len(),
         Some(value) => {
@@ -372,136 +392,145 @@ fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<RestRequest, ApiEr
         }
     };
     let request = parse_json_object(&body[..json_len], "the inference request")?;
-    let mut binary = body.slice(json_len..);
+    Ok((request, body.slice(json_len..)))
+}
 
-    let id = match request.get("id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => {
-            return Err(invalid(format!(
-                "field 'id' must be a string, got {}",
-                json_kind(other)
-            )));
-        }
-    };
-    let params = object_field(&request, "parameters", "request")?;
-    let binary_output_default =
-        bool_param(params, "binary_data_output", "request")?.unwrap_or(false);
-    let parameters: Vec<(String, String)> = params
-        .map(|p| p.iter().map(|(k, v)| (k.clone(), param_text(v))).collect())
-        .unwrap_or_default();
-
-    let inputs_json = match request.get("inputs") {
-        Some(Value::Array(items)) => items,
-        None => return Err(invalid("field 'inputs' is missing")),
-        Some(other) => {
-            return Err(invalid(format!(
-                "field 'inputs' must be an array, got {}",
-                json_kind(other)
-            )));
-        }
-    };
-    let mut inputs = Vec::with_capacity(inputs_json.len());
-    for (idx, input) in inputs_json.iter().enumerate() {
-        let Value::Object(input) = input else {
-            return Err(invalid(format!("inputs[{idx}] must be an object")));
-        };
-        let owner = format!("inputs[{idx}]");
-        let name = string_field(input, "name", &owner)?;
-        let owner = format!("input '{name}'");
-        let datatype = string_field(input, "datatype", &owner)?;
-        let dtype = oip::parse_datatype(name, datatype)?;
-        let shape: Vec<i64> = match input.get("shape") {
-            Some(Value::Array(dims)) => dims
-                .iter()
-                .map(|d| d.as_i64())
-                .collect::<Option<_>>()
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "{owner}: field 'shape' must be an array of integers"
-                    ))
-                })?,
-            None => return Err(invalid(format!("{owner}: field 'shape' is missing"))),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "{owner}: field 'shape' must be an array, got {}",
-                    json_kind(other)
-                )));
-            }
-        };
-        oip::checked_numel(name, &shape)?;
-        let input_params = object_field(input, "parameters", &owner)?;
-        let binary_size = count_param(input_params, "binary_data_size", &owner)?;
-        let tensor = match (binary_size, input.get("data")) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(format!(
-                    "{owner}: both 'data' and parameter 'binary_data_size' are set; use one"
-                )));
-            }
-            (Some(size), None) => {
-                let size = usize::try_from(size).unwrap_or(usize::MAX);
-                if size > binary.len() {
-                    return Err(invalid(format!(
-                        "{owner}: binary_data_size is {size} but only {} bytes of binary data remain",
-                        binary.len()
-                    )));
-                }
-                let data = binary.split_to(size);
-                Tensor::new(name, dtype, shape, data)?
-            }
-            (None, Some(data)) => oip::json_tensor(name, dtype, shape, data)?,
-            (None, None) => {
-                if oip::checked_numel(name, &shape)? > 0 {
-                    return Err(invalid(format!(
-                        "{owner}: no data (set 'data' or parameter 'binary_data_size')"
-                    )));
-                }
-                Tensor::new(name, dtype, shape, Bytes::new())?
-            }
-        };
-        inputs.push(tensor);
+fn request_id(request: &Map<String, Value>) -> Result<Option<String>, Error> {
+    match request.get("id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(invalid(format!(
+            "field 'id' must be a string, got {}",
+            json_kind(other)
+        ))),
     }
+}
+
+/// The request's parameters as the router and processors see them.
+fn parameter_texts(params: &Map<String, Value>) -> Vec<(String, String)> {
+    params
+        .iter()
+        .map(|(k, v)| (k.clone(), param_text(v)))
+        .collect()
+}
+
+/// An array field; `None` when absent.
+fn array_field<'a>(
+    object: &'a Map<String, Value>,
+    field: &str,
+) -> Result<Option<&'a [Value]>, Error> {
+    match object.get(field) {
+        None => Ok(None),
+        Some(Value::Array(items)) => Ok(Some(items)),
+        Some(other) => Err(invalid(format!(
+            "field '{field}' must be an array, got {}",
+            json_kind(other)
+        ))),
+    }
+}
+
+/// Every input, in order. Each binary part is claimed by exactly one input;
+/// binary data left over afterwards is refused.
+fn decode_inputs(request: &Map<String, Value>, binary: &mut Bytes) -> Result<Vec<Tensor>, Error> {
+    let items =
+        array_field(request, "inputs")?.ok_or_else(|| invalid("field 'inputs' is missing"))?;
+    let inputs = items
+        .iter()
+        .enumerate()
+        .map(|(idx, input)| decode_input(idx, input, binary))
+        .collect::<Result<Vec<_>, _>>()?;
     if !binary.is_empty() {
         return Err(invalid(format!(
             "{} bytes of binary data after the JSON are not claimed by any input's binary_data_size",
             binary.len()
         )));
     }
+    Ok(inputs)
+}
 
-    let outputs = match request.get("outputs") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(idx, output)| {
-                let Value::Object(output) = output else {
-                    return Err(invalid(format!("outputs[{idx}] must be an object")));
-                };
-                let name = string_field(output, "name", &format!("outputs[{idx}]"))?;
-                let owner = format!("output '{name}'");
-                let params = object_field(output, "parameters", &owner)?;
-                let classification = count_param(params, "classification", &owner)?
-                    .map(|k| usize::try_from(k).unwrap_or(usize::MAX));
-                Ok(RequestedOutput {
-                    name: name.to_owned(),
-                    classification,
-                    binary: bool_param(params, "binary_data", &owner)?,
-                })
-            })
-            .collect::<Result<_, _>>()?,
-        Some(other) => {
-            return Err(invalid(format!(
-                "field 'outputs' must be an array, got {}",
-                json_kind(other)
-            )));
-        }
+/// One input, its data from JSON `data` or from the next binary part,
+/// checked against its declared shape and datatype.
+fn decode_input(idx: usize, input: &Value, binary: &mut Bytes) -> Result<Tensor, Error> {
+    let Value::Object(input) = input else {
+        return Err(invalid(format!("inputs[{idx}] must be an object")));
     };
-    Ok(RestRequest {
-        id,
-        inputs,
-        outputs,
-        binary_output_default,
-        parameters,
+    let name = string_field(input, "name", &format!("inputs[{idx}]"))?;
+    let owner = format!("input '{name}'");
+    let dtype = oip::parse_datatype(name, string_field(input, "datatype", &owner)?)?;
+    let shape = input_shape(input, &owner)?;
+    let numel = oip::checked_numel(name, &shape)?;
+    let params = object_field(input, "parameters", &owner)?;
+    let binary_size = count_param(params, "binary_data_size", &owner)?;
+    match (binary_size, input.get("data")) {
+        (Some(_), Some(_)) => Err(invalid(format!(
+            "{owner}: both 'data' and parameter 'binary_data_size' are set; use one"
+        ))),
+        (Some(size), None) => Tensor::new(name, dtype, shape, claim_binary(&owner, size, binary)?),
+        (None, Some(data)) => oip::json_tensor(name, dtype, shape, data),
+        (None, None) if numel > 0 => Err(invalid(format!(
+            "{owner}: no data (set 'data' or parameter 'binary_data_size')"
+        ))),
+        (None, None) => Tensor::new(name, dtype, shape, Bytes::new()),
+    }
+}
+
+fn input_shape(input: &Map<String, Value>, owner: &str) -> Result<Vec<i64>, Error> {
+    match input.get("shape") {
+        Some(Value::Array(dims)) => dims
+            .iter()
+            .map(Value::as_i64)
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{owner}: field 'shape' must be an array of integers"
+                ))
+            }),
+        None => Err(invalid(format!("{owner}: field 'shape' is missing"))),
+        Some(other) => Err(invalid(format!(
+            "{owner}: field 'shape' must be an array, got {}",
+            json_kind(other)
+        ))),
+    }
+}
+
+/// Takes the next `size` bytes of binary data for one input.
+fn claim_binary(owner: &str, size: u64, binary: &mut Bytes) -> Result<Bytes, Error> {
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    if size > binary.len() {
+        return Err(invalid(format!(
+            "{owner}: binary_data_size is {size} but only {} bytes of binary data remain",
+            binary.len()
+        )));
+    }
+    Ok(binary.split_to(size))
+}
+
+/// The outputs asked for, with their options; empty asks for every output.
+fn requested_outputs(request: &Map<String, Value>) -> Result<Vec<RequestedOutput>, Error> {
+    if request.get("outputs") == Some(&Value::Null) {
+        return Ok(Vec::new());
+    }
+    array_field(request, "outputs")?
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(idx, output)| requested_output(idx, output))
+        .collect()
+}
+
+fn requested_output(idx: usize, output: &Value) -> Result<RequestedOutput, Error> {
+    let Value::Object(output) = output else {
+        return Err(invalid(format!("outputs[{idx}] must be an object")));
+    };
+    let name = string_field(output, "name", &format!("outputs[{idx}]"))?;
+    let owner = format!("output '{name}'");
+    let params = object_field(output, "parameters", &owner)?;
+    let classification = count_param(params, "classification", &owner)?
+        .map(|k| usize::try_from(k).unwrap_or(usize::MAX));
+    Ok(RequestedOutput {
+        name: name.to_owned(),
+        classification,
+        binary: bool_param(params, "binary_data", &owner)?,
     })
 }
 
@@ -526,40 +555,77 @@ pub async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, state.max_body_bytes).await?;
-    let request = decode_request(&headers, body)?;
-    let timeout = queue_timeout(
-        request
-            .parameters
-            .iter()
-            .find(|(key, _)| key == "timeout")
-            .map(|(_, value)| value.as_str()),
-    )?;
-    let mut metadata = header_metadata(&headers);
-    metadata.extend(request.parameters);
-    let response = state
-        .pipeline
-        .infer(PipelineRequest {
-            id: request.id.clone().unwrap_or_default(),
-            model: model_param(&params).to_owned(),
-            version: version_param(&params).map(str::to_owned),
-            inputs: request.inputs,
-            metadata,
-            timeout,
-        })
-        .await?;
-    let outputs = match state.pipeline.registry().serving(&response.model) {
-        Some(model) => oip::select_outputs(&model, response.outputs, &request.outputs)?,
-        None => response.outputs,
+    let model = model_param(&params);
+    let version = version_param(&params);
+    // Every refusal of a request to a model counts against the model.
+    let body = match read_body(body, state.max_body_bytes).await {
+        Ok(body) => body,
+        Err(ApiError(code, message)) => {
+            let err = state
+                .pipeline
+                .reject(model, version, Error::InvalidArgument(message));
+            return Err(ApiError(code, err.to_string()));
+        }
     };
+    let (request, timeout) = decode_request(&headers, body)
+        .and_then(|request| {
+            let timeout = queue_timeout(
+                request
+                    .parameters
+                    .iter()
+                    .find(|(key, _)| key == "timeout")
+                    .map(|(_, value)| value.as_str()),
+            )?;
+            Ok((request, timeout))
+        })
+        .map_err(|err| state.pipeline.reject(model, version, err))?;
+    let RestRequest {
+        id,
+        inputs,
+        outputs,
+        binary_output_default,
+        parameters,
+    } = request;
+    let mut metadata = header_metadata(&headers);
+    metadata.extend(parameters);
+    let answer = state
+        .pipeline
+        .infer_then(
+            PipelineRequest {
+                id: id.clone().unwrap_or_default(),
+                model: model.to_owned(),
+                version: version.map(str::to_owned),
+                inputs,
+                metadata,
+                timeout,
+            },
+            |response| infer_response(id, response, &outputs, binary_output_default),
+        )
+        .await?;
+    Ok(answer)
+}
+
+/// The answer on the wire: JSON, then the outputs sent as binary data, each
+/// output rendered with the config of the model that computed it.
+fn infer_response(
+    id: Option<String>,
+    response: PipelineResponse,
+    requested: &[RequestedOutput],
+    binary_output_default: bool,
+) -> Result<Response, Error> {
+    let outputs = oip::select_outputs(
+        &response.model,
+        &response.config,
+        response.outputs,
+        requested,
+    )?;
     let mut binary: Vec<Bytes> = Vec::new();
     let mut rendered = Vec::with_capacity(outputs.len());
     for (idx, tensor) in outputs.into_iter().enumerate() {
-        let as_binary = request
-            .outputs
+        let as_binary = requested
             .get(idx)
             .and_then(|o| o.binary)
-            .unwrap_or(request.binary_output_default);
+            .unwrap_or(binary_output_default);
         let mut output = json!({
             "name": tensor.name(),
             "datatype": oip::datatype_name(tensor.dtype()),
@@ -578,11 +644,10 @@ pub async fn infer(
         "model_version": response.version,
         "outputs": rendered,
     });
-    if let Some(id) = request.id {
+    if let Some(id) = id {
         answer["id"] = Value::String(id);
     }
-    let text = serde_json::to_vec(&answer)
-        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+    let text = serde_json::to_vec(&answer).map_err(|err| Error::Internal(err.to_string()))?;
     if binary.is_empty() {
         return Ok((
             [(
@@ -620,7 +685,7 @@ async fn optional_object(body: Body, limit: usize) -> Result<Map<String, Value>,
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
-    parse_json_object(&body, "the request body")
+    Ok(parse_json_object(&body, "the request body")?)
 }
 
 pub async fn repository_index(
@@ -635,7 +700,8 @@ pub async fn repository_index(
             return Err(invalid(format!(
                 "field 'ready' must be a boolean, got {}",
                 json_kind(other)
-            )));
+            ))
+            .into());
         }
     };
     let rows: Vec<Value> = oip::repository_index(state.pipeline.registry(), ready)
@@ -665,7 +731,8 @@ pub async fn repository_load(
     {
         return Err(invalid(format!(
             "load parameter '{key}' is not supported: models load from the repository as they are on disk"
-        )));
+        ))
+        .into());
     }
     oip::repository_load(state.pipeline.registry(), model_param(&params)).await?;
     Ok(StatusCode::OK)
@@ -684,4 +751,112 @@ pub async fn repository_unload(
 /// Any path the protocol does not define.
 pub async fn not_found() -> ApiError {
     ApiError(StatusCode::NOT_FOUND, "no such endpoint".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes `json` followed by `binary` (with the length header when
+    /// there is binary data): the decoded inputs' names and byte lengths, or
+    /// the error message.
+    fn check(json: Value, binary: &[u8], expect: Result<&[(&str, usize)], &str>) {
+        let text = json.to_string();
+        let mut headers = HeaderMap::new();
+        if !binary.is_empty() {
+            headers.insert(HEADER_LENGTH, HeaderValue::from(text.len()));
+        }
+        let mut body = text.into_bytes();
+        body.extend_from_slice(binary);
+        let got = decode_request(&headers, Bytes::from(body)).map(|request| {
+            request
+                .inputs
+                .iter()
+                .map(|t| (t.name().to_owned(), t.data().len()))
+                .collect::<Vec<_>>()
+        });
+        match (got, expect) {
+            (Ok(inputs), Ok(want)) => {
+                let want: Vec<(String, usize)> = want
+                    .iter()
+                    .map(|(n, len)| ((*n).to_owned(), *len))
+                    .collect();
+                assert_eq!(inputs, want);
+            }
+            (Err(err), Err(want)) => assert_eq!(err.to_string(), want),
+            (got, want) => panic!("got {got:?}, expected {want:?}"),
+        }
+    }
+
+    fn binary_input(name: &str, shape: &[i64], size: usize) -> Value {
+        json!({"name": name, "datatype": "FP32", "shape": shape,
+               "parameters": {"binary_data_size": size}})
+    }
+
+    #[test]
+    fn binary_parts_are_claimed_in_order_exactly_once() {
+        check(
+            json!({"inputs": [binary_input("a", &[2], 8), binary_input("b", &[1], 4)]}),
+            &[0; 12],
+            Ok(&[("a", 8), ("b", 4)]),
+        );
+        check(
+            json!({"inputs": [binary_input("a", &[2], 8)]}),
+            &[0; 12],
+            Err(
+                "4 bytes of binary data after the JSON are not claimed by any input's binary_data_size",
+            ),
+        );
+        check(
+            json!({"inputs": [binary_input("a", &[2], 8), binary_input("b", &[2], 8)]}),
+            &[0; 12],
+            Err("input 'b': binary_data_size is 8 but only 4 bytes of binary data remain"),
+        );
+        check(
+            json!({"inputs": [binary_input("a", &[3], 8)]}),
+            &[0; 8],
+            Err("tensor 'a': shape [3] of f32 needs 12 bytes, got 8"),
+        );
+    }
+
+    #[test]
+    fn each_field_is_checked_by_name() {
+        check(json!({}), b"", Err("field 'inputs' is missing"));
+        check(
+            json!({"inputs": null}),
+            b"",
+            Err("field 'inputs' must be an array, got null"),
+        );
+        check(
+            json!({"id": 3, "inputs": []}),
+            b"",
+            Err("field 'id' must be a string, got a number"),
+        );
+        check(
+            json!({"inputs": [{"name": "x", "datatype": "FP32"}]}),
+            b"",
+            Err("input 'x': field 'shape' is missing"),
+        );
+        check(
+            json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}),
+            b"",
+            Err("input 'x': no data (set 'data' or parameter 'binary_data_size')"),
+        );
+        check(
+            json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [0]}]}),
+            b"",
+            Ok(&[("x", 0)]),
+        );
+        check(
+            json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1],
+                               "parameters": {"binary_data_size": 4}}]}),
+            b"",
+            Err("input 'x': both 'data' and parameter 'binary_data_size' are set; use one"),
+        );
+        check(
+            json!({"inputs": [], "outputs": [{"name": "y", "parameters": {"classification": -1}}]}),
+            b"",
+            Err("output 'y': parameter 'classification' must be a non-negative integer, got -1"),
+        );
+    }
 }

@@ -149,9 +149,17 @@ impl ReadyModel {
         &self.versions
     }
 
-    /// Adds one request to the statistics of `version` (the newest when
-    /// `None`). A version that is not loaded is not counted.
+    /// Adds one request to the model's success or failure count and to the
+    /// statistics of `version` (the newest when `None`); a version that is
+    /// not loaded has no statistics to add to. `Pipeline` calls this once for
+    /// every request, so the two counts always agree.
     pub fn record(&self, version: Option<&str>, record: &RequestRecord) {
+        let counter = if record.ok {
+            &self.success
+        } else {
+            &self.failure
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         if let Ok(ready) = self.pick_version(version) {
             ready.stats.record(record);
         }
@@ -272,14 +280,7 @@ impl ReadyModel {
         timeout: Option<Duration>,
     ) -> Result<Inference, Error> {
         let _in_flight = InFlight::enter(&self.in_flight);
-        let res = self.infer_inner(version, inputs, timeout).await;
-        let counter = if res.is_ok() {
-            &self.success
-        } else {
-            &self.failure
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        res
+        self.infer_inner(version, inputs, timeout).await
     }
 
     async fn infer_inner(

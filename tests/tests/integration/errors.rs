@@ -64,7 +64,7 @@ async fn bad_requests_get_precise_errors() {
             "affine",
             vec![tensor("x", F32, &[2, 4], 28)],
             Code::InvalidArgument,
-            "tensor 'x': shape [2, 4] of f32 needs 32 bytes, got 28",
+            "model 'affine': tensor 'x': shape [2, 4] of f32 needs 32 bytes, got 28",
         ),
         (
             "affine",
@@ -100,19 +100,19 @@ async fn bad_requests_get_precise_errors() {
             "affine",
             vec![tensor("x", F32, &[2, -4], 32)],
             Code::InvalidArgument,
-            "tensor 'x': dimension 1 of shape [2, -4] is negative (-4)",
+            "model 'affine': tensor 'x': dimension 1 of shape [2, -4] is negative (-4)",
         ),
         (
             "affine",
             vec![tensor("x", F32, &[1 << 40, 1 << 40], 16)],
             Code::InvalidArgument,
-            "tensor 'x': shape [1099511627776, 1099511627776] of f32 is too large (element count overflows), got 16 bytes",
+            "model 'affine': tensor 'x': shape [1099511627776, 1099511627776] of f32 is too large (element count overflows), got 16 bytes",
         ),
         (
             "affine",
             vec![tensor("x", pb::DataType::Unspecified, &[1, 4], 16)],
             Code::InvalidArgument,
-            "tensor 'x': dtype is not set",
+            "model 'affine': tensor 'x': dtype is not set",
         ),
         (
             "affine",
@@ -121,13 +121,13 @@ async fn bad_requests_get_precise_errors() {
                 ..tensor("x", F32, &[1, 4], 16)
             }],
             Code::InvalidArgument,
-            "tensor 'x': unknown dtype value 99",
+            "model 'affine': tensor 'x': unknown dtype value 99",
         ),
         (
             "affine",
             vec![tensor("", F32, &[1, 4], 16)],
             Code::InvalidArgument,
-            "a tensor has an empty name",
+            "model 'affine': a tensor has an empty name",
         ),
     ];
     for (model, inputs, code, message) in cases {

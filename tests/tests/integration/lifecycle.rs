@@ -271,7 +271,7 @@ async fn stream_compute_answers_in_order_and_survives_bad_messages() {
             assert_eq!(error.code, tonic::Code::InvalidArgument as i32);
             assert_eq!(
                 error.message,
-                "tensor 'x': shape [2] of f32 needs 8 bytes, got 4"
+                "model 'scale': tensor 'x': shape [2] of f32 needs 8 bytes, got 4"
             );
             continue;
         }

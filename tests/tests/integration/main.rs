@@ -3,6 +3,7 @@
 
 mod batching;
 mod budget;
+mod edges;
 mod errors;
 mod lifecycle;
 mod nonblocking;

@@ -1,34 +1,13 @@
-//! The Open Inference Protocol v2 (KServe's, with Triton's extensions), apart
-//! from any transport: datatype names, building checked tensors from typed or
-//! JSON data, requested outputs and classification, and the repository
-//! operations with Triton's semantics. `grpc::inference` and `http::v2` only
-//! translate their wire formats to and from what is here.
-
-use std::sync::Arc;
+//! The wire codec: datatype names, tensors built and checked from typed
+//! contents (gRPC) or JSON data (REST), tensors rendered as JSON, requested
+//! outputs and Triton's classification extension.
 
 use bytes::Bytes;
 use serde_json::Value;
 
 use crate::config::ModelConfig;
 use crate::error::Error;
-use crate::registry::{LoadMode, ModelState, ReadyModel, Registry};
 use crate::tensor::{DType, Tensor, encode_bytes_elements, numel, shape_str};
-
-/// The name the server reports in its metadata.
-pub const SERVER_NAME: &str = "plinth";
-
-/// The protocol extensions served, as ServerMetadata lists them.
-pub const EXTENSIONS: &[&str] = &[
-    "classification",
-    "binary_tensor_data",
-    "model_repository",
-    "model_configuration",
-    "statistics",
-];
-
-/// What ModelMetadata and ModelConfig call a TorchScript model.
-pub const PLATFORM: &str = "pytorch_libtorch";
-pub const BACKEND: &str = "pytorch";
 
 const DATATYPES: &str =
     "BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64, BYTES";
@@ -355,16 +334,18 @@ pub struct RequestedOutput {
 }
 
 /// The outputs to send back, in the order asked for (every output when none
-/// is named), with classification applied.
+/// is named), with classification applied. `config` is the config of the
+/// model that computed `outputs`, named `model`.
 pub fn select_outputs(
-    model: &ReadyModel,
+    model: &str,
+    config: &ModelConfig,
     outputs: Vec<Tensor>,
     requested: &[RequestedOutput],
 ) -> Result<Vec<Tensor>, Error> {
     if requested.is_empty() {
         return Ok(outputs);
     }
-    let batched = model.config.max_batch_size > 0;
+    let batched = config.max_batch_size > 0;
     let mut slots: Vec<Option<Tensor>> = outputs.into_iter().map(Some).collect();
     let mut selected = Vec::with_capacity(requested.len());
     for (idx, want) in requested.iter().enumerate() {
@@ -383,8 +364,7 @@ pub fn select_outputs(
         else {
             let available: Vec<&str> = slots.iter().flatten().map(Tensor::name).collect();
             return Err(Error::InvalidArgument(format!(
-                "model '{}': requested output '{}' is not an output (outputs: {})",
-                model.name,
+                "model '{model}': requested output '{}' is not an output (outputs: {})",
                 want.name,
                 available.join(", ")
             )));
@@ -436,206 +416,6 @@ pub fn classify(tensor: &Tensor, k: usize, batched: bool) -> Result<Tensor, Erro
     };
     let data = encode_bytes_elements(labels.iter().map(String::as_bytes));
     Tensor::new(name, DType::Bytes, shape, Bytes::from(data))
-}
-
-/// The ready model, checking that `version` (if any) is loaded.
-pub fn ready_model(
-    registry: &Registry,
-    name: &str,
-    version: Option<&str>,
-) -> Result<Arc<ReadyModel>, Error> {
-    let model = registry.get_ready(name)?;
-    model.pick_version(version)?;
-    Ok(model)
-}
-
-/// Whether `name` (at `version`, if given) can serve requests now.
-pub fn model_ready(registry: &Registry, name: &str, version: Option<&str>) -> bool {
-    ready_model(registry, name, version).is_ok()
-}
-
-/// A tensor signature as model metadata reports it: the wire shape, with the
-/// batch dimension as -1 when the model batches.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TensorMetadata {
-    pub name: String,
-    pub datatype: &'static str,
-    pub shape: Vec<i64>,
-}
-
-pub fn tensor_metadata(config: &ModelConfig) -> (Vec<TensorMetadata>, Vec<TensorMetadata>) {
-    let render = |specs: &[crate::tensor::TensorSpec]| {
-        specs
-            .iter()
-            .map(|spec| TensorMetadata {
-                name: spec.name.clone(),
-                datatype: datatype_name(spec.dtype),
-                shape: config.full_shape(spec),
-            })
-            .collect()
-    };
-    (render(&config.inputs), render(&config.outputs))
-}
-
-/// One row of the repository index.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IndexRow {
-    pub name: String,
-    pub version: String,
-    pub state: &'static str,
-    pub reason: String,
-}
-
-/// Triton's name of a model state. A failed load is UNAVAILABLE with its reason.
-pub fn state_name(state: ModelState) -> &'static str {
-    match state {
-        ModelState::Ready => "READY",
-        ModelState::Loading => "LOADING",
-        ModelState::Unloading => "UNLOADING",
-        ModelState::Unavailable | ModelState::Failed => "UNAVAILABLE",
-    }
-}
-
-/// Every model the registry knows: one row per loaded version, or one row
-/// without a version for a model that has none loaded.
-pub fn repository_index(registry: &Registry, ready_only: bool) -> Vec<IndexRow> {
-    let mut rows = Vec::new();
-    for status in registry.list() {
-        if ready_only && status.state != ModelState::Ready {
-            continue;
-        }
-        let state = state_name(status.state);
-        let reason = status.reason.clone().unwrap_or_default();
-        if status.versions.is_empty() {
-            rows.push(IndexRow {
-                name: status.name.clone(),
-                version: String::new(),
-                state,
-                reason: reason.clone(),
-            });
-        }
-        for version in &status.versions {
-            rows.push(IndexRow {
-                name: status.name.clone(),
-                version: version.clone(),
-                state,
-                reason: reason.clone(),
-            });
-        }
-    }
-    rows
-}
-
-/// A `(count, total nanoseconds)` accumulator.
-pub type Duration = (u64, u64);
-
-/// Statistics of one loaded version, as the statistics extension reports them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VersionStatistics {
-    pub name: String,
-    pub version: String,
-    /// Milliseconds since the Unix epoch; 0 if never used.
-    pub last_inference: u64,
-    pub inference_count: u64,
-    pub execution_count: u64,
-    pub success: Duration,
-    pub fail: Duration,
-    pub queue: Duration,
-    pub compute_input: Duration,
-    pub compute_infer: Duration,
-    pub compute_output: Duration,
-    /// Per batch size: compute input, infer, output.
-    pub batches: Vec<(u64, [Duration; 3])>,
-}
-
-fn version_statistics(model: &ReadyModel, version: Option<&str>) -> Vec<VersionStatistics> {
-    use std::sync::atomic::Ordering::Relaxed;
-    model
-        .versions()
-        .iter()
-        .filter(|v| version.is_none_or(|want| v.version.answers_to(want)))
-        .map(|v| {
-            let s = &v.stats;
-            VersionStatistics {
-                name: model.name.clone(),
-                version: v.version.label.clone(),
-                last_inference: s.last_inference_ms.load(Relaxed),
-                inference_count: s.inference_count.load(Relaxed),
-                execution_count: s.execution_count.load(Relaxed),
-                success: s.success.get(),
-                fail: s.fail.get(),
-                queue: s.queue.get(),
-                compute_input: s.compute_input.get(),
-                compute_infer: s.compute_infer.get(),
-                compute_output: s.compute_output.get(),
-                batches: s.batches(),
-            }
-        })
-        .collect()
-}
-
-/// Statistics of every loaded version of every model (empty `name`), or of
-/// one model, which must then be ready (and have `version`, if given).
-pub fn statistics(
-    registry: &Registry,
-    name: &str,
-    version: Option<&str>,
-) -> Result<Vec<VersionStatistics>, Error> {
-    if name.is_empty() {
-        return Ok(registry
-            .list()
-            .into_iter()
-            .filter_map(|status| registry.serving(&status.name))
-            .flat_map(|model| version_statistics(&model, version))
-            .collect());
-    }
-    let model = ready_model(registry, name, version)?;
-    Ok(version_statistics(&model, version))
-}
-
-/// Waits until `name` is not busy and returns its state then.
-async fn settled(registry: &Registry, name: &str) -> Result<ModelState, Error> {
-    registry.settled(name).await.map(|status| status.state)
-}
-
-/// Loads `name` and returns once it is ready, as Triton's repository load:
-/// a model that is already ready is reloaded (the old versions serve until
-/// the new ones are ready), and a load already under way is waited for
-/// rather than started twice.
-pub async fn repository_load(registry: &Registry, name: &str) -> Result<(), Error> {
-    let ticket = match registry.load(name, LoadMode::Load).await {
-        Ok(ticket) => Some(ticket),
-        Err(Error::AlreadyExists {
-            state: ModelState::Ready,
-            ..
-        }) => match registry.load(name, LoadMode::Reload).await {
-            Ok(ticket) => Some(ticket),
-            Err(Error::AlreadyExists { .. }) => None,
-            Err(err) => return Err(err),
-        },
-        Err(Error::AlreadyExists { .. }) => None,
-        Err(err) => return Err(err),
-    };
-    if let Some(ticket) = ticket {
-        return ticket.finished().await.map(drop);
-    }
-    match settled(registry, name).await? {
-        ModelState::Ready => Ok(()),
-        _ => {
-            let status = registry.status(name)?;
-            Err(Error::LoadFailed(format!(
-                "model '{name}' did not load: {}",
-                status.reason.unwrap_or_else(|| status.state.to_string())
-            )))
-        }
-    }
-}
-
-/// Unloads `name` and returns once its executors have ended. Unloading a
-/// model that is not loaded succeeds, as Triton's.
-pub async fn repository_unload(registry: &Registry, name: &str) -> Result<(), Error> {
-    registry.unload(name)?;
-    settled(registry, name).await.map(drop)
 }
 
 #[cfg(test)]
