@@ -3,9 +3,11 @@
 //! This crate is the top of the host: the registry, the pipeline, the edges
 //! (gRPC and HTTP) and the server assembly. The vocabulary below it lives in
 //! `plinth-core` (re-exported here as `config`, `error` and `tensor`), the
-//! torch layer in `plinth-torch`.
+//! torch layer in `plinth-torch`, the plugin layer in `plinth-plugin`
+//! (re-exported as `plugin`).
 
 pub use plinth_core::{config, error, tensor};
+pub use plinth_plugin as plugin;
 
 pub mod demo;
 pub mod grpc;
@@ -13,7 +15,6 @@ pub mod health;
 pub mod http;
 pub mod oip;
 pub mod pipeline;
-pub mod plugin;
 pub mod registry;
 pub mod server;
 pub mod watch;

@@ -13,8 +13,8 @@ use super::types::{
     HealthReport, HealthStatus, HostSnapshot, ModelChoice, ModelPhase, PluginError, RequestEvent,
     RequestStatus, RouteDecision,
 };
-use crate::error::Error;
-use crate::tensor::{DType, Tensor};
+use plinth_core::error::Error;
+use plinth_core::tensor::{DType, Tensor};
 
 fn dtype_to_wit(dtype: DType) -> wit::Dtype {
     match dtype {
@@ -341,7 +341,7 @@ impl Plugin<Health> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::types::{DeviceMemory, ModelStatus, PluginStatus, StageTimings};
+    use crate::types::{DeviceMemory, ModelStatus, PluginStatus, StageTimings};
 
     #[test]
     fn events_reach_plugins_in_whole_microseconds() {

@@ -7,14 +7,14 @@
 //! does not (no `route` on a processor):
 //!
 //! ```
-//! use plinth::plugin::{Plugin, RequestView, kind};
+//! use plinth_plugin::{Plugin, RequestView, kind};
 //! fn route(plugin: &Plugin<kind::Router>, request: &RequestView) {
 //!     let _ = plugin.route(request, &[]);
 //! }
 //! ```
 //!
 //! ```compile_fail,E0599
-//! use plinth::plugin::{Plugin, RequestView, kind};
+//! use plinth_plugin::{Plugin, RequestView, kind};
 //! fn route(plugin: &Plugin<kind::Processor>, request: &RequestView) {
 //!     let _ = plugin.route(request, &[]);
 //! }
@@ -29,7 +29,7 @@ use wasmtime::component::InstancePre;
 use super::bindings::{health, metrics, processor, router, wit};
 use super::manifest::Manifest;
 use super::runtime::{Plugin, PluginKind, PluginMeta, PluginState, Runtime};
-use crate::error::Error;
+use plinth_core::error::Error;
 
 pub(super) mod sealed {
     use super::*;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::error::Error;
+use plinth_core::error::Error;
 
 use super::runtime::PluginKind;
 

@@ -7,6 +7,11 @@
 //! flight finish on the version they started with, since they hold its `Arc`.
 //! A file that fails any step leaves the previous version serving and is
 //! reported through the log, `PluginHost::list` and a counter.
+//!
+//! This crate is the plugin layer: it depends on `plinth-core` and on nothing
+//! of the torch layer, so it (and its tests) build without libtorch. No WIT
+//! type leaves it: `bindings` is private and callers use the host-side types
+//! of `types.rs`.
 
 mod bindings;
 mod calls;
@@ -76,7 +81,7 @@ fn stem_of(path: &Path, ext: &str) -> Option<String> {
         return None;
     }
     let stem = path.file_stem()?.to_str()?;
-    crate::config::valid_model_name(stem).then(|| stem.to_owned())
+    plinth_core::config::valid_model_name(stem).then(|| stem.to_owned())
 }
 
 impl PluginHost {

@@ -4,14 +4,14 @@
 
 pub mod processor {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../../wit",
         world: "processor-plugin",
     });
 }
 
 pub mod router {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../../wit",
         world: "router-plugin",
         with: {
             "plinth:plugin/types": super::processor::plinth::plugin::types,
@@ -22,7 +22,7 @@ pub mod router {
 
 pub mod metrics {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../../wit",
         world: "metrics-plugin",
         with: {
             "plinth:plugin/types": super::processor::plinth::plugin::types,
@@ -33,7 +33,7 @@ pub mod metrics {
 
 pub mod health {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../../wit",
         world: "health-plugin",
         with: {
             "plinth:plugin/types": super::processor::plinth::plugin::types,
