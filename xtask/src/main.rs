@@ -13,6 +13,8 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
+mod invariants;
+
 const TORCH_VERSION: &str = "2.11.0";
 const WHEELS: &[&str] = &[
     "torch==2.11.0",
@@ -27,6 +29,7 @@ tasks:
   serve [plinth args]   fetch libtorch if needed, build and run `plinth serve`
   test [cargo args]     fetch libtorch if needed, run the whole test suite
   clippy                cargo clippy --workspace --all-targets -- -D warnings
+  invariants            check the architecture invariants no compiler or test checks
   bench [args]          run the benchmarks (see docs/BENCHMARKS.md)
   plugins               build every plugin in plugins/ to a wasm32-wasip2 component
   libtorch              fetch libtorch into the cache and print its path
@@ -76,6 +79,7 @@ fn run() -> Result<()> {
             cmd.args(rest);
             status(cmd)
         }
+        "invariants" => invariants::check(&project_root()),
         "clippy" => {
             let libtorch = ensure_libtorch()?;
             let mut cmd = cargo(&libtorch);
