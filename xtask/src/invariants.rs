@@ -64,6 +64,14 @@ const RULES: &[Rule] = &[
         allowed: &["tests/src/eventually.rs", "host/tests/process.rs"],
         forbidden: |text| code_lines(text).any(|line| line.trim() == "loop {"),
     },
+    Rule {
+        invariant: "tests assert behaviour, never wall-clock bounds",
+        roots: &["tests/tests", "host/tests", "host/src", "host/crates"],
+        allowed: &[],
+        forbidden: |text| {
+            code_lines(text).any(|line| line.contains("assert") && line.contains(".elapsed()"))
+        },
+    },
 ];
 
 /// Cargo dependencies a layer must not have: the layering as crate edges.
