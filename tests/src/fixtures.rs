@@ -207,11 +207,18 @@ pub fn scale(repo: &Path, model: &str, version: &str, factor: f64) {
 
 /// Only the model file of [`scale`].
 pub fn scale_file(path: &Path, factor: f64) {
-    save(
-        path,
-        &[TchTensor::zeros([3], (Kind::Float, Device::Cpu))],
-        |xs| vec![&xs[0] * factor],
-    );
+    // The demo's `double` is this model with factor 2: one definition.
+    plinth_torch::models::write_scale(path, factor).expect("trace and save the scale model");
+}
+
+/// Publishes version `version` of a [`scale`] model by writing it beside the
+/// repository's models and renaming it in, as a careful deployment does, so
+/// a `--poll` watcher never sees half a file.
+pub fn publish_scale(repo: &Path, model: &str, version: &str, factor: f64) {
+    let staging = repo.join(format!(".staging-{model}-{version}"));
+    scale_file(&staging.join("model.pt"), factor);
+    std::fs::create_dir_all(repo.join(model)).expect("model dir");
+    std::fs::rename(&staging, repo.join(model).join(version)).expect("rename the version in");
 }
 
 /// Weights of [`affine`]: `y = x @ W^T + b`.
@@ -220,24 +227,16 @@ pub const AFFINE_B: [f32; 3] = [0.25, -1., 10.];
 
 /// Expected output of [`affine`] for one row.
 pub fn affine_expected(row: &[f32; 4]) -> [f32; 3] {
-    let mut out = AFFINE_B;
-    for (o, w) in out.iter_mut().zip(AFFINE_W.chunks_exact(4)) {
-        *o += w.iter().zip(row).map(|(w, x)| w * x).sum::<f32>();
-    }
-    out
+    plinth_torch::models::affine_output(&AFFINE_W, &AFFINE_B, row)
 }
 
 /// A batching linear layer: input `x` f32 [batch, 4], output `y` f32 [batch, 3].
 pub fn affine(repo: &Path, model: &str, max_batch_size: usize) {
     affine_config(i64::try_from(max_batch_size).expect("max_batch_size fits i64"))
         .write(repo, model);
-    let weight = TchTensor::from_slice(&AFFINE_W).reshape([3, 4]);
-    let bias = TchTensor::from_slice(&AFFINE_B);
-    save(
-        &crate::model_file(repo, model, "1"),
-        &[TchTensor::zeros([2, 4], (Kind::Float, Device::Cpu))],
-        |xs| vec![xs[0].matmul(&weight.tr()) + &bias],
-    );
+    // The demo's `affine` with other weights: one definition.
+    plinth_torch::models::write_affine(&crate::model_file(repo, model, "1"), &AFFINE_W, &AFFINE_B)
+        .expect("trace and save the affine model");
 }
 
 /// Two inputs of different dtypes: `y = f64(a) - 2 * f64(b)`, for checking

@@ -128,6 +128,29 @@ impl TestServer {
             .expect("status")
     }
 
+    /// `name` as ListModels shows it, if it is listed.
+    pub async fn listed(&self, name: &str) -> Option<pb::ModelStatus> {
+        self.models()
+            .await
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .expect("ListModels answers")
+            .into_inner()
+            .models
+            .into_iter()
+            .find(|m| m.name == name)
+    }
+
+    /// GetInfo's answer.
+    pub async fn info(&self) -> pb::GetInfoResponse {
+        self.compute()
+            .await
+            .get_info(pb::GetInfoRequest {})
+            .await
+            .expect("GetInfo answers")
+            .into_inner()
+    }
+
     /// Waits until `name` is READY (see [`TestServer::wait_for`]).
     pub async fn wait_ready(&self, name: &str) -> pb::ModelStatus {
         self.wait_for(name, |s| s.state == ModelState::Ready as i32)

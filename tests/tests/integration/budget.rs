@@ -48,13 +48,7 @@ async fn four_models_under_load_never_exceed_the_budget() {
         call.await.unwrap().unwrap();
     }
 
-    let info = srv
-        .compute()
-        .await
-        .get_info(pb::GetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = srv.info().await;
     let budget = info.thread_budget.unwrap();
     assert_eq!(budget.cores, 2);
     // Work ran, and never more than two cores' worth at once.
@@ -68,13 +62,7 @@ async fn four_models_under_load_never_exceed_the_budget() {
 #[tokio::test]
 async fn get_info_reports_the_libtorch_the_binary_was_built_against() {
     let srv = TestServer::start(|_| {}, false).await;
-    let info = srv
-        .compute()
-        .await
-        .get_info(pb::GetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = srv.info().await;
     // xtask builds against libtorch 2.11.0 (its TORCH_VERSION).
     assert_eq!(info.libtorch_version, "2.11.0");
     srv.stop().await;

@@ -7,16 +7,6 @@ use plinth_tests::{
     ModelState, PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values,
 };
 
-/// Writes a model file next to its final place and renames it in, as a
-/// careful deployment does, so the watcher never sees half a file.
-fn publish_scale(repo: &std::path::Path, model: &str, version: &str, factor: f64) {
-    let staging = repo.join(format!(".staging-{model}-{version}"));
-    fixtures::scale_file(&staging.join("model.pt"), factor);
-    let version_dir = repo.join(model).join(version);
-    std::fs::create_dir_all(repo.join(model)).unwrap();
-    std::fs::rename(&staging, &version_dir).unwrap();
-}
-
 /// Polls ListModels until `name` is listed in `state`, not reloading, and
 /// `pred` holds for its status.
 async fn wait_listed(
@@ -26,26 +16,13 @@ async fn wait_listed(
     pred: impl Fn(&pb::ModelStatus) -> bool,
 ) -> pb::ModelStatus {
     let what = format!("model '{name}' to be listed {state:?}, settled");
-    eventually(PATIENCE, &what, async || match listed(srv, name).await {
+    eventually(PATIENCE, &what, async || match srv.listed(name).await {
         Some(status) if status.state == state as i32 && !status.reloading && pred(&status) => {
             Ok(status)
         }
         other => Err(format!("{other:?}")),
     })
     .await
-}
-
-/// The status of `name` in ListModels, if it is listed.
-async fn listed(srv: &TestServer, name: &str) -> Option<pb::ModelStatus> {
-    srv.models()
-        .await
-        .list_models(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models
-        .into_iter()
-        .find(|m| m.name == name)
 }
 
 #[tokio::test]
@@ -55,7 +32,7 @@ async fn a_watched_repository_loads_reloads_and_unloads() {
 
     // A new model directory appears: it loads.
     fixtures::scale_config().write(&repo, "live");
-    publish_scale(&repo, "live", "1", 2.0);
+    fixtures::publish_scale(&repo, "live", "1", 2.0);
     let status = wait_listed(&srv, "live", ModelState::Ready, |_| true).await;
     assert_eq!(status.versions, ["1"]);
     let mut compute = srv.compute().await;
@@ -66,7 +43,7 @@ async fn a_watched_repository_loads_reloads_and_unloads() {
     );
 
     // A new version lands: the model reloads and serves it.
-    publish_scale(&repo, "live", "2", 3.0);
+    fixtures::publish_scale(&repo, "live", "2", 3.0);
     wait_listed(&srv, "live", ModelState::Ready, |s| s.versions == ["2"]).await;
     let out = compute.compute(run()).await.unwrap().into_inner();
     assert_eq!(
@@ -79,7 +56,7 @@ async fn a_watched_repository_loads_reloads_and_unloads() {
     eventually(
         PATIENCE,
         "model 'live' to unload or leave the list",
-        async || match listed(&srv, "live").await {
+        async || match srv.listed("live").await {
             None => Ok(()),
             Some(m) if m.state == ModelState::Unavailable as i32 => Ok(()),
             Some(m) => Err(format!("{m:?}")),

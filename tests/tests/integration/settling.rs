@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use plinth::grpc::pb;
 use plinth_tests::fixtures::{self, BlockedModel};
 use plinth_tests::{
     ModelState, PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values,
@@ -16,27 +15,6 @@ use plinth_tests::{
 /// change. A slower watcher would only make the tests below pass without
 /// exercising the busy path, never fail them.
 const WATCHER_SETTLES: Duration = Duration::from_millis(1000);
-
-/// `name` as ListModels shows it, if it is listed.
-async fn listed(srv: &TestServer, name: &str) -> Option<pb::ModelStatus> {
-    srv.models()
-        .await
-        .list_models(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models
-        .into_iter()
-        .find(|m| m.name == name)
-}
-
-/// Publishes version `version` of a scale model by renaming a finished
-/// directory in, as a careful deployment does.
-fn publish_scale(repo: &std::path::Path, model: &str, version: &str, factor: f64) {
-    let staging = repo.join(format!(".staging-{model}-{version}"));
-    fixtures::scale_file(&staging.join("model.pt"), factor);
-    std::fs::rename(&staging, repo.join(model).join(version)).unwrap();
-}
 
 async fn answer(srv: &TestServer, model: &str) -> Vec<f32> {
     let request = compute_request(model, vec![f32_tensor("x", &[1], &[5.0])]);
@@ -57,7 +35,7 @@ async fn wait_serving(srv: &TestServer, model: &str, versions: &[&str]) {
         PATIENCE,
         &format!("{model} to serve {versions:?}"),
         async || {
-            let status = listed(srv, model).await?;
+            let status = srv.listed(model).await?;
             (status.state == ModelState::Ready as i32
                 && !status.reloading
                 && status.versions == versions)
@@ -80,12 +58,12 @@ async fn poll_applies_a_change_that_lands_during_a_reload() {
     // Version 2 appears as a pipe: the reload it starts blocks on reading it.
     let blocked = BlockedModel::scale_version(&repo, "live", "2", 3.0);
     eventually(PATIENCE, "the reload to start", async || {
-        listed(&srv, "live").await?.reloading.then_some(())
+        srv.listed("live").await?.reloading.then_some(())
     })
     .await;
     // Version 3 lands while the reload is under way, and the watcher sees it
     // (its debounce is 250 ms) before the reload is let go.
-    publish_scale(&repo, "live", "3", 4.0);
+    fixtures::publish_scale(&repo, "live", "3", 4.0);
     tokio::time::sleep(WATCHER_SETTLES).await;
     // The old version serves throughout.
     assert_eq!(answer(&srv, "live").await, [10.0]);
@@ -120,12 +98,12 @@ async fn poll_applies_a_change_even_when_its_watch_of_the_registry_lags() {
     // `live` appears with a version whose load blocks.
     let blocked = BlockedModel::scale(&repo, "live", 2.0);
     eventually(PATIENCE, "live to be loading", async || {
-        (listed(&srv, "live").await?.state == ModelState::Loading as i32).then_some(())
+        (srv.listed("live").await?.state == ModelState::Loading as i32).then_some(())
     })
     .await;
     // Version 2 lands while the first load is under way: the watcher waits
     // for `live` to settle...
-    publish_scale(&repo, "live", "2", 3.0);
+    fixtures::publish_scale(&repo, "live", "2", 3.0);
     tokio::time::sleep(WATCHER_SETTLES).await;
     // ... and misses changes: this test's runtime is single-threaded, so the
     // two unloads are broadcast back to back before the watcher runs again.
@@ -194,7 +172,7 @@ async fn a_shutdown_waits_for_loads_in_flight_and_starts_no_executor_after_its_d
     let blocked = blocked.unwrap();
     srv.wait_ready("early").await;
     assert_eq!(
-        listed(&srv, "late").await.unwrap().state,
+        srv.listed("late").await.unwrap().state,
         ModelState::Loading as i32
     );
 
