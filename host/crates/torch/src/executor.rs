@@ -374,8 +374,8 @@ fn batchable(a: &Job, b: &Job) -> bool {
 /// answers every job.
 fn execute<M: Forward>(module: &M, batch: Vec<Job>, shared: &Shared) {
     // Waiting for cores is waiting in the queue; the pass starts once it has them.
-    let _cores = shared.budget.acquire(shared.intra_op_threads);
-    let _computing = shared.counters.computing(shared.intra_op_threads);
+    let cores = shared.budget.acquire(shared.intra_op_threads);
+    let computing = shared.counters.computing(shared.intra_op_threads);
     let started = Instant::now();
     shared.waiting.fetch_sub(batch.len(), Ordering::AcqRel);
     let rows: usize = batch.iter().map(|job| job.rows).sum();
@@ -387,6 +387,9 @@ fn execute<M: Forward>(module: &M, batch: Vec<Job>, shared: &Shared) {
             .and_then(|outputs| split_outputs(outputs, &batch, rows))
     };
     let compute = started.elapsed();
+    // The cores go back before anyone is answered: a caller that has its
+    // answer sees them free.
+    drop((computing, cores));
     match res {
         Ok(outputs) if batch.len() == 1 => {
             let job = batch.into_iter().next().expect("one job");
