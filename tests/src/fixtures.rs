@@ -5,6 +5,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::PATIENCE;
 use plinth_torch::trace::{self, Device, Kind, TchTensor};
 
 /// Writes `<repo>/<model>/config.toml` as given. Fixture configs come from
@@ -340,7 +341,6 @@ impl BlockedModel {
         config: &str,
         bytes: Vec<u8>,
     ) -> BlockedModel {
-        write_config(repo, model, config);
         let pipe_dir = tempfile::tempdir().expect("pipe dir");
         let fifo = pipe_dir.path().join("model.pt");
         let status = std::process::Command::new("mkfifo")
@@ -351,6 +351,10 @@ impl BlockedModel {
         let file = crate::model_file(repo, model, version);
         std::fs::create_dir_all(file.parent().expect("version dir")).expect("version dir");
         std::os::unix::fs::symlink(&fifo, &file).expect("symlink to the pipe");
+        // The config last: a `--poll` watcher takes the directory for a model
+        // only once it has one, and by then the version is in place, so the
+        // first load it starts is the one that blocks on the pipe.
+        write_config(repo, model, config);
         BlockedModel {
             fifo,
             bytes: Some(bytes),
@@ -391,18 +395,38 @@ impl BlockedModel {
     }
 
     /// Writes the model bytes into the pipe, letting the load go on.
+    ///
+    /// A load must open the pipe: the wait for it is bounded by
+    /// [`PATIENCE`], so a test whose load never reads the pipe fails instead
+    /// of hanging.
     pub async fn release(mut self) {
         let fifo = self.fifo.clone();
         let bytes = self.bytes.take().expect("released once");
-        tokio::task::spawn_blocking(move || {
-            let mut pipe = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&fifo)
-                .expect("open pipe for writing");
-            pipe.write_all(&bytes).expect("write model bytes");
-        })
-        .await
-        .expect("writer task");
+        let path = fifo.clone();
+        // Opening for writing waits for the load to open the pipe for reading.
+        let mut writer = tokio::task::spawn_blocking(move || {
+            let mut pipe = std::fs::OpenOptions::new().write(true).open(&path)?;
+            pipe.write_all(&bytes)
+        });
+        match tokio::time::timeout(PATIENCE, &mut writer).await {
+            Ok(written) => written
+                .expect("writer task")
+                .expect("write the model bytes into the pipe"),
+            Err(_) => {
+                // No load ever read the pipe: open its read end so the
+                // writer's open returns (and its write then fails), and fail
+                // the test rather than hang it.
+                let _ = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo);
+                let _ = writer.await;
+                panic!(
+                    "no model load opened {} within {PATIENCE:?}",
+                    fifo.display()
+                );
+            }
+        }
     }
 }
 
