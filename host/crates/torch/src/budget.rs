@@ -1,12 +1,13 @@
 //! The process-wide compute budget: at most `limit` cores' worth of forward
 //! passes run at once, however many models and executors there are.
 //!
+//! What is computing (and its peak) is counted where the passes run, by the
+//! executor's `ThreadCounters`; the budget only limits it.
+//!
 //! Each executor thread asks for as many cores as it runs intra-op threads
 //! before a forward pass and gives them back after it, so N models × M torch
 //! threads can no longer oversubscribe the machine: a pass that does not fit
 //! waits for one that does to finish.
-
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -15,7 +16,6 @@ pub struct ComputeBudget {
     limit: usize,
     in_use: Mutex<usize>,
     freed: Condvar,
-    peak: AtomicUsize,
 }
 
 /// Cores held for one forward pass; given back when dropped.
@@ -33,7 +33,6 @@ impl ComputeBudget {
             limit: limit.max(1),
             in_use: Mutex::new(0),
             freed: Condvar::new(),
-            peak: AtomicUsize::new(0),
         }
     }
 
@@ -44,11 +43,6 @@ impl ComputeBudget {
     /// Cores held by running forward passes now.
     pub fn in_use(&self) -> usize {
         *self.in_use.lock()
-    }
-
-    /// The most cores ever held at once.
-    pub fn peak(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
     }
 
     /// `requested` clamped into `1..=limit`: what an executor may run.
@@ -65,7 +59,6 @@ impl ComputeBudget {
             self.freed.wait(&mut in_use);
         }
         *in_use += n;
-        self.peak.fetch_max(*in_use, Ordering::Relaxed);
         Cores { budget: self, n }
     }
 }
@@ -82,7 +75,7 @@ impl Drop for Cores<'_> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
 
@@ -101,7 +94,7 @@ mod tests {
     fn a_pass_that_does_not_fit_waits_for_cores_to_come_back() {
         let budget = Arc::new(ComputeBudget::new(2));
         let held = budget.acquire(2);
-        assert_eq!((budget.in_use(), budget.peak()), (2, 2));
+        assert_eq!(budget.in_use(), 2);
         let started = Arc::new(AtomicBool::new(false));
         let waiter = {
             let (budget, started) = (Arc::clone(&budget), Arc::clone(&started));
@@ -116,6 +109,6 @@ mod tests {
         drop(held);
         waiter.join().unwrap();
         assert!(started.load(Ordering::SeqCst));
-        assert_eq!((budget.in_use(), budget.peak()), (0, 2));
+        assert_eq!(budget.in_use(), 0);
     }
 }
