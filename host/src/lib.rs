@@ -1,7 +1,8 @@
 //! Plinth: a model-serving host. See ARCHITECTURE.md for the map.
 //!
 //! This crate is the top of the host: the registry, the pipeline, the edges
-//! (gRPC and HTTP) and the server assembly. The vocabulary below it lives in
+//! (gRPC and HTTP), the listeners and the access gate, and the server
+//! assembly. The vocabulary below it lives in
 //! `plinth-core` (re-exported here as `config`, `error` and `tensor`), the
 //! torch layer in `plinth-torch`, the plugin layer in `plinth-plugin`
 //! (re-exported as `plugin`).
@@ -13,9 +14,11 @@ pub mod demo;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod listen;
 pub mod oip;
 pub mod pipeline;
 pub mod registry;
+pub mod security;
 pub mod server;
 pub mod watch;
 

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model repository over gRPC and HTTP.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write the demo model repository into DIR.
     DemoRepo { dir: PathBuf },
 }
@@ -68,6 +68,62 @@ struct ServeArgs {
     /// run on every model state change and when the startup loads finish).
     #[arg(long, default_value_t = 1.0)]
     health_period_s: f64,
+
+    /// Who may call what: a TOML file of tokens (each read from a file or an
+    /// env var) and the API groups each opens (see the README's security
+    /// section). Without it, model-repository and plugins calls answer
+    /// loopback peers only. Reloaded on SIGHUP and when it or a token file changes.
+    #[arg(long, env = "PLINTH_AUTH_CONFIG", help_heading = "Security")]
+    auth_config: Option<PathBuf>,
+    /// TLS on every port: the certificate chain (PEM, leaf first). Needs --tls-key.
+    #[arg(
+        long,
+        env = "PLINTH_TLS_CERT",
+        requires = "tls_key",
+        help_heading = "Security"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "PLINTH_TLS_KEY",
+        requires = "tls_cert",
+        help_heading = "Security"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(
+        long,
+        env = "PLINTH_TLS_CLIENT_CA",
+        requires = "tls_cert",
+        help_heading = "Security"
+    )]
+    tls_client_ca: Option<PathBuf>,
+    /// Don't reload the auth config, tokens and certificates when their
+    /// files change (SIGHUP still reloads them).
+    #[arg(long, help_heading = "Security")]
+    no_security_watch: bool,
+
+    /// Seconds a new connection has to send its first request headers (TLS
+    /// handshake included), and an HTTP/1.1 request its headers.
+    #[arg(long, default_value_t = 10.0, help_heading = "Limits")]
+    header_timeout_s: f64,
+    /// Largest request head, in KiB (HTTP/1.1 headers or an HTTP/2 header list).
+    #[arg(long, default_value_t = 64, help_heading = "Limits")]
+    max_header_kib: usize,
+    /// HTTP/2 streams (concurrent calls) per connection.
+    #[arg(long, default_value_t = 1024, help_heading = "Limits")]
+    max_concurrent_streams: u32,
+    /// Connections open at once per port; more are closed as they arrive.
+    #[arg(long, default_value_t = 4096, help_heading = "Limits")]
+    max_connections: usize,
+}
+
+fn positive_seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|period| !period.is_zero())
+        .with_context(|| format!("{flag}: expected a positive number of seconds, got {value}"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,7 +135,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::DemoRepo { dir } => plinth::demo::write_demo_repository(&dir),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     }
 }
 
@@ -115,15 +171,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         load_all: !args.no_load,
         watch_plugins: !args.no_plugin_watch,
         state_events_capacity: 1024,
-        health_period: std::time::Duration::try_from_secs_f64(args.health_period_s)
-            .ok()
-            .filter(|period| !period.is_zero())
-            .with_context(|| {
-                format!(
-                    "--health-period-s: expected a positive number of seconds, got {}",
-                    args.health_period_s
-                )
-            })?,
+        health_period: positive_seconds("--health-period-s", args.health_period_s)?,
+        security: plinth::security::SecurityConfig {
+            auth_config: args.auth_config,
+            tls: args
+                .tls_cert
+                .zip(args.tls_key)
+                .map(|(cert, key)| plinth::security::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: args.tls_client_ca,
+                }),
+            watch_files: !args.no_security_watch,
+        },
+        limits: plinth::listen::ConnectionLimits {
+            header_timeout: positive_seconds("--header-timeout-s", args.header_timeout_s)?,
+            max_header_bytes: args.max_header_kib << 10,
+            max_concurrent_streams: args.max_concurrent_streams.max(1),
+            max_connections: args.max_connections.max(1),
+        },
+        reload_on_sighup: true,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -136,14 +203,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             plinth::server::shutdown_signal().await;
             tracing::info!("shutting down: draining in-flight requests");
             trigger.cancel();
-        });
-        let plugins = std::sync::Arc::clone(&server.plugins);
-        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        tokio::spawn(async move {
-            while hangups.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the plugin directory");
-                plugins.rescan().await;
-            }
         });
         server.wait().await;
         tracing::info!("stopped");

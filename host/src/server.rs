@@ -16,9 +16,11 @@ use tonic_health::ServingStatus;
 use crate::config::ModelRepository;
 use crate::grpc;
 use crate::health::Health;
+use crate::listen::{ConnectionLimits, Port, PortCounters};
 use crate::pipeline::Pipeline;
 use crate::plugin::{PluginHost, PluginWatcher};
 use crate::registry::{LoadMode, Registry, RegistrySettings};
+use crate::security::{PortProtocols, ReloadHandle, Security, SecurityConfig};
 
 /// Everything `plinth serve` can be told.
 #[derive(Debug, Clone)]
@@ -47,6 +49,15 @@ pub struct ServerConfig {
     /// `--poll` watcher, the health monitor). A subscriber that falls further
     /// behind resyncs from the registry.
     pub state_events_capacity: usize,
+    /// The auth config and TLS files.
+    pub security: SecurityConfig,
+    /// Bounds on each client's connections, headers and streams.
+    pub limits: ConnectionLimits,
+    /// On SIGHUP, rescan the plugin directory and reload the auth config,
+    /// the tokens and the TLS files. The binary sets it; a library user
+    /// that owns its signals leaves it off and calls
+    /// [`RunningServer::reload_security`].
+    pub reload_on_sighup: bool,
 }
 
 impl ServerConfig {
@@ -69,6 +80,12 @@ impl ServerConfig {
             watch_plugins: true,
             health_period: crate::health::DEFAULT_PERIOD,
             state_events_capacity: 1024,
+            security: SecurityConfig {
+                watch_files: true,
+                ..SecurityConfig::default()
+            },
+            limits: ConnectionLimits::default(),
+            reload_on_sighup: false,
         }
     }
 }
@@ -99,8 +116,21 @@ pub struct RunningServer {
     pub pipeline: Pipeline,
     pub plugins: Arc<PluginHost>,
     pub health: Arc<Health>,
+    /// The live auth policy and TLS configuration.
+    pub security: Arc<Security>,
+    /// Connection counts per port: gRPC, HTTP, metrics.
+    pub connections: PortSet<Arc<PortCounters>>,
+    reloader: ReloadHandle,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// One thing per port.
+#[derive(Debug, Clone, Default)]
+pub struct PortSet<T> {
+    pub grpc: T,
+    pub http: T,
+    pub metrics: T,
 }
 
 impl RunningServer {
@@ -130,6 +160,18 @@ impl RunningServer {
     pub fn trigger(&self) -> CancellationToken {
         self.shutdown.clone()
     }
+
+    /// Re-reads the auth config, the token files and the TLS files, as
+    /// SIGHUP does; returns once done. A failure keeps what was serving
+    /// and shows in `security.status()`.
+    pub async fn reload_security(&self) {
+        self.reloader.reload().await;
+    }
+
+    /// Whether the ports speak TLS.
+    pub fn tls(&self) -> bool {
+        self.security.tls().is_some()
+    }
 }
 
 fn init_torch_threads() {
@@ -148,6 +190,10 @@ fn init_torch_threads() {
 /// returned server's token is cancelled.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     init_torch_threads();
+    // Before anything binds or loads: a server asked to be secure never
+    // serves without it.
+    let security =
+        Arc::new(Security::load(config.security.clone()).map_err(|err| anyhow::anyhow!(err))?);
     let cores = config
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -214,39 +260,68 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .set_service_status("", ServingStatus::NotServing)
         .await;
 
-    let grpc_shutdown = shutdown.clone();
-    let grpc_task = tokio::spawn(async move {
-        // Our own listener (bound before serving, so tests can use port 0):
-        // tonic sets TCP_NODELAY only on listeners it binds, so say it here,
-        // or small responses wait on Nagle and delayed ACKs (40 ms).
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        let res = tonic::transport::Server::builder()
-            .add_routes(grpc_routes)
-            .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned())
-            .await;
-        if let Err(err) = res {
-            tracing::error!(%err, "gRPC server failed");
-        }
-    });
-
     let http_state = crate::http::HttpState {
         pipeline: pipeline.clone(),
         health: Arc::clone(&health),
         max_body_bytes: limit,
     };
-    let http_task = tokio::spawn(crate::http::serve(
-        http_listener,
-        crate::http::router(http_state.clone()),
-        shutdown.clone(),
-    ));
-    let metrics_task = tokio::spawn(crate::http::serve(
-        metrics_listener,
-        crate::http::metrics_router(http_state),
-        shutdown.clone(),
-    ));
-
-    let mut tasks = vec![grpc_task, http_task, metrics_task];
+    let tls = security.tls();
+    let connections = PortSet::<Arc<PortCounters>>::default();
+    let ports = [
+        (
+            Port {
+                name: "gRPC",
+                listener: grpc_listener,
+                protocols: PortProtocols::Grpc,
+                router: grpc_routes.into_axum_router(),
+                tls: tls.clone(),
+                limits: config.limits,
+            },
+            &connections.grpc,
+        ),
+        (
+            Port {
+                name: "HTTP",
+                listener: http_listener,
+                protocols: PortProtocols::Http,
+                router: crate::http::router(http_state.clone()),
+                tls: tls.clone(),
+                limits: config.limits,
+            },
+            &connections.http,
+        ),
+        (
+            Port {
+                name: "metrics",
+                listener: metrics_listener,
+                protocols: PortProtocols::Http,
+                router: crate::http::metrics_router(http_state),
+                tls,
+                limits: config.limits,
+            },
+            &connections.metrics,
+        ),
+    ];
+    let mut tasks = Vec::new();
+    for (mut port, counters) in ports {
+        // The one gate every call passes, on every port.
+        port.router = port.router.layer(security.layer());
+        tasks.push(tokio::spawn(crate::listen::serve(
+            port,
+            Arc::clone(counters),
+            shutdown.clone(),
+        )));
+    }
+    let (reloader, reload_task) =
+        crate::security::spawn_reloader(Arc::clone(&security), shutdown.clone());
+    tasks.push(reload_task);
+    if config.reload_on_sighup {
+        tasks.push(spawn_hangup_handler(
+            Arc::clone(&plugins),
+            reloader.clone(),
+            shutdown.clone(),
+        )?);
+    }
 
     // The scan is quick and done before serving, so the first ListModels
     // already shows every model. The loads themselves run in the background:
@@ -309,7 +384,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }));
     }
 
-    tracing::info!(%grpc_addr, %http_addr, %metrics_addr, repository = %config.model_repository.display(), "plinth serving");
+    let scheme = if security.tls().is_some() {
+        "TLS"
+    } else {
+        "plaintext"
+    };
+    tracing::info!(%grpc_addr, %http_addr, %metrics_addr, scheme, repository = %config.model_repository.display(), "plinth serving");
     Ok(RunningServer {
         grpc_addr,
         http_addr,
@@ -318,9 +398,35 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         pipeline,
         plugins,
         health,
+        security,
+        connections,
+        reloader,
         shutdown,
         tasks,
     })
+}
+
+/// SIGHUP: rescan the plugin directory and reload the security files.
+fn spawn_hangup_handler(
+    plugins: Arc<PluginHost>,
+    reloader: ReloadHandle,
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                signal = hangups.recv() => if signal.is_none() { break },
+            }
+            tracing::info!(
+                "SIGHUP: rescanning the plugin directory and reloading the security files"
+            );
+            plugins.rescan().await;
+            reloader.reload().await;
+        }
+    }))
 }
 
 /// Resolves on SIGTERM or ctrl-c.

@@ -270,3 +270,40 @@ pub(crate) fn status_to_pb(status: ModelStatus) -> pb::ModelStatus {
 pub(crate) fn now_micros() -> i64 {
     micros_since_epoch(SystemTime::now())
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::security::classify;
+
+    /// Every method of every service on the gRPC port belongs to an API
+    /// group: a new RPC added to a proto without a group fails here.
+    #[test]
+    fn every_served_method_has_an_api_group() {
+        let mut methods = Vec::new();
+        for set in [FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
+            let set = prost_types::FileDescriptorSet::decode(set).unwrap();
+            for file in set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        methods.push(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        methods.push("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".into());
+        assert!(methods.len() > 25, "{methods:?}");
+        let unclassified: Vec<&String> = methods.iter().filter(|m| classify(m).is_none()).collect();
+        assert!(
+            unclassified.is_empty(),
+            "methods without an API group: {unclassified:?}"
+        );
+    }
+}

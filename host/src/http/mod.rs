@@ -10,8 +10,6 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
 use crate::pipeline::Pipeline;
@@ -95,19 +93,57 @@ async fn metrics(
     )
 }
 
-/// Serves `router` on `listener` until `shutdown`, then drains.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
-    use axum::serve::ListenerExt;
-    // Small responses must not wait on Nagle and delayed ACKs.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(%err, "TCP_NODELAY");
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::registry::{Registry, RegistrySettings};
+    use crate::security::groups::HTTP_ROUTES;
+
+    /// The access gate classifies paths by `HTTP_ROUTES`: every template
+    /// there must be a route of these routers (not the fallback), so that
+    /// the table cannot drift from what is served.
+    #[tokio::test]
+    async fn every_classified_route_is_served() {
+        let repo = tempfile::tempdir().unwrap();
+        let plugins = tempfile::tempdir().unwrap();
+        let registry = Registry::new(RegistrySettings::new(
+            crate::config::ModelRepository::new(repo.path()),
+            1,
+        ));
+        let host = Arc::new(crate::plugin::PluginHost::new(plugins.path()));
+        let state = HttpState {
+            pipeline: Pipeline::new(registry, host),
+            health: Arc::new(Health::default()),
+            max_body_bytes: 1 << 20,
+        };
+        for (template, group) in HTTP_ROUTES {
+            let path = template
+                .replace("{model}", "no_such_model")
+                .replace("{version}", "1");
+            let router = if path == "/metrics" {
+                metrics_router(state.clone())
+            } else {
+                router(state.clone())
+            };
+            for method in ["GET", "POST"] {
+                let request = axum::http::Request::builder()
+                    .method(method)
+                    .uri(&path)
+                    .body(Body::empty())
+                    .unwrap();
+                let response = router.clone().oneshot(request).await.unwrap();
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                let text = String::from_utf8_lossy(&body);
+                assert!(
+                    !text.contains("no such endpoint"),
+                    "{method} {path} ({group}) reached the fallback: the table names a route the router lacks"
+                );
+            }
         }
-    });
-    let res = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
-    if let Err(err) = res {
-        tracing::error!(%err, "HTTP server failed");
     }
 }

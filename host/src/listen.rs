@@ -1,0 +1,276 @@
+//! The listeners of the three ports: accepting connections under a cap,
+//! TLS, HTTP/1.1 and HTTP/2 with bounded headers and streams, a deadline
+//! for a connection's first request, and the graceful drain. Every router
+//! (the gRPC services, the REST API, metrics) is served by [`serve`], so a
+//! limit or a TLS rule holds on every port alike.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::security::{PortProtocols, TlsConfigs};
+
+/// The peer of the connection a request came on, in its extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Bounds on what one client may hold or make the server wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// From accept to a connection's first request headers (the TLS
+    /// handshake included), and for each later HTTP/1.1 request's headers.
+    /// A client that dribbles them is cut off.
+    pub header_timeout: Duration,
+    /// Largest request head: HTTP/1.1 headers, or an HTTP/2 header list.
+    pub max_header_bytes: usize,
+    /// HTTP/2 streams (calls) open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Connections open at once, per port. Past it, new connections are
+    /// closed as soon as they are accepted.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> ConnectionLimits {
+        ConnectionLimits {
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 << 10,
+            max_concurrent_streams: 1024,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// One port to serve.
+pub struct Port {
+    /// Its name in logs: "gRPC", "HTTP", "metrics".
+    pub name: &'static str,
+    pub listener: TcpListener,
+    pub protocols: PortProtocols,
+    pub router: Router,
+    pub tls: Option<Arc<ArcSwap<TlsConfigs>>>,
+    pub limits: ConnectionLimits,
+}
+
+/// Counts of a port's connections, readable while it serves.
+#[derive(Debug, Default)]
+pub struct PortCounters {
+    pub accepted: AtomicU64,
+    /// Closed at accept because the port was at its connection cap.
+    pub refused: AtomicU64,
+    /// Closed because no request came within the header timeout (or the
+    /// TLS handshake failed or did not finish in time).
+    pub timed_out: AtomicU64,
+}
+
+/// Serves `port` until `shutdown`, then stops accepting, asks every
+/// connection to finish gracefully and returns once they all have.
+pub async fn serve(port: Port, counters: Arc<PortCounters>, shutdown: CancellationToken) {
+    let Port {
+        name,
+        listener,
+        protocols,
+        router,
+        tls,
+        limits,
+    } = port;
+    let builder = Arc::new(builder(protocols, &limits));
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let connections = TaskTracker::new();
+    let refusals = RefusalLog::new(name, limits.max_connections);
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Out of file descriptors and the like: not fatal, and not
+                // a reason to spin.
+                tracing::warn!(port = name, %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            refusals.note(peer);
+            drop(tcp);
+            continue;
+        };
+        counters.accepted.fetch_add(1, Ordering::Relaxed);
+        // Small responses must not wait on Nagle and delayed ACKs.
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().ok();
+        let connection = Connection {
+            tcp,
+            peer,
+            local,
+            tls: tls.as_ref().map(|t| t.load().for_port(protocols)),
+            router: router.clone(),
+            builder: Arc::clone(&builder),
+            header_timeout: limits.header_timeout,
+            counters: Arc::clone(&counters),
+            shutdown: shutdown.clone(),
+        };
+        connections.spawn(async move {
+            connection.run().await;
+            drop(permit);
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+fn builder(protocols: PortProtocols, limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        // hyper answers 431 when a request head outgrows its read buffer;
+        // it refuses a buffer under 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    match protocols {
+        PortProtocols::Grpc => builder.http2_only(),
+        PortProtocols::Http => builder,
+    }
+}
+
+struct Connection {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    header_timeout: Duration,
+    counters: Arc<PortCounters>,
+    shutdown: CancellationToken,
+}
+
+impl Connection {
+    async fn run(self) {
+        let deadline = tokio::time::Instant::now() + self.header_timeout;
+        let io = match self.tls {
+            None => Either::Right(self.tcp),
+            Some(config) => {
+                let accept = tokio_rustls::TlsAcceptor::from(config).accept(self.tcp);
+                match tokio::time::timeout_at(deadline, accept).await {
+                    Ok(Ok(stream)) => Either::Left(stream),
+                    Ok(Err(err)) => {
+                        self.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = %self.peer, %err, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        self.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = %self.peer, "TLS handshake did not finish within the header timeout");
+                        return;
+                    }
+                }
+            }
+        };
+        let seen_request = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&seen_request);
+        let router = self.router;
+        let peer = self.peer;
+        let connect_info = tonic::transport::server::TcpConnectInfo {
+            local_addr: self.local,
+            remote_addr: Some(peer),
+        };
+        let service =
+            hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+                seen.store(true, Ordering::Relaxed);
+                let extensions = request.extensions_mut();
+                extensions.insert(PeerAddr(peer));
+                extensions.insert(connect_info.clone());
+                router.clone().oneshot(request)
+            });
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let first_request = tokio::time::sleep_until(deadline);
+        tokio::pin!(first_request);
+        let mut waiting_for_first = true;
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(err) = res {
+                        tracing::debug!(%peer, %err, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = &mut first_request, if waiting_for_first => {
+                    waiting_for_first = false;
+                    if !seen_request.load(Ordering::Relaxed) {
+                        self.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "no request within the header timeout: closing");
+                        return;
+                    }
+                }
+                () = self.shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Logs refusals at the connection cap: the first at once, then a count
+/// at most every ten seconds, so a flood cannot flood the log.
+struct RefusalLog {
+    port: &'static str,
+    cap: usize,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new(port: &'static str, cap: usize) -> RefusalLog {
+        RefusalLog {
+            port,
+            cap,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    fn note(&self, peer: SocketAddr) {
+        let mut state = self.state.lock();
+        state.1 += 1;
+        let due = state.0.is_none_or(|last| last.elapsed() >= Self::EVERY);
+        if due {
+            tracing::warn!(
+                port = self.port,
+                cap = self.cap,
+                refused = state.1,
+                last_peer = %peer,
+                "connection cap reached: refusing new connections"
+            );
+            *state = (Some(Instant::now()), 0);
+        }
+    }
+}
