@@ -14,6 +14,7 @@ pub use plinth::grpc::pb::{DataType, ModelState};
 mod eventually;
 pub mod fixtures;
 pub mod load;
+pub mod pki;
 
 pub use eventually::{Attempt, PATIENCE, eventually};
 

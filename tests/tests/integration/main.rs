@@ -10,5 +10,6 @@ mod nonblocking;
 mod oip;
 mod plugins;
 mod poll;
+mod security;
 mod services;
 mod settling;
