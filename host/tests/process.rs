@@ -290,7 +290,12 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
     );
     assert!(log.contains("stopped"), "{log}");
     assert!(
-        log.contains("SIGHUP: reloading the plugin directory"),
+        log.contains("SIGHUP: rescanning the plugin directory and reloading the security files"),
+        "{log}"
+    );
+    // Who may call what is logged once at startup, group by group.
+    assert!(
+        log.contains("group=\"plugins\" open_to=loopback peers"),
         "{log}"
     );
 }

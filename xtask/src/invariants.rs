@@ -57,6 +57,19 @@ const RULES: &[Rule] = &[
         forbidden: |text| code_lines(text).any(|line| line.contains("serde_json::from_")),
     },
     Rule {
+        invariant: "every port is served by listen::serve (its TLS, limits and peer address), never by a server of its own",
+        roots: &["host/src"],
+        allowed: &["host/src/listen.rs"],
+        forbidden: |text| {
+            code_lines(text).any(|line| {
+                line.contains("axum::serve(")
+                    || line.contains("Server::builder()")
+                    || line.contains("serve_connection")
+                    || line.contains("TlsAcceptor")
+            })
+        },
+    },
+    Rule {
         invariant: "no wait in the tests is unbounded: every poll loop is `eventually`",
         roots: &["tests/tests", "tests/src", "host/tests"],
         // The helper itself, and its copy for the binary's own tests (the
@@ -94,6 +107,18 @@ const FORBIDDEN_DEPENDENCIES: &[(&str, &[&str])] = &[
     (
         "host/crates/plugin/Cargo.toml",
         &["tch", "plinth-torch", "tonic", "axum"],
+    ),
+    (
+        "host/crates/watch/Cargo.toml",
+        &[
+            "tch",
+            "wasmtime",
+            "plinth-core",
+            "plinth-torch",
+            "plinth-plugin",
+            "tonic",
+            "axum",
+        ],
     ),
     ("host/Cargo.toml", &["tch", "wasmtime"]),
 ];
