@@ -40,6 +40,9 @@ pub struct Verdict {
 pub struct Health {
     verdict: ArcSwap<Verdict>,
     startup_done: AtomicBool,
+    /// Set by [`Health::begin_drain`]: not ready from then on, whatever
+    /// the plugins say.
+    draining: AtomicBool,
     /// Wakes the monitor to judge again now.
     wake: Notify,
 }
@@ -52,6 +55,7 @@ impl Default for Health {
                 message: "startup loads in progress".into(),
             }),
             startup_done: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
@@ -59,11 +63,27 @@ impl Default for Health {
 
 impl Health {
     pub fn verdict(&self) -> Arc<Verdict> {
+        if self.is_draining() {
+            return Arc::new(draining());
+        }
         self.verdict.load_full()
     }
 
     pub fn is_ready(&self) -> bool {
-        self.verdict.load().readiness != Readiness::NotReady
+        !self.is_draining() && self.verdict.load().readiness != Readiness::NotReady
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// The server is going away: readiness turns off now (probes answer
+    /// 503, `grpc.health.v1` NOT_SERVING once the monitor has run), so load
+    /// balancers stop sending before the drain starts.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.verdict.store(Arc::new(draining()));
+        self.wake.notify_one();
     }
 
     /// The startup loads have finished: readiness may turn on, and the
@@ -135,7 +155,17 @@ pub(crate) fn cpu_memory() -> Option<DeviceMemory> {
     })
 }
 
+fn draining() -> Verdict {
+    Verdict {
+        readiness: Readiness::NotReady,
+        message: "draining: the server is shutting down".into(),
+    }
+}
+
 fn judge(health: &Health, registry: &Registry, plugins: &PluginHost, started: Instant) -> Verdict {
+    if health.is_draining() {
+        return draining();
+    }
     if !health.startup_done.load(Ordering::Acquire) {
         return Verdict {
             readiness: Readiness::NotReady,

@@ -30,11 +30,29 @@ enum Command {
 struct ServeArgs {
     /// Model repository: <repo>/<model>/config.toml and <repo>/<model>/<version>/model.pt.
     /// Without it, ./.plinth/models is used and filled with demo models if absent.
+    /// A directory that holds config.toml itself is one model, named by --model-name.
     #[arg(long, env = "PLINTH_MODEL_REPOSITORY")]
     model_repository: Option<PathBuf>,
+    /// The model's name when the repository is a single model directory
+    /// (config.toml at its root, as KServe's storage initializer leaves it).
+    #[arg(long, env = "PLINTH_MODEL_NAME")]
+    model_name: Option<String>,
+    /// Start even when the repository holds no model (fill it later under
+    /// --poll); without it an empty repository is an error.
+    #[arg(long)]
+    allow_empty: bool,
     /// Plugin directory (created if absent).
     #[arg(long, env = "PLINTH_PLUGIN_DIR", default_value = ".plinth/plugins")]
     plugin_dir: PathBuf,
+    /// Where compiled plugins are cached (default: <plugin-dir>/.cache); a
+    /// writable directory when the plugin directory is read-only.
+    #[arg(long, env = "PLINTH_PLUGIN_CACHE_DIR")]
+    plugin_cache_dir: Option<PathBuf>,
+    /// Validate the flags, the repository, the model configs, the plugin
+    /// directory, the auth config and the TLS files, print what was found,
+    /// and exit (0: all good) without serving.
+    #[arg(long)]
+    check: bool,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
     host: IpAddr,
@@ -117,6 +135,25 @@ struct ServeArgs {
     /// Connections open at once per port; more are closed as they arrive.
     #[arg(long, default_value_t = 4096, help_heading = "Limits")]
     max_connections: usize,
+
+    /// On SIGTERM, readiness turns 503 at once and the server keeps serving
+    /// this many seconds (so endpoints are updated) before it drains.
+    #[arg(long, default_value_t = 0.0, help_heading = "Shutdown")]
+    drain_delay_s: f64,
+    /// How long the drain (requests in flight, then model unloads) may take
+    /// before the process exits anyway.
+    #[arg(long, default_value_t = 30.0, help_heading = "Shutdown")]
+    drain_timeout_s: f64,
+}
+
+fn at_least_one<T: PartialOrd + From<u8> + std::fmt::Display>(
+    flag: &str,
+    value: T,
+) -> anyhow::Result<T> {
+    if value < T::from(1) {
+        anyhow::bail!("{flag}: expected at least 1, got {value}");
+    }
+    Ok(value)
 }
 
 fn positive_seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duration> {
@@ -126,25 +163,37 @@ fn positive_seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duratio
         .with_context(|| format!("{flag}: expected a positive number of seconds, got {value}"))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
+        // No colour codes in a log that is not a terminal (a file, a collector).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::DemoRepo { dir } => plinth::demo::write_demo_repository(&dir),
         Command::Serve(args) => serve(*args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, the causes joined: what a person or a pod's last
+            // log line needs, never a backtrace.
+            eprintln!("plinth: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let check = args.check;
     let model_repository = match args.model_repository {
         Some(dir) => dir,
         None => {
             let dir = PathBuf::from(".plinth/models");
-            if !dir.exists() {
+            if !dir.exists() && !check {
                 plinth::demo::write_demo_repository(&dir)
                     .context("creating the demo model repository")?;
                 tracing::info!(dir = %dir.display(), "created the demo model repository");
@@ -152,21 +201,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             dir
         }
     };
-    std::fs::create_dir_all(&args.plugin_dir).with_context(|| {
-        format!(
-            "creating the plugin directory {}",
-            args.plugin_dir.display()
-        )
-    })?;
+    if !check {
+        std::fs::create_dir_all(&args.plugin_dir).with_context(|| {
+            format!(
+                "creating the plugin directory {}",
+                args.plugin_dir.display()
+            )
+        })?;
+    }
+    if let Some(threads) = args.threads {
+        at_least_one("--threads", threads)?;
+    }
     let config = plinth::ServerConfig {
         model_repository,
+        model_name: args.model_name,
+        allow_empty: args.allow_empty,
         plugin_dir: args.plugin_dir,
+        plugin_cache_dir: args.plugin_cache_dir,
         grpc_addr: SocketAddr::new(args.host, args.grpc_port),
         http_addr: SocketAddr::new(args.host, args.http_port),
         metrics_addr: SocketAddr::new(args.host, args.metrics_port),
         threads: args.threads,
-        max_concurrent_loads: args.max_concurrent_loads,
-        max_message_bytes: args.max_message_mib << 20,
+        max_concurrent_loads: at_least_one("--max-concurrent-loads", args.max_concurrent_loads)?,
+        max_message_bytes: at_least_one("--max-message-mib", args.max_message_mib)? << 20,
         poll: args.poll,
         load_all: !args.no_load,
         watch_plugins: !args.no_plugin_watch,
@@ -186,12 +243,41 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         limits: plinth::listen::ConnectionLimits {
             header_timeout: positive_seconds("--header-timeout-s", args.header_timeout_s)?,
-            max_header_bytes: args.max_header_kib << 10,
-            max_concurrent_streams: args.max_concurrent_streams.max(1),
-            max_connections: args.max_connections.max(1),
+            max_header_bytes: at_least_one("--max-header-kib", args.max_header_kib)? << 10,
+            max_concurrent_streams: at_least_one(
+                "--max-concurrent-streams",
+                args.max_concurrent_streams,
+            )?,
+            max_connections: at_least_one("--max-connections", args.max_connections)?,
         },
         reload_on_sighup: true,
+        drain_timeout: positive_seconds("--drain-timeout-s", args.drain_timeout_s)?,
     };
+    let drain_delay = std::time::Duration::try_from_secs_f64(args.drain_delay_s)
+        .ok()
+        .with_context(|| {
+            format!(
+                "--drain-delay-s: expected zero or more seconds, got {}",
+                args.drain_delay_s
+            )
+        })?;
+    if check {
+        return match plinth::server::check(&config) {
+            Ok(facts) => {
+                for fact in facts {
+                    println!("{fact}");
+                }
+                println!("plinth serve --check: ok");
+                Ok(())
+            }
+            Err(problems) => {
+                for problem in &problems {
+                    eprintln!("plinth: {problem}");
+                }
+                anyhow::bail!("--check found {} problem(s)", problems.len())
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("plinth-io")
@@ -199,8 +285,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let server = plinth::start(config).await?;
         let trigger = server.trigger();
+        let health = std::sync::Arc::clone(&server.health);
         tokio::spawn(async move {
             plinth::server::shutdown_signal().await;
+            // Readiness off first, so endpoints stop sending, while the
+            // server still answers whatever is sent meanwhile.
+            health.begin_drain();
+            if !drain_delay.is_zero() {
+                tracing::info!(
+                    delay_s = drain_delay.as_secs_f64(),
+                    "shutting down: readiness is off; serving on until endpoints are updated (a second signal skips the wait)"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(drain_delay) => {}
+                    () = plinth::server::shutdown_signal() => {}
+                }
+            }
             tracing::info!("shutting down: draining in-flight requests");
             trigger.cancel();
         });

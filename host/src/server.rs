@@ -3,7 +3,7 @@
 //! on ephemeral ports through [`start`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +25,18 @@ use crate::security::{PortProtocols, ReloadHandle, Security, SecurityConfig};
 /// Everything `plinth serve` can be told.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// A repository of model directories, or one model directory (then
+    /// named by `model_name`).
     pub model_repository: PathBuf,
+    /// The name of the model when `model_repository` is itself a model
+    /// directory (KServe's single-model layout); ignored otherwise.
+    pub model_name: Option<String>,
+    /// Start even when the repository holds no model (to be filled later
+    /// under `--poll`); otherwise an empty repository is an error.
+    pub allow_empty: bool,
     pub plugin_dir: PathBuf,
+    /// Where compiled plugins are cached; `None`: `<plugin_dir>/.cache`.
+    pub plugin_cache_dir: Option<PathBuf>,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     /// Prometheus `/metrics`.
@@ -58,6 +68,9 @@ pub struct ServerConfig {
     /// that owns its signals leaves it off and calls
     /// [`RunningServer::reload_security`].
     pub reload_on_sighup: bool,
+    /// After the servers stop accepting: how long the drain (requests in
+    /// flight, then model unloads) may take before the process exits anyway.
+    pub drain_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -68,7 +81,10 @@ impl ServerConfig {
     ) -> ServerConfig {
         ServerConfig {
             model_repository: model_repository.into(),
+            model_name: None,
+            allow_empty: true,
             plugin_dir: plugin_dir.into(),
+            plugin_cache_dir: None,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -86,6 +102,7 @@ impl ServerConfig {
             },
             limits: ConnectionLimits::default(),
             reload_on_sighup: false,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -121,6 +138,7 @@ pub struct RunningServer {
     /// Connection counts per port: gRPC, HTTP, metrics.
     pub connections: PortSet<Arc<PortCounters>>,
     reloader: ReloadHandle,
+    drain_timeout: Duration,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -141,19 +159,34 @@ impl RunningServer {
     }
 
     /// Returns once the servers have stopped (after [`RunningServer::trigger`])
-    /// and every model has been unloaded, its executor threads ended.
+    /// and every model has been unloaded, its executor threads ended, or
+    /// once the drain timeout has passed since the servers stopped accepting.
     pub async fn wait(self) {
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        // The servers have drained, so nothing holds a model any more. A
-        // model still held (a bug) must not keep the process from exiting.
-        if tokio::time::timeout(Duration::from_secs(30), self.registry.unload_all())
+        let registry = self.registry.clone();
+        let tasks = self.tasks;
+        let drain = async move {
+            for task in tasks {
+                let _ = task.await;
+            }
+            // The servers have drained, so nothing holds a model any more.
+            registry.unload_all().await;
+        };
+        if tokio::time::timeout(self.drain_timeout, drain)
             .await
             .is_err()
         {
-            tracing::warn!("models still executing 30 s after the drain; exiting anyway");
+            tracing::warn!(
+                timeout_s = self.drain_timeout.as_secs_f64(),
+                "the drain did not finish within the drain timeout; exiting anyway"
+            );
         }
+    }
+
+    /// Turns readiness off at once (HTTP 503, `grpc.health.v1`
+    /// NOT_SERVING) while still serving: the first step of a rollout-safe
+    /// shutdown, before [`RunningServer::trigger`] starts the drain.
+    pub fn begin_drain(&self) {
+        self.health.begin_drain();
     }
 
     /// The token that starts the drain when cancelled.
@@ -217,7 +250,31 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         "compute budget: at most `cores` torch threads compute at once, over every model"
     );
 
-    let repository = ModelRepository::new(&config.model_repository);
+    let repository = open_repository(&config.model_repository, config.model_name.as_deref())?;
+    // The scan is quick and done before serving, so the first ListModels
+    // already shows every model; a repository that cannot be read or holds
+    // nothing to serve stops the server here, with one clear line.
+    let scan_repo = repository.clone();
+    let names = tokio::task::spawn_blocking(move || scan_repo.scan())
+        .await?
+        .with_context(|| {
+            format!(
+                "model repository {}: cannot read",
+                repository.root().display()
+            )
+        })?;
+    if names.is_empty() && !config.allow_empty {
+        anyhow::bail!(
+            "model repository {}: holds no model (no <model>/config.toml): nothing to serve; pass --allow-empty to start empty and fill it later under --poll",
+            repository.root().display()
+        );
+    }
+    std::fs::read_dir(&config.plugin_dir).with_context(|| {
+        format!(
+            "plugin directory {}: cannot read",
+            config.plugin_dir.display()
+        )
+    })?;
     let registry = Registry::new(RegistrySettings {
         max_concurrent_loads: config.max_concurrent_loads,
         event_capacity: config.state_events_capacity,
@@ -227,7 +284,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let health = Arc::new(Health::default());
 
     // Plugins the directory already holds are in place before the first request.
-    let plugins = Arc::new(PluginHost::new(&config.plugin_dir));
+    let plugins = Arc::new(match &config.plugin_cache_dir {
+        Some(cache) => PluginHost::with_cache_dir(&config.plugin_dir, cache),
+        None => PluginHost::new(&config.plugin_dir),
+    });
     for (name, outcome) in plugins.rescan().await {
         if let Err(reason) = outcome {
             tracing::warn!(plugin = name, %reason, "plugin refused at startup");
@@ -323,17 +383,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         )?);
     }
 
-    // The scan is quick and done before serving, so the first ListModels
-    // already shows every model. The loads themselves run in the background:
-    // the ports answer at once, and readiness turns on when they have finished.
-    let scan_repo = repository.clone();
-    let names = match tokio::task::spawn_blocking(move || scan_repo.scan()).await? {
-        Ok(names) => names,
-        Err(err) => {
-            tracing::error!(repository = %repository.root().display(), %err, "cannot read the model repository");
-            Vec::new()
-        }
-    };
+    // The loads run in the background: the ports answer at once, and
+    // readiness turns on when they have finished.
     registry.register_known(&names);
     let startup_registry = registry.clone();
     let startup_health = Arc::clone(&health);
@@ -401,9 +452,142 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         security,
         connections,
         reloader,
+        drain_timeout: config.drain_timeout,
         shutdown,
         tasks,
     })
+}
+
+/// The repository at `root`: a directory of model directories, or (when
+/// `root` holds a config.toml) one model directory, which must then be
+/// named. Errors are one line naming the path.
+pub fn open_repository(root: &Path, model_name: Option<&str>) -> anyhow::Result<ModelRepository> {
+    let meta = std::fs::metadata(root)
+        .with_context(|| format!("model repository {}: cannot read", root.display()))?;
+    if !meta.is_dir() {
+        anyhow::bail!("model repository {}: not a directory", root.display());
+    }
+    std::fs::read_dir(root)
+        .with_context(|| format!("model repository {}: cannot read", root.display()))?;
+    if !ModelRepository::is_model_dir(root) {
+        if let Some(name) = model_name {
+            tracing::info!(
+                name,
+                "--model-name applies only when the repository root is itself a model directory: serving the repository's models under their own names"
+            );
+        }
+        return Ok(ModelRepository::new(root));
+    }
+    let Some(name) = model_name else {
+        anyhow::bail!(
+            "model repository {}: holds a config.toml, so it is one model directory: name the model with --model-name",
+            root.display()
+        );
+    };
+    if !crate::config::valid_model_name(name) {
+        anyhow::bail!(
+            "--model-name: expected letters, digits, '_', '-' or '.' (not first), at most 128, got {name:?}"
+        );
+    }
+    Ok(ModelRepository::single(root, name))
+}
+
+/// `plinth serve --check`: everything `start` would read, read and
+/// validated, nothing bound or loaded. `Ok` holds a summary, one line per
+/// fact; `Err` one line per problem.
+pub fn check(config: &ServerConfig) -> Result<Vec<String>, Vec<String>> {
+    let mut facts = Vec::new();
+    let mut problems = Vec::new();
+    match Security::load(config.security.clone()) {
+        Ok(security) => {
+            let auth = config.security.auth_config.as_ref().map_or_else(
+                || "built-in default".to_owned(),
+                |p| p.display().to_string(),
+            );
+            facts.push(format!("auth: {auth}"));
+            facts.push(format!(
+                "TLS: {}",
+                if security.tls().is_some() {
+                    "on every port"
+                } else {
+                    "off"
+                }
+            ));
+        }
+        Err(err) => problems.push(err),
+    }
+    match open_repository(&config.model_repository, config.model_name.as_deref()) {
+        Err(err) => problems.push(format!("{err:#}")),
+        Ok(repository) => match repository.scan() {
+            Err(err) => problems.push(format!(
+                "model repository {}: cannot read: {err}",
+                repository.root().display()
+            )),
+            Ok(names) if names.is_empty() && !config.allow_empty => problems.push(format!(
+                "model repository {}: holds no model (no <model>/config.toml): nothing to serve; pass --allow-empty to start empty",
+                repository.root().display()
+            )),
+            Ok(names) => {
+                for name in &names {
+                    let dir = repository.model_dir(name);
+                    let checked = crate::config::ModelConfig::load(&dir).and_then(|model| {
+                        let versions = repository.select_versions(name, &model.version_policy)?;
+                        if versions.is_empty() {
+                            return Err(format!(
+                                "{}: no version directory with a model.pt for the version policy",
+                                dir.display()
+                            ));
+                        }
+                        Ok(versions.len())
+                    });
+                    match checked {
+                        Ok(n) => facts.push(format!("model {name}: {n} version(s) to load")),
+                        Err(err) => problems.push(err),
+                    }
+                }
+                if names.is_empty() {
+                    facts.push("models: none yet (--allow-empty)".into());
+                }
+            }
+        },
+    }
+    match std::fs::read_dir(&config.plugin_dir) {
+        Err(err) => problems.push(format!(
+            "plugin directory {}: cannot read: {err}",
+            config.plugin_dir.display()
+        )),
+        Ok(entries) => {
+            let components = entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "wasm"))
+                .count();
+            facts.push(format!(
+                "plugin directory {}: {components} component(s)",
+                config.plugin_dir.display()
+            ));
+        }
+    }
+    let cache = config
+        .plugin_cache_dir
+        .clone()
+        .unwrap_or_else(|| crate::plugin::default_cache_dir(&config.plugin_dir));
+    let probe = cache.join(".plinth-check");
+    match std::fs::create_dir_all(&cache).and_then(|()| std::fs::write(&probe, b"")) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            facts.push(format!("plugin cache {}: writable", cache.display()));
+        }
+        // Not fatal (plugins are compiled at every start instead), but said.
+        Err(err) => facts.push(format!(
+            "warning: plugin cache {}: not writable ({err}): plugins will be compiled at every start",
+            cache.display()
+        )),
+    }
+    if problems.is_empty() {
+        Ok(facts)
+    } else {
+        Err(problems)
+    }
 }
 
 /// SIGHUP: rescan the plugin directory and reload the security files.

@@ -3,7 +3,6 @@
 //! a reload keeps the old versions serving until the new ones are ready.
 
 use std::collections::BTreeSet;
-use std::path::{Component, Path};
 use std::time::Duration;
 
 use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer, notify};
@@ -22,13 +21,13 @@ impl RepositoryWatcher {
     pub fn start(registry: Registry, debounce: Duration) -> notify::Result<RepositoryWatcher> {
         let root = registry.repository().root().to_path_buf();
         let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<BTreeSet<String>>();
-        let event_root = root.clone();
+        let repository = registry.repository().clone();
         let changed_tx_for_retry = changed_tx.clone();
         let mut debouncer = new_debouncer(debounce, move |res: DebounceEventResult| match res {
             Ok(events) => {
                 let names: BTreeSet<String> = events
                     .iter()
-                    .filter_map(|event| model_of(&event_root, &event.path))
+                    .filter_map(|event| repository.model_of(&event.path))
                     .collect();
                 if !names.is_empty() {
                     let _ = changed_tx.send(names);
@@ -51,15 +50,6 @@ impl RepositoryWatcher {
             _debouncer: debouncer,
             _task: task,
         })
-    }
-}
-
-/// The model directory a changed path belongs to.
-fn model_of(root: &Path, path: &Path) -> Option<String> {
-    let rel = path.strip_prefix(root).ok()?;
-    match rel.components().next()? {
-        Component::Normal(name) => name.to_str().map(str::to_owned),
-        _ => None,
     }
 }
 

@@ -299,3 +299,121 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
         "{log}"
     );
 }
+
+/// One HTTP/1.1 GET on a fresh connection: the status code.
+async fn http_status(addr: &str, path: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: plinth\r\nconnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("no status line in {text:?}"))
+}
+
+/// The value of `key=` in the first log line that has it.
+fn logged(lines: &std::sync::mpsc::Receiver<String>, key: &str) -> String {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Ok(line) = lines.recv_timeout(left) else {
+            break;
+        };
+        if let Some(pos) = line.find(key) {
+            return line[pos + key.len()..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned();
+        }
+    }
+    panic!("no `{key}` logged within {PATIENCE:?}");
+}
+
+/// A rollout-safe SIGTERM: readiness turns 503 at once while the server
+/// still answers (so endpoints can be updated), for --drain-delay-s; a
+/// second signal cuts the delay short; then the drain and a clean exit.
+#[tokio::test]
+async fn sigterm_turns_readiness_off_at_once_and_serves_through_the_drain_delay() {
+    let repo = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    write_slow_model(repo.path());
+    let child = Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(["serve", "--host", "127.0.0.1"])
+        .args([
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        // Far longer than the test needs: the second signal ends it.
+        .args(["--drain-delay-s", "600", "--drain-timeout-s", "20"])
+        .arg("--model-repository")
+        .arg(repo.path())
+        .arg("--plugin-dir")
+        .arg(plugins.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("plinth starts");
+    let mut child = Server(child);
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(strip_ansi(&line));
+        }
+    });
+    let http = logged(&lines, "http_addr=");
+    eventually("readiness 200", async || {
+        match http_status(&http, "/v2/health/ready").await {
+            Ok(200) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let pid = child.0.id().to_string();
+    let signal = |name: &str| {
+        let sent = Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(sent.success());
+    };
+    signal("-TERM");
+    eventually("readiness 503 after SIGTERM", async || {
+        match http_status(&http, "/v2/health/ready").await {
+            Ok(503) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // Still serving: the process runs, liveness and models answer.
+    assert!(
+        matches!(child.0.try_wait(), Ok(None)),
+        "exited before its drain delay"
+    );
+    assert_eq!(http_status(&http, "/v2/health/live").await, Ok(200));
+    assert_eq!(http_status(&http, "/v2/models/slow/ready").await, Ok(200));
+    signal("-TERM");
+    let exit = eventually("plinth to exit after the second SIGTERM", async || {
+        child
+            .0
+            .try_wait()
+            .unwrap()
+            .ok_or_else(|| "still running".to_owned())
+    })
+    .await;
+    assert!(exit.success(), "plinth exited with {exit}");
+}

@@ -3,6 +3,7 @@
 
 mod batching;
 mod budget;
+mod deploy;
 mod edges;
 mod errors;
 mod lifecycle;

@@ -438,27 +438,79 @@ pub fn valid_model_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
-/// The model repository directory.
+/// The model repository directory: a directory of model directories, or
+/// (as KServe's storage initializer leaves a single model at `/mnt/models`)
+/// one model directory, `config.toml` and versions at the root, served
+/// under a name given to it.
 #[derive(Debug, Clone)]
 pub struct ModelRepository {
     root: PathBuf,
+    /// The name of the one model at the root, for the single-model layout.
+    single: Option<String>,
 }
 
 impl ModelRepository {
     pub fn new(root: impl Into<PathBuf>) -> ModelRepository {
-        ModelRepository { root: root.into() }
+        ModelRepository {
+            root: root.into(),
+            single: None,
+        }
+    }
+
+    /// The single-model layout: `root` is the model directory of `name`.
+    pub fn single(root: impl Into<PathBuf>, name: impl Into<String>) -> ModelRepository {
+        ModelRepository {
+            root: root.into(),
+            single: Some(name.into()),
+        }
+    }
+
+    /// Whether `root` is itself a model directory (holds a config.toml).
+    pub fn is_model_dir(root: &Path) -> bool {
+        root.join(CONFIG_FILE).is_file()
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// The name of the one model of the single-model layout.
+    pub fn single_model(&self) -> Option<&str> {
+        self.single.as_deref()
+    }
+
     pub fn model_dir(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+        match &self.single {
+            Some(single) if single == name => self.root.clone(),
+            // No other name has a directory: one under the root would be
+            // a version directory of the single model.
+            Some(_) => self.root.join(".no-such-model").join(name),
+            None => self.root.join(name),
+        }
+    }
+
+    /// The model a changed path under the root belongs to, if any.
+    pub fn model_of(&self, path: &Path) -> Option<String> {
+        let rel = path.strip_prefix(&self.root).ok()?;
+        if let Some(single) = &self.single {
+            return Some(single.clone());
+        }
+        match rel.components().next()? {
+            std::path::Component::Normal(name) => name.to_str().map(str::to_owned),
+            _ => None,
+        }
     }
 
     /// Names of the model directories (those holding a config.toml). Blocking.
     pub fn scan(&self) -> std::io::Result<Vec<String>> {
+        if let Some(single) = &self.single {
+            std::fs::read_dir(&self.root)?;
+            return Ok(if Self::is_model_dir(&self.root) {
+                vec![single.clone()]
+            } else {
+                Vec::new()
+            });
+        }
         let mut names = Vec::new();
         for entry in std::fs::read_dir(&self.root)? {
             let entry = entry?;

@@ -18,6 +18,9 @@ mod calls;
 pub mod kind;
 pub mod manifest;
 mod runtime;
+
+/// Where compiled components are cached unless told otherwise: `<plugin dir>/.cache`.
+pub use runtime::cache_dir as default_cache_dir;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,7 +30,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer, notify};
 use tokio::sync::mpsc;
 
 pub use calls::{RequestView, Stage};
@@ -60,6 +62,8 @@ pub struct PluginReport {
 /// The loaded plugins, by file stem.
 pub struct PluginHost {
     dir: PathBuf,
+    /// Where compiled components are cached (`<dir>/.cache` by default).
+    cache_dir: PathBuf,
     plugins: ArcSwap<BTreeMap<String, AnyPlugin>>,
     failures: parking_lot::Mutex<BTreeMap<String, FileFailure>>,
     /// Loads that failed since startup.
@@ -86,8 +90,17 @@ fn stem_of(path: &Path, ext: &str) -> Option<String> {
 
 impl PluginHost {
     pub fn new(dir: impl Into<PathBuf>) -> PluginHost {
+        let dir = dir.into();
+        let cache_dir = runtime::cache_dir(&dir);
+        PluginHost::with_cache_dir(dir, cache_dir)
+    }
+
+    /// A host whose compiled components are cached in `cache_dir`: for a
+    /// plugin directory that cannot be written (a mounted ConfigMap).
+    pub fn with_cache_dir(dir: impl Into<PathBuf>, cache_dir: impl Into<PathBuf>) -> PluginHost {
         PluginHost {
             dir: dir.into(),
+            cache_dir: cache_dir.into(),
             plugins: ArcSwap::from_pointee(BTreeMap::new()),
             failures: parking_lot::Mutex::new(BTreeMap::new()),
             load_failures: AtomicU64::new(0),
@@ -97,6 +110,10 @@ impl PluginHost {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
     }
 
     /// The plugin serving under `name`, of whichever kind; `into_kind`
@@ -157,7 +174,7 @@ impl PluginHost {
         let _swap = self.swap_lock.lock().await;
         let wasm = self.dir.join(format!("{name}.wasm"));
         let manifest_path = self.dir.join(format!("{name}.toml"));
-        let cache = runtime::cache_dir(&self.dir);
+        let cache = self.cache_dir.clone();
         let owned = name.to_owned();
         let current = self.get(name);
         /// What the blocking step found: a new plugin, or the serving one
@@ -284,41 +301,47 @@ impl PluginHost {
     }
 }
 
-/// Watches the plugin directory; stops when dropped.
+/// Watches the plugin directory; stops when dropped. Entries are compared
+/// by content and followed through symlinks ([`plinth_watch::DirWatch`]),
+/// so a file rewritten in place, one renamed in, and a Kubernetes ConfigMap
+/// update (the `..data` symlink swap, which touches no plugin's own entry)
+/// each reload exactly the plugins whose `.wasm` or `.toml` changed.
 pub struct PluginWatcher {
-    _debouncer: Debouncer<notify::RecommendedWatcher>,
+    _watch: plinth_watch::DirWatch,
     _task: tokio::task::JoinHandle<()>,
 }
 
 impl PluginWatcher {
     /// Bursts of events within `debounce` are applied together, so a file
     /// being copied is read once it has settled.
-    pub fn start(host: Arc<PluginHost>, debounce: Duration) -> notify::Result<PluginWatcher> {
+    pub fn start(host: Arc<PluginHost>, debounce: Duration) -> std::io::Result<PluginWatcher> {
         let (tx, mut rx) = mpsc::unbounded_channel::<BTreeSet<String>>();
-        let mut debouncer = new_debouncer(debounce, move |res: DebounceEventResult| match res {
-            Ok(events) => {
-                let names: BTreeSet<String> = events
-                    .iter()
-                    .filter_map(|event| {
-                        stem_of(&event.path, "wasm").or_else(|| stem_of(&event.path, "toml"))
-                    })
-                    .collect();
-                if !names.is_empty() {
-                    let _ = tx.send(names);
-                }
+        let wanted = |name: &str| {
+            let path = Path::new(name);
+            stem_of(path, "wasm")
+                .or_else(|| stem_of(path, "toml"))
+                .is_some()
+        };
+        let watch = plinth_watch::DirWatch::start(host.dir(), debounce, wanted, move |changed| {
+            let names: BTreeSet<String> = changed
+                .iter()
+                .filter_map(|name| {
+                    let path = Path::new(name);
+                    stem_of(path, "wasm").or_else(|| stem_of(path, "toml"))
+                })
+                .collect();
+            if !names.is_empty() {
+                let _ = tx.send(names);
             }
-            Err(err) => tracing::warn!(%err, "plugin directory watch error"),
-        })?;
-        debouncer
-            .watcher()
-            .watch(host.dir(), notify::RecursiveMode::NonRecursive)?;
+        })
+        .map_err(std::io::Error::other)?;
         let task = tokio::spawn(async move {
             while let Some(names) = rx.recv().await {
                 host.apply(names).await;
             }
         });
         Ok(PluginWatcher {
-            _debouncer: debouncer,
+            _watch: watch,
             _task: task,
         })
     }

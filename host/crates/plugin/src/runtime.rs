@@ -267,11 +267,21 @@ impl Runtime {
         // SAFETY: the artifact was produced just above by this engine.
         let component = unsafe { Component::deserialize(&self.engine, &artifact) }
             .map_err(|err| format!("{err:#}"))?;
-        if std::fs::create_dir_all(cache_dir).is_ok() {
-            let partial = cache_dir.join(format!("{hash}.partial"));
-            if std::fs::write(&partial, &artifact).is_ok() {
-                let _ = std::fs::rename(&partial, &cached);
-            }
+        let partial = cache_dir.join(format!("{hash}.partial"));
+        let written = std::fs::create_dir_all(cache_dir)
+            .and_then(|()| std::fs::write(&partial, &artifact))
+            .and_then(|()| std::fs::rename(&partial, &cached));
+        if let Err(err) = written {
+            // Once per process: a read-only plugin directory (a mounted
+            // ConfigMap) fails every write the same way.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    cache = %cache_dir.display(),
+                    %err,
+                    "cannot write the plugin compile cache: plugins are compiled again at every start; point --plugin-cache-dir at a writable directory"
+                );
+            });
         }
         Ok((component, hash))
     }

@@ -1,5 +1,7 @@
-//! Watches files whose content matters (tokens, certificates, keys) and says
-//! when that content changes, however it was changed.
+//! Watches files whose content matters (tokens, certificates, keys, plugin
+//! components) and says when that content changes, however it was changed:
+//! [`FileWatch`] for a fixed set of files, [`DirWatch`] for the entries of
+//! a directory.
 //!
 //! Editing a file in place is the simple case. Kubernetes does not do that:
 //! it mounts a Secret or ConfigMap as a directory of symlinks
@@ -65,17 +67,108 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-type Callback = Box<dyn FnMut(&[PathBuf]) + Send>;
+/// What one look at the watched things found: each thing's content, and
+/// the directories to watch so that a change to any of them is seen.
+struct Look<K> {
+    contents: BTreeMap<K, Content>,
+    dirs: BTreeSet<PathBuf>,
+}
 
-struct State {
-    contents: BTreeMap<PathBuf, Content>,
-    watching: BTreeSet<PathBuf>,
+type Debounced = Arc<Mutex<Debouncer<notify::RecommendedWatcher>>>;
+
+/// The machinery both watches share: a debounced notify watcher over a set
+/// of directories that follows what `look` says, and a thread that, after
+/// each burst of events, looks again and reports the keys whose content
+/// changed (appeared and vanished included).
+struct Core {
+    debouncer: Debounced,
+    watching: Arc<Mutex<BTreeSet<PathBuf>>>,
+}
+
+impl Core {
+    fn start<K>(
+        debounce: Duration,
+        look: impl Fn() -> Look<K> + Send + 'static,
+        mut on_change: impl FnMut(Vec<K>) + Send + 'static,
+    ) -> notify::Result<Core>
+    where
+        K: Ord + Clone + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<()>();
+        let debouncer = new_debouncer(debounce, move |res: DebounceEventResult| match res {
+            Ok(_) => {
+                let _ = tx.send(());
+            }
+            Err(err) => tracing::warn!(%err, "file watch error"),
+        })?;
+        let core = Core {
+            debouncer: Arc::new(Mutex::new(debouncer)),
+            watching: Arc::new(Mutex::new(BTreeSet::new())),
+        };
+        let first = look();
+        rewatch(
+            &Arc::downgrade(&core.debouncer),
+            &core.watching,
+            &first.dirs,
+        )?;
+        let mut seen = first.contents;
+        let weak = Arc::downgrade(&core.debouncer);
+        let watching = Arc::clone(&core.watching);
+        std::thread::Builder::new()
+            .name("plinth-file-watch".into())
+            .spawn(move || {
+                // Ends when the debouncer (and with it the sender) is dropped.
+                while rx.recv().is_ok() {
+                    while rx.try_recv().is_ok() {}
+                    let now = look();
+                    if let Err(err) = rewatch(&weak, &watching, &now.dirs) {
+                        tracing::warn!(%err, "file watch: following the links again");
+                    }
+                    let keys: BTreeSet<&K> = seen.keys().chain(now.contents.keys()).collect();
+                    let changed: Vec<K> = keys
+                        .into_iter()
+                        .filter(|k| seen.get(*k) != now.contents.get(*k))
+                        .cloned()
+                        .collect();
+                    seen = now.contents;
+                    if !changed.is_empty() {
+                        on_change(changed);
+                    }
+                }
+            })?;
+        Ok(core)
+    }
+}
+
+/// Watches the directories in `wanted`, and stops watching those no longer
+/// wanted. A directory that could not be watched is tried again next time.
+fn rewatch(
+    debouncer: &Weak<Mutex<Debouncer<notify::RecommendedWatcher>>>,
+    watching: &Mutex<BTreeSet<PathBuf>>,
+    wanted: &BTreeSet<PathBuf>,
+) -> notify::Result<()> {
+    let Some(debouncer) = debouncer.upgrade() else {
+        return Ok(());
+    };
+    let mut watching = watching.lock();
+    let mut debouncer = debouncer.lock();
+    let watcher = debouncer.watcher();
+    let mut result = Ok(());
+    for dir in wanted.difference(&watching) {
+        if let Err(err) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            result = Err(err);
+        }
+    }
+    for dir in watching.difference(wanted) {
+        let _ = watcher.unwatch(dir);
+    }
+    *watching = wanted.iter().filter(|dir| dir.is_dir()).cloned().collect();
+    result
 }
 
 /// Watches a set of files; stops when dropped.
 pub struct FileWatch {
-    debouncer: Arc<Mutex<Debouncer<notify::RecommendedWatcher>>>,
-    state: Arc<Mutex<State>>,
+    core: Core,
     files: Vec<PathBuf>,
 }
 
@@ -95,49 +188,21 @@ impl FileWatch {
     pub fn start(
         files: impl IntoIterator<Item = PathBuf>,
         debounce: Duration,
-        on_change: impl FnMut(&[PathBuf]) + Send + 'static,
+        mut on_change: impl FnMut(&[PathBuf]) + Send + 'static,
     ) -> notify::Result<FileWatch> {
         let files: Vec<PathBuf> = files.into_iter().map(|f| absolute(&f)).collect();
-        let contents = files
-            .iter()
-            .map(|file| (file.clone(), Content::read(file)))
-            .collect();
-        let state = Arc::new(Mutex::new(State {
-            contents,
-            watching: BTreeSet::new(),
-        }));
-        let (tx, rx) = mpsc::channel::<()>();
-        let debouncer = new_debouncer(debounce, move |res: DebounceEventResult| match res {
-            Ok(_) => {
-                let _ = tx.send(());
-            }
-            Err(err) => tracing::warn!(%err, "file watch error"),
-        })?;
-        let debouncer = Arc::new(Mutex::new(debouncer));
-        let watch = FileWatch {
-            debouncer: Arc::clone(&debouncer),
-            state: Arc::clone(&state),
-            files: files.clone(),
+        let watched = files.clone();
+        let look = move || Look {
+            contents: watched
+                .iter()
+                .map(|file| (file.clone(), Content::read(file)))
+                .collect(),
+            dirs: watched.iter().flat_map(|f| watched_dirs(f)).collect(),
         };
-        watch.rewatch()?;
-        let weak = Arc::downgrade(&debouncer);
-        let mut on_change: Callback = Box::new(on_change);
-        std::thread::Builder::new()
-            .name("plinth-file-watch".into())
-            .spawn(move || {
-                // Ends when the debouncer (and with it the sender) is dropped.
-                while rx.recv().is_ok() {
-                    while rx.try_recv().is_ok() {}
-                    let changed = refresh(&files, &state);
-                    if let Err(err) = rewatch_with(&weak, &files, &state) {
-                        tracing::warn!(%err, "file watch: following the links again");
-                    }
-                    if !changed.is_empty() {
-                        on_change(&changed);
-                    }
-                }
-            })?;
-        Ok(watch)
+        let core = Core::start(debounce, look, move |changed: Vec<PathBuf>| {
+            on_change(&changed)
+        })?;
+        Ok(FileWatch { core, files })
     }
 
     /// The files watched, as absolute paths.
@@ -147,55 +212,68 @@ impl FileWatch {
 
     /// The directories now watched.
     pub fn directories(&self) -> BTreeSet<PathBuf> {
-        self.state.lock().watching.clone()
-    }
-
-    fn rewatch(&self) -> notify::Result<()> {
-        rewatch_with(&Arc::downgrade(&self.debouncer), &self.files, &self.state)
+        self.core.watching.lock().clone()
     }
 }
 
-/// Re-reads every file; returns those whose content changed, and records
-/// the new contents.
-fn refresh(files: &[PathBuf], state: &Mutex<State>) -> Vec<PathBuf> {
-    let mut state = state.lock();
-    let mut changed = Vec::new();
-    for file in files {
-        let now = Content::read(file);
-        if state.contents.get(file) != Some(&now) {
-            state.contents.insert(file.clone(), now);
-            changed.push(file.clone());
-        }
-    }
-    changed
+/// Watches the entries of one directory by content: a new entry, a removed
+/// one, an entry rewritten in place, and an entry that is a symlink whose
+/// target changes (the Kubernetes `..data` swap of a mounted ConfigMap, or a
+/// link into another directory) are all reported by name. Stops when dropped.
+pub struct DirWatch {
+    core: Core,
+    dir: PathBuf,
 }
 
-/// Watches the directories the files' link chains now pass through, and
-/// stops watching those they no longer do.
-fn rewatch_with(
-    debouncer: &Weak<Mutex<Debouncer<notify::RecommendedWatcher>>>,
-    files: &[PathBuf],
-    state: &Mutex<State>,
-) -> notify::Result<()> {
-    let Some(debouncer) = debouncer.upgrade() else {
-        return Ok(());
-    };
-    let wanted: BTreeSet<PathBuf> = files.iter().flat_map(|f| watched_dirs(f)).collect();
-    let mut state = state.lock();
-    let mut debouncer = debouncer.lock();
-    let watcher = debouncer.watcher();
-    let mut result = Ok(());
-    for dir in wanted.difference(&state.watching) {
-        if let Err(err) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
-            result = Err(err);
-        }
+impl std::fmt::Debug for DirWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirWatch")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
-    for dir in state.watching.difference(&wanted) {
-        let _ = watcher.unwatch(dir);
+}
+
+impl DirWatch {
+    /// Starts watching the entries of `dir` whose names pass `wanted`
+    /// (hidden entries, such as Kubernetes' `..data`, never do). The
+    /// current contents are the baseline; `on_change` runs on the watcher's
+    /// thread with the names whose content changed.
+    pub fn start(
+        dir: impl Into<PathBuf>,
+        debounce: Duration,
+        wanted: impl Fn(&str) -> bool + Send + 'static,
+        mut on_change: impl FnMut(&[String]) + Send + 'static,
+    ) -> notify::Result<DirWatch> {
+        let dir = absolute(&dir.into());
+        let root = dir.clone();
+        let look = move || {
+            let mut contents = BTreeMap::new();
+            let mut dirs = BTreeSet::from([root.clone()]);
+            if let Ok(entries) = std::fs::read_dir(&root) {
+                for entry in entries.flatten() {
+                    let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                        continue;
+                    };
+                    if name.starts_with('.') || !wanted(&name) {
+                        continue;
+                    }
+                    let path = entry.path();
+                    dirs.extend(watched_dirs(&path));
+                    contents.insert(name, Content::read(&path));
+                }
+            }
+            Look { contents, dirs }
+        };
+        let core = Core::start(debounce, look, move |changed: Vec<String>| {
+            on_change(&changed)
+        })?;
+        Ok(DirWatch { core, dir })
     }
-    // A directory that could not be watched is tried again next time.
-    state.watching = wanted.into_iter().filter(|dir| dir.is_dir()).collect();
-    result
+
+    /// The directories now watched: `dir` and those its links lead into.
+    pub fn directories(&self) -> BTreeSet<PathBuf> {
+        self.core.watching.lock().clone()
+    }
 }
 
 #[cfg(test)]
@@ -323,6 +401,71 @@ mod tests {
         assert_eq!(next(&rx), vec![absolute(&token)]);
         std::fs::write(&token, "one").unwrap();
         assert_eq!(next(&rx), vec![absolute(&token)]);
+    }
+
+    fn watch_dir(dir: &Path) -> (DirWatch, Receiver<Vec<String>>) {
+        let (tx, rx) = mpsc::channel();
+        let watch = DirWatch::start(
+            dir,
+            DEBOUNCE,
+            |name| name.ends_with(".wasm") || name.ends_with(".toml"),
+            move |changed| {
+                let _ = tx.send(changed.to_vec());
+            },
+        )
+        .expect("watch starts");
+        (watch, rx)
+    }
+
+    fn next_names(rx: &Receiver<Vec<String>>) -> Vec<String> {
+        rx.recv_timeout(PATIENCE)
+            .unwrap_or_else(|err| panic!("no change reported within {PATIENCE:?}: {err}"))
+    }
+
+    #[test]
+    fn a_directory_reports_entries_added_changed_and_removed_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.wasm"), "a1").unwrap();
+        let (_watch, rx) = watch_dir(dir.path());
+        std::fs::write(dir.path().join("b.toml"), "b1").unwrap();
+        assert_eq!(next_names(&rx), vec!["b.toml".to_owned()]);
+        std::fs::write(dir.path().join("a.wasm"), "a2").unwrap();
+        assert_eq!(next_names(&rx), vec!["a.wasm".to_owned()]);
+        std::fs::remove_file(dir.path().join("b.toml")).unwrap();
+        assert_eq!(next_names(&rx), vec!["b.toml".to_owned()]);
+        // Unwanted names and hidden partial files are not reported.
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        std::fs::write(dir.path().join(".a.wasm.partial"), "x").unwrap();
+        std::fs::write(dir.path().join("a.wasm"), "a3").unwrap();
+        assert_eq!(next_names(&rx), vec!["a.wasm".to_owned()]);
+    }
+
+    #[test]
+    fn a_configmap_swap_reports_each_entry_whose_content_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        kubernetes_update(
+            dir.path(),
+            1,
+            &[
+                ("router.wasm", "r1"),
+                ("router.toml", "t1"),
+                ("metrics.wasm", "m1"),
+            ],
+        );
+        let (_watch, rx) = watch_dir(dir.path());
+        kubernetes_update(
+            dir.path(),
+            2,
+            &[
+                ("router.wasm", "r2"),
+                ("router.toml", "t2"),
+                ("metrics.wasm", "m1"),
+            ],
+        );
+        assert_eq!(
+            next_names(&rx),
+            vec!["router.toml".to_owned(), "router.wasm".to_owned()]
+        );
     }
 
     #[test]
