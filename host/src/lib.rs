@@ -10,6 +10,7 @@
 pub use plinth_core::{config, error, tensor};
 pub use plinth_plugin as plugin;
 
+pub mod cli;
 pub mod demo;
 pub mod grpc;
 pub mod health;

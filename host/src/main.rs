@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use plinth::cli;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -24,6 +25,37 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Write the demo model repository into DIR.
     DemoRepo { dir: PathBuf },
+    /// List, load, unload and watch the models of a running server.
+    Models {
+        #[command(subcommand)]
+        command: cli::ModelsCommand,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// Run one inference: plinth infer MODEL --input x='[[1,2,3,4]]' [--output-dir DIR].
+    Infer {
+        #[command(flatten)]
+        args: cli::InferArgs,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// The plugins of a running server, and checking a component without one.
+    Plugin {
+        #[command(subcommand)]
+        command: cli::PluginCommand,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// The server's version, devices, compute budget and models.
+    Info {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
+    /// grpc.health.v1: prints SERVING and exits 0, or NOT_SERVING and exits 1.
+    Health {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
 }
 
 #[derive(Parser)]
@@ -171,10 +203,23 @@ fn main() -> std::process::ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
+    let parsed = Cli::parse();
+    let result = match parsed.command {
         Command::DemoRepo { dir } => plinth::demo::write_demo_repository(&dir),
         Command::Serve(args) => serve(*args),
+        Command::Plugin {
+            command: cli::PluginCommand::Check { file, manifest },
+            client,
+        } => cli::check_plugin(&file, manifest, client.output).map_err(anyhow::Error::from),
+        Command::Models { command, client } => {
+            client_call(client, async |c| cli::models(c, command).await)
+        }
+        Command::Infer { args, client } => client_call(client, async |c| cli::infer(c, args).await),
+        Command::Plugin { command, client } => {
+            client_call(client, async |c| cli::plugins(c, command).await)
+        }
+        Command::Info { client } => client_call(client, async |c| cli::info(c).await),
+        Command::Health { client } => client_call(client, async |c| cli::health(c).await),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -185,6 +230,21 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Runs one client command on a small runtime of its own.
+fn client_call(
+    args: cli::ClientArgs,
+    call: impl AsyncFnOnce(&cli::Client) -> cli::CliResult,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = cli::Client::connect(&args).await?;
+        call(&client).await?;
+        anyhow::Ok(())
+    })
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -59,6 +59,42 @@ pub struct PluginReport {
     pub failure: Option<FileFailure>,
 }
 
+/// What `plinth plugin check` reports of a component this host accepts.
+#[derive(Debug, Clone)]
+pub struct ComponentReport {
+    /// The world it implements (`processor-plugin`, ...).
+    pub world: &'static str,
+    /// The `plinth:plugin` interfaces it names, with the versions it was built against.
+    pub interfaces: Vec<String>,
+    /// What its `describe` says.
+    pub info: PluginInfo,
+    /// The WIT version this host speaks.
+    pub host_wit: &'static str,
+}
+
+/// Runs on `bytes` every check the loader runs (a valid component, one
+/// plugin world at a compatible version, instantiation under `manifest`'s
+/// limits and capabilities, `describe` and `init`) without a server.
+/// Blocking. Compiled artifacts go to a private temporary directory.
+pub fn check_component(
+    name: &str,
+    bytes: &[u8],
+    manifest: Manifest,
+) -> Result<ComponentReport, String> {
+    let cache = std::env::temp_dir().join(format!("plinth-check-{}", std::process::id()));
+    let result = AnyPlugin::load(name, bytes, manifest, &cache).and_then(|plugin| {
+        let (component, _) = runtime::Runtime::get().compile(bytes, &cache)?;
+        Ok(ComponentReport {
+            world: plugin.kind.world(),
+            interfaces: runtime::Runtime::get().plugin_interfaces(&component),
+            info: plugin.info.clone(),
+            host_wit: WIT_VERSION,
+        })
+    });
+    let _ = std::fs::remove_dir_all(&cache);
+    result
+}
+
 /// The loaded plugins, by file stem.
 pub struct PluginHost {
     dir: PathBuf,

@@ -260,10 +260,12 @@ impl Runtime {
                 }
             }
         }
-        let artifact = self
-            .engine
-            .precompile_component(bytes)
-            .map_err(|err| format!("not a valid WebAssembly component: {}", root_cause(&err)))?;
+        let artifact = self.engine.precompile_component(bytes).map_err(|err| {
+            // One line: a text-format parse error adds a source excerpt.
+            let cause = root_cause(&err);
+            let first = cause.lines().next().unwrap_or_default().trim();
+            format!("not a valid WebAssembly component: {first}")
+        })?;
         // SAFETY: the artifact was produced just above by this engine.
         let component = unsafe { Component::deserialize(&self.engine, &artifact) }
             .map_err(|err| format!("{err:#}"))?;
@@ -284,6 +286,21 @@ impl Runtime {
             });
         }
         Ok((component, hash))
+    }
+
+    /// The `plinth:plugin` interfaces a component imports or exports, with
+    /// the versions it was built against.
+    pub(super) fn plugin_interfaces(&self, component: &Component) -> Vec<String> {
+        let ty = component.component_type();
+        let mut names: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .chain(ty.exports(&self.engine).map(|(name, _)| name.to_owned()))
+            .filter(|name| name.starts_with(WIT_PACKAGE))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Finds the one plugin world the component implements and checks that
