@@ -17,6 +17,16 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// text (plain, coloured only on a terminal) or json (one object per
+    /// line, for log collectors).
+    #[arg(long, global = true, value_enum, env = "PLINTH_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -196,14 +206,20 @@ fn positive_seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duratio
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        // No colour codes in a log that is not a terminal (a file, a collector).
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
     let parsed = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match parsed.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(false)
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            // No colour codes in a log that is not a terminal (a file, a collector).
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_env_filter(filter)
+            .init(),
+    }
     let result = match parsed.command {
         Command::DemoRepo { dir } => plinth::demo::write_demo_repository(&dir),
         Command::Serve(args) => serve(*args),

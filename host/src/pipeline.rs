@@ -18,7 +18,8 @@ use tokio::sync::mpsc;
 use crate::config::ModelConfig;
 use crate::error::Error;
 use crate::plugin::{
-    ModelChoice, PluginHost, RequestEvent, RequestStatus, RequestView, Stage, StageTimings, kind,
+    Manifest, ModelChoice, OnError, PluginHost, PluginMeta, RequestEvent, RequestStatus,
+    RequestView, Stage, StageTimings, kind,
 };
 use crate::registry::{ReadyModel, Registry, RequestRecord};
 use crate::tensor::Tensor;
@@ -131,6 +132,20 @@ struct Timings {
     executed: bool,
     executed_rows: u64,
     leader: bool,
+}
+
+/// Whether a failed call may be skipped: the plugin asked for it, and the
+/// failure is the plugin's, not its verdict that the request is invalid.
+fn skippable(manifest: &Manifest, err: &Error) -> bool {
+    manifest.on_error == OnError::Skip && !matches!(err, Error::InvalidArgument(_))
+}
+
+fn skipped(plugin: &PluginMeta, stage: &str, err: &Error) {
+    plugin
+        .stats
+        .skips
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(plugin = %plugin.name, stage, %err, "plugin failed; skipped (on_error = \"skip\")");
 }
 
 impl Pipeline {
@@ -289,9 +304,15 @@ impl Pipeline {
                 .into_iter()
                 .map(|(name, versions)| ModelChoice { name, versions })
                 .collect();
-            let decision = router.route(view, &candidates)?;
-            view.model = decision.model;
-            view.version = decision.version;
+            match router.route(view, &candidates) {
+                Ok(decision) => {
+                    view.model = decision.model;
+                    view.version = decision.version;
+                }
+                // Fail-open: the request goes where it asked to.
+                Err(err) if skippable(&router.manifest, &err) => skipped(&router, "route", &err),
+                Err(err) => return Err(err),
+            }
         }
         let model = self.inner.registry.get_ready(&view.model)?;
         timings.model = Some(Arc::clone(&model));
@@ -346,9 +367,21 @@ impl Pipeline {
                     model.name
                 ))
             })?;
-            tensors = plugin
-                .into_kind::<kind::Processor>()?
-                .process(stage, view, tensors)?;
+            let processor = plugin.into_kind::<kind::Processor>()?;
+            if processor.manifest.on_error == OnError::Skip {
+                // Tensors are reference-counted: keeping them costs no copy.
+                let kept = tensors.clone();
+                tensors = match processor.process(stage, view, tensors) {
+                    Ok(out) => out,
+                    Err(err) if skippable(&processor.manifest, &err) => {
+                        skipped(&processor, label, &err);
+                        kept
+                    }
+                    Err(err) => return Err(err),
+                };
+            } else {
+                tensors = processor.process(stage, view, tensors)?;
+            }
         }
         Ok(tensors)
     }

@@ -35,6 +35,7 @@ fn report_to_pb(report: PluginReport) -> pb::PluginStatus {
         status.loaded_at_us = micros_since_epoch(plugin.loaded_at);
         status.calls = plugin.stats.calls.load(Ordering::Relaxed);
         status.errors = plugin.stats.errors.load(Ordering::Relaxed);
+        status.skips = plugin.stats.skips.load(Ordering::Relaxed);
         status.last_error = plugin.stats.last_error.lock().clone().unwrap_or_default();
         status.serving = true;
     }

@@ -804,3 +804,85 @@ async fn the_plugin_service_lists_gets_and_reloads() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+/// A guest that dies the way a non-Rust one does (its error written to
+/// stderr, then an abort, no panic hook): the call fails with a precise
+/// error and the host serves on; with `on_error = "skip"` the request goes
+/// on without the plugin, and the skip is counted. (Writing to stderr
+/// during a call is itself refused today: wasmtime-wasi's blocking I/O
+/// cannot run on a tokio worker, and is contained as a trap of the call.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guests_stderr_reaches_the_report_and_on_error_skip_fails_open() {
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::affine(repo, "affine", 4);
+            fixtures::affine_config(4)
+                .preprocess(&["strict"])
+                .write(repo, "affine");
+            fixtures::affine(repo, "lenient", 4);
+            fixtures::affine_config(4)
+                .preprocess(&["open"])
+                .write(repo, "lenient");
+        },
+        true,
+    )
+    .await;
+    install_plugin(
+        srv.plugins.path(),
+        "strict",
+        "hostile_trap",
+        Some("[config]\ntrap-in = \"abort\"\n"),
+    );
+    install_plugin(
+        srv.plugins.path(),
+        "open",
+        "hostile_trap",
+        Some("on_error = \"skip\"\n[config]\ntrap-in = \"abort\"\n"),
+    );
+    srv.wait_plugin("strict", serving).await;
+    srv.wait_plugin("open", serving).await;
+    srv.wait_ready("affine").await;
+    srv.wait_ready("lenient").await;
+    let mut compute = srv.compute().await;
+    let row = [1.0f32, 2.0, 3.0, 4.0];
+
+    let err = compute
+        .compute(compute_request(
+            "affine",
+            vec![f32_tensor("x", &[1, 4], &row)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message()
+            .contains("plugin 'strict' (preprocess) trapped")
+            && err.message().contains("WASI call"),
+        "{err:?}"
+    );
+    let strict = srv.wait_plugin("strict", |s| s.errors >= 1).await;
+    assert!(strict.last_error.contains("WASI call"), "{strict:?}");
+    assert_eq!(strict.skips, 0);
+
+    let out = compute
+        .compute(compute_request(
+            "lenient",
+            vec![f32_tensor("x", &[1, 4], &row)],
+        ))
+        .await
+        .expect("the failing plugin is skipped")
+        .into_inner();
+    assert_eq!(f32_values(&out.outputs[0]), affine_expected(&row).to_vec());
+    let open = srv.wait_plugin("open", |s| s.skips >= 1).await;
+    assert_eq!(open.errors, 1, "{open:?}");
+    // Contained: the strict model keeps failing cleanly, others serve.
+    let again = compute
+        .compute(compute_request(
+            "affine",
+            vec![f32_tensor("x", &[1, 4], &row)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::Internal, "{again:?}");
+    srv.stop().await;
+}

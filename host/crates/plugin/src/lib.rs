@@ -15,6 +15,7 @@
 
 mod bindings;
 mod calls;
+mod guest_log;
 pub mod kind;
 pub mod manifest;
 mod runtime;
@@ -34,7 +35,7 @@ use tokio::sync::mpsc;
 
 pub use calls::{RequestView, Stage};
 pub use kind::{AnyPlugin, Kind};
-pub use manifest::Manifest;
+pub use manifest::{Manifest, OnError};
 pub use runtime::{CallError, Plugin, PluginKind, PluginMeta, PluginStats, WIT_VERSION};
 pub use types::{
     DeviceMemory, HealthReport, HealthStatus, HostSnapshot, ModelChoice, ModelPhase, ModelStatus,

@@ -24,8 +24,25 @@ pub struct Manifest {
     pub dirs: Vec<DirGrant>,
     /// Outbound network access.
     pub network: bool,
-    /// The plugin's stdout and stderr go to the host's.
+    /// Accepted for compatibility, no longer needed: a guest's stdout and
+    /// stderr always go to the host log, line by line.
     pub stdio: bool,
+    /// What a failing call does to the request.
+    pub on_error: OnError,
+}
+
+/// What a failing plugin call does to its request (`on_error` in the
+/// manifest). A plugin's deliberate refusal of a request (invalid
+/// argument) always fails it; `Skip` is for the plugin failing (a trap, a
+/// timeout, out of memory, an internal error), as Envoy's fail-open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// The request fails with the plugin's error (the default).
+    #[default]
+    Fail,
+    /// The request goes on as if the plugin were absent; counted and logged.
+    Skip,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -51,6 +68,7 @@ impl Default for Manifest {
             dirs: Vec::new(),
             network: false,
             stdio: false,
+            on_error: OnError::Fail,
         }
     }
 }
@@ -58,6 +76,8 @@ impl Default for Manifest {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawManifest {
+    #[serde(default)]
+    on_error: OnError,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
@@ -125,6 +145,7 @@ impl Manifest {
         manifest.dirs = raw.capabilities.dirs;
         manifest.network = raw.capabilities.network;
         manifest.stdio = raw.capabilities.stdio;
+        manifest.on_error = raw.on_error;
         Ok(manifest)
     }
 }

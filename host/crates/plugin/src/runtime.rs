@@ -14,6 +14,7 @@ use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{wit, wit_host};
+use super::guest_log::{GuestOutput, Which};
 use super::kind::Kind;
 use super::manifest::Manifest;
 use super::types::{PluginError, PluginInfo, PluginStatus};
@@ -173,6 +174,8 @@ pub struct PluginState {
     /// The last error the guest logged during the current call: a Rust guest
     /// logs its panic message just before it traps.
     last_error_log: Option<String>,
+    /// The instance's stdout and stderr, and the tail of its stderr.
+    output: Arc<GuestOutput>,
 }
 
 impl WasiView for PluginState {
@@ -383,9 +386,12 @@ impl Runtime {
             wasi.inherit_network();
             wasi.allow_ip_name_lookup(true);
         }
-        if manifest.stdio {
-            wasi.inherit_stdout().inherit_stderr();
-        }
+        // Always to the host log (the `stdio` capability is no longer
+        // needed): the guest can read nothing through it.
+        static INSTANCES: AtomicU64 = AtomicU64::new(0);
+        let output = GuestOutput::new(Arc::clone(name), INSTANCES.fetch_add(1, Ordering::Relaxed));
+        wasi.stdout(output.stream(Which::Stdout));
+        wasi.stderr(output.stream(Which::Stderr));
         let mut store = Store::new(
             &self.engine,
             PluginState {
@@ -395,6 +401,7 @@ impl Runtime {
                 table: ResourceTable::new(),
                 memory: MemoryCap::new(manifest.memory_bytes),
                 last_error_log: None,
+                output,
             },
         );
         store.limiter(|state| &mut state.memory);
@@ -429,6 +436,8 @@ pub(super) struct Instance<K: Kind> {
 pub struct PluginStats {
     pub calls: AtomicU64,
     pub errors: AtomicU64,
+    /// Failed calls the request went on without (`on_error = "skip"`).
+    pub skips: AtomicU64,
     pub last_error: parking_lot::Mutex<Option<String>>,
 }
 
@@ -632,7 +641,27 @@ impl<K: Kind> Plugin<K> {
                 .inspect_err(|err| self.record_error(err))?,
         };
         self.arm(&mut instance);
-        let res = f(&instance.exports, &mut instance.store);
+        // A host function that panics (wasmtime-wasi's blocking I/O refuses
+        // to run on a tokio worker, which is where calls run) must cost the
+        // call, not the request's task: contained as a trap of this call.
+        let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            f(&instance.exports, &mut instance.store)
+        })) {
+            Ok(res) => res,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let err = CallError::Trap(format!(
+                    "the host refused a WASI call the guest made during the call (blocking I/O such as writing to stdout or stderr cannot run on a request thread): {}",
+                    what.lines().next().unwrap_or_default()
+                ));
+                self.record_error(&err);
+                return Err(err);
+            }
+        };
         let err = match res {
             Ok(res) => {
                 let idle = match &mut stateful_guard {
@@ -650,12 +679,25 @@ impl<K: Kind> Plugin<K> {
             // The instance is dropped here: after a trap its state is suspect.
             Err(err) => {
                 let logged = instance.store.data_mut().last_error_log.take();
-                match (classify(err, &instance.store, &self.manifest), logged) {
+                let stderr = instance.store.data().output.take_tail();
+                let backtrace = err
+                    .downcast_ref::<wasmtime::WasmBacktrace>()
+                    .map(|trace| format!("{trace}"));
+                let classified = match (classify(err, &instance.store, &self.manifest), logged) {
                     (CallError::Trap(cause), Some(message)) => {
                         CallError::Trap(format!("{message} ({cause})"))
                     }
+                    // What the guest printed before it trapped (an uncaught
+                    // Python exception's traceback ends in the error).
+                    (CallError::Trap(cause), None) if !stderr.is_empty() => CallError::Trap(
+                        format!("{cause}; the guest's stderr ended: {}", stderr.join(" | ")),
+                    ),
                     (other, _) => other,
+                };
+                if let Some(backtrace) = backtrace {
+                    tracing::warn!(plugin = %self.name, %backtrace, "plugin trapped");
                 }
+                classified
             }
         };
         self.record_error(&err);
