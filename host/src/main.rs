@@ -124,6 +124,10 @@ struct ServeArgs {
     /// Don't watch the plugin directory (reload with SIGHUP or ReloadPlugins).
     #[arg(long)]
     no_plugin_watch: bool,
+    /// Readiness does not wait for the plugins present at startup to load
+    /// (they load in the background either way).
+    #[arg(long)]
+    no_wait_plugins: bool,
     /// Seconds between health-plugin checks when nothing changes (they also
     /// run on every model state change and when the startup loads finish).
     #[arg(long, default_value_t = 1.0)]
@@ -303,6 +307,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         poll: args.poll,
         load_all: !args.no_load,
         watch_plugins: !args.no_plugin_watch,
+        wait_for_plugins: !args.no_wait_plugins,
         state_events_capacity: 1024,
         health_period: positive_seconds("--health-period-s", args.health_period_s)?,
         security: plinth::security::SecurityConfig {

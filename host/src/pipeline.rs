@@ -313,6 +313,15 @@ impl Pipeline {
                 Err(err) if skippable(&router.manifest, &err) => skipped(&router, "route", &err),
                 Err(err) => return Err(err),
             }
+        } else if let Some((name, known)) = self.inner.plugins.router_compiling() {
+            // Never routed around: a router on its way is waited for.
+            return Err(Error::Unavailable(if known {
+                format!("router plugin '{name}' is compiling: requests are refused until it serves")
+            } else {
+                format!(
+                    "plugin '{name}' is loading and may be a router: requests are refused until it is known"
+                )
+            }));
         }
         let model = self.inner.registry.get_ready(&view.model)?;
         timings.model = Some(Arc::clone(&model));
@@ -362,10 +371,17 @@ impl Pipeline {
         };
         for name in names {
             let plugin = self.inner.plugins.get(name).ok_or_else(|| {
-                Error::Unavailable(format!(
-                    "model '{}': {label} plugin '{name}' is not loaded (no {name}.wasm in the plugin directory)",
-                    model.name
-                ))
+                if self.inner.plugins.is_compiling(name) {
+                    Error::Unavailable(format!(
+                        "model '{}': {label} plugin '{name}' is compiling; it serves once loaded",
+                        model.name
+                    ))
+                } else {
+                    Error::Unavailable(format!(
+                        "model '{}': {label} plugin '{name}' is not loaded (no {name}.wasm in the plugin directory)",
+                        model.name
+                    ))
+                }
             })?;
             let processor = plugin.into_kind::<kind::Processor>()?;
             if processor.manifest.on_error == OnError::Skip {

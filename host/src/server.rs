@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub load_all: bool,
     /// Watch the plugin directory and hot-reload plugins as files change.
     pub watch_plugins: bool,
+    /// Readiness waits until every plugin file present at startup has
+    /// loaded or failed (they load in the background either way).
+    pub wait_for_plugins: bool,
     /// How often health plugins re-judge the host when nothing changes.
     pub health_period: Duration,
     /// Room in the broadcast of model state changes (WatchModels, the
@@ -94,6 +97,7 @@ impl ServerConfig {
             poll: false,
             load_all: true,
             watch_plugins: true,
+            wait_for_plugins: true,
             health_period: crate::health::DEFAULT_PERIOD,
             state_events_capacity: 1024,
             security: SecurityConfig {
@@ -283,16 +287,26 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let shutdown = CancellationToken::new();
     let health = Arc::new(Health::default());
 
-    // Plugins the directory already holds are in place before the first request.
+    // The plugins the directory holds load in the background, all at once:
+    // the ports answer meanwhile (a request that needs one still compiling
+    // gets UNAVAILABLE naming it), and readiness waits for them unless
+    // told not to.
     let plugins = Arc::new(match &config.plugin_cache_dir {
         Some(cache) => PluginHost::with_cache_dir(&config.plugin_dir, cache),
         None => PluginHost::new(&config.plugin_dir),
     });
-    for (name, outcome) in plugins.rescan().await {
-        if let Err(reason) = outcome {
-            tracing::warn!(plugin = name, %reason, "plugin refused at startup");
-        }
-    }
+    let startup_plugins = {
+        let plugins = Arc::clone(&plugins);
+        tokio::spawn(async move {
+            for (name, outcome) in plugins.rescan().await {
+                if let Err(reason) = outcome {
+                    tracing::warn!(plugin = name, %reason, "plugin refused at startup");
+                }
+            }
+            tracing::info!("startup plugin loads finished");
+        })
+    };
+    let wait_for_plugins = config.wait_for_plugins;
     let pipeline = Pipeline::new(registry.clone(), Arc::clone(&plugins));
 
     let grpc_listener = TcpListener::bind(config.grpc_addr)
@@ -401,6 +415,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             for ticket in tickets {
                 let _ = ticket.finished().await;
             }
+        }
+        if wait_for_plugins {
+            let _ = startup_plugins.await;
         }
         startup_health.startup_finished();
         tracing::info!(models = names.len(), "startup loads finished");

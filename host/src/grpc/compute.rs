@@ -195,6 +195,7 @@ impl ComputeService for ComputeApi {
                 .collect(),
             libtorch_version: self.info.libtorch_version.clone(),
             cuda_available: cuda.device_count > 0,
+            plugin_cache_bytes: self.pipeline.plugins().cache_bytes(),
         }))
     }
 }

@@ -25,6 +25,7 @@ fn report_to_pb(report: PluginReport) -> pb::PluginStatus {
     let mut status = pb::PluginStatus {
         name: report.name,
         load_error: report.failure.map(|f| f.reason).unwrap_or_default(),
+        compiling: report.compiling,
         ..Default::default()
     };
     if let Some(plugin) = report.plugin {

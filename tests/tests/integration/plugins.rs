@@ -886,3 +886,130 @@ async fn a_guests_stderr_reaches_the_report_and_on_error_skip_fails_open() {
     assert_eq!(again.code(), Code::Internal, "{again:?}");
     srv.stop().await;
 }
+
+/// A named pipe: a read of it blocks until the test writes. If the test
+/// ends first, dropping it releases a reader still waiting (it reads an
+/// empty file), so no blocking thread outlives the test.
+struct Fifo(std::path::PathBuf);
+
+impl Fifo {
+    fn new(path: std::path::PathBuf) -> Fifo {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo {}", path.display());
+        Fifo(path)
+    }
+
+    /// Writes `bytes` to the reader (blocking until there is one).
+    async fn feed(&self, bytes: Vec<u8>) {
+        let path = self.0.clone();
+        tokio::time::timeout(
+            PATIENCE,
+            tokio::task::spawn_blocking(move || std::fs::write(path, bytes)),
+        )
+        .await
+        .expect("a reader takes the bytes within PATIENCE")
+        .unwrap()
+        .unwrap();
+    }
+}
+
+impl Drop for Fifo {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking: opens only if a reader waits, which then sees EOF.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.0);
+    }
+}
+
+/// Plugins present at startup load in the background: the server answers
+/// while one is still being read (a named pipe holds it there), reports it
+/// as compiling, refuses requests that need it (UNAVAILABLE naming it, and
+/// a router is never routed around), and turns ready once it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_plugins_load_in_the_background_and_requests_wait_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let post = Fifo::new(dir.path().join("post.wasm"));
+    let router = Fifo::new(dir.path().join("router.wasm"));
+    std::fs::write(
+        dir.path().join("post.toml"),
+        "[config]\nk = 1\nsoftmax = false\n",
+    )
+    .unwrap();
+    let plugin_dir = dir.path().to_path_buf();
+    let srv = TestServer::start_with(
+        |repo| {
+            fixtures::affine(repo, "affine", 4);
+            fixtures::affine_config(4)
+                .postprocess(&["post"])
+                .write(repo, "affine");
+        },
+        |config| config.plugin_dir = plugin_dir,
+    )
+    .await;
+    // start() returned with both files unread: the ports answer.
+    srv.wait_ready("affine").await;
+    let listed = srv
+        .plugin_api()
+        .await
+        .list_plugins(pb::ListPluginsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .plugins;
+    let compiling: Vec<&str> = listed
+        .iter()
+        .filter(|p| p.compiling)
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(compiling, ["post", "router"], "{listed:?}");
+    assert_eq!(srv.http_get("/v2/health/ready").await.0, 503);
+    let mut compute = srv.compute().await;
+    let row = [1.0f32, 2.0, 3.0, 4.0];
+    let run = || compute_request("affine", vec![f32_tensor("x", &[1, 4], &row)]);
+    let err = compute.compute(run()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("is loading and may be a router"),
+        "a plugin that may be a router is not routed around: {err:?}"
+    );
+
+    // The router arrives (the weighted router with no weights passes requests on).
+    router
+        .feed(std::fs::read(plinth_tests::plugin_wasm("weighted_router")).unwrap())
+        .await;
+    srv.wait_plugin("router", serving).await;
+    let err = compute.compute(run()).await.unwrap_err();
+    assert!(
+        err.message()
+            .contains("postprocess plugin 'post' is compiling"),
+        "{err:?}"
+    );
+    assert_eq!(srv.http_get("/v2/health/ready").await.0, 503);
+
+    post.feed(std::fs::read(plinth_tests::plugin_wasm("softmax_topk")).unwrap())
+        .await;
+    srv.wait_plugin("post", serving).await;
+    let out = compute.compute(run()).await.unwrap().into_inner();
+    assert_eq!(out.outputs[0].name, "topk_indices");
+    eventually(
+        PATIENCE,
+        "readiness once the startup plugins serve",
+        async || {
+            let (code, body) = srv.http_get("/v2/health/ready").await;
+            if code == 200 {
+                Ok(())
+            } else {
+                Err(format!("{code} {body}"))
+            }
+        },
+    )
+    .await;
+    let info = srv.info().await;
+    assert!(info.plugin_cache_bytes > 0, "{info:?}");
+    srv.stop().await;
+}

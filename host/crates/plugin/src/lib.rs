@@ -58,6 +58,20 @@ pub struct PluginReport {
     pub name: String,
     pub plugin: Option<AnyPlugin>,
     pub failure: Option<FileFailure>,
+    /// A load of this name is under way (reading, compiling, instantiating).
+    pub compiling: bool,
+}
+
+/// A load under way. The newest load of a name wins: an older one that
+/// finishes later is dropped rather than swapped in.
+#[derive(Debug, Clone)]
+struct Pending {
+    ticket: u64,
+    /// Whether it is a router: known from the plugin it replaces, then
+    /// from its bytes (the router interface's name) before compiling;
+    /// `None` while a new file is being read. A router (or what may be one)
+    /// being loaded is never routed around.
+    router: Option<bool>,
 }
 
 /// What `plinth plugin check` reports of a component this host accepts.
@@ -96,6 +110,12 @@ pub fn check_component(
     result
 }
 
+/// Compiled artifacts kept beyond those of the loaded plugins.
+pub const CACHE_SPARE: usize = 8;
+
+/// The router interface's name as a component spells it.
+const ROUTER_NAME: &[u8] = b"plinth:plugin/router@";
+
 /// The loaded plugins, by file stem.
 pub struct PluginHost {
     dir: PathBuf,
@@ -105,8 +125,11 @@ pub struct PluginHost {
     failures: parking_lot::Mutex<BTreeMap<String, FileFailure>>,
     /// Loads that failed since startup.
     pub load_failures: AtomicU64,
-    /// Serialises swaps, so two reloads of one file cannot interleave.
+    /// Serialises swaps (held for the swap only, never across a compile).
     swap_lock: tokio::sync::Mutex<()>,
+    /// Loads under way, by name.
+    pending: parking_lot::Mutex<BTreeMap<String, Pending>>,
+    tickets: AtomicU64,
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -142,6 +165,8 @@ impl PluginHost {
             failures: parking_lot::Mutex::new(BTreeMap::new()),
             load_failures: AtomicU64::new(0),
             swap_lock: tokio::sync::Mutex::new(()),
+            pending: parking_lot::Mutex::new(BTreeMap::new()),
+            tickets: AtomicU64::new(0),
         }
     }
 
@@ -181,15 +206,119 @@ impl PluginHost {
     pub fn list(&self) -> Vec<PluginReport> {
         let plugins = self.plugins.load();
         let failures = self.failures.lock().clone();
-        let names: BTreeSet<&String> = plugins.keys().chain(failures.keys()).collect();
+        let pending = self.pending.lock().clone();
+        let names: BTreeSet<&String> = plugins
+            .keys()
+            .chain(failures.keys())
+            .chain(pending.keys())
+            .collect();
         names
             .into_iter()
             .map(|name| PluginReport {
                 name: name.clone(),
                 plugin: plugins.get(name).cloned(),
                 failure: failures.get(name).cloned(),
+                compiling: pending.contains_key(name),
             })
             .collect()
+    }
+
+    /// Bytes of compiled components in the cache directory. Blocking.
+    pub fn cache_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.cache_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Keeps the artifacts of the plugins loaded now plus the
+    /// [`CACHE_SPARE`] most recently used others; deletes the rest (each
+    /// rebuild of a non-reproducible component would otherwise add one
+    /// forever). Blocking.
+    pub fn evict_cache(&self) {
+        let keep: BTreeSet<String> = self
+            .plugins
+            .load()
+            .values()
+            .map(|p| format!("{}.cwasm", p.file_hash))
+            .collect();
+        evict(&self.cache_dir, &keep);
+    }
+}
+
+fn evict(cache_dir: &Path, keep: &BTreeSet<String>) {
+    {
+        let Ok(entries) = std::fs::read_dir(cache_dir) else {
+            return;
+        };
+        let mut others: Vec<(SystemTime, PathBuf)> = entries
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.ends_with(".cwasm") && !keep.contains(&name)
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        others.sort_by(|a, b| b.0.cmp(&a.0));
+        for (_, path) in others.into_iter().skip(CACHE_SPARE) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::debug!(file = %path.display(), "evicted from the plugin cache"),
+                Err(err) => tracing::debug!(file = %path.display(), %err, "cannot evict"),
+            }
+        }
+    }
+}
+
+impl PluginHost {
+    /// Whether a load of `name` is under way.
+    pub fn is_compiling(&self, name: &str) -> bool {
+        self.pending.lock().contains_key(name)
+    }
+
+    /// A router (or a new file not yet read, which may be one) being
+    /// loaded: requests must not be routed around it. The name, and
+    /// whether it is known to be a router.
+    pub fn router_compiling(&self) -> Option<(String, bool)> {
+        self.pending
+            .lock()
+            .iter()
+            .find(|(_, p)| p.router != Some(false))
+            .map(|(name, p)| (name.clone(), p.router == Some(true)))
+    }
+
+    fn begin(&self, name: &str) -> u64 {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed) + 1;
+        let router = self
+            .get(name)
+            .map(|current| current.kind == PluginKind::Router);
+        self.pending
+            .lock()
+            .insert(name.to_owned(), Pending { ticket, router });
+        ticket
+    }
+
+    fn is_latest(&self, name: &str, ticket: u64) -> bool {
+        self.pending
+            .lock()
+            .get(name)
+            .is_none_or(|p| p.ticket == ticket)
+    }
+
+    /// Ends the load `ticket` of `name`; false if a newer load has begun.
+    fn finish(&self, name: &str, ticket: u64) -> bool {
+        let mut pending = self.pending.lock();
+        match pending.get(name) {
+            Some(p) if p.ticket == ticket => {
+                pending.remove(name);
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
     }
 
     fn fail(&self, name: &str, reason: String) -> String {
@@ -206,44 +335,74 @@ impl PluginHost {
         reason
     }
 
-    /// Loads or replaces the plugin `<dir>/<name>.wasm`.
+    /// Loads or replaces the plugin `<dir>/<name>.wasm`. The file is read
+    /// and compiled with no lock held (several compile at once); only the
+    /// swap is serialised. While it runs, the name is reported as compiling.
     pub async fn load(&self, name: &str) -> Result<AnyPlugin, String> {
-        let _swap = self.swap_lock.lock().await;
+        let ticket = self.begin(name);
         let wasm = self.dir.join(format!("{name}.wasm"));
         let manifest_path = self.dir.join(format!("{name}.toml"));
+        let current = self.get(name);
+        let read =
+            tokio::task::spawn_blocking(move || -> Result<Option<(Vec<u8>, Manifest)>, String> {
+                let bytes = std::fs::read(&wasm)
+                    .map_err(|err| format!("{}: cannot read: {err}", wasm.display()))?;
+                let manifest = Manifest::load(&manifest_path)?;
+                // The same bytes under the same manifest: a duplicate event, not a change.
+                if let Some(current) = &current
+                    && runtime::content_hash(&bytes) == current.file_hash
+                    && *current.manifest == manifest
+                {
+                    return Ok(None);
+                }
+                Ok(Some((bytes, manifest)))
+            })
+            .await
+            .unwrap_or_else(|err| Err(format!("plugin load panicked: {err}")));
+        let (bytes, manifest) = match read {
+            Ok(Some(read)) => read,
+            Ok(None) => {
+                let current = self.get(name);
+                if self.finish(name, ticket) {
+                    self.failures.lock().remove(name);
+                }
+                return current.ok_or_else(|| format!("plugin '{name}' was removed meanwhile"));
+            }
+            Err(reason) => {
+                return if self.finish(name, ticket) {
+                    Err(self.fail(name, reason))
+                } else {
+                    Err(format!("superseded by a newer load: {reason}"))
+                };
+            }
+        };
+        // The kind is known only once compiled; the router's interface name
+        // in the bytes says early enough that requests must wait for it.
+        let router = bytes.windows(ROUTER_NAME.len()).any(|w| w == ROUTER_NAME);
+        if let Some(p) = self.pending.lock().get_mut(name)
+            && p.ticket == ticket
+        {
+            p.router = Some(router);
+        }
         let cache = self.cache_dir.clone();
         let owned = name.to_owned();
-        let current = self.get(name);
-        /// What the blocking step found: a new plugin, or the serving one
-        /// when the file and manifest are what it was loaded from.
-        enum Built {
-            New(AnyPlugin),
-            Unchanged(AnyPlugin),
+        let built =
+            tokio::task::spawn_blocking(move || AnyPlugin::load(&owned, &bytes, manifest, &cache))
+                .await
+                .unwrap_or_else(|err| Err(format!("plugin load panicked: {err}")));
+        let _swap = self.swap_lock.lock().await;
+        if !self.is_latest(name, ticket) {
+            return Err("superseded by a newer load of the same file".into());
         }
-        let built = tokio::task::spawn_blocking(move || -> Result<Built, String> {
-            let bytes = std::fs::read(&wasm)
-                .map_err(|err| format!("{}: cannot read: {err}", wasm.display()))?;
-            let manifest = Manifest::load(&manifest_path)?;
-            // The same bytes under the same manifest: a duplicate event, not a change.
-            if let Some(current) = current
-                && runtime::content_hash(&bytes) == current.file_hash
-                && *current.manifest == manifest
-            {
-                return Ok(Built::Unchanged(current));
-            }
-            AnyPlugin::load(&owned, &bytes, manifest, &cache)
-                .map(Built::New)
-                .map_err(|err| format!("{}: {err}", wasm.display()))
-        })
-        .await
-        .unwrap_or_else(|err| Err(format!("plugin load panicked: {err}")));
+        // Reported as compiling until swapped in or failed: never a moment
+        // when it is neither.
         let plugin = match built {
-            Ok(Built::New(plugin)) => plugin,
-            Ok(Built::Unchanged(current)) => {
-                self.failures.lock().remove(name);
-                return Ok(current);
+            Ok(plugin) => plugin,
+            Err(err) => {
+                let reason = format!("{}: {err}", self.dir.join(format!("{name}.wasm")).display());
+                self.finish(name, ticket);
+                return Err(self.fail(name, reason));
             }
-            Err(reason) => return Err(self.fail(name, reason)),
         };
         let previous = self.get(name);
         if let Some(previous) = &previous
@@ -255,6 +414,7 @@ impl PluginHost {
                 plugin.kind.world(),
                 previous.kind.world()
             );
+            self.finish(name, ticket);
             return Err(self.fail(name, reason));
         }
         if let (Some(AnyPlugin::Metrics(previous)), AnyPlugin::Metrics(next)) = (&previous, &plugin)
@@ -267,7 +427,17 @@ impl PluginHost {
             next.insert(name.to_owned(), plugin.clone());
             next
         });
+        self.finish(name, ticket);
         self.failures.lock().remove(name);
+        // Off the swap: a directory listing and a few deletions.
+        let host_cache = self.cache_dir.clone();
+        let keep: BTreeSet<String> = self
+            .plugins
+            .load()
+            .values()
+            .map(|p| format!("{}.cwasm", p.file_hash))
+            .collect();
+        tokio::task::spawn_blocking(move || evict(&host_cache, &keep));
         tracing::info!(
             plugin = name,
             world = plugin.kind.world(),
@@ -313,12 +483,14 @@ impl PluginHost {
         for gone in loaded.iter().filter(|name| !names.contains(name)) {
             self.remove(gone);
         }
-        let mut outcomes = Vec::with_capacity(names.len());
-        for name in names {
-            let res = self.load(&name).await.map(|_| ());
-            outcomes.push((name, res));
-        }
-        outcomes
+        // Every file at once: a big component compiling holds up no other.
+        let loads = names.iter().map(|name| self.load(name));
+        let results = futures::future::join_all(loads).await;
+        names
+            .into_iter()
+            .zip(results)
+            .map(|(name, res)| (name, res.map(|_| ())))
+            .collect()
     }
 
     /// Applies a burst of file events: a changed `.wasm` or `.toml` reloads

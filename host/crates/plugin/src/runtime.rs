@@ -257,7 +257,14 @@ impl Runtime {
             // this same configuration; wasmtime also checks the artifact's
             // header against the engine and refuses a mismatch.
             match unsafe { Component::deserialize_file(&self.engine, &cached) } {
-                Ok(component) => return Ok((component, hash)),
+                Ok(component) => {
+                    // Recently used: the last to be evicted.
+                    let _ = std::fs::File::options()
+                        .write(true)
+                        .open(&cached)
+                        .and_then(|f| f.set_modified(SystemTime::now()));
+                    return Ok((component, hash));
+                }
                 Err(err) => {
                     tracing::warn!(file = %cached.display(), %err, "ignoring a stale compiled plugin")
                 }

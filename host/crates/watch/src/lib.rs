@@ -34,8 +34,14 @@ pub enum Content {
 }
 
 impl Content {
-    /// Reads `path` (following links) and digests it.
+    /// Reads `path` (following links) and digests it. Only regular files
+    /// are read: a named pipe would block the watcher.
     pub fn read(path: &Path) -> Content {
+        match std::fs::metadata(path) {
+            Ok(meta) if !meta.is_file() => return Content::Unreadable("not a regular file".into()),
+            Err(err) => return Content::Unreadable(err.kind().to_string()),
+            Ok(_) => {}
+        }
         match std::fs::read(path) {
             Ok(bytes) => Content::Digest(Sha256::digest(&bytes).into()),
             Err(err) => Content::Unreadable(err.kind().to_string()),
