@@ -263,7 +263,7 @@ fn evict(cache_dir: &Path, keep: &BTreeSet<String>) {
             })
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
-        others.sort_by(|a, b| b.0.cmp(&a.0));
+        others.sort_by_key(|other| std::cmp::Reverse(other.0));
         for (_, path) in others.into_iter().skip(CACHE_SPARE) {
             match std::fs::remove_file(&path) {
                 Ok(()) => tracing::debug!(file = %path.display(), "evicted from the plugin cache"),
@@ -553,5 +553,46 @@ impl PluginWatcher {
             _watch: watch,
             _task: task,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cache keeps the loaded plugins' artifacts and the CACHE_SPARE
+    /// most recently used others, whatever their age.
+    #[test]
+    fn eviction_keeps_the_loaded_and_the_most_recent() {
+        let dir = std::env::temp_dir().join(format!("plinth-evict-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for i in 0..14u64 {
+            let path = dir.join(format!("{i:02}.cwasm"));
+            std::fs::write(&path, b"x").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(base + Duration::from_secs(i))
+                .unwrap();
+        }
+        std::fs::write(dir.join("notes.txt"), b"not an artifact").unwrap();
+        // 00 and 01 are the oldest but loaded.
+        let keep: BTreeSet<String> = ["00.cwasm".to_owned(), "01.cwasm".to_owned()].into();
+        evict(&dir, &keep);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want: Vec<String> = ["00", "01", "06", "07", "08", "09", "10", "11", "12", "13"]
+            .iter()
+            .map(|n| format!("{n}.cwasm"))
+            .collect();
+        want.push("notes.txt".into());
+        assert_eq!(left, want);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
