@@ -543,7 +543,8 @@ fn print_plugins(client: &Client, plugins: &[pb::PluginStatus]) {
                 .map(|p| {
                     json!({
                         "name": p.name, "world": p.world, "version": p.version,
-                        "serving": p.serving, "calls": p.calls, "errors": p.errors,
+                        "serving": p.serving, "compiling": p.compiling, "calls": p.calls,
+                        "errors": p.errors, "skips": p.skips,
                         "file_hash": p.file_hash, "last_error": p.last_error, "load_error": p.load_error,
                     })
                 })
@@ -564,9 +565,15 @@ fn print_plugins(client: &Client, plugins: &[pb::PluginStatus]) {
                     p.name.clone(),
                     p.world.clone(),
                     p.version.clone(),
-                    if p.serving { "yes" } else { "no" }.to_owned(),
+                    match (p.serving, p.compiling) {
+                        (_, true) => "compiling",
+                        (true, false) => "serving",
+                        (false, false) => "failed",
+                    }
+                    .to_owned(),
                     p.calls.to_string(),
                     p.errors.to_string(),
+                    p.skips.to_string(),
                     p.file_hash.chars().take(12).collect(),
                     problem.clone(),
                 ]);
