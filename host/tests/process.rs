@@ -220,7 +220,10 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
             .unwrap()
             .into_inner();
         // Listed as compiling first, then serving.
-        let topk = listed.plugins.iter().find(|p| p.name == "topk" && !p.compiling);
+        let topk = listed
+            .plugins
+            .iter()
+            .find(|p| p.name == "topk" && !p.compiling);
         topk.cloned().ok_or_else(|| format!("{listed:?}"))
     })
     .await;

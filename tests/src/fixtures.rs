@@ -443,6 +443,27 @@ impl Drop for BlockedModel {
     }
 }
 
+/// Writes `files` into `dir` the way Kubernetes updates a mounted Secret or
+/// ConfigMap: a new timestamped directory, then a `..data` symlink renamed
+/// over the old one; each file is a link through `..data`, made once.
+pub fn kubernetes_mount(dir: &Path, generation: u32, files: &[(&str, &[u8])]) {
+    use std::os::unix::fs::symlink;
+    let data = dir.join(format!("..2026_11_30_{generation}"));
+    std::fs::create_dir(&data).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(data.join(name), bytes).unwrap();
+    }
+    let tmp = dir.join("..data_tmp");
+    symlink(data.file_name().unwrap(), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            symlink(Path::new("..data").join(name), &link).unwrap();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

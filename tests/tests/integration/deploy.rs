@@ -3,34 +3,11 @@
 //! elsewhere), KServe's single-model layout, and a wrong repository
 //! stopping the server at once.
 
-use std::os::unix::fs::symlink;
-use std::path::Path;
-
 use plinth::grpc::pb;
 use plinth_tests::{
     PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values, fixtures,
     plugin_wasm,
 };
-
-/// Writes `files` the way Kubernetes updates a mounted ConfigMap: a new
-/// timestamped directory, then a `..data` symlink renamed over the old one;
-/// each file is a link through `..data`.
-fn configmap(dir: &Path, generation: u32, files: &[(&str, Vec<u8>)]) {
-    let data = dir.join(format!("..2026_11_30_{generation}"));
-    std::fs::create_dir(&data).unwrap();
-    for (name, bytes) in files {
-        std::fs::write(data.join(name), bytes).unwrap();
-    }
-    let tmp = dir.join("..data_tmp");
-    symlink(data.file_name().unwrap(), &tmp).unwrap();
-    std::fs::rename(&tmp, dir.join("..data")).unwrap();
-    for (name, _) in files {
-        let link = dir.join(name);
-        if std::fs::symlink_metadata(&link).is_err() {
-            symlink(Path::new("..data").join(name), &link).unwrap();
-        }
-    }
-}
 
 fn serving(status: &pb::PluginStatus) -> bool {
     status.serving && status.load_error.is_empty()
@@ -60,12 +37,12 @@ async fn a_configmap_update_reloads_the_plugins_it_changes() {
     )
     .await;
     let dir = srv.plugins.path();
-    configmap(
+    fixtures::kubernetes_mount(
         dir,
         1,
         &[
-            ("post.wasm", topk.clone()),
-            ("post.toml", b"[config]\nk = 1\nsoftmax = false\n".to_vec()),
+            ("post.wasm", &topk),
+            ("post.toml", b"[config]\nk = 1\nsoftmax = false\n"),
         ],
     );
     let first = srv.wait_plugin("post", serving).await;
@@ -77,12 +54,12 @@ async fn a_configmap_update_reloads_the_plugins_it_changes() {
     assert_eq!(out.outputs[0].shape, [1, 1]);
 
     // The manifest changes in the next generation; the component does not.
-    configmap(
+    fixtures::kubernetes_mount(
         dir,
         2,
         &[
-            ("post.wasm", topk),
-            ("post.toml", b"[config]\nk = 3\nsoftmax = false\n".to_vec()),
+            ("post.wasm", &topk),
+            ("post.toml", b"[config]\nk = 3\nsoftmax = false\n"),
         ],
     );
     let second = srv
@@ -95,11 +72,7 @@ async fn a_configmap_update_reloads_the_plugins_it_changes() {
     assert_eq!(out.outputs[0].shape, [1, 3]);
 
     // Then the component itself.
-    configmap(
-        dir,
-        3,
-        &[("post.wasm", normalize), ("post.toml", Vec::new())],
-    );
+    fixtures::kubernetes_mount(dir, 3, &[("post.wasm", &normalize), ("post.toml", b"")]);
     srv.wait_plugin("post", |s| serving(s) && s.file_hash != first.file_hash)
         .await;
     let out = compute.compute(run()).await.unwrap().into_inner();

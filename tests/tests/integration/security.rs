@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -129,26 +128,6 @@ async fn start_with_scale(tweak: impl FnOnce(&mut plinth::ServerConfig)) -> Test
         },
     )
     .await
-}
-
-/// Writes `files` the way Kubernetes updates a mounted Secret: a new
-/// timestamped directory, then a `..data` symlink renamed over the old one;
-/// the files themselves are links through `..data`.
-fn kubernetes_secret(dir: &Path, generation: u32, files: &[(&str, &[u8])]) {
-    let data = dir.join(format!("..2026_11_30_{generation}"));
-    std::fs::create_dir(&data).unwrap();
-    for (name, bytes) in files {
-        std::fs::write(data.join(name), bytes).unwrap();
-    }
-    let tmp = dir.join("..data_tmp");
-    symlink(data.file_name().unwrap(), &tmp).unwrap();
-    std::fs::rename(&tmp, dir.join("..data")).unwrap();
-    for (name, _) in files {
-        let link = dir.join(name);
-        if std::fs::symlink_metadata(&link).is_err() {
-            symlink(Path::new("..data").join(name), &link).unwrap();
-        }
-    }
 }
 
 async fn tls_channel(
@@ -470,7 +449,7 @@ async fn access_with_token(grpc: SocketAddr, http: SocketAddr, token: &str) -> O
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_rotated_by_a_kubernetes_secret_swap_takes_effect() {
     let secret = tempfile::tempdir().unwrap();
-    kubernetes_secret(secret.path(), 1, &[("token", b"first-0123456789")]);
+    fixtures::kubernetes_mount(secret.path(), 1, &[("token", b"first-0123456789")]);
     let config_dir = tempfile::tempdir().unwrap();
     let config = config_dir.path().join("auth.toml");
     std::fs::write(
@@ -487,7 +466,7 @@ async fn a_token_rotated_by_a_kubernetes_secret_swap_takes_effect() {
         .ping(bearer(ping(), "first-0123456789"))
         .await
         .expect("the first token works");
-    kubernetes_secret(secret.path(), 2, &[("token", b"second-0123456789\n")]);
+    fixtures::kubernetes_mount(secret.path(), 2, &[("token", b"second-0123456789\n")]);
     eventually(PATIENCE, "the rotated token to be accepted", async || {
         compute
             .ping(bearer(ping(), "second-0123456789"))
@@ -735,7 +714,7 @@ async fn certificate_rotation_drops_no_connection_and_a_bad_pair_keeps_the_old()
         )
     };
     let (a_cert, a_key) = read(&a);
-    kubernetes_secret(
+    fixtures::kubernetes_mount(
         secret.path(),
         1,
         &[("tls.crt", &a_cert), ("tls.key", &a_key)],
@@ -754,7 +733,7 @@ async fn certificate_rotation_drops_no_connection_and_a_bad_pair_keeps_the_old()
     open.ping(ping()).await.expect("Ping before the rotation");
 
     let (b_cert, b_key) = read(&b);
-    kubernetes_secret(
+    fixtures::kubernetes_mount(
         secret.path(),
         2,
         &[("tls.crt", &b_cert), ("tls.key", &b_key)],
@@ -794,7 +773,7 @@ async fn certificate_rotation_drops_no_connection_and_a_bad_pair_keeps_the_old()
 
     // c's certificate with b's key: refused, b keeps serving.
     let (c_cert, _) = read(&c);
-    kubernetes_secret(
+    fixtures::kubernetes_mount(
         secret.path(),
         3,
         &[("tls.crt", &c_cert), ("tls.key", &b_key)],
@@ -813,7 +792,7 @@ async fn certificate_rotation_drops_no_connection_and_a_bad_pair_keeps_the_old()
     open.ping(ping()).await.expect("still serving");
 
     let (_, c_key) = read(&c);
-    kubernetes_secret(
+    fixtures::kubernetes_mount(
         secret.path(),
         4,
         &[("tls.crt", &c_cert), ("tls.key", &c_key)],
