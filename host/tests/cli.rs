@@ -211,6 +211,20 @@ async fn every_subcommand_answers_with_its_output_and_exit_status() {
         plugins.ok && row.contains("metrics-plugin") && row.contains("serving"),
         "{plugins:?}"
     );
+    let header: Vec<&str> = plugins
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "PLUGIN", "WORLD", "VERSION", "STATE", "CALLS", "ERRORS", "SKIPS", "HASH", "PROBLEM"
+        ],
+        "{plugins:?}"
+    );
     let reload = plinth(&s, &["plugin", "reload", "metrics"], &[]).await;
     assert!(reload.ok && reload.stdout.contains("metrics"), "{reload:?}");
 

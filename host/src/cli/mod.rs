@@ -553,7 +553,8 @@ fn print_plugins(client: &Client, plugins: &[pb::PluginStatus]) {
         }
         Output::Table => {
             let mut t = table(&[
-                "PLUGIN", "WORLD", "VERSION", "SERVING", "CALLS", "ERRORS", "HASH", "PROBLEM",
+                "PLUGIN", "WORLD", "VERSION", "STATE", "CALLS", "ERRORS", "SKIPS", "HASH",
+                "PROBLEM",
             ]);
             for p in plugins {
                 let problem = if p.load_error.is_empty() {
