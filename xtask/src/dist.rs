@@ -433,3 +433,55 @@ pub fn build_image(context: &Path) -> Result<String> {
     run(cmd, "buildah bud")?;
     Ok(name)
 }
+
+/// Whether this machine can run a container with buildah (chroot
+/// isolation needs privileges some sandboxes lack): runs the image's
+/// binary with `--version`. `Err` holds buildah's complaint when it is the
+/// machine that refuses; a failure of the binary itself is `Ok`, so that
+/// the image tests run and say what is wrong with the image.
+pub fn can_run_containers(image: &str) -> Result<(), String> {
+    let buildah = |args: &[&str]| {
+        Command::new("buildah")
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()
+            .map_err(|err| format!("running buildah: {err}"))
+    };
+    let from = buildah(&["from", "--quiet", image])?;
+    if !from.status.success() {
+        return Err(String::from_utf8_lossy(&from.stderr).trim().to_owned());
+    }
+    let container = String::from_utf8_lossy(&from.stdout).trim().to_owned();
+    let run = buildah(&[
+        "run",
+        "--isolation",
+        "chroot",
+        "--network",
+        "host",
+        &container,
+        "--",
+        "/opt/plinth/bin/plinth",
+        "--version",
+    ]);
+    let _ = buildah(&["rm", &container]);
+    let run = run?;
+    if run.status.success() {
+        return Ok(());
+    }
+    let complaint = String::from_utf8_lossy(&run.stderr).to_lowercase();
+    let machine = [
+        "operation not permitted",
+        "permission denied",
+        "unshare",
+        "chroot",
+        "mount",
+        "namespace",
+    ]
+    .iter()
+    .any(|needle| complaint.contains(needle));
+    if machine {
+        Err(complaint.trim().to_owned())
+    } else {
+        Ok(())
+    }
+}
