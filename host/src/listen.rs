@@ -117,6 +117,7 @@ pub async fn serve(port: Port, counters: Arc<PortCounters>, shutdown: Cancellati
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().ok();
         let connection = Connection {
+            protocols,
             tcp,
             peer,
             local,
@@ -156,7 +157,67 @@ fn builder(protocols: PortProtocols, limits: &ConnectionLimits) -> auto::Builder
     }
 }
 
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const H2_PREFACE_LEN: usize = 24;
+
+/// A stream that counts the bytes read from it.
+struct Counting<T> {
+    inner: T,
+    read: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counting<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let got = buf.filled().len() - before;
+        self.read.fetch_add(got, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 struct Connection {
+    protocols: PortProtocols,
     tcp: TcpStream,
     peer: SocketAddr,
     local: Option<SocketAddr>,
@@ -206,6 +267,15 @@ impl Connection {
                 extensions.insert(connect_info.clone());
                 router.clone().oneshot(request)
             });
+        // On the gRPC port a client that has sent the whole HTTP/2 preface
+        // is no slowloris: it may keep its channel idle before its first
+        // call. The header deadline is for the preface there.
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let io = Counting {
+            inner: io,
+            read: Arc::clone(&read),
+        };
+        let preface_is_enough = self.protocols == PortProtocols::Grpc;
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -224,7 +294,8 @@ impl Connection {
                 }
                 () = &mut first_request, if waiting_for_first => {
                     waiting_for_first = false;
-                    if !seen_request.load(Ordering::Relaxed) {
+                    let preface = preface_is_enough && read.load(Ordering::Relaxed) >= H2_PREFACE_LEN;
+                    if !seen_request.load(Ordering::Relaxed) && !preface {
                         self.counters.timed_out.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%peer, "no request within the header timeout: closing");
                         return;

@@ -1050,6 +1050,20 @@ async fn a_slow_header_client_is_cut_off_after_the_header_timeout() {
         .ping(ping())
         .await
         .expect("a prompt client's connection outlives the header timeout");
+    // A gRPC channel that connects (the HTTP/2 preface at once) and idles
+    // past the timeout before its first call keeps its connection.
+    let idle = srv.channel().await;
+    let accepted = addr.connections.grpc.accepted.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pb::compute_service_client::ComputeServiceClient::new(idle)
+        .ping(ping())
+        .await
+        .expect("an idle channel's first call is served");
+    assert_eq!(
+        addr.connections.grpc.accepted.load(Ordering::Relaxed),
+        accepted,
+        "on the connection it opened before idling, not a new one"
+    );
     assert_eq!(srv.http_get("/v2/health/live").await.0, 200);
     srv.stop().await;
 }
