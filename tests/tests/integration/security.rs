@@ -100,6 +100,16 @@ fn expect(outcomes: &Outcomes, want: &[(&str, &str, &str)]) {
     assert_eq!(outcomes.len(), 11, "{outcomes:?}");
 }
 
+/// Every group answered, over both protocols.
+const ALL_OK: &[(&str, &str, &str)] = &[
+    ("health", "ok", "ok"),
+    ("metadata", "ok", "ok"),
+    ("inference", "ok", "ok"),
+    ("statistics", "ok", "ok"),
+    ("model-repository", "ok", "ok"),
+    ("plugins", "ok", ""),
+];
+
 /// A token in the file `name` of `dir` (what the auth config reads).
 fn write_token(dir: &Path, name: &str, secret: &str) -> PathBuf {
     let path = dir.join(name);
@@ -248,17 +258,7 @@ async fn without_an_auth_config_loopback_may_call_every_group() {
     srv.wait_ready("scale").await;
     let addr = srv.running();
     let outcomes = access(addr.grpc_addr, addr.http_addr, &[], None).await;
-    expect(
-        &outcomes,
-        &[
-            ("health", "ok", "ok"),
-            ("metadata", "ok", "ok"),
-            ("inference", "ok", "ok"),
-            ("statistics", "ok", "ok"),
-            ("model-repository", "ok", "ok"),
-            ("plugins", "ok", ""),
-        ],
-    );
+    expect(&outcomes, ALL_OK);
     srv.stop().await;
 }
 
@@ -355,17 +355,7 @@ async fn tokens_open_exactly_their_groups_on_every_edge() {
     );
 
     let ops_outcomes = access_with_token(grpc, http, ops).await;
-    expect(
-        &ops_outcomes,
-        &[
-            ("health", "ok", "ok"),
-            ("metadata", "ok", "ok"),
-            ("inference", "ok", "ok"),
-            ("statistics", "ok", "ok"),
-            ("model-repository", "ok", "ok"),
-            ("plugins", "ok", ""),
-        ],
-    );
+    expect(&ops_outcomes, ALL_OK);
 
     // plinth.v1 over tonic: one call per group the services hold.
     let mut compute = srv.compute().await;
@@ -579,17 +569,7 @@ async fn tls_serves_every_port_to_tritonclient_and_tonic() {
         None,
     )
     .await;
-    expect(
-        &outcomes,
-        &[
-            ("health", "ok", "ok"),
-            ("metadata", "ok", "ok"),
-            ("inference", "ok", "ok"),
-            ("statistics", "ok", "ok"),
-            ("model-repository", "ok", "ok"),
-            ("plugins", "ok", ""),
-        ],
-    );
+    expect(&outcomes, ALL_OK);
     assert!(
         https_get(addr.metrics_addr, &pki.ca_cert, "/metrics", None)
             .await
@@ -632,17 +612,7 @@ async fn mutual_tls_refuses_clients_without_a_certificate_from_the_ca() {
         None,
     )
     .await;
-    expect(
-        &outcomes,
-        &[
-            ("health", "ok", "ok"),
-            ("metadata", "ok", "ok"),
-            ("inference", "ok", "ok"),
-            ("statistics", "ok", "ok"),
-            ("model-repository", "ok", "ok"),
-            ("plugins", "ok", ""),
-        ],
-    );
+    expect(&outcomes, ALL_OK);
     let anonymous = access(
         addr.grpc_addr,
         addr.http_addr,
@@ -966,17 +936,7 @@ async fn a_network_peer_is_refused_the_dangerous_groups_by_default() {
         Some(&netns.name),
     )
     .await;
-    expect(
-        &outcomes,
-        &[
-            ("health", "ok", "ok"),
-            ("metadata", "ok", "ok"),
-            ("inference", "ok", "ok"),
-            ("statistics", "ok", "ok"),
-            ("model-repository", "ok", "ok"),
-            ("plugins", "ok", ""),
-        ],
-    );
+    expect(&outcomes, ALL_OK);
     srv.stop().await;
 }
 
