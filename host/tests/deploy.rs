@@ -18,6 +18,20 @@ use serde_norway::Value;
 /// A bound on hangs, not a speed assertion.
 const PATIENCE: Duration = Duration::from_secs(120);
 
+/// `plinth serve` on loopback, every port chosen by the kernel (the log
+/// says which).
+const SERVE_ON_ANY_PORTS: [&str; 9] = [
+    "serve",
+    "--host",
+    "127.0.0.1",
+    "--grpc-port",
+    "0",
+    "--http-port",
+    "0",
+    "--metrics-port",
+    "0",
+];
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -227,17 +241,7 @@ fn the_bundle_runs_from_an_empty_directory_with_nothing_else() {
     assert!(demo.success());
     let mut serve = Command::new(&bin);
     serve
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            "0",
-            "--http-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
+        .args(SERVE_ON_ANY_PORTS)
         .arg("--model-repository")
         .arg(&models)
         .arg("--plugin-dir")
@@ -350,20 +354,10 @@ fn the_image_serves_the_demo_models_as_a_non_root_user() {
     assert!(demo.success());
     open_to_all(models.path());
     let container = Container::from(&image);
-    let args: Vec<String> = [
-        "/opt/plinth/bin/plinth",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--http-port",
-        "0",
-        "--metrics-port",
-        "0",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let args: Vec<String> = std::iter::once("/opt/plinth/bin/plinth")
+        .chain(SERVE_ON_ANY_PORTS)
+        .map(str::to_owned)
+        .collect();
     let run = container.run(&[(models.path().join("m"), "/mnt/models".into())], &args);
     let (server, line) = start_and_read(run, "plinth serving");
     tritonclient_affine(&field(&line, "grpc_addr="), &field(&line, "http_addr="));

@@ -62,6 +62,19 @@ async fn eventually<T>(what: &str, mut attempt: impl AsyncFnMut() -> Result<T, S
 /// The server process, killed if the test ends (or fails) while it runs.
 struct Server(Child);
 
+impl Server {
+    /// Waits (bounded by [`PATIENCE`]) for the process to exit; its status.
+    async fn exited(&mut self, what: &str) -> std::process::ExitStatus {
+        eventually(what, async || {
+            self.0
+                .try_wait()
+                .unwrap()
+                .ok_or_else(|| "still running".to_owned())
+        })
+        .await
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
@@ -276,14 +289,7 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect();
     assert_eq!(y, [6.0, -2.0]);
-    let exit = eventually("plinth to exit after SIGTERM", async || {
-        child
-            .0
-            .try_wait()
-            .unwrap()
-            .ok_or_else(|| "still running".to_owned())
-    })
-    .await;
+    let exit = child.exited("plinth to exit after SIGTERM").await;
     assert!(exit.success(), "plinth exited with {exit}");
     let mut log = log_reader.join().unwrap();
     log.extend(err_reader.join().unwrap());
@@ -411,13 +417,8 @@ async fn sigterm_turns_readiness_off_at_once_and_serves_through_the_drain_delay(
     assert_eq!(http_status(&http, "/v2/health/live").await, Ok(200));
     assert_eq!(http_status(&http, "/v2/models/slow/ready").await, Ok(200));
     signal("-TERM");
-    let exit = eventually("plinth to exit after the second SIGTERM", async || {
-        child
-            .0
-            .try_wait()
-            .unwrap()
-            .ok_or_else(|| "still running".to_owned())
-    })
-    .await;
+    let exit = child
+        .exited("plinth to exit after the second SIGTERM")
+        .await;
     assert!(exit.success(), "plinth exited with {exit}");
 }
