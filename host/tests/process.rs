@@ -422,3 +422,137 @@ async fn sigterm_turns_readiness_off_at_once_and_serves_through_the_drain_delay(
         .await;
     assert!(exit.success(), "plinth exited with {exit}");
 }
+
+/// What a guest prints during a call reaches the operator's log, one JSON
+/// object per line with the plugin and the stream named, and the call runs
+/// on: the guest's `println!` and `eprintln!` (WASI blocking writes) run on
+/// the request's tokio worker without refusing. The plugin then aborts, and
+/// with `on_error = "skip"` the request is served without it.
+#[tokio::test]
+async fn a_guests_output_during_a_call_reaches_the_json_log() {
+    let repo = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(repo.path().join("double/1")).unwrap();
+    std::fs::write(
+        repo.path().join("double/config.toml"),
+        format!("preprocess = [\"talker\"]\n{CONFIG}"),
+    )
+    .unwrap();
+    trace::save(
+        &repo.path().join("double/1/model.pt"),
+        &[TchTensor::zeros([3], (Kind::Float, Device::Cpu))],
+        |xs| vec![&xs[0] * 2.0],
+    )
+    .unwrap();
+    let wasm_dir = std::env::var_os("PLINTH_PLUGIN_WASM_DIR")
+        .expect("PLINTH_PLUGIN_WASM_DIR is not set: run the tests with `cargo xtask test`");
+    std::fs::write(
+        plugins.path().join("talker.toml"),
+        "on_error = \"skip\"\n[config]\ntrap-in = \"abort\"\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        std::path::Path::new(&wasm_dir).join("hostile_trap.wasm"),
+        plugins.path().join("talker.wasm"),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(["--log-format", "json", "serve", "--host", "127.0.0.1"])
+        .args([
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .arg("--model-repository")
+        .arg(repo.path())
+        .arg("--plugin-dir")
+        .arg(plugins.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("plinth starts");
+    let mut child = Server(child);
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Every line is a JSON object; the address is a field of one of them.
+    let grpc = loop {
+        let line = lines.recv_timeout(PATIENCE).expect("a log line");
+        let event: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|err| panic!("a log line that is not JSON ({err}): {line}"));
+        if let Some(addr) = event["fields"]["grpc_addr"].as_str() {
+            break addr.to_owned();
+        }
+    };
+    let mut compute = eventually("the gRPC port", async || {
+        ComputeServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .map_err(|err| err.to_string())
+    })
+    .await;
+    let request = pb::ComputeRequest {
+        model: "double".into(),
+        inputs: vec![pb::Tensor {
+            name: "x".into(),
+            dtype: pb::DataType::Float32 as i32,
+            shape: vec![3],
+            data: [1.0f32, 2.0, 3.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        }],
+        ..Default::default()
+    };
+    let out = eventually("the model served", async || {
+        compute
+            .compute(request.clone())
+            .await
+            .map_err(|err| err.to_string())
+    })
+    .await
+    .into_inner();
+    let y: Vec<f32> = out.outputs[0]
+        .data
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(y, [2.0, 4.0, 6.0], "served without the skipped plugin");
+
+    // The guest's stdout at info, its stderr at warn, tagged with the
+    // plugin and the stream; then the skip, naming the stderr tail.
+    let mut wanted = vec![
+        ("INFO", "stdout", "hostile-trap: preprocess called"),
+        ("WARN", "stderr", "Traceback (most recent call last):"),
+        (
+            "WARN",
+            "stderr",
+            "ValueError: hostile-trap: deliberate abort in preprocess",
+        ),
+    ];
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !wanted.is_empty() {
+        let left = deadline
+            .checked_duration_since(std::time::Instant::now())
+            .unwrap_or_else(|| panic!("never logged: {wanted:?}"));
+        let Ok(line) = lines.recv_timeout(left) else {
+            panic!("never logged: {wanted:?}");
+        };
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let fields = &event["fields"];
+        wanted.retain(|(level, stream, message)| {
+            !(event["level"] == *level
+                && fields["plugin"] == "talker"
+                && fields["stream"] == *stream
+                && fields["message"] == *message)
+        });
+    }
+}

@@ -19,6 +19,7 @@ mod guest_log;
 pub mod kind;
 pub mod manifest;
 mod runtime;
+mod sync_io;
 
 /// Where compiled components are cached unless told otherwise: `<plugin dir>/.cache`.
 pub use runtime::cache_dir as default_cache_dir;

@@ -231,6 +231,7 @@ impl Runtime {
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        crate::sync_io::shadow(&mut linker)?;
         wit_host::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)?;
         wit::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)?;
         let ticker = engine.weak();
@@ -648,9 +649,9 @@ impl<K: Kind> Plugin<K> {
                 .inspect_err(|err| self.record_error(err))?,
         };
         self.arm(&mut instance);
-        // A host function that panics (wasmtime-wasi's blocking I/O refuses
-        // to run on a tokio worker, which is where calls run) must cost the
-        // call, not the request's task: contained as a trap of this call.
+        // A host function that panics must cost the call, not the request's
+        // task: contained as a trap of this call. (The blocking WASI I/O
+        // that once did on a tokio worker is shadowed by `sync_io`.)
         let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             f(&instance.exports, &mut instance.store)
         })) {
@@ -662,7 +663,7 @@ impl<K: Kind> Plugin<K> {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
                 let err = CallError::Trap(format!(
-                    "the host refused a WASI call the guest made during the call (blocking I/O such as writing to stdout or stderr cannot run on a request thread): {}",
+                    "a host function the guest called panicked: {}",
                     what.lines().next().unwrap_or_default()
                 ));
                 self.record_error(&err);
