@@ -14,3 +14,4 @@ mod poll;
 mod security;
 mod services;
 mod settling;
+mod split_learning;
