@@ -231,6 +231,15 @@ fn main() -> std::process::ExitCode {
             command: cli::PluginCommand::Check { file, manifest },
             client,
         } => cli::check_plugin(&file, manifest, client.output).map_err(anyhow::Error::from),
+        // Authoring needs no server.
+        Command::Plugin {
+            command: cli::PluginCommand::New(args),
+            ..
+        } => cli::scaffold::new(args).map_err(anyhow::Error::from),
+        Command::Plugin {
+            command: cli::PluginCommand::Build(args),
+            ..
+        } => cli::scaffold::build(args).map_err(anyhow::Error::from),
         Command::Models { command, client } => {
             client_call(client, async |c| cli::models(c, command).await)
         }

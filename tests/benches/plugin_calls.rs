@@ -100,9 +100,108 @@ fn calls(c: &mut Criterion) {
     );
 }
 
+/// The Python example (plugins/image-normalize-py, componentize-py)
+/// beside the Rust plugin it ports, with the same configuration: a call
+/// that only crosses the boundary (f32 passes through both), a small and an
+/// ImageNet-sized image, and a fresh instance. Both produce the same bits.
+fn python_beside_rust(c: &mut Criterion) {
+    let config: std::collections::BTreeMap<String, String> =
+        [("mean", "0.485,0.456,0.406"), ("std", "0.229,0.224,0.225")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+    let manifest = Manifest {
+        // A CPython guest's large image is far past the 50 ms default.
+        deadline: std::time::Duration::from_secs(5),
+        config,
+        ..Manifest::default()
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let load = |component: &str| -> Plugin<kind::Processor> {
+        let bytes = std::fs::read(plinth_tests::plugin_wasm(component)).unwrap();
+        let started = std::time::Instant::now();
+        let plugin = Plugin::load(component, &bytes, manifest.clone(), cache.path()).unwrap();
+        println!(
+            "{component}: {} KiB, compiled and validated in {:.2?} (one run, no artifact cache)",
+            bytes.len() / 1024,
+            started.elapsed()
+        );
+        plugin
+    };
+    let plugins = [
+        ("Rust", load("image_normalize")),
+        ("Python", load("image_normalize_py")),
+    ];
+    let view = RequestView::default();
+    let floats = Tensor::from_f32("x", vec![4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+    let image = |side: i64| {
+        let pixels: Vec<u8> = (0..side * side * 3).map(|i| (i * 37 % 256) as u8).collect();
+        Tensor::new(
+            "image",
+            plinth::tensor::DType::U8,
+            vec![1, side, side, 3],
+            pixels.into(),
+        )
+        .unwrap()
+    };
+    let (small, large) = (image(32), image(224));
+    // Same bits from both before anything is timed.
+    let outputs: Vec<_> = plugins
+        .iter()
+        .map(|(_, p)| p.process(Stage::Pre, &view, vec![large.clone()]).unwrap())
+        .collect();
+    assert_eq!(
+        outputs[0][0].data(),
+        outputs[1][0].data(),
+        "Rust and Python differ"
+    );
+    for (lang, plugin) in &plugins {
+        c.bench_function(
+            &format!("image-normalize ({lang}): call, 4 f32 passed through"),
+            |b| {
+                b.iter(|| {
+                    black_box(
+                        plugin
+                            .process(Stage::Pre, &view, vec![floats.clone()])
+                            .unwrap(),
+                    )
+                })
+            },
+        );
+        c.bench_function(
+            &format!("image-normalize ({lang}): call, u8 image 1x32x32x3"),
+            |b| {
+                b.iter(|| {
+                    black_box(
+                        plugin
+                            .process(Stage::Pre, &view, vec![small.clone()])
+                            .unwrap(),
+                    )
+                })
+            },
+        );
+        c.bench_function(
+            &format!("image-normalize ({lang}): call, u8 image 1x224x224x3"),
+            |b| {
+                b.iter(|| {
+                    black_box(
+                        plugin
+                            .process(Stage::Pre, &view, vec![large.clone()])
+                            .unwrap(),
+                    )
+                })
+            },
+        );
+        c.bench_function(
+            &format!("image-normalize ({lang}): fresh instance (instantiate + init)"),
+            |b| b.iter(|| plugin.instantiate_cold().unwrap()),
+        );
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3));
-    targets = calls
+    targets = calls, python_beside_rust
 }
 criterion_main!(benches);

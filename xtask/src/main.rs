@@ -209,7 +209,66 @@ fn build_plugins() -> Result<PathBuf> {
         cmd.args(["--package", plugin]);
     }
     status(cmd).context("building the plugins (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)")?;
-    Ok(target_dir().join("wasm32-wasip2/plugin"))
+    let wasm_dir = target_dir().join("wasm32-wasip2/plugin");
+    for plugin in PYTHON_PLUGINS {
+        build_python_plugin(plugin, &wasm_dir)?;
+    }
+    Ok(wasm_dir)
+}
+
+/// The Python plugins in `plugins/`, built with componentize-py.
+const PYTHON_PLUGINS: &[&str] = &["image-normalize-py"];
+
+/// The componentize-py release, the same as `plinth plugin build` installs
+/// (host/src/cli/scaffold.rs), in the same cache venv.
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+
+/// Builds `plugins/<name>` (an `app.py` for the world its pyproject.toml
+/// names) into `<wasm_dir>/<name with _>.wasm`, unless the component is
+/// newer than its sources and the WIT.
+fn build_python_plugin(name: &str, wasm_dir: &Path) -> Result<()> {
+    let dir = project_root().join("plugins").join(name);
+    let out = wasm_dir.join(format!("{}.wasm", name.replace('-', "_")));
+    let wit = project_root().join("wit");
+    let mut sources = vec![dir.join("app.py"), dir.join("pyproject.toml")];
+    for entry in std::fs::read_dir(&wit)? {
+        sources.push(entry?.path());
+    }
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    if let Some(built) = modified(&out)
+        && sources
+            .iter()
+            .all(|src| modified(src).is_some_and(|m| m <= built))
+    {
+        return Ok(());
+    }
+    let pyproject: toml::Table = std::fs::read_to_string(dir.join("pyproject.toml"))?.parse()?;
+    let world = pyproject
+        .get("tool")
+        .and_then(|t| t.get("plinth"))
+        .and_then(|t| t.get("world"))
+        .and_then(|w| w.as_str())
+        .with_context(|| format!("plugins/{name}/pyproject.toml: no [tool.plinth] world"))?
+        .to_owned();
+    let venv = cache_dir()?.join(format!(
+        "componentize-py-{}",
+        COMPONENTIZE_PY.trim_start_matches("componentize-py==")
+    ));
+    ensure_venv(&venv, python(), &[COMPONENTIZE_PY], "componentize-py")?;
+    let staging = wasm_dir.join(format!(".{name}.wasm.partial"));
+    let mut cmd = Command::new(venv.join("bin/componentize-py"));
+    cmd.current_dir(&dir)
+        .env("RUST_BACKTRACE", "0")
+        .arg("-d")
+        .arg(&wit)
+        .args(["-w", &world, "componentize", "-p"])
+        .arg(&dir)
+        .args(["app", "-o"])
+        .arg(&staging)
+        .stdout(std::process::Stdio::null());
+    status(cmd).with_context(|| format!("building plugins/{name} with componentize-py"))?;
+    std::fs::rename(&staging, &out)?;
+    Ok(())
 }
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the

@@ -4,6 +4,7 @@
 //! that need no server (`plugin check`). Every failure is one line
 //! ([`CliError`]) and a non-zero exit, never a backtrace.
 
+pub mod scaffold;
 pub mod tensors;
 
 use std::path::PathBuf;
@@ -495,6 +496,11 @@ pub enum PluginCommand {
         #[arg(long)]
         manifest: Option<PathBuf>,
     },
+    /// Create a plugin project that builds as it is: a Rust crate on
+    /// plugin-sdk, or a Python app for componentize-py.
+    New(scaffold::NewArgs),
+    /// Build a plugin project into NAME.wasm, with its manifest beside it.
+    Build(scaffold::BuildArgs),
 }
 
 pub async fn plugins(client: &Client, command: PluginCommand) -> CliResult {
@@ -530,6 +536,8 @@ pub async fn plugins(client: &Client, command: PluginCommand) -> CliResult {
         PluginCommand::Check { file, manifest } => {
             return check_plugin(&file, manifest, client.output);
         }
+        PluginCommand::New(args) => return scaffold::new(args),
+        PluginCommand::Build(args) => return scaffold::build(args),
     };
     print_plugins(client, &plugins);
     Ok(())
@@ -544,7 +552,7 @@ fn print_plugins(client: &Client, plugins: &[pb::PluginStatus]) {
                     json!({
                         "name": p.name, "world": p.world, "version": p.version,
                         "serving": p.serving, "compiling": p.compiling, "calls": p.calls,
-                        "errors": p.errors, "skips": p.skips,
+                        "errors": p.errors, "skips": p.skips, "recycled": p.recycled,
                         "file_hash": p.file_hash, "last_error": p.last_error, "load_error": p.load_error,
                     })
                 })

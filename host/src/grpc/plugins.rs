@@ -37,6 +37,7 @@ fn report_to_pb(report: PluginReport) -> pb::PluginStatus {
         status.calls = plugin.stats.calls.load(Ordering::Relaxed);
         status.errors = plugin.stats.errors.load(Ordering::Relaxed);
         status.skips = plugin.stats.skips.load(Ordering::Relaxed);
+        status.recycled = plugin.stats.recycled.load(Ordering::Relaxed);
         status.last_error = plugin.stats.last_error.lock().clone().unwrap_or_default();
         status.serving = true;
     }

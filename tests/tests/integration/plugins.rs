@@ -1017,3 +1017,154 @@ async fn startup_plugins_load_in_the_background_and_requests_wait_for_them() {
     assert!(info.plugin_cache_bytes > 0, "{info:?}");
     srv.stop().await;
 }
+
+/// The Python example (plugins/image-normalize-py, built with
+/// componentize-py) in a running server beside the Rust plugin it ports:
+/// the same image through each gives the same bits, and the numbers the
+/// test computes itself; its refusal is precise; a new manifest hot-reloads
+/// it; and a guest whose heap creeps up over many large calls is recycled
+/// below its memory cap rather than failing a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_processor_matches_the_rust_one_bit_for_bit_and_hot_reloads() {
+    let identity = |repo: &std::path::Path, model: &str, plugin: &str| {
+        fixtures::config()
+            .max_batch_size(4)
+            .preprocess(&[plugin])
+            .input("image", "f32", &[3, -1, -1])
+            .output("y", "f32", &[3, -1, -1])
+            .write(repo, model);
+        plinth_torch::trace::save(
+            &plinth_tests::model_file(repo, model, "1"),
+            &[plinth_torch::trace::TchTensor::zeros(
+                [1, 3, 4, 5],
+                (
+                    plinth_torch::trace::Kind::Float,
+                    plinth_torch::trace::Device::Cpu,
+                ),
+            )],
+            |xs| vec![&xs[0] * 1.0],
+        )
+        .unwrap();
+    };
+    let srv = TestServer::start(
+        |repo| {
+            identity(repo, "py", "norm_py");
+            identity(repo, "rs", "norm_rs");
+        },
+        true,
+    )
+    .await;
+    let config = "[config]\nmean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]\n";
+    install_plugin(
+        srv.plugins.path(),
+        "norm_rs",
+        "image_normalize",
+        Some(config),
+    );
+    install_plugin(
+        srv.plugins.path(),
+        "norm_py",
+        "image_normalize_py",
+        Some(&format!("[limits]\ndeadline_ms = 2000\n{config}")),
+    );
+    srv.wait_plugin("norm_rs", serving).await;
+    srv.wait_plugin("norm_py", serving).await;
+    srv.wait_ready("py").await;
+    srv.wait_ready("rs").await;
+
+    // Two NHWC images of 4×5 pixels.
+    let (n, h, w, c) = (2usize, 4usize, 5usize, 3usize);
+    let pixels: Vec<u8> = (0..n * h * w * c).map(|i| (i * 37 % 256) as u8).collect();
+    let image = |pixels: &[u8], shape: Vec<i64>| pb::Tensor {
+        name: "image".into(),
+        dtype: pb::DataType::Uint8 as i32,
+        shape,
+        data: pixels.to_vec().into(),
+    };
+    let nhwc = || image(&pixels, vec![n as i64, h as i64, w as i64, c as i64]);
+    let mut compute = srv.compute().await;
+    let mut run = async |model: &str, tensor: pb::Tensor| {
+        compute
+            .compute(compute_request(model, vec![tensor]))
+            .await
+            .map(|r| r.into_inner())
+    };
+    let py = run("py", nhwc()).await.expect("python").outputs.remove(0);
+    let rs = run("rs", nhwc()).await.expect("rust").outputs.remove(0);
+    assert_eq!(py.shape, [2, 3, 4, 5]);
+    assert_eq!(py.shape, rs.shape);
+    assert_eq!(py.data, rs.data, "the same bits from Python and Rust");
+    // And the numbers themselves, in single precision as both compute them.
+    let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+    let mut expected = Vec::new();
+    for img in 0..n {
+        for ch in 0..c {
+            let gain = (1.0f32 / 255.0) / std[ch];
+            let offset = -mean[ch] / std[ch];
+            for pixel in 0..h * w {
+                let p = pixels[(img * h * w + pixel) * c + ch];
+                expected.push(f32::from(p) * gain + offset);
+            }
+        }
+    }
+    assert_eq!(f32_values(&py), expected);
+
+    // Its refusal names the tensor, with expected against got.
+    let err = run("py", image(&[0u8; 8], vec![1, 2, 2, 2]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "plugin 'norm_py' (preprocess) invalid input: tensor `image`: shape [1, 2, 2, 2] has 2 channels, config `mean` has 3 values"
+    );
+
+    // A new manifest reloads it: raw pixel values now.
+    install_plugin(
+        srv.plugins.path(),
+        "norm_py",
+        "image_normalize_py",
+        Some("[limits]\ndeadline_ms = 2000\n[config]\nscale = 1\n"),
+    );
+    let raw: Vec<f32> = expected
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let (img, rest) = (i / (c * h * w), i % (c * h * w));
+            let (ch, pixel) = (rest / (h * w), rest % (h * w));
+            f32::from(pixels[(img * h * w + pixel) * c + ch])
+        })
+        .collect();
+    eventually(
+        PATIENCE,
+        "norm_py reloaded with scale = 1",
+        async || match run("py", nhwc()).await {
+            Ok(out) if f32_values(&out.outputs[0]) == raw => Ok(()),
+            other => Err(format!("{:?}", other.map(|o| o.outputs[0].shape.clone()))),
+        },
+    )
+    .await;
+
+    // ImageNet-sized images, many times: the guest's heap creeps up, and
+    // the instance is let go at its high-water mark while every request
+    // succeeds.
+    let errors_before = srv.wait_plugin("norm_py", |_| true).await.errors;
+    let side = 224usize;
+    let large: Vec<u8> = (0..side * side * 3).map(|i| (i % 251) as u8).collect();
+    let mut calls = 0;
+    let recycled = loop {
+        calls += 1;
+        let out = run("py", image(&large, vec![1, side as i64, side as i64, 3]))
+            .await
+            .unwrap_or_else(|err| panic!("call {calls} failed: {err:?}"));
+        assert_eq!(out.outputs[0].shape, [1, 3, side as i64, side as i64]);
+        let status = srv.wait_plugin("norm_py", |_| true).await;
+        if status.recycled > 0 || calls == 400 {
+            break status.recycled;
+        }
+    };
+    assert!(recycled >= 1, "no instance recycled in {calls} large calls");
+    println!("norm_py: an instance recycled after {calls} calls with a 224x224 image");
+    let status = srv.wait_plugin("norm_py", |_| true).await;
+    assert_eq!(status.errors, errors_before, "no call failed: {status:?}");
+}

@@ -103,6 +103,10 @@ pub struct MemoryCap {
     /// The size a linear memory asked to grow to, past the cap, since the
     /// flag was last cleared.
     refused: Option<usize>,
+    /// The largest size a linear memory of the instance has grown to.
+    largest: usize,
+    /// `largest` when the instance was made (instantiated and `init`).
+    baseline: usize,
 }
 
 impl MemoryCap {
@@ -110,7 +114,24 @@ impl MemoryCap {
         MemoryCap {
             cap_bytes,
             refused: None,
+            largest: 0,
+            baseline: 0,
         }
+    }
+
+    /// Marks the instance's size as made, before any call.
+    pub fn mark_baseline(&mut self) {
+        self.baseline = self.largest;
+    }
+
+    /// Whether the instance has grown past its high-water mark (three
+    /// quarters of the cap). Linear memory never shrinks: a guest whose
+    /// heap creeps up across calls (a CPython guest's does, through
+    /// fragmentation) would one day trap on a request that fits a fresh
+    /// instance. Such an instance is not pooled again, unless it was that
+    /// large when it was made (then a fresh one would be no better).
+    pub fn past_high_water(&self) -> bool {
+        self.largest > self.cap_bytes / 4 * 3 && self.largest > self.baseline
     }
 
     /// The size of the growth that was refused since the last `clear`.
@@ -142,6 +163,7 @@ impl ResourceLimiter for MemoryCap {
         }
         // Growth past the memory's own declared maximum is refused by
         // wasmtime itself, as the spec says (`memory.grow` answers -1).
+        self.largest = self.largest.max(desired);
         Ok(true)
     }
 
@@ -446,6 +468,9 @@ pub struct PluginStats {
     pub errors: AtomicU64,
     /// Failed calls the request went on without (`on_error = "skip"`).
     pub skips: AtomicU64,
+    /// Instances let go past their memory high-water mark
+    /// ([`MemoryCap::past_high_water`]).
+    pub recycled: AtomicU64,
     pub last_error: parking_lot::Mutex<Option<String>>,
 }
 
@@ -594,7 +619,10 @@ impl<K: Kind> Plugin<K> {
         let mut instance = Instance { store, exports };
         self.arm(&mut instance);
         match K::init(&instance.exports, &mut instance.store) {
-            Ok(Ok(())) => Ok(instance),
+            Ok(Ok(())) => {
+                instance.store.data_mut().memory.mark_baseline();
+                Ok(instance)
+            }
             Ok(Err(err)) => Err(CallError::Instantiate(format!(
                 "init() refused: {}",
                 CallError::Plugin(plugin_error(err))
@@ -672,11 +700,18 @@ impl<K: Kind> Plugin<K> {
         };
         let err = match res {
             Ok(res) => {
+                let stateless = stateful_guard.is_none();
                 let idle = match &mut stateful_guard {
                     Some(idle) => idle,
                     None => &mut self.idle.lock(),
                 };
-                if idle.len() < MAX_IDLE_INSTANCES {
+                // A stateless instance that has crept up to its memory's
+                // high-water mark is let go; the next call makes a fresh
+                // one. A stateful one keeps its state, and its memory.
+                if stateless && instance.store.data().memory.past_high_water() {
+                    self.stats.recycled.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(plugin = %self.name, "instance past its memory high-water mark: not pooled again");
+                } else if idle.len() < MAX_IDLE_INSTANCES {
                     idle.push(instance);
                 }
                 match res {

@@ -1,0 +1,280 @@
+//! `plinth plugin new` and `plinth plugin build` as a plugin author uses
+//! them: each kind scaffolded in Rust, and the processor in Python, built
+//! as they come (with only their config changed), dropped into a running
+//! server's plugin directory, and seen acting on real requests.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use plinth::grpc::pb;
+use plinth::grpc::pb::compute_service_client::ComputeServiceClient;
+use tonic::Code;
+
+/// A bound on hangs, not a speed assertion. Generous: a Python component
+/// compiles for several seconds on a loaded machine.
+const PATIENCE: Duration = Duration::from_secs(180);
+
+const CONFIG: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
+
+/// Runs `plinth ARGS` and returns its stdout; panics with both streams on a
+/// non-zero exit.
+fn plinth(args: &[&str], cwd: &Path) -> String {
+    // One target directory for every scaffold build, kept between runs.
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("scaffold-target");
+    let out = Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(args)
+        .current_dir(cwd)
+        .env("CARGO_TARGET_DIR", target)
+        .output()
+        .expect("plinth runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "plinth {args:?} failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Replaces `from` (which must be there) with `to` in `file`.
+fn edit(file: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(
+        text.contains(from),
+        "{} lacks {from:?}:\n{text}",
+        file.display()
+    );
+    std::fs::write(file, text.replace(from, to)).unwrap();
+}
+
+async fn eventually<T>(what: &str, mut attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut observed = String::from("no attempt finished");
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline, attempt()).await {
+            Ok(Ok(value)) => return value,
+            Ok(Err(seen)) => observed = seen,
+            Err(_) => observed = format!("an attempt still pending; before it: {observed}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {PATIENCE:?} waiting for {what}; last observed: {observed}")
+}
+
+/// A GET over HTTP/1.1: the status and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn request(model: &str, route_to: Option<&str>) -> tonic::Request<pb::ComputeRequest> {
+    let mut request = tonic::Request::new(pb::ComputeRequest {
+        model: model.into(),
+        inputs: vec![pb::Tensor {
+            name: "x".into(),
+            dtype: pb::DataType::Float32 as i32,
+            shape: vec![3],
+            data: [1.0f32, 2.0, 3.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        }],
+        ..Default::default()
+    });
+    if let Some(to) = route_to {
+        request
+            .metadata_mut()
+            .insert("x-route", to.parse().unwrap());
+    }
+    request
+}
+
+fn values(response: &pb::ComputeResponse) -> Vec<f32> {
+    response.outputs[0]
+        .data
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffolded_plugins_of_every_kind_build_and_act_in_a_running_server() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    for kind in ["router", "processor", "metrics", "health"] {
+        let said = plinth(&["plugin", "new", kind, &format!("my-{kind}")], w);
+        assert!(
+            said.contains(&format!("created {kind} `my-{kind}` (Rust)")),
+            "{said}"
+        );
+    }
+    plinth(
+        &["plugin", "new", "processor", "py-scale", "--lang", "python"],
+        w,
+    );
+    // A name that is not one, and a directory already there: refused.
+    let refused = Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(["plugin", "new", "router", "My_Router"])
+        .current_dir(w)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("plugin name `My_Router`"),
+        "{refused:?}"
+    );
+    let again = Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(["plugin", "new", "router", "my-router"])
+        .current_dir(w)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("exists and is not an empty directory"),
+        "{again:?}"
+    );
+
+    // Only the config changes: the code is the template's.
+    edit(
+        &w.join("my-processor/my-processor.toml"),
+        "factor = 1.0",
+        "factor = 10.0",
+    );
+    edit(
+        &w.join("py-scale/py-scale.toml"),
+        "factor = 1.0",
+        "factor = 3.0",
+    );
+    edit(
+        &w.join("my-router/my-router.toml"),
+        "header = \"route-to\"",
+        "header = \"x-route\"",
+    );
+    edit(
+        &w.join("my-health/my-health.toml"),
+        "min-ready = 1",
+        "min-ready = 99",
+    );
+
+    let repo = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    for (model, post) in [
+        ("scaled", "postprocess = [\"my-processor\"]\n"),
+        ("pyscaled", "postprocess = [\"py-scale\"]\n"),
+        ("plain", ""),
+    ] {
+        std::fs::create_dir_all(repo.path().join(model).join("1")).unwrap();
+        std::fs::write(
+            repo.path().join(model).join("config.toml"),
+            format!("{post}{CONFIG}"),
+        )
+        .unwrap();
+        plinth_torch::models::write_scale(&repo.path().join(model).join("1/model.pt"), 2.0)
+            .unwrap();
+    }
+    let running = plinth::start(plinth::ServerConfig::ephemeral(repo.path(), plugins.path()))
+        .await
+        .expect("server starts");
+    let out = plugins.path().to_str().unwrap().to_owned();
+    let mut compute = ComputeServiceClient::connect(format!("http://{}", running.grpc_addr))
+        .await
+        .unwrap();
+
+    // Processors, Rust then Python: built straight into the live directory.
+    for (project, model, want) in [
+        ("my-processor", "scaled", [20.0f32, 40.0, 60.0]),
+        ("py-scale", "pyscaled", [6.0, 12.0, 18.0]),
+    ] {
+        let said = plinth(&["plugin", "build", project, "--out", &out], w);
+        assert!(
+            said.contains(&format!("built {out}/{project}.wasm")),
+            "{said}"
+        );
+        let got = eventually(&format!("{model} through {project}"), async || {
+            let response = compute
+                .compute(request(model, None))
+                .await
+                .map_err(|err| err.to_string())?
+                .into_inner();
+            let got = values(&response);
+            if got == want {
+                Ok(got)
+            } else {
+                Err(format!("{got:?}"))
+            }
+        })
+        .await;
+        assert_eq!(got, want);
+    }
+
+    // The router: the header sends `scaled` to `plain`; an unknown name is
+    // the router's precise refusal.
+    plinth(&["plugin", "build", "my-router", "--out", &out], w);
+    eventually("the router acting", async || {
+        match compute.compute(request("scaled", Some("plain"))).await {
+            Ok(response) if values(response.get_ref()) == [2.0, 4.0, 6.0] => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let plain = compute.compute(request("scaled", None)).await.unwrap();
+    assert_eq!(values(plain.get_ref()), [20.0, 40.0, 60.0]);
+    let err = compute
+        .compute(request("scaled", Some("nope")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("x-route: no ready model named `nope`"),
+        "{err:?}"
+    );
+
+    // Metrics: the counts of what went before, on /metrics.
+    plinth(&["plugin", "build", "my-metrics", "--out", &out], w);
+    eventually("my_metrics_requests_total on /metrics", async || {
+        // Requests after the plugin loaded are the ones it counts.
+        let _ = compute.compute(request("plain", None)).await;
+        let (status, body) = http_get(running.metrics_addr, "/metrics").await;
+        let counted = body.lines().any(|line| {
+            line.starts_with("my_metrics_requests_total{model=\"plain\",status=\"ok\"} ")
+        });
+        if status == 200 && counted {
+            Ok(())
+        } else {
+            Err(format!("{status}: {body}"))
+        }
+    })
+    .await;
+
+    // Health: 99 ready models wanted, 3 there: readiness turns 503 with the
+    // plugin's message.
+    let (status, _) = http_get(running.http_addr, "/v2/health/ready").await;
+    assert_eq!(status, 200);
+    plinth(&["plugin", "build", "my-health", "--out", &out], w);
+    eventually(
+        "readiness 503 from the health plugin",
+        async || match http_get(running.http_addr, "/v2/health/ready").await {
+            (503, body) if body.contains("3 models ready, 99 wanted") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    running.shutdown().await;
+}
