@@ -124,10 +124,18 @@ async fn scaffolded_plugins_of_every_kind_build_and_act_in_a_running_server() {
             "{said}"
         );
     }
-    plinth(
-        &["plugin", "new", "processor", "py-scale", "--lang", "python"],
-        w,
-    );
+    for kind in ["router", "processor", "metrics", "health"] {
+        let name = if kind == "processor" {
+            "py-scale".to_owned()
+        } else {
+            format!("py-{kind}")
+        };
+        let said = plinth(&["plugin", "new", kind, &name, "--lang", "python"], w);
+        assert!(
+            said.contains(&format!("created {kind} `{name}` (Python)")),
+            "{said}"
+        );
+    }
     // A name that is not one, and a directory already there: refused.
     let refused = Command::new(env!("CARGO_BIN_EXE_plinth"))
         .args(["plugin", "new", "router", "My_Router"])
@@ -262,6 +270,31 @@ async fn scaffolded_plugins_of_every_kind_build_and_act_in_a_running_server() {
         }
     })
     .await;
+
+    // The other Python kinds build as they come, and the loader's checks
+    // (world, version, instantiate, `init`) accept them.
+    let checked = w.join("checked");
+    for kind in ["router", "metrics", "health"] {
+        let project = format!("py-{kind}");
+        plinth(
+            &[
+                "plugin",
+                "build",
+                &project,
+                "--out",
+                checked.to_str().unwrap(),
+            ],
+            w,
+        );
+        let wasm = checked.join(format!("{project}.wasm"));
+        let said = plinth(&["plugin", "check", wasm.to_str().unwrap()], w);
+        assert!(
+            said.contains("accepted by this host")
+                && said.contains(&format!("world:       {kind}-plugin"))
+                && said.contains(&format!("plugin:      {project} 0.1.0")),
+            "{said}"
+        );
+    }
 
     // Health: 99 ready models wanted, 3 there: readiness turns 503 with the
     // plugin's message.
