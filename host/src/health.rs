@@ -155,6 +155,45 @@ pub(crate) fn cpu_memory() -> Option<DeviceMemory> {
     })
 }
 
+/// The process as /proc sees it; zeros where there is no /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ProcessCounters {
+    pub rss_bytes: u64,
+    pub open_fds: u64,
+    pub threads: u64,
+}
+
+/// Reads the process's resident memory, descriptors and threads. With
+/// `trim_allocator`, glibc's allocator first returns the free memory it
+/// keeps for reuse, so that the figure is what is really held. Blocking:
+/// call it off the async workers.
+pub(crate) fn process_counters(trim_allocator: bool) -> ProcessCounters {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if trim_allocator {
+        // SAFETY: malloc_trim takes a pad size and only walks glibc's own
+        // arenas under their locks; it is safe to call from any thread.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = trim_allocator;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    ProcessCounters {
+        rss_bytes: field("VmRSS:") * 1024,
+        threads: field("Threads:"),
+        open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count() as u64),
+    }
+}
+
 fn draining() -> Verdict {
     Verdict {
         readiness: Readiness::NotReady,

@@ -74,6 +74,24 @@ pub struct PortCounters {
     /// Closed because no request came within the header timeout (or the
     /// TLS handshake failed or did not finish in time).
     pub timed_out: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicU64,
+}
+
+/// Counts a connection open for as long as it lives.
+struct OpenConnection(Arc<PortCounters>);
+
+impl OpenConnection {
+    fn new(counters: &Arc<PortCounters>) -> OpenConnection {
+        counters.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(counters))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves `port` until `shutdown`, then stops accepting, asks every
@@ -128,8 +146,10 @@ pub async fn serve(port: Port, counters: Arc<PortCounters>, shutdown: Cancellati
             counters: Arc::clone(&counters),
             shutdown: shutdown.clone(),
         };
+        let open = OpenConnection::new(&counters);
         connections.spawn(async move {
             connection.run().await;
+            drop(open);
             drop(permit);
         });
     }

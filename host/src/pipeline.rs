@@ -80,6 +80,18 @@ struct Inner {
     plugins: Arc<PluginHost>,
     events: mpsc::Sender<RequestEvent>,
     dropped_events: AtomicU64,
+    /// Bidirectional streams open now.
+    open_streams: AtomicU64,
+}
+
+/// Counts a stream open for as long as its response side lives (it is
+/// dropped when the stream ends, the client goes away or the server stops).
+pub struct OpenStream(Pipeline);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.inner.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -159,8 +171,19 @@ impl Pipeline {
                 plugins,
                 events,
                 dropped_events: AtomicU64::new(0),
+                open_streams: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Counts a stream as open until the guard is dropped.
+    pub fn open_stream(&self) -> OpenStream {
+        self.inner.open_streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(self.clone())
+    }
+
+    pub fn open_streams(&self) -> u64 {
+        self.inner.open_streams.load(Ordering::Relaxed)
     }
 
     pub fn registry(&self) -> &Registry {

@@ -323,12 +323,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let metrics_addr = metrics_listener.local_addr()?;
 
     let limit = config.max_message_bytes;
+    let connections = PortSet::<Arc<PortCounters>>::default();
     let (grpc_routes, health_reporter) = grpc::routes(grpc::GrpcState {
         pipeline: pipeline.clone(),
         health: Arc::clone(&health),
         info: HostInfo::current(),
         shutdown: shutdown.clone(),
         max_message_bytes: limit,
+        connections: connections.clone(),
     })?;
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
@@ -340,7 +342,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         max_body_bytes: limit,
     };
     let tls = security.tls();
-    let connections = PortSet::<Arc<PortCounters>>::default();
     let ports = [
         (
             Port {

@@ -146,7 +146,7 @@ impl TestServer {
     pub async fn info(&self) -> pb::GetInfoResponse {
         self.compute()
             .await
-            .get_info(pb::GetInfoRequest {})
+            .get_info(pb::GetInfoRequest::default())
             .await
             .expect("GetInfo answers")
             .into_inner()

@@ -639,7 +639,7 @@ pub fn check_plugin(
 pub async fn info(client: &Client) -> CliResult {
     let info = client
         .compute()
-        .get_info(client.request(pb::GetInfoRequest {}))
+        .get_info(client.request(pb::GetInfoRequest::default()))
         .await?
         .into_inner();
     let budget = info.thread_budget.unwrap_or_default();

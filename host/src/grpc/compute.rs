@@ -1,5 +1,8 @@
 //! `plinth.v1.ComputeService`.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -7,22 +10,53 @@ use tracing::Instrument;
 use super::pb::{self, compute_service_server::ComputeService};
 use super::{now_micros, status, status_to_pb, tensor_from_pb, tensor_to_pb};
 use crate::error::Error;
+use crate::listen::PortCounters;
 use crate::pipeline::{Pipeline, PipelineRequest, queue_timeout};
-use crate::server::HostInfo;
+use crate::server::{HostInfo, PortSet};
 
 #[derive(Clone)]
 pub struct ComputeApi {
     pipeline: Pipeline,
     info: HostInfo,
     shutdown: CancellationToken,
+    connections: PortSet<Arc<PortCounters>>,
 }
 
 impl ComputeApi {
-    pub fn new(pipeline: Pipeline, info: HostInfo, shutdown: CancellationToken) -> ComputeApi {
+    pub fn new(
+        pipeline: Pipeline,
+        info: HostInfo,
+        shutdown: CancellationToken,
+        connections: PortSet<Arc<PortCounters>>,
+    ) -> ComputeApi {
         ComputeApi {
             pipeline,
             info,
             shutdown,
+            connections,
+        }
+    }
+
+    async fn runtime_counters(&self, trim_allocator: bool) -> pb::RuntimeCounters {
+        let open = |c: &PortCounters| c.open.load(Ordering::Relaxed);
+        let rows = self.pipeline.registry().health_rows();
+        let process =
+            tokio::task::spawn_blocking(move || crate::health::process_counters(trim_allocator))
+                .await
+                .unwrap_or_default();
+        pb::RuntimeCounters {
+            tasks: tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks() as u64,
+            open_streams: self.pipeline.open_streams(),
+            open_connections: open(&self.connections.grpc)
+                + open(&self.connections.http)
+                + open(&self.connections.metrics),
+            in_flight: rows.iter().map(|row| row.in_flight).sum(),
+            queued: rows.iter().map(|row| row.queue_depth as u64).sum(),
+            rss_bytes: process.rss_bytes,
+            open_fds: process.open_fds,
+            threads: process.threads,
         }
     }
 }
@@ -118,8 +152,11 @@ impl ComputeService for ComputeApi {
     ) -> Result<Response<Self::StreamComputeStream>, Status> {
         let pipeline = self.pipeline.clone();
         let headers = request.metadata().clone();
-        let outbound =
-            super::answer_in_order(request.into_inner(), &self.shutdown, move |request| {
+        let outbound = super::answer_in_order(
+            request.into_inner(),
+            &self.shutdown,
+            self.pipeline.open_stream(),
+            move |request| {
                 let pipeline = pipeline.clone();
                 let headers = headers.clone();
                 async move {
@@ -141,7 +178,8 @@ impl ComputeService for ComputeApi {
                             }
                         })
                 }
-            });
+            },
+        );
         Ok(Response::new(outbound))
     }
 
@@ -156,8 +194,10 @@ impl ComputeService for ComputeApi {
 
     async fn get_info(
         &self,
-        _request: Request<pb::GetInfoRequest>,
+        request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
+        let trim = request.get_ref().trim_allocator;
+        let runtime = self.runtime_counters(trim).await;
         let budget = self.pipeline.registry().thread_budget();
         let cuda = plinth_torch::init_cuda();
         let cpu = tokio::task::spawn_blocking(crate::health::cpu_memory)
@@ -196,6 +236,7 @@ impl ComputeService for ComputeApi {
             libtorch_version: self.info.libtorch_version.clone(),
             cuda_available: cuda.device_count > 0,
             plugin_cache_bytes: self.pipeline.plugins().cache_bytes(),
+            runtime: Some(runtime),
         }))
     }
 }

@@ -506,8 +506,11 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let pipeline = self.pipeline.clone();
         let headers = request.metadata().clone();
-        let outbound =
-            super::answer_in_order(request.into_inner(), &self.shutdown, move |request| {
+        let outbound = super::answer_in_order(
+            request.into_inner(),
+            &self.shutdown,
+            self.pipeline.open_stream(),
+            move |request| {
                 let pipeline = pipeline.clone();
                 let headers = headers.clone();
                 async move {
@@ -528,7 +531,8 @@ impl GrpcInferenceService for InferenceApi {
                         },
                     }
                 }
-            });
+            },
+        );
         Ok(Response::new(outbound))
     }
 

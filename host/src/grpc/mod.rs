@@ -41,6 +41,8 @@ pub struct GrpcState {
     pub shutdown: CancellationToken,
     /// Largest message accepted or sent (the same limit as HTTP bodies).
     pub max_message_bytes: usize,
+    /// Each port's connection counters, for GetInfo.
+    pub connections: crate::server::PortSet<Arc<crate::listen::PortCounters>>,
 }
 
 /// Every gRPC service on the gRPC port: `plinth.v1` (compute, models,
@@ -59,6 +61,7 @@ pub fn routes(state: GrpcState) -> Result<(Routes, HealthReporter), Error> {
         state.pipeline.clone(),
         state.info,
         state.shutdown.clone(),
+        state.connections,
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -101,6 +104,7 @@ type AnswerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 fn answer_in_order<Req, Resp, F, Fut>(
     inbound: Streaming<Req>,
     shutdown: &CancellationToken,
+    open: crate::pipeline::OpenStream,
     answer: F,
 ) -> AnswerStream<Resp>
 where
@@ -112,6 +116,8 @@ where
     let outbound = inbound
         .take_until(shutdown.clone().cancelled_owned())
         .map(move |message| {
+            // The guard lives as long as the stream: it is dropped with it.
+            let _open = &open;
             let pending = message.map(&answer);
             async move {
                 match pending {

@@ -11,6 +11,7 @@ mod nonblocking;
 mod oip;
 mod plugins;
 mod poll;
+mod reliability;
 mod security;
 mod services;
 mod settling;

@@ -33,7 +33,7 @@ async fn ping_and_info_report_the_host() {
     );
 
     let before = compute
-        .get_info(pb::GetInfoRequest {})
+        .get_info(pb::GetInfoRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -52,7 +52,7 @@ async fn ping_and_info_report_the_host() {
 
     srv.load("two_instances").await.unwrap();
     let after = compute
-        .get_info(pb::GetInfoRequest {})
+        .get_info(pb::GetInfoRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -78,7 +78,7 @@ async fn ping_and_info_report_the_host() {
     .await;
     // Unavailable means the executor threads have ended and freed their modules.
     let unloaded = compute
-        .get_info(pb::GetInfoRequest {})
+        .get_info(pb::GetInfoRequest::default())
         .await
         .unwrap()
         .into_inner();
