@@ -162,15 +162,21 @@ impl RunningServer {
         self.wait().await;
     }
 
-    /// Returns once the servers have stopped (after [`RunningServer::trigger`])
-    /// and every model has been unloaded, its executor threads ended, or
-    /// once the drain timeout has passed since the servers stopped accepting.
+    /// Serves until the drain is triggered ([`RunningServer::trigger`]) or
+    /// every server has ended on its own; then returns once the servers
+    /// have drained and every model has been unloaded, its executor threads
+    /// ended, or once the drain timeout has passed since the drain began.
     pub async fn wait(self) {
         let registry = self.registry.clone();
-        let tasks = self.tasks;
+        let mut servers = futures::future::join_all(self.tasks);
+        // The drain timeout counts from the trigger, never from startup.
+        let ended = tokio::select! {
+            () = self.shutdown.cancelled() => false,
+            _ = &mut servers => true,
+        };
         let drain = async move {
-            for task in tasks {
-                let _ = task.await;
+            if !ended {
+                servers.await;
             }
             // The servers have drained, so nothing holds a model any more.
             registry.unload_all().await;

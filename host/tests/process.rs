@@ -556,3 +556,64 @@ async fn a_guests_output_during_a_call_reaches_the_json_log() {
         });
     }
 }
+
+/// The drain timeout counts from the signal, never from startup: a server
+/// with a 1 s drain timeout still serves well after its first second.
+/// (It once exited `drain_timeout` after starting.)
+#[tokio::test]
+async fn the_drain_timeout_does_not_end_a_server_that_was_never_signalled() {
+    let repo = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    write_slow_model(repo.path());
+    let child = Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(["serve", "--host", "127.0.0.1"])
+        .args([
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .args(["--drain-timeout-s", "1"])
+        .arg("--model-repository")
+        .arg(repo.path())
+        .arg("--plugin-dir")
+        .arg(plugins.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("plinth starts");
+    let mut child = Server(child);
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(strip_ansi(&line));
+        }
+    });
+    let http = logged(&lines, "http_addr=");
+    eventually("readiness 200", async || {
+        match http_status(&http, "/v2/health/ready").await {
+            Ok(200) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // Three drain timeouts later, still running and still answering.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        matches!(child.0.try_wait(), Ok(None)),
+        "plinth exited with no signal"
+    );
+    assert_eq!(http_status(&http, "/v2/models/slow/ready").await, Ok(200));
+    // And a signal still drains it within the timeout.
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let exit = child.exited("plinth to exit after SIGTERM").await;
+    assert!(exit.success(), "plinth exited with {exit}");
+}

@@ -17,6 +17,7 @@
 
 mod entry;
 mod load;
+mod load_threads;
 mod ready;
 mod stats;
 
@@ -123,6 +124,8 @@ struct Inner {
     entries: Mutex<HashMap<String, Entry>>,
     events: broadcast::Sender<ModelStatus>,
     load_permits: Arc<Semaphore>,
+    /// Where loads run: one long-lived thread per permit.
+    load_threads: load_threads::LoadThreads,
     load_context: LoadContext,
     /// Every load and unload task, so that a shutdown can wait for them.
     tasks: TaskTracker,
@@ -191,6 +194,7 @@ impl Registry {
                 entries: Mutex::new(HashMap::new()),
                 events,
                 load_permits: Arc::new(Semaphore::new(permits)),
+                load_threads: load_threads::LoadThreads::new(permits),
                 load_context,
                 tasks: TaskTracker::new(),
             }),
@@ -419,12 +423,13 @@ impl Registry {
                     let repository = self.inner.settings.repository.clone();
                     let context = self.inner.load_context.clone();
                     let owned_name = name.to_owned();
-                    // Step two: no lock held, on the blocking pool.
-                    let loaded = tokio::task::spawn_blocking(move || {
-                        load::load_model(&repository, &owned_name, &context)
-                    })
-                    .await
-                    .unwrap_or_else(|err| Err(format!("load task panicked: {err}")));
+                    // Step two: no lock held, on a load thread.
+                    let loaded = self
+                        .inner
+                        .load_threads
+                        .run(move || load::load_model(&repository, &owned_name, &context))
+                        .await
+                        .and_then(|loaded| loaded);
                     drop(permit);
                     loaded
                 }

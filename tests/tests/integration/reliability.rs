@@ -87,8 +87,12 @@ async fn many_clients_changing_the_model_set_leave_the_registry_consistent() {
     let row = [1.0f32, -2.0, 0.5, 4.0];
     let expected = affine_expected(&row).to_vec();
 
+    // Swaps are one at a time (they share a staging file name), as an
+    // operator's deploys are; the clients' calls are not.
+    let swapping = std::sync::Arc::new(std::sync::Mutex::new(()));
     let mut clients = Vec::new();
     for client in 0..CLIENTS {
+        let swapping = std::sync::Arc::clone(&swapping);
         let models = srv.models().await;
         let compute = srv.compute().await;
         let plugins = srv.plugins.path().to_owned();
@@ -128,6 +132,7 @@ async fn many_clients_changing_the_model_set_leave_the_registry_consistent() {
                         } else {
                             "image_normalize"
                         };
+                        let _one = swapping.lock().unwrap();
                         install_plugin(&plugins, "swapped", component, None);
                         ("swap", Ok(()))
                     }

@@ -1,0 +1,89 @@
+//! The threads model loads run on: a fixed set, one per concurrent load
+//! the registry allows, alive for the registry's life.
+//!
+//! Not tokio's blocking pool: libtorch leaves a helper thread behind on the
+//! thread that deserialises a large model, and the blocking pool hands each
+//! load whichever thread is free, growing and shrinking as it likes, so the
+//! helpers piled up (three more every ten 100 MB loads). On a fixed set of
+//! threads there is at most one helper per load thread, and the process's
+//! thread count is the same after the thousandth load as after the first
+//! few.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Jobs go to the threads in turn, so that `n` loads have visited every
+/// thread: each thread's per-thread state exists after the first `n`.
+pub(super) struct LoadThreads {
+    threads: Vec<Mutex<mpsc::Sender<Job>>>,
+    next: AtomicUsize,
+}
+
+impl LoadThreads {
+    /// Starts `n` threads named `plinth-load-<i>`; they end when this is
+    /// dropped.
+    pub(super) fn new(n: usize) -> LoadThreads {
+        let mut threads = Vec::new();
+        for idx in 0..n.max(1) {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let spawned = std::thread::Builder::new()
+                .name(format!("plinth-load-{idx}"))
+                .spawn(move || {
+                    // Loads deserialise on this thread alone: torch's
+                    // intra-op setting is per thread, and at 1 a load takes
+                    // one core and never competes with serving for more.
+                    plinth_torch::set_intra_op_threads(1);
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                });
+            match spawned {
+                Ok(_) => threads.push(Mutex::new(tx)),
+                Err(err) => tracing::error!(%err, "could not start a model load thread"),
+            }
+        }
+        LoadThreads {
+            threads,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Runs `f` on the next load thread and returns its result; an error if
+    /// the job could not run (no thread, or `f` panicked).
+    pub(super) async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
+        if self.threads.is_empty() {
+            return Err("no model load thread could be started".to_owned());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(outcome);
+        });
+        let idx = self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len();
+        let sent = self.threads[idx]
+            .lock()
+            .map_err(|_| "a load thread's queue is poisoned".to_owned())?
+            .send(job);
+        if sent.is_err() {
+            return Err("a load thread has gone".to_owned());
+        }
+        match rx.await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(panic)) => Err(format!(
+                "load task panicked: {}",
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default()
+            )),
+            Err(_) => Err("a load thread ended before answering".to_owned()),
+        }
+    }
+}
