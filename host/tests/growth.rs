@@ -10,11 +10,12 @@
 //! `PLINTH_GROWTH_CONCURRENCY=64`, `PLINTH_GROWTH_CYCLES=1000` and
 //! `PLINTH_GROWTH_SWAPS=500` (docs/RELIABILITY.md).
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{CONFIG, Server, f32_request};
 use plinth::grpc::pb;
 use plinth::grpc::pb::compute_service_client::ComputeServiceClient;
 use plinth::grpc::pb::model_service_client::ModelServiceClient;
@@ -25,8 +26,6 @@ use tonic::transport::Channel;
 const PATIENCE: Duration = Duration::from_secs(120);
 /// Resident memory the run may add after warm-up.
 const MAX_GROWTH_BYTES: i64 = 10 << 20;
-
-const CONFIG: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
 
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -59,44 +58,8 @@ fn thread_names(pid: u32) -> std::collections::BTreeMap<String, usize> {
     names
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn eventually<T>(what: &str, mut attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let mut observed = String::from("no attempt finished");
-    while tokio::time::Instant::now() < deadline {
-        match tokio::time::timeout_at(deadline, attempt()).await {
-            Ok(Ok(value)) => return value,
-            Ok(Err(seen)) => observed = seen,
-            Err(_) => observed = format!("an attempt still pending; before it: {observed}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {PATIENCE:?} waiting for {what}; last observed: {observed}")
-}
-
-fn request(model: &str) -> pb::ComputeRequest {
-    pb::ComputeRequest {
-        model: model.into(),
-        inputs: vec![pb::Tensor {
-            name: "x".into(),
-            dtype: pb::DataType::Float32 as i32,
-            shape: vec![3],
-            data: [1.0f32, 2.0, 3.0]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        }],
-        ..Default::default()
-    }
+async fn eventually<T>(what: &str, attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
+    common::eventually_within(PATIENCE, what, attempt).await
 }
 
 async fn runtime(channel: &Channel) -> pb::RuntimeCounters {
@@ -122,7 +85,7 @@ async fn traffic(channel: &Channel, concurrency: u64, seconds: u64) -> u64 {
             let mut answered = 0u64;
             while Instant::now() < until {
                 let out = client
-                    .compute(request("chained"))
+                    .compute(f32_request("chained", &[1.0, 2.0, 3.0]))
                     .await
                     .expect("a request under load")
                     .into_inner();
@@ -220,44 +183,13 @@ async fn rss_descriptors_and_threads_return_to_their_baseline() {
         .unwrap();
     }
 
-    let child = Command::new(env!("CARGO_BIN_EXE_plinth"))
-        .args(["serve", "--host", "127.0.0.1"])
-        .args([
-            "--grpc-port",
-            "0",
-            "--http-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
-        .arg("--model-repository")
-        .arg(repo.path())
-        .arg("--plugin-dir")
-        .arg(plugins.path())
-        .arg("--no-load")
-        .args(["--max-concurrent-loads", "2"])
-        .env("RUST_LOG", "warn,plinth=info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("plinth starts");
-    let mut server = Server(child);
-    let stdout = server.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(pos) = line.find("grpc_addr=") {
-                let addr = line[pos + "grpc_addr=".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .trim_end_matches(|c: char| !c.is_ascii_digit())
-                    .to_owned();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx.recv_timeout(PATIENCE).expect("the gRPC address logged");
+    let server = Server::start(
+        &[],
+        repo.path(),
+        plugins.path(),
+        &["--no-load", "--max-concurrent-loads", "2"],
+    );
+    let addr = server.logged("grpc_addr=");
     let channel = eventually("the gRPC port", async || {
         Channel::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -277,7 +209,7 @@ async fn rss_descriptors_and_threads_return_to_their_baseline() {
         .expect("load the chained model");
     eventually("the chained model serving", async || {
         ComputeServiceClient::new(channel.clone())
-            .compute(request("chained"))
+            .compute(f32_request("chained", &[1.0, 2.0, 3.0]))
             .await
             .map(drop)
             .map_err(|e| e.to_string())
@@ -297,7 +229,7 @@ async fn rss_descriptors_and_threads_return_to_their_baseline() {
     // Idle blocking threads leave after 10 s: the baseline is taken at rest.
     tokio::time::sleep(Duration::from_secs(11)).await;
     let baseline = runtime(&channel).await;
-    println!("baseline threads: {:?}", thread_names(server.0.id()));
+    println!("baseline threads: {:?}", thread_names(server.child.id()));
 
     let started = Instant::now();
     let answered = traffic(&channel, concurrency, seconds).await;
@@ -316,7 +248,7 @@ async fn rss_descriptors_and_threads_return_to_their_baseline() {
     let elapsed = started.elapsed();
 
     // At rest again, as the baseline was.
-    let pid = server.0.id();
+    let pid = server.child.id();
     let end = eventually(
         "threads and descriptors back at their baseline",
         async || {

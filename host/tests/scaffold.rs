@@ -3,10 +3,13 @@
 //! as they come (with only their config changed), dropped into a running
 //! server's plugin directory, and seen acting on real requests.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::{f32_request, f32_values};
 use plinth::grpc::pb;
 use plinth::grpc::pb::compute_service_client::ComputeServiceClient;
 use tonic::Code;
@@ -15,7 +18,7 @@ use tonic::Code;
 /// compiles for several seconds on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(180);
 
-const CONFIG: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
+use common::CONFIG;
 
 /// Runs `plinth ARGS` and returns its stdout; panics with both streams on a
 /// non-zero exit.
@@ -48,55 +51,19 @@ fn edit(file: &Path, from: &str, to: &str) {
     std::fs::write(file, text.replace(from, to)).unwrap();
 }
 
-async fn eventually<T>(what: &str, mut attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let mut observed = String::from("no attempt finished");
-    while tokio::time::Instant::now() < deadline {
-        match tokio::time::timeout_at(deadline, attempt()).await {
-            Ok(Ok(value)) => return value,
-            Ok(Err(seen)) => observed = seen,
-            Err(_) => observed = format!("an attempt still pending; before it: {observed}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out after {PATIENCE:?} waiting for {what}; last observed: {observed}")
+async fn eventually<T>(what: &str, attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
+    common::eventually_within(PATIENCE, what, attempt).await
 }
 
 /// A GET over HTTP/1.1: the status and the body.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    common::http_get(&addr.to_string(), path)
+        .await
+        .unwrap_or_else(|err| panic!("GET {path}: {err}"))
 }
 
 fn request(model: &str, route_to: Option<&str>) -> tonic::Request<pb::ComputeRequest> {
-    let mut request = tonic::Request::new(pb::ComputeRequest {
-        model: model.into(),
-        inputs: vec![pb::Tensor {
-            name: "x".into(),
-            dtype: pb::DataType::Float32 as i32,
-            shape: vec![3],
-            data: [1.0f32, 2.0, 3.0]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        }],
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(f32_request(model, &[1.0, 2.0, 3.0]));
     if let Some(to) = route_to {
         request
             .metadata_mut()
@@ -106,11 +73,7 @@ fn request(model: &str, route_to: Option<&str>) -> tonic::Request<pb::ComputeReq
 }
 
 fn values(response: &pb::ComputeResponse) -> Vec<f32> {
-    response.outputs[0]
-        .data
-        .chunks(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    f32_values(&response.outputs[0])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
