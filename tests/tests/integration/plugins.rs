@@ -1168,3 +1168,55 @@ async fn a_python_processor_matches_the_rust_one_bit_for_bit_and_hot_reloads() {
     let status = srv.wait_plugin("norm_py", |_| true).await;
     assert_eq!(status.errors, errors_before, "no call failed: {status:?}");
 }
+
+/// A plugin granted a directory reads it during a call. (wasmtime-wasi runs
+/// file system calls through `Handle::block_on`, which a tokio worker
+/// refuses; such plugins' calls run in `block_in_place`.) The probe plugin
+/// reports what it could do as an error, so that the report reaches the
+/// client: the granted file was read, and nothing outside the grant was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_granted_a_directory_reads_it_during_a_call() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("hello.txt"), b"hello").unwrap();
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::affine(repo, "affine", 4);
+            fixtures::affine_config(4)
+                .preprocess(&["granted"])
+                .write(repo, "affine");
+        },
+        true,
+    )
+    .await;
+    install_plugin(
+        srv.plugins.path(),
+        "granted",
+        "hostile_wasi_escape",
+        Some(&format!(
+            "[config]\npath = \"/data/hello.txt\"\n[capabilities]\ndirs = [{{ host = \"{}\", guest = \"/data\", read_only = true }}]\n",
+            data.path().display()
+        )),
+    );
+    srv.wait_plugin("granted", serving).await;
+    srv.wait_ready("affine").await;
+    let mut compute = srv.compute().await;
+    // Twice: the first call may make the instance (its `init` too), the
+    // second runs on a pooled one.
+    for _ in 0..2 {
+        let err = compute
+            .compute(compute_request(
+                "affine",
+                vec![f32_tensor("x", &[1, 4], &[1.0, 2.0, 3.0, 4.0])],
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Internal, "{err:?}");
+        let message = err.message();
+        assert!(
+            message.contains("read file /data/hello.txt: ALLOWED (5 bytes)"),
+            "{message}"
+        );
+        assert!(!message.contains("list directory /: ALLOWED"), "{message}");
+        assert!(!message.contains("panicked"), "{message}");
+    }
+}

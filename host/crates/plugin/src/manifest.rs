@@ -107,6 +107,12 @@ struct RawCapabilities {
 }
 
 impl Manifest {
+    /// Whether the plugin is granted something whose WASI calls can block
+    /// (preopened directories, the network).
+    pub fn may_block(&self) -> bool {
+        !self.dirs.is_empty() || self.network
+    }
+
     /// Reads `path` if it exists; a missing manifest means the defaults. Blocking.
     pub fn load(path: &Path) -> Result<Manifest, String> {
         match std::fs::read_to_string(path) {

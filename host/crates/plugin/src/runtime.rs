@@ -663,6 +663,28 @@ impl<K: Kind> Plugin<K> {
             &mut Store<PluginState>,
         ) -> wasmtime::Result<Result<R, wit::PluginError>>,
     ) -> Result<R, CallError> {
+        // A plugin granted directories or the network may make WASI calls
+        // that wasmtime-wasi runs through `Handle::block_on`, which a tokio
+        // worker refuses; inside `block_in_place` it is allowed. Only such
+        // plugins pay for it (the worker's other tasks move to a new
+        // thread); streams and poll never need it (`sync_io`).
+        if self.manifest.may_block()
+            && tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+                handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            })
+        {
+            return tokio::task::block_in_place(|| self.call_here(f));
+        }
+        self.call_here(f)
+    }
+
+    fn call_here<R>(
+        &self,
+        f: impl FnOnce(
+            &K::Exports,
+            &mut Store<PluginState>,
+        ) -> wasmtime::Result<Result<R, wit::PluginError>>,
+    ) -> Result<R, CallError> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         // Stateful plugins keep the lock for the whole call: one instance, in order.
         let mut stateful_guard = K::KIND.stateful().then(|| self.idle.lock());
