@@ -13,6 +13,7 @@ pub use plinth::grpc::pb::{DataType, ModelState};
 
 mod eventually;
 pub mod fixtures;
+pub mod fuzzing;
 pub mod load;
 pub mod pki;
 

@@ -226,6 +226,13 @@ struct Decoded {
     timeout: Option<std::time::Duration>,
 }
 
+/// The input tensors of a gRPC `ModelInferRequest`, decoded and checked as
+/// a request is (with its outputs and timeout parameter): what the fuzz
+/// targets and their corpus replay drive.
+pub fn decode_infer_request(mut request: ipb::ModelInferRequest) -> Result<Vec<Tensor>, Error> {
+    decode_request(&mut request).map(|decoded| decoded.inputs)
+}
+
 /// The inputs, the outputs asked for and the queue timeout of a request.
 fn decode_request(request: &mut ipb::ModelInferRequest) -> Result<Decoded, Error> {
     Ok(Decoded {

@@ -19,7 +19,7 @@ use tonic::{Code, Status, Streaming};
 use tonic_health::server::HealthReporter;
 
 pub use compute::ComputeApi;
-pub use inference::InferenceApi;
+pub use inference::{InferenceApi, decode_infer_request};
 pub use models::ModelApi;
 pub use plugins::PluginApi;
 
@@ -214,7 +214,7 @@ pub(crate) fn dtype_to_pb(dtype: DType) -> pb::DataType {
     }
 }
 
-pub(crate) fn tensor_from_pb(tensor: pb::Tensor) -> Result<Tensor, Error> {
+pub fn tensor_from_pb(tensor: pb::Tensor) -> Result<Tensor, Error> {
     if tensor.name.is_empty() {
         return Err(Error::InvalidArgument("a tensor has an empty name".into()));
     }

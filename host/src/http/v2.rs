@@ -349,6 +349,13 @@ struct RestRequest {
     parameters: Vec<(String, String)>,
 }
 
+/// The input tensors of a REST inference body (JSON, or JSON then binary
+/// data with `Inference-Header-Content-Length`), decoded and checked as a
+/// request is: what the fuzz targets and their corpus replay drive.
+pub fn decode_infer_body(headers: &HeaderMap, body: Bytes) -> Result<Vec<Tensor>, Error> {
+    decode_request(headers, body).map(|request| request.inputs)
+}
+
 /// Decodes an inference request: the JSON object, then its id, parameters,
 /// inputs (claiming the binary parts) and requested outputs.
 fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<RestRequest, Error> {

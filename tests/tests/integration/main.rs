@@ -6,6 +6,7 @@ mod budget;
 mod deploy;
 mod edges;
 mod errors;
+mod fuzz_corpus;
 mod lifecycle;
 mod nonblocking;
 mod oip;
