@@ -7,6 +7,7 @@ mod deploy;
 mod edges;
 mod errors;
 mod fuzz_corpus;
+mod http_fuzz;
 mod lifecycle;
 mod nonblocking;
 mod oip;
