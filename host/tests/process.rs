@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CONFIG, Server, eventually, f32_request, f32_values, http_status};
+use common::{CONFIG, Server, eventually, f32_request, f32_values, http_status, readiness_becomes};
 use plinth::grpc::pb;
 use plinth::grpc::pb::compute_service_client::ComputeServiceClient;
 use plinth::grpc::pb::model_service_client::ModelServiceClient;
@@ -166,21 +166,9 @@ async fn sigterm_turns_readiness_off_at_once_and_serves_through_the_drain_delay(
         &["--drain-delay-s", "600", "--drain-timeout-s", "20"],
     );
     let http = child.logged("http_addr=");
-    eventually("readiness 200", async || {
-        match http_status(&http, "/v2/health/ready").await {
-            Ok(200) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    readiness_becomes(&http, 200).await;
     child.signal("-TERM");
-    eventually("readiness 503 after SIGTERM", async || {
-        match http_status(&http, "/v2/health/ready").await {
-            Ok(503) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    readiness_becomes(&http, 503).await;
     // Still serving: the process runs, liveness and models answer.
     assert!(child.running(), "exited before its drain delay");
     assert_eq!(http_status(&http, "/v2/health/live").await, Ok(200));
@@ -302,13 +290,7 @@ async fn the_drain_timeout_does_not_end_a_server_that_was_never_signalled() {
         &["--drain-timeout-s", "1"],
     );
     let http = child.logged("http_addr=");
-    eventually("readiness 200", async || {
-        match http_status(&http, "/v2/health/ready").await {
-            Ok(200) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    readiness_becomes(&http, 200).await;
     // Three drain timeouts later, still running and still answering.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(child.running(), "plinth exited with no signal");

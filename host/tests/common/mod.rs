@@ -210,6 +210,18 @@ pub async fn http_status(addr: &str, path: &str) -> Result<u16, String> {
     http_get(addr, path).await.map(|(status, _)| status)
 }
 
+/// Waits (bounded by [`PATIENCE`]) until `GET /v2/health/ready` on `addr`
+/// answers `code`.
+pub async fn readiness_becomes(addr: &str, code: u16) {
+    eventually(&format!("readiness {code}"), async || {
+        match http_status(addr, "/v2/health/ready").await {
+            Ok(got) if got == code => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
 /// A `Compute` request of one f32 tensor `x`.
 pub fn f32_request(model: &str, values: &[f32]) -> pb::ComputeRequest {
     pb::ComputeRequest {
