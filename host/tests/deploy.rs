@@ -6,31 +6,20 @@
 //! `cargo xtask test` builds the bundle and (where buildah is installed)
 //! the image first and names them in PLINTH_BUNDLE and PLINTH_IMAGE.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::SERVE_ON_ANY_PORTS;
 use serde::Deserialize;
 use serde_norway::Value;
 
 /// A bound on hangs, not a speed assertion.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-/// `plinth serve` on loopback, every port chosen by the kernel (the log
-/// says which).
-const SERVE_ON_ANY_PORTS: [&str; 9] = [
-    "serve",
-    "--host",
-    "127.0.0.1",
-    "--grpc-port",
-    "0",
-    "--http-port",
-    "0",
-    "--metrics-port",
-    "0",
-];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -150,23 +150,26 @@ async fn sighup_reloads_plugins_and_sigterm_drains_then_exits() {
     );
 }
 
+/// A server over the slow model started with `args`, once it is ready: the
+/// process, its HTTP address, and the repository and plugin directories.
+async fn ready_slow_server(args: &[&str]) -> (Server, String, [tempfile::TempDir; 2]) {
+    let repo = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    write_slow_model(repo.path());
+    let child = Server::start(&[], repo.path(), plugins.path(), args);
+    let http = child.logged("http_addr=");
+    readiness_becomes(&http, 200).await;
+    (child, http, [repo, plugins])
+}
+
 /// A rollout-safe SIGTERM: readiness turns 503 at once while the server
 /// still answers (so endpoints can be updated), for --drain-delay-s; a
 /// second signal cuts the delay short; then the drain and a clean exit.
 #[tokio::test]
 async fn sigterm_turns_readiness_off_at_once_and_serves_through_the_drain_delay() {
-    let repo = tempfile::tempdir().unwrap();
-    let plugins = tempfile::tempdir().unwrap();
-    write_slow_model(repo.path());
     // A drain delay far longer than the test needs: the second signal ends it.
-    let mut child = Server::start(
-        &[],
-        repo.path(),
-        plugins.path(),
-        &["--drain-delay-s", "600", "--drain-timeout-s", "20"],
-    );
-    let http = child.logged("http_addr=");
-    readiness_becomes(&http, 200).await;
+    let (mut child, http, _dirs) =
+        ready_slow_server(&["--drain-delay-s", "600", "--drain-timeout-s", "20"]).await;
     child.signal("-TERM");
     readiness_becomes(&http, 503).await;
     // Still serving: the process runs, liveness and models answer.
@@ -280,17 +283,7 @@ async fn a_guests_output_during_a_call_reaches_the_json_log() {
 /// (It once exited `drain_timeout` after starting.)
 #[tokio::test]
 async fn the_drain_timeout_does_not_end_a_server_that_was_never_signalled() {
-    let repo = tempfile::tempdir().unwrap();
-    let plugins = tempfile::tempdir().unwrap();
-    write_slow_model(repo.path());
-    let mut child = Server::start(
-        &[],
-        repo.path(),
-        plugins.path(),
-        &["--drain-timeout-s", "1"],
-    );
-    let http = child.logged("http_addr=");
-    readiness_becomes(&http, 200).await;
+    let (mut child, http, _dirs) = ready_slow_server(&["--drain-timeout-s", "1"]).await;
     // Three drain timeouts later, still running and still answering.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(child.running(), "plinth exited with no signal");

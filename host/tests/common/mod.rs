@@ -19,6 +19,20 @@ use plinth::grpc::pb;
 /// assertion.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// `plinth serve` on loopback, every port chosen by the kernel (the log
+/// says which).
+pub const SERVE_ON_ANY_PORTS: [&str; 9] = [
+    "serve",
+    "--host",
+    "127.0.0.1",
+    "--grpc-port",
+    "0",
+    "--http-port",
+    "0",
+    "--metrics-port",
+    "0",
+];
+
 /// A model config: `x` f32 [-1] in, `y` f32 [-1] out.
 pub const CONFIG: &str = "[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n";
 
@@ -64,15 +78,7 @@ impl Server {
     pub fn start(global: &[&str], repo: &Path, plugins: &Path, args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_plinth"))
             .args(global)
-            .args(["serve", "--host", "127.0.0.1"])
-            .args([
-                "--grpc-port",
-                "0",
-                "--http-port",
-                "0",
-                "--metrics-port",
-                "0",
-            ])
+            .args(SERVE_ON_ANY_PORTS)
             .args(args)
             .arg("--model-repository")
             .arg(repo)

@@ -16,6 +16,17 @@ fn i64_values(tensor: &pb::Tensor) -> Vec<i64> {
         .collect()
 }
 
+/// Fills a repository with the model `affine` (batches of up to 4), its
+/// config passed through `chain` (the plugins it runs).
+fn affine_through(
+    chain: impl FnOnce(fixtures::ModelConfig) -> fixtures::ModelConfig,
+) -> impl FnOnce(&std::path::Path) {
+    move |repo| {
+        fixtures::affine(repo, "affine", 4);
+        chain(fixtures::affine_config(4)).write(repo, "affine");
+    }
+}
+
 fn serving(status: &pb::PluginStatus) -> bool {
     status.serving && status.load_error.is_empty()
 }
@@ -225,16 +236,7 @@ async fn the_router_splits_by_weight_and_a_header_pins_the_version() {
 
 #[tokio::test]
 async fn plugins_are_added_replaced_and_removed_with_no_restart() {
-    let srv = TestServer::start(
-        |repo| {
-            fixtures::affine(repo, "affine", 4);
-            fixtures::affine_config(4)
-                .postprocess(&["post"])
-                .write(repo, "affine");
-        },
-        true,
-    )
-    .await;
+    let srv = TestServer::start(affine_through(|c| c.postprocess(&["post"])), true).await;
     srv.wait_ready("affine").await;
     let mut compute = srv.compute().await;
     let row = [1.0f32, 2.0, 3.0, 4.0];
@@ -519,16 +521,7 @@ async fn hostile_plugins_are_contained_and_reported() {
 
 #[tokio::test]
 async fn a_plugin_swapped_twenty_times_under_load_fails_no_request() {
-    let srv = TestServer::start(
-        |repo| {
-            fixtures::affine(repo, "affine", 4);
-            fixtures::affine_config(4)
-                .postprocess(&["post"])
-                .write(repo, "affine");
-        },
-        true,
-    )
-    .await;
+    let srv = TestServer::start(affine_through(|c| c.postprocess(&["post"])), true).await;
     install_plugin(
         srv.plugins.path(),
         "post",
@@ -945,15 +938,9 @@ async fn startup_plugins_load_in_the_background_and_requests_wait_for_them() {
     )
     .unwrap();
     let plugin_dir = dir.path().to_path_buf();
-    let srv = TestServer::start_with(
-        |repo| {
-            fixtures::affine(repo, "affine", 4);
-            fixtures::affine_config(4)
-                .postprocess(&["post"])
-                .write(repo, "affine");
-        },
-        |config| config.plugin_dir = plugin_dir,
-    )
+    let srv = TestServer::start_with(affine_through(|c| c.postprocess(&["post"])), |config| {
+        config.plugin_dir = plugin_dir
+    })
     .await;
     // start() returned with both files unread: the ports answer.
     srv.wait_ready("affine").await;
@@ -1178,16 +1165,7 @@ async fn a_python_processor_matches_the_rust_one_bit_for_bit_and_hot_reloads() {
 async fn a_plugin_granted_a_directory_reads_it_during_a_call() {
     let data = tempfile::tempdir().unwrap();
     std::fs::write(data.path().join("hello.txt"), b"hello").unwrap();
-    let srv = TestServer::start(
-        |repo| {
-            fixtures::affine(repo, "affine", 4);
-            fixtures::affine_config(4)
-                .preprocess(&["granted"])
-                .write(repo, "affine");
-        },
-        true,
-    )
-    .await;
+    let srv = TestServer::start(affine_through(|c| c.preprocess(&["granted"])), true).await;
     install_plugin(
         srv.plugins.path(),
         "granted",

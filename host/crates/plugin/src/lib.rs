@@ -241,13 +241,16 @@ impl PluginHost {
     /// rebuild of a non-reproducible component would otherwise add one
     /// forever). Blocking.
     pub fn evict_cache(&self) {
-        let keep: BTreeSet<String> = self
-            .plugins
+        evict(&self.cache_dir, &self.cache_keep());
+    }
+
+    /// The artifact names of the plugins loaded now.
+    fn cache_keep(&self) -> BTreeSet<String> {
+        self.plugins
             .load()
             .values()
             .map(|p| format!("{}.cwasm", p.file_hash))
-            .collect();
-        evict(&self.cache_dir, &keep);
+            .collect()
     }
 }
 
@@ -432,12 +435,7 @@ impl PluginHost {
         self.failures.lock().remove(name);
         // Off the swap: a directory listing and a few deletions.
         let host_cache = self.cache_dir.clone();
-        let keep: BTreeSet<String> = self
-            .plugins
-            .load()
-            .values()
-            .map(|p| format!("{}.cwasm", p.file_hash))
-            .collect();
+        let keep = self.cache_keep();
         tokio::task::spawn_blocking(move || evict(&host_cache, &keep));
         tracing::info!(
             plugin = name,
