@@ -13,15 +13,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use crate::config::ModelConfig;
 use crate::error::Error;
 use crate::plugin::{
-    Manifest, ModelChoice, OnError, PluginHost, PluginMeta, RequestEvent, RequestStatus,
+    Candidates, Manifest, OnError, PluginHost, PluginMeta, RequestEvent, RequestStatus,
     RequestView, Stage, StageTimings, kind,
 };
-use crate::registry::{ReadyModel, Registry, RequestRecord};
+use crate::registry::{ReadyModel, ReadySet, Registry, RequestRecord};
 use crate::tensor::Tensor;
 
 const EVENT_QUEUE: usize = 8192;
@@ -82,6 +83,9 @@ struct Inner {
     dropped_events: AtomicU64,
     /// Bidirectional streams open now.
     open_streams: AtomicU64,
+    /// The router's candidates, converted once per ready set: the set they
+    /// were made from, and them.
+    candidates: ArcSwap<(Arc<ReadySet>, Arc<Candidates>)>,
 }
 
 /// Counts a stream open for as long as its response side lives (it is
@@ -172,6 +176,10 @@ impl Pipeline {
                 events,
                 dropped_events: AtomicU64::new(0),
                 open_streams: AtomicU64::new(0),
+                candidates: ArcSwap::from_pointee((
+                    Arc::new(ReadySet::default()),
+                    Arc::new(Candidates::default()),
+                )),
             }),
         }
     }
@@ -320,13 +328,7 @@ impl Pipeline {
         timings: &mut Timings,
     ) -> Result<PipelineResponse, Error> {
         if let Some(router) = self.inner.plugins.router() {
-            let candidates: Vec<ModelChoice> = self
-                .inner
-                .registry
-                .ready_models()
-                .into_iter()
-                .map(|(name, versions)| ModelChoice { name, versions })
-                .collect();
+            let candidates = self.candidates();
             match router.route(view, &candidates) {
                 Ok(decision) => {
                     view.model = decision.model;
@@ -379,6 +381,26 @@ impl Pipeline {
             config: Arc::clone(&model.config),
             outputs: outputs?,
         })
+    }
+
+    /// The router's candidates for the registry's ready set as it stands:
+    /// the ones made for it, or made now (once per change of the set).
+    fn candidates(&self) -> Arc<Candidates> {
+        let ready = self.inner.registry.ready_models();
+        let cached = self.inner.candidates.load();
+        if Arc::ptr_eq(&cached.0, &ready) {
+            return Arc::clone(&cached.1);
+        }
+        let candidates = Arc::new(Candidates::new(
+            ready
+                .models
+                .iter()
+                .map(|(name, versions)| (name.as_str(), versions.as_slice())),
+        ));
+        self.inner
+            .candidates
+            .store(Arc::new((ready, Arc::clone(&candidates))));
+        candidates
     }
 
     fn chain(

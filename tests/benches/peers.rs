@@ -20,20 +20,11 @@
 //! (`PLINTH_PEERS_DIR`); without them the peers are skipped, saying so.
 
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
-use plinth::grpc::ipb;
-use plinth::grpc::ipb::grpc_inference_service_server::{
-    GrpcInferenceService, GrpcInferenceServiceServer,
-};
-use plinth_tests::fixtures::ModelConfig;
-use plinth_tests::load::{Amount, H2loadRun, grpc_frame, h2load};
-use plinth_tests::{TestServer, fixtures};
-use plinth_torch::trace::{self, Kind, TchTensor};
-use tonic::{Request, Response, Status};
+use plinth_tests::load::{Amount, H2loadRun, h2load, infer_request, triton_check, write_body};
+use plinth_tests::{TestServer, echo, fixtures};
 
 const CONCURRENCY: [u32; 3] = [1, 8, 64];
 
@@ -60,177 +51,6 @@ async fn main() {
     if wants("connections") {
         connections().await;
     }
-}
-
-// ---------------------------------------------------------------------------
-// The load generator.
-
-fn infer_request(model: &str, shape: &[i64], values: &[f32]) -> ipb::ModelInferRequest {
-    ipb::ModelInferRequest {
-        model_name: model.into(),
-        inputs: vec![ipb::model_infer_request::InferInputTensor {
-            name: "x".into(),
-            datatype: "FP32".into(),
-            shape: shape.to_vec(),
-            ..Default::default()
-        }],
-        raw_input_contents: vec![
-            values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        ],
-        ..Default::default()
-    }
-}
-
-fn write_body(dir: &Path, name: &str, request: &ipb::ModelInferRequest) -> PathBuf {
-    let path = dir.join(format!("{name}.bin"));
-    std::fs::write(&path, grpc_frame(request)).unwrap();
-    path
-}
-
-/// A tritonclient call checking `y = 2x` exactly; `None` when no test
-/// Python is available.
-fn triton_check(addr: &str, model: &str) -> Option<bool> {
-    let python = std::env::var_os("PLINTH_PYTHON")?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/peers/check.py");
-    let out = Command::new(python)
-        .arg(script)
-        .arg(addr)
-        .arg(model)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "check against {addr} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Some(out.status.success())
-}
-
-// ---------------------------------------------------------------------------
-// The ceiling: a bare tonic server that echoes ModelInfer.
-
-struct Echo;
-
-type EchoStream = Pin<Box<dyn Stream<Item = Result<ipb::ModelStreamInferResponse, Status>> + Send>>;
-
-fn unimplemented<T>() -> Result<Response<T>, Status> {
-    Err(Status::unimplemented(
-        "the echo server answers ModelInfer only",
-    ))
-}
-
-#[tonic::async_trait]
-impl GrpcInferenceService for Echo {
-    async fn server_live(
-        &self,
-        _: Request<ipb::ServerLiveRequest>,
-    ) -> Result<Response<ipb::ServerLiveResponse>, Status> {
-        Ok(Response::new(ipb::ServerLiveResponse { live: true }))
-    }
-    async fn server_ready(
-        &self,
-        _: Request<ipb::ServerReadyRequest>,
-    ) -> Result<Response<ipb::ServerReadyResponse>, Status> {
-        Ok(Response::new(ipb::ServerReadyResponse { ready: true }))
-    }
-    async fn model_ready(
-        &self,
-        _: Request<ipb::ModelReadyRequest>,
-    ) -> Result<Response<ipb::ModelReadyResponse>, Status> {
-        Ok(Response::new(ipb::ModelReadyResponse { ready: true }))
-    }
-    async fn server_metadata(
-        &self,
-        _: Request<ipb::ServerMetadataRequest>,
-    ) -> Result<Response<ipb::ServerMetadataResponse>, Status> {
-        unimplemented()
-    }
-    async fn model_metadata(
-        &self,
-        _: Request<ipb::ModelMetadataRequest>,
-    ) -> Result<Response<ipb::ModelMetadataResponse>, Status> {
-        unimplemented()
-    }
-    async fn model_infer(
-        &self,
-        request: Request<ipb::ModelInferRequest>,
-    ) -> Result<Response<ipb::ModelInferResponse>, Status> {
-        let request = request.into_inner();
-        let outputs = request
-            .inputs
-            .iter()
-            .map(|input| ipb::model_infer_response::InferOutputTensor {
-                name: "y".into(),
-                datatype: input.datatype.clone(),
-                shape: input.shape.clone(),
-                ..Default::default()
-            })
-            .collect();
-        Ok(Response::new(ipb::ModelInferResponse {
-            model_name: request.model_name,
-            model_version: "1".into(),
-            id: request.id,
-            outputs,
-            raw_output_contents: request.raw_input_contents,
-            ..Default::default()
-        }))
-    }
-    type ModelStreamInferStream = EchoStream;
-    async fn model_stream_infer(
-        &self,
-        _: Request<tonic::Streaming<ipb::ModelInferRequest>>,
-    ) -> Result<Response<EchoStream>, Status> {
-        unimplemented()
-    }
-    async fn model_config(
-        &self,
-        _: Request<ipb::ModelConfigRequest>,
-    ) -> Result<Response<ipb::ModelConfigResponse>, Status> {
-        unimplemented()
-    }
-    async fn model_statistics(
-        &self,
-        _: Request<ipb::ModelStatisticsRequest>,
-    ) -> Result<Response<ipb::ModelStatisticsResponse>, Status> {
-        unimplemented()
-    }
-    async fn repository_index(
-        &self,
-        _: Request<ipb::RepositoryIndexRequest>,
-    ) -> Result<Response<ipb::RepositoryIndexResponse>, Status> {
-        unimplemented()
-    }
-    async fn repository_model_load(
-        &self,
-        _: Request<ipb::RepositoryModelLoadRequest>,
-    ) -> Result<Response<ipb::RepositoryModelLoadResponse>, Status> {
-        unimplemented()
-    }
-    async fn repository_model_unload(
-        &self,
-        _: Request<ipb::RepositoryModelUnloadRequest>,
-    ) -> Result<Response<ipb::RepositoryModelUnloadResponse>, Status> {
-        unimplemented()
-    }
-}
-
-async fn start_echo() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(GrpcInferenceServiceServer::new(Echo))
-            .serve_with_incoming(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            ),
-    );
-    addr.to_string()
 }
 
 // ---------------------------------------------------------------------------
@@ -391,7 +211,7 @@ async fn servers() {
     let mut rows: Vec<(String, u32, H2loadRun)> = Vec::new();
     let mut checks: Vec<String> = Vec::new();
 
-    let echo = start_echo().await;
+    let echo = echo::start_tonic(4 << 20).await;
     rows.extend(sweep("bare tonic echo (ceiling)", &echo, &body));
 
     let srv = TestServer::start(
@@ -484,54 +304,9 @@ async fn servers() {
     }
 }
 
-/// A small CNN classifier: 3×32×32 → conv 32 → pool → conv 64 → pool →
-/// conv 64 → global average → 10 logits. Weights are fixed by a seed.
-fn cnn_file(path: &Path) {
-    tch::manual_seed(7);
-    let opts = (Kind::Float, trace::Device::Cpu);
-    let w1 = TchTensor::randn([32, 3, 3, 3], opts) * 0.2;
-    let w2 = TchTensor::randn([64, 32, 3, 3], opts) * 0.05;
-    let w3 = TchTensor::randn([64, 64, 3, 3], opts) * 0.05;
-    let fc = TchTensor::randn([10, 64], opts) * 0.1;
-    let none: Option<&TchTensor> = None;
-    trace::save(path, &[TchTensor::zeros([2, 3, 32, 32], opts)], |xs| {
-        let x = xs[0]
-            .conv2d(&w1, none, [1, 1], [1, 1], [1, 1], 1)
-            .relu()
-            .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
-        let x = x
-            .conv2d(&w2, none, [1, 1], [1, 1], [1, 1], 1)
-            .relu()
-            .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
-        let x = x.conv2d(&w3, none, [1, 1], [1, 1], [1, 1], 1).relu();
-        let x = x.mean_dim(&[2i64, 3][..], false, Kind::Float);
-        vec![x.matmul(&fc.tr())]
-    })
-    .expect("tracing the CNN");
-}
-
-/// The CNN's config with `batching` applied: 32 images of [3, 32, 32] in,
-/// 10 logits each out.
-fn cnn_repo(repo: &Path, model: &str, batching: impl FnOnce(ModelConfig) -> ModelConfig) {
-    batching(
-        fixtures::config()
-            .max_batch_size(32)
-            .input("x", "f32", &[3, 32, 32])
-            .output("logits", "f32", &[10]),
-    )
-    .write(repo, model);
-    cnn_file(&plinth_tests::model_file(repo, model, "1"));
-}
-
-fn images(n: usize) -> Vec<f32> {
-    (0..n * 3 * 32 * 32)
-        .map(|i| ((i * 37) % 255) as f32 / 255.0)
-        .collect()
-}
-
 async fn cnn() {
     let srv = TestServer::start(
-        |repo| cnn_repo(repo, "cnn", |c| c.dynamic_batching(false)),
+        |repo| fixtures::cnn(repo, "cnn", |c| c.dynamic_batching(false)),
         true,
     )
     .await;
@@ -545,7 +320,7 @@ async fn cnn() {
         let body = write_body(
             dir.path(),
             &format!("cnn{batch}"),
-            &infer_request("cnn", &[batch as i64, 3, 32, 32], &images(batch)),
+            &infer_request("cnn", &[batch as i64, 3, 32, 32], &fixtures::images(batch)),
         );
         load(&addr, &body, Amount::Requests(50), 1, 1);
         for c in [1u32, 8] {
@@ -566,8 +341,8 @@ async fn cnn() {
 async fn batching() {
     let srv = TestServer::start(
         |repo| {
-            cnn_repo(repo, "cnn_off", |c| c.dynamic_batching(false));
-            cnn_repo(repo, "cnn_on", |c| {
+            fixtures::cnn(repo, "cnn_off", |c| c.dynamic_batching(false));
+            fixtures::cnn(repo, "cnn_on", |c| {
                 c.dynamic_batching(true)
                     .max_queue_delay_us(2000)
                     .preferred_batch_sizes(&[16, 32])
@@ -590,7 +365,7 @@ async fn batching() {
             let body = write_body(
                 dir.path(),
                 model,
-                &infer_request(model, &[1, 3, 32, 32], &images(1)),
+                &infer_request(model, &[1, 3, 32, 32], &fixtures::images(1)),
             );
             let before = exec_counts(&srv, model).await;
             let run = load(&addr, &body, Amount::Seconds(15), 64, 1);

@@ -5,9 +5,17 @@
 
 use std::hint::black_box;
 
+use std::sync::Arc;
+
 use criterion::{Criterion, criterion_group, criterion_main};
-use plinth::plugin::{Kind, Manifest, ModelChoice, Plugin, RequestView, Stage, kind};
+use plinth::config::ModelRepository;
+use plinth::pipeline::{Pipeline, PipelineRequest};
+use plinth::plugin::{
+    Candidates, Kind, Manifest, ModelChoice, Plugin, PluginHost, RequestView, Stage, kind,
+};
+use plinth::registry::{LoadMode, Registry, RegistrySettings};
 use plinth::tensor::Tensor;
+use plinth_tests::fixtures;
 
 fn load<K: Kind>(component: &str) -> Plugin<K> {
     let bytes = std::fs::read(plinth_tests::plugin_wasm(component)).unwrap();
@@ -44,10 +52,12 @@ fn calls(c: &mut Criterion) {
         })
     });
     let router = load::<kind::Router>("weighted_router");
-    let candidates = vec![ModelChoice {
-        name: "m".into(),
-        versions: vec!["1".into(), "2".into()],
-    }];
+    let candidates = Candidates::from(
+        &[ModelChoice {
+            name: "m".into(),
+            versions: vec!["1".into(), "2".into()],
+        }][..],
+    );
     let routed = RequestView {
         id: "r1".into(),
         model: "m".into(),
@@ -199,9 +209,86 @@ fn python_beside_rust(c: &mut Criterion) {
     }
 }
 
+/// What the plugin chain adds in-process, with no network: the same
+/// request (`y = 2x` on four floats, the real TorchScript model and its
+/// executor) through `Pipeline::infer` with no plugins, and with a router,
+/// a pass-through processor before and after the model, and a metrics
+/// plugin receiving the request's event. Each configuration runs twice,
+/// alternating, so that drift hits both alike.
+fn pipeline_chain(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    fixtures::scale(repo.path(), "plain", "1", 2.0);
+    fixtures::scale(repo.path(), "chained", "1", 2.0);
+    fixtures::scale_config()
+        .preprocess(&["pre"])
+        .postprocess(&["post"])
+        .write(repo.path(), "chained");
+    let with = tempfile::tempdir().unwrap();
+    let without = tempfile::tempdir().unwrap();
+    let components = [
+        ("pre", "image_normalize"),
+        ("post", "image_normalize"),
+        ("router", "weighted_router"),
+        ("metrics", "prometheus_metrics"),
+    ];
+    for (name, component) in components {
+        plinth_tests::install_plugin(with.path(), name, component, None);
+    }
+    let (plain, chained) = rt.block_on(async {
+        let registry = Registry::new(RegistrySettings::new(ModelRepository::new(repo.path()), 1));
+        for model in ["plain", "chained"] {
+            registry
+                .load(model, LoadMode::Load)
+                .await
+                .unwrap()
+                .finished()
+                .await
+                .unwrap();
+        }
+        let plugins = Arc::new(PluginHost::new(with.path()));
+        for (name, _) in components {
+            plugins.load(name).await.unwrap();
+        }
+        (
+            Pipeline::new(registry.clone(), Arc::new(PluginHost::new(without.path()))),
+            Pipeline::new(registry, plugins),
+        )
+    });
+    let request = |model: &str| PipelineRequest {
+        id: "bench".into(),
+        model: model.into(),
+        inputs: vec![Tensor::from_f32("x", vec![4], &[1.0, 2.0, 3.0, 4.0]).unwrap()],
+        ..PipelineRequest::default()
+    };
+    // The same answer both ways before anything is timed.
+    for (pipeline, model) in [(&plain, "plain"), (&chained, "chained")] {
+        let response = rt.block_on(pipeline.infer(request(model))).unwrap();
+        assert_eq!(
+            response.outputs[0].to_f32().unwrap(),
+            [2.0, 4.0, 6.0, 8.0],
+            "{model}"
+        );
+    }
+    for round in 1..=2 {
+        for (label, pipeline, model) in [
+            ("no plugins", &plain, "plain"),
+            ("router + pre + post + metrics", &chained, "chained"),
+        ] {
+            c.bench_function(&format!("Pipeline::infer, {label} (round {round})"), |b| {
+                b.iter(|| black_box(rt.block_on(pipeline.infer(request(model))).unwrap()))
+            });
+        }
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3));
-    targets = calls, python_beside_rust
+    targets = calls, python_beside_rust, pipeline_chain
 }
 criterion_main!(benches);

@@ -464,6 +464,52 @@ pub fn kubernetes_mount(dir: &Path, generation: u32, files: &[(&str, &[u8])]) {
     }
 }
 
+/// A small CNN classifier: 3×32×32 → conv 32 → pool → conv 64 → pool →
+/// conv 64 → global average → 10 logits. Weights are fixed by a seed.
+pub fn cnn_file(path: &Path) {
+    tch::manual_seed(7);
+    let opts = (Kind::Float, Device::Cpu);
+    let w1 = TchTensor::randn([32, 3, 3, 3], opts) * 0.2;
+    let w2 = TchTensor::randn([64, 32, 3, 3], opts) * 0.05;
+    let w3 = TchTensor::randn([64, 64, 3, 3], opts) * 0.05;
+    let fc = TchTensor::randn([10, 64], opts) * 0.1;
+    let none: Option<&TchTensor> = None;
+    trace::save(path, &[TchTensor::zeros([2, 3, 32, 32], opts)], |xs| {
+        let x = xs[0]
+            .conv2d(&w1, none, [1, 1], [1, 1], [1, 1], 1)
+            .relu()
+            .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+        let x = x
+            .conv2d(&w2, none, [1, 1], [1, 1], [1, 1], 1)
+            .relu()
+            .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+        let x = x.conv2d(&w3, none, [1, 1], [1, 1], [1, 1], 1).relu();
+        let x = x.mean_dim(&[2i64, 3][..], false, Kind::Float);
+        vec![x.matmul(&fc.tr())]
+    })
+    .expect("tracing the CNN");
+}
+
+/// The CNN's config with `batching` applied: 32 images of [3, 32, 32] in,
+/// 10 logits each out.
+pub fn cnn(repo: &Path, model: &str, batching: impl FnOnce(ModelConfig) -> ModelConfig) {
+    batching(
+        config()
+            .max_batch_size(32)
+            .input("x", "f32", &[3, 32, 32])
+            .output("logits", "f32", &[10]),
+    )
+    .write(repo, model);
+    cnn_file(&crate::model_file(repo, model, "1"));
+}
+
+/// `n` images of 3×32×32, deterministic values in [0, 1].
+pub fn images(n: usize) -> Vec<f32> {
+    (0..n * 3 * 32 * 32)
+        .map(|i| ((i * 37) % 255) as f32 / 255.0)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

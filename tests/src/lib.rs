@@ -11,6 +11,7 @@ use tonic::transport::Channel;
 
 pub use plinth::grpc::pb::{DataType, ModelState};
 
+pub mod echo;
 mod eventually;
 pub mod fixtures;
 pub mod fuzzing;

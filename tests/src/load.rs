@@ -1,9 +1,10 @@
 //! The benchmarks' load generator: h2load (Debian `nghttp2-client`) posting
 //! a pre-encoded gRPC body, run as a separate process.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use plinth::grpc::ipb;
 use prost::Message;
 
 /// A gRPC frame around an encoded message, as h2load sends it: the
@@ -108,4 +109,53 @@ pub fn h2load(
         succeeded: count(7),
         failed: count(9) + count(11),
     }
+}
+
+/// A ModelInfer request of one FP32 input `x` of `shape`, raw contents.
+pub fn infer_request(model: &str, shape: &[i64], values: &[f32]) -> ipb::ModelInferRequest {
+    ipb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![ipb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: shape.to_vec(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ],
+        ..Default::default()
+    }
+}
+
+/// Writes `request` as a gRPC frame to `<dir>/<name>.bin`, for h2load.
+pub fn write_body(dir: &Path, name: &str, request: &ipb::ModelInferRequest) -> PathBuf {
+    let path = dir.join(format!("{name}.bin"));
+    std::fs::write(&path, grpc_frame(request)).unwrap();
+    path
+}
+
+/// A tritonclient call checking `y = 2x` exactly; `None` when no test
+/// Python is available.
+pub fn triton_check(addr: &str, model: &str) -> Option<bool> {
+    let python = std::env::var_os("PLINTH_PYTHON")?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/peers/check.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(addr)
+        .arg(model)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "check against {addr} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Some(out.status.success())
 }

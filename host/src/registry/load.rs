@@ -37,14 +37,26 @@ pub(super) fn load_model(
 
     let mut prepared = Vec::with_capacity(chosen.len());
     for (version, file) in chosen {
-        let bytes = std::fs::read(&file)
-            .map_err(|err| format!("{}: cannot read: {err}", file.display()))?;
+        // A regular file is read by libtorch straight into the tensors;
+        // anything else (a pipe) is read whole once, then deserialised.
+        let regular = std::fs::metadata(&file)
+            .map_err(|err| format!("{}: cannot read: {err}", file.display()))?
+            .is_file();
+        let bytes = if regular {
+            None
+        } else {
+            Some(
+                std::fs::read(&file)
+                    .map_err(|err| format!("{}: cannot read: {err}", file.display()))?,
+            )
+        };
         let mut modules = Vec::with_capacity(config.instances);
         for _ in 0..config.instances {
-            modules.push(
-                TorchModule::load(&bytes, config.device)
-                    .map_err(|err| format!("{}: {err}", file.display()))?,
-            );
+            let module = match &bytes {
+                None => TorchModule::load_file(&file, config.device),
+                Some(bytes) => TorchModule::load_bytes(bytes, config.device),
+            };
+            modules.push(module.map_err(|err| format!("{}: {err}", file.display()))?);
         }
         drop(bytes);
         // The warm-up is torch work too: it runs on the budget.

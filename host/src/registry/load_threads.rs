@@ -8,12 +8,40 @@
 //! threads there is at most one helper per load thread, and the process's
 //! thread count is the same after the thousandth load as after the first
 //! few.
+//!
+//! They run at a lower priority than serving ([`LOAD_NICENESS`]): a load
+//! deserialising hundreds of megabytes must not take the cores that
+//! health checks, listings and other models' requests are waiting for.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// How much less CPU weight a load thread has than a serving thread: nice
+/// 10 weighs about a tenth of nice 0 in Linux's scheduler. A load still
+/// gets whatever cores serving leaves idle, so loads alone run as fast as
+/// before; under traffic, serving keeps its cores.
+const LOAD_NICENESS: libc::c_int = 10;
+
+/// Lowers the calling thread's scheduling priority to [`LOAD_NICENESS`].
+/// On Linux, niceness belongs to each thread, and threads this one starts
+/// (libtorch's helpers) inherit it. A failure is only logged.
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions and returns the caller's thread
+    // id; setpriority reads only its three integer arguments.
+    let res = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, LOAD_NICENESS)
+    };
+    if res != 0 {
+        tracing::warn!(
+            err = %std::io::Error::last_os_error(),
+            "could not lower a model load thread's priority"
+        );
+    }
+}
 
 /// Jobs go to the threads in turn, so that `n` loads have visited every
 /// thread: each thread's per-thread state exists after the first `n`.
@@ -36,6 +64,7 @@ impl LoadThreads {
                     // intra-op setting is per thread, and at 1 a load takes
                     // one core and never competes with serving for more.
                     plinth_torch::set_intra_op_threads(1);
+                    lower_priority();
                     while let Ok(job) = rx.recv() {
                         job();
                     }

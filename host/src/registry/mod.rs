@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -119,9 +120,18 @@ impl RegistrySettings {
     }
 }
 
+/// The ready models and their version labels, sorted by name: what a
+/// router chooses among. Rebuilt under the entries lock at every state
+/// change, so a request reads it without taking the lock or allocating.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReadySet {
+    pub models: Vec<(String, Vec<String>)>,
+}
+
 struct Inner {
     settings: RegistrySettings,
     entries: Mutex<HashMap<String, Entry>>,
+    ready: ArcSwap<ReadySet>,
     events: broadcast::Sender<ModelStatus>,
     load_permits: Arc<Semaphore>,
     /// Where loads run: one long-lived thread per permit.
@@ -192,6 +202,7 @@ impl Registry {
             inner: Arc::new(Inner {
                 settings,
                 entries: Mutex::new(HashMap::new()),
+                ready: ArcSwap::default(),
                 events,
                 load_permits: Arc::new(Semaphore::new(permits)),
                 load_threads: load_threads::LoadThreads::new(permits),
@@ -336,18 +347,10 @@ impl Registry {
             .collect()
     }
 
-    /// Ready models and their version labels, for a router plugin to choose from.
-    pub fn ready_models(&self) -> Vec<(String, Vec<String>)> {
-        let entries = self.inner.entries.lock();
-        entries
-            .iter()
-            .filter(|(_, e)| e.state == ModelState::Ready)
-            .filter_map(|(name, e)| {
-                e.serving
-                    .as_ref()
-                    .map(|m| (name.clone(), m.version_labels()))
-            })
-            .collect()
+    /// Ready models and their version labels, for a router plugin to choose
+    /// from: the same `Arc` until the set changes.
+    pub fn ready_models(&self) -> Arc<ReadySet> {
+        self.inner.ready.load_full()
     }
 
     /// The serving model, whatever its state, for detail views.
@@ -359,7 +362,27 @@ impl Registry {
             .and_then(|e| e.serving.clone())
     }
 
-    fn publish(&self, status: ModelStatus) {
+    /// Announces a state change, with the entries lock held (`entries` is
+    /// what it guards): the ready set is rebuilt if the change touched it.
+    fn publish(&self, entries: &HashMap<String, Entry>, status: ModelStatus) {
+        let ready = ReadySet {
+            models: {
+                let mut models: Vec<(String, Vec<String>)> = entries
+                    .iter()
+                    .filter(|(_, e)| e.state == ModelState::Ready)
+                    .filter_map(|(name, e)| {
+                        e.serving
+                            .as_ref()
+                            .map(|m| (name.clone(), m.version_labels()))
+                    })
+                    .collect();
+                models.sort_unstable();
+                models
+            },
+        };
+        if **self.inner.ready.load() != ready {
+            self.inner.ready.store(Arc::new(ready));
+        }
         // No receivers is fine: nobody is watching.
         let _ = self.inner.events.send(status);
     }
@@ -396,7 +419,7 @@ impl Registry {
             let entry = entries.entry(name.to_owned()).or_insert_with(Entry::new);
             let generation = entry.begin_load(name, mode)?;
             let status = entry.status(name);
-            self.publish(status.clone());
+            self.publish(&entries, status.clone());
             (generation, status)
         };
 
@@ -458,7 +481,7 @@ impl Registry {
                 )));
             };
             let status = entry.status(name);
-            self.publish(status.clone());
+            self.publish(&entries, status.clone());
             (finished, status)
         };
         let LoadFinished { outcome, replaced } = finished;
@@ -481,7 +504,7 @@ impl Registry {
             };
             let mut status = entry.status(name);
             status.in_flight = model.in_flight();
-            self.publish(status.clone());
+            self.publish(&entries, status.clone());
             (model, generation, status)
         };
         let waiters = model.take_exit_waiters();
@@ -497,7 +520,8 @@ impl Registry {
             if let Some(entry) = entries.get_mut(&name)
                 && entry.finish_unload(generation)
             {
-                registry.publish(entry.status(&name));
+                let status = entry.status(&name);
+                registry.publish(&entries, status);
             }
         });
         Ok(status)
@@ -549,6 +573,8 @@ impl Registry {
             .expect("its own generation")
             .outcome
             .expect("a ready model");
+        let status = entry.status(&name);
+        self.publish(&entries, status);
     }
 }
 

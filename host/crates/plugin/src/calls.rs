@@ -127,10 +127,33 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn model_choice_to_wit(choice: &ModelChoice) -> wit::ModelRef {
-    wit::ModelRef {
-        name: choice.name.clone(),
-        versions: choice.versions.clone(),
+/// What a router chooses among, converted for the guest once: the host
+/// keeps one while the set of ready models stays the same, so a request
+/// does not rebuild it.
+#[derive(Debug, Default)]
+pub struct Candidates(Vec<wit::ModelRef>);
+
+impl Candidates {
+    pub fn new<'a>(choices: impl IntoIterator<Item = (&'a str, &'a [String])>) -> Candidates {
+        Candidates(
+            choices
+                .into_iter()
+                .map(|(name, versions)| wit::ModelRef {
+                    name: name.to_owned(),
+                    versions: versions.to_vec(),
+                })
+                .collect(),
+        )
+    }
+}
+
+impl From<&[ModelChoice]> for Candidates {
+    fn from(choices: &[ModelChoice]) -> Candidates {
+        Candidates::new(
+            choices
+                .iter()
+                .map(|c| (c.name.as_str(), c.versions.as_slice())),
+        )
     }
 }
 
@@ -258,15 +281,14 @@ impl Plugin<Router> {
     pub fn route(
         &self,
         request: &RequestView,
-        candidates: &[ModelChoice],
+        candidates: &Candidates,
     ) -> Result<RouteDecision, Error> {
         let info = request.to_wit();
-        let candidates: Vec<wit::ModelRef> = candidates.iter().map(model_choice_to_wit).collect();
         let decision = self
             .call(|exports, store| {
                 exports
                     .plinth_plugin_router()
-                    .call_route(store, &info, &candidates)
+                    .call_route(store, &info, &candidates.0)
             })
             .map_err(|err| call_error(&self.name, "route", err))?;
         Ok(RouteDecision {

@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
-pub use calls::{RequestView, Stage};
+pub use calls::{Candidates, RequestView, Stage};
 pub use kind::{AnyPlugin, Kind};
 pub use manifest::{Manifest, OnError};
 pub use runtime::{CallError, Plugin, PluginKind, PluginMeta, PluginStats, WIT_VERSION};

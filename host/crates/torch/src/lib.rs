@@ -7,7 +7,6 @@
 //! forward passes on dedicated threads under the process-wide
 //! [`budget::ComputeBudget`]; [`models`] writes the demo models.
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -236,16 +235,41 @@ impl std::fmt::Debug for TorchModule {
 }
 
 impl TorchModule {
-    /// Deserialises a TorchScript archive onto `device` in eval mode. Blocking.
-    pub fn load(bytes: &[u8], device: DeviceSpec) -> Result<TorchModule, String> {
+    /// Deserialises the TorchScript archive at `path`, a regular file, onto
+    /// `device` in eval mode. Blocking.
+    ///
+    /// libtorch reads the file itself, each record straight into its
+    /// tensor's storage. Loading a 257 MB archive from bytes in memory
+    /// copies it four times over (the file read, tch's buffer, a
+    /// `std::string`, an `istringstream`): a gigabyte of page faults and
+    /// unmaps that stalls every other thread of the process.
+    pub fn load_file(path: &Path, device: DeviceSpec) -> Result<TorchModule, String> {
+        // The reader's own message for an unreadable file.
+        std::fs::File::open(path).map_err(|err| format!("cannot read: {err}"))?;
         let device = device_of(device);
-        let mut module =
-            CModule::load_data_on_device(&mut Cursor::new(bytes), device).map_err(|err| {
-                format!(
-                    "not a loadable TorchScript archive: {}",
-                    first_line(&err.to_string())
-                )
-            })?;
+        let module = CModule::load_on_device(path, device);
+        TorchModule::loaded(module, device)
+    }
+
+    /// Deserialises a TorchScript archive held in memory, for a model file
+    /// that is not a regular file (a pipe cannot be read twice, nor
+    /// seeked). Blocking.
+    pub fn load_bytes(bytes: &[u8], device: DeviceSpec) -> Result<TorchModule, String> {
+        let device = device_of(device);
+        let module = CModule::load_data_on_device(&mut std::io::Cursor::new(bytes), device);
+        TorchModule::loaded(module, device)
+    }
+
+    fn loaded(
+        module: Result<CModule, tch::TchError>,
+        device: Device,
+    ) -> Result<TorchModule, String> {
+        let mut module = module.map_err(|err| {
+            format!(
+                "not a loadable TorchScript archive: {}",
+                first_line(&err.to_string())
+            )
+        })?;
         module.set_eval();
         Ok(TorchModule { module, device })
     }

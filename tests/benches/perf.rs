@@ -1,0 +1,937 @@
+//! Performance, round two: every goal of the issue measured as a ratio,
+//! side by side in one run, each configuration alternated twice so that
+//! drift hits them alike. It reports, it does not assert.
+//!
+//! `cargo xtask bench --bench perf [-- SECTION...]`, sections:
+//!
+//! - `servers`: a bare tonic echo, Plinth's plain pipeline, and the full
+//!   plugin chain (router, preprocess, postprocess, metrics), 16 floats,
+//!   h2load at concurrency 1, 8 and 64;
+//! - `large`: 1 MiB and 16 MiB f32 tensors, the echo against the plain
+//!   pipeline against one pass-through processor plugin;
+//! - `rest`: REST infer (JSON) under wrk at 16 connections, against a bare
+//!   axum server that parses and writes the same JSON;
+//! - `cnn`: the CNN at batch 32 through the server, against the same
+//!   TorchScript run in this process with the server's thread count;
+//! - `loads`: ListModels and Compute latency while three ~257 MB models
+//!   load, from clients in processes of their own, against the same with
+//!   nothing loading; and three loads at once against one after another.
+//!
+//! The in-process cost of the chain (no network) is the criterion group
+//! `pipeline_chain` of the `plugin_calls` bench. Every h2load run is checked
+//! against the server's own success and failure counts, and tritonclient
+//! checks the answers before and after (with `PLINTH_PYTHON`).
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use plinth::grpc::pb;
+use plinth_tests::load::{Amount, H2loadRun, h2load, infer_request, triton_check, write_body};
+use plinth_tests::{ModelState, TestServer, compute_request, echo, f32_tensor, fixtures};
+
+const CONCURRENCY: [u32; 3] = [1, 8, 64];
+const SECONDS: u64 = 10;
+const ROUNDS: usize = 2;
+const MODEL_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+/// Set in a child process of this bench: it is a client, not the bench.
+const CLIENT_ROLE: &str = "PLINTH_PERF_CLIENT";
+/// ~257 MB of weights per model, as the issue measured.
+const LOAD_FLOATS: i64 = 64_250_000;
+
+/// One line of the goals table.
+struct Goal {
+    measure: String,
+    value: String,
+    goal: &'static str,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Ok(role) = std::env::var(CLIENT_ROLE) {
+        client(&role).await;
+        return;
+    }
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| f == name);
+    println!(
+        "performance round two on {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let mut goals = Vec::new();
+    if wants("servers") {
+        servers(&mut goals).await;
+    }
+    if wants("large") {
+        large(&mut goals).await;
+    }
+    if wants("rest") {
+        rest(&mut goals).await;
+    }
+    if wants("cnn") {
+        cnn(&mut goals).await;
+    }
+    if wants("loads") {
+        loads(&mut goals).await;
+    }
+    println!("\n## Goals");
+    println!("| measure | measured | goal |");
+    println!("|---|---|---|");
+    for goal in goals {
+        println!("| {} | {} | {} |", goal.measure, goal.value, goal.goal);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Servers and load.
+
+/// Plinth with no plugin in any request's way: `double` (y = 2x), and
+/// `passed`, the same model behind one pass-through processor (`pass`,
+/// image-normalize, which passes f32 through untouched).
+async fn plain_server() -> TestServer {
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::scale(repo, "double", "1", 2.0);
+            fixtures::scale(repo, "passed", "1", 2.0);
+            fixtures::scale_config()
+                .preprocess(&["pass"])
+                .write(repo, "passed");
+        },
+        true,
+    )
+    .await;
+    plinth_tests::install_plugin(srv.plugins.path(), "pass", "image_normalize", None);
+    srv.wait_plugin("pass", |s| s.serving).await;
+    for model in ["double", "passed"] {
+        srv.wait_ready(model).await;
+    }
+    srv
+}
+
+/// Plinth with the full chain: weighted-router, a pass-through processor
+/// before and after the model, prometheus-metrics.
+async fn chain_server() -> TestServer {
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::scale(repo, "chained", "1", 2.0);
+            fixtures::scale_config()
+                .preprocess(&["pre"])
+                .postprocess(&["post"])
+                .write(repo, "chained");
+        },
+        true,
+    )
+    .await;
+    let plugins = srv.plugins.path();
+    plinth_tests::install_plugin(plugins, "pre", "image_normalize", None);
+    plinth_tests::install_plugin(plugins, "post", "image_normalize", None);
+    plinth_tests::install_plugin(plugins, "router", "weighted_router", None);
+    plinth_tests::install_plugin(plugins, "metrics", "prometheus_metrics", None);
+    for name in ["pre", "post", "router", "metrics"] {
+        srv.wait_plugin(name, |s| s.serving).await;
+    }
+    srv.wait_ready("chained").await;
+    srv
+}
+
+/// What a server counted for `model` (successes, failures), or nothing for
+/// the echo, which counts nothing.
+async fn counts(srv: Option<&TestServer>, model: &str) -> Option<(u64, u64)> {
+    let stats = srv?.model_stats(model).await.inference_stats?;
+    Some((stats.success?.count, stats.fail?.count))
+}
+
+/// One h2load run of `seconds` against ModelInfer at `addr`, `clients`
+/// connections of one stream each, off the runtime's workers (the servers
+/// under test share this process's runtime).
+async fn drive(addr: &str, body: &Path, clients: u32, amount: Amount) -> H2loadRun {
+    let url = format!("http://{addr}{MODEL_PATH}");
+    let body = body.to_owned();
+    tokio::task::spawn_blocking(move || h2load(&url, &body, amount, clients, 1, 2))
+        .await
+        .expect("h2load thread")
+}
+
+/// A measured cell: the h2load run and what the server counted meanwhile.
+struct Cell {
+    run: H2loadRun,
+    server_ok: Option<u64>,
+    server_failed: Option<u64>,
+}
+
+async fn cell(
+    srv: Option<&TestServer>,
+    addr: &str,
+    model: &str,
+    body: &Path,
+    clients: u32,
+) -> Cell {
+    let before = counts(srv, model).await;
+    let run = drive(addr, body, clients, Amount::Seconds(SECONDS)).await;
+    let after = counts(srv, model).await;
+    let (server_ok, server_failed) = match (before, after) {
+        (Some(b), Some(a)) => (Some(a.0 - b.0), Some(a.1 - b.1)),
+        _ => (None, None),
+    };
+    Cell {
+        run,
+        server_ok,
+        server_failed,
+    }
+}
+
+fn server_counted(cell: &Cell) -> String {
+    match (cell.server_ok, cell.server_failed) {
+        (Some(ok), Some(failed)) => format!("{ok} ok, {failed} failed"),
+        _ => "(echo)".to_owned(),
+    }
+}
+
+fn check(addr: &str, model: &str, when: &str) -> String {
+    let verdict = match triton_check(addr, model) {
+        Some(true) => "ok",
+        Some(false) => "FAILED",
+        None => "not run (no PLINTH_PYTHON)",
+    };
+    format!("{model} at {addr}, {when}: {verdict}")
+}
+
+fn ratios(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.2}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+// ---------------------------------------------------------------------------
+// `servers`: echo, plain, chain at c = 1, 8, 64.
+
+async fn servers(goals: &mut Vec<Goal>) {
+    let dir = tempfile::tempdir().unwrap();
+    let values: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    let bodies = [
+        ("echo", "double"),
+        ("plain", "double"),
+        ("chain", "chained"),
+    ]
+    .map(|(config, model)| {
+        (
+            config,
+            model,
+            write_body(dir.path(), model, &infer_request(model, &[16], &values)),
+        )
+    });
+    let echo = echo::start_tonic(4 << 20).await;
+    let plain = plain_server().await;
+    let chain = chain_server().await;
+    let plain_addr = plain.running().grpc_addr.to_string();
+    let chain_addr = chain.running().grpc_addr.to_string();
+    let mut checks = vec![
+        check(&plain_addr, "double", "before"),
+        check(&chain_addr, "chained", "before"),
+    ];
+    let target = |config: &str| -> (Option<&TestServer>, String) {
+        match config {
+            "echo" => (None, echo.clone()),
+            "plain" => (Some(&plain), plain_addr.clone()),
+            _ => (Some(&chain), chain_addr.clone()),
+        }
+    };
+    for (config, _, body) in &bodies {
+        let (_, addr) = target(config);
+        drive(&addr, body, 4, Amount::Requests(3_000)).await;
+    }
+    // cells[(round, config, c)]
+    let mut cells: Vec<(usize, &str, u32, Cell)> = Vec::new();
+    for round in 1..=ROUNDS {
+        for (config, model, body) in &bodies {
+            let (srv, addr) = target(config);
+            for c in CONCURRENCY {
+                let measured = cell(srv, &addr, model, body, c).await;
+                cells.push((round, config, c, measured));
+            }
+        }
+    }
+    checks.push(check(&plain_addr, "double", "after"));
+    checks.push(check(&chain_addr, "chained", "after"));
+
+    println!("\n## Servers: y = 2x over 16 floats, gRPC ModelInfer, h2load {SECONDS} s per cell");
+    println!(
+        "| round | configuration | concurrency | req/s | p50 | p99 | HTTP failed | server counted |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (round, config, c, cell) in &cells {
+        println!(
+            "| {round} | {config} | {c} | {:.0} | {:.0} µs | {:.0} µs | {} | {} |",
+            cell.run.req_per_s,
+            cell.run.p50_us,
+            cell.run.p99_us,
+            cell.run.failed,
+            server_counted(cell)
+        );
+    }
+    let get = |round: usize, config: &str, c: u32| {
+        &cells
+            .iter()
+            .find(|(r, k, cc, _)| *r == round && *k == config && *cc == c)
+            .expect("cell")
+            .3
+            .run
+    };
+    let per_round = |f: &dyn Fn(usize) -> f64| (1..=ROUNDS).map(f).collect::<Vec<f64>>();
+    for c in [8, 64] {
+        let r =
+            per_round(&|round| get(round, "plain", c).req_per_s / get(round, "echo", c).req_per_s);
+        goals.push(Goal {
+            measure: format!("plain ÷ bare tonic echo, throughput, c={c} (rounds)"),
+            value: ratios(&r),
+            goal: "≥ 0.85",
+        });
+    }
+    let r = per_round(&|round| get(round, "plain", 1).p50_us / get(round, "echo", 1).p50_us);
+    goals.push(Goal {
+        measure: "plain p50 ÷ bare tonic p50, c=1 (rounds)".into(),
+        value: ratios(&r),
+        goal: "≤ 1.15×",
+    });
+    for c in CONCURRENCY {
+        let r =
+            per_round(&|round| get(round, "chain", c).req_per_s / get(round, "plain", c).req_per_s);
+        goals.push(Goal {
+            measure: format!("full chain ÷ plain, throughput, c={c} (rounds)"),
+            value: ratios(&r),
+            goal: "≥ 0.92",
+        });
+    }
+    let added = per_round(&|round| get(round, "chain", 1).p50_us - get(round, "plain", 1).p50_us);
+    goals.push(Goal {
+        measure: "chain's added p50 at c=1 (rounds)".into(),
+        value: added
+            .iter()
+            .map(|v| format!("{v:.0} µs"))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        goal: "≤ 8 µs",
+    });
+    println!("\ncorrectness checks (tritonclient):");
+    for line in checks {
+        println!("- {line}");
+    }
+    plain.stop().await;
+    chain.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// `large`: 1 MiB and 16 MiB tensors.
+
+async fn large(goals: &mut Vec<Goal>) {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = echo::start_tonic(64 << 20).await;
+    let plain = plain_server().await;
+    let plain_addr = plain.running().grpc_addr.to_string();
+    const CLIENTS: u32 = 8;
+    let mut rows = Vec::new();
+    for (label, floats) in [("1 MiB", 1usize << 18), ("16 MiB", 1 << 22)] {
+        let values: Vec<f32> = (0..floats).map(|i| (i % 1000) as f32).collect();
+        let configs = [
+            ("echo", "double"),
+            ("plain", "double"),
+            ("pass-through", "passed"),
+        ];
+        let bodies = configs.map(|(config, model)| {
+            let body = write_body(
+                dir.path(),
+                &format!("{model}-{floats}"),
+                &infer_request(model, &[floats as i64], &values),
+            );
+            (config, model, body)
+        });
+        for (config, _, body) in &bodies {
+            let addr = if *config == "echo" {
+                &echo
+            } else {
+                &plain_addr
+            };
+            drive(addr, body, CLIENTS, Amount::Requests(50)).await;
+        }
+        for round in 1..=ROUNDS {
+            for (config, model, body) in &bodies {
+                let (srv, addr) = if *config == "echo" {
+                    (None, &echo)
+                } else {
+                    (Some(&plain), &plain_addr)
+                };
+                let measured = cell(srv, addr, model, body, CLIENTS).await;
+                rows.push((label, round, *config, measured));
+            }
+        }
+    }
+    println!(
+        "\n## Large tensors: y = 2x, gRPC ModelInfer raw contents, h2load c={CLIENTS}, {SECONDS} s per cell"
+    );
+    println!(
+        "| payload | round | configuration | req/s | MiB/s in | p50 | p99 | HTTP failed | server counted |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (label, round, config, cell) in &rows {
+        let mib = if *label == "1 MiB" { 1.0 } else { 16.0 };
+        println!(
+            "| {label} | {round} | {config} | {:.0} | {:.0} | {:.0} µs | {:.0} µs | {} | {} |",
+            cell.run.req_per_s,
+            cell.run.req_per_s * mib,
+            cell.run.p50_us,
+            cell.run.p99_us,
+            cell.run.failed,
+            server_counted(cell)
+        );
+    }
+    let get = |label: &str, round: usize, config: &str| {
+        rows.iter()
+            .find(|(l, r, c, _)| *l == label && *r == round && *c == config)
+            .expect("cell")
+            .3
+            .run
+            .req_per_s
+    };
+    for label in ["1 MiB", "16 MiB"] {
+        let r: Vec<f64> = (1..=ROUNDS)
+            .map(|round| get(label, round, "plain") / get(label, round, "echo"))
+            .collect();
+        goals.push(Goal {
+            measure: format!("{label} f32, plain ÷ tonic echo (rounds)"),
+            value: ratios(&r),
+            goal: "≥ 0.8",
+        });
+    }
+    for label in ["1 MiB", "16 MiB"] {
+        let r: Vec<f64> = (1..=ROUNDS)
+            .map(|round| get(label, round, "pass-through") / get(label, round, "plain"))
+            .collect();
+        goals.push(Goal {
+            measure: format!("{label} f32, one pass-through processor ÷ plain (rounds)"),
+            value: ratios(&r),
+            goal: if label == "1 MiB" {
+                "≥ 0.7"
+            } else {
+                "(no goal)"
+            },
+        });
+    }
+    plain.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// `rest`: wrk on REST infer against a bare axum echo.
+
+struct WrkRun {
+    req_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    errors: u64,
+}
+
+fn wrk_duration_us(text: &str) -> f64 {
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" | "" => n * 1e6,
+        "m" => n * 60e6,
+        _ => f64::NAN,
+    }
+}
+
+/// wrk POSTing `body` as JSON to `url` over `connections` for `seconds`.
+fn wrk(url: &str, body: &str, connections: u32, seconds: u64) -> WrkRun {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [[{body}]]\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("wrk")
+        .args(["-t", "2", "-c", &connections.to_string()])
+        .args(["-d", &format!("{seconds}s"), "--latency", "-s"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .expect("wrk (Debian package wrk) runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = |start: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(start))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+    };
+    let need =
+        |start: &str| line(start).unwrap_or_else(|| panic!("wrk output lacks {start:?}:\n{text}"));
+    let non_2xx: u64 = line("Non-2xx").map_or(0, |l| l.last().unwrap().parse().unwrap());
+    let socket: u64 = line("Socket errors:").map_or(0, |l| {
+        l.iter()
+            .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+            .sum()
+    });
+    WrkRun {
+        req_per_s: need("Requests/sec:")[1].parse().unwrap(),
+        p50_us: wrk_duration_us(&need("50%")[1]),
+        p99_us: wrk_duration_us(&need("99%")[1]),
+        requests: text
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0),
+        errors: non_2xx + socket,
+    }
+}
+
+async fn rest(goals: &mut Vec<Goal>) {
+    const CONNECTIONS: u32 = 16;
+    let axum = echo::start_axum().await;
+    let plain = plain_server().await;
+    let values: Vec<String> = (0..16).map(|i| format!("{i}.0")).collect();
+    let body = format!(
+        "{{\"inputs\":[{{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[16],\"data\":[{}]}}]}}",
+        values.join(",")
+    );
+    // Both answer the body correctly before anything is timed.
+    let client = reqwest::Client::new();
+    for base in [&axum, &plain.http_url()] {
+        let text = client
+            .post(format!("{base}/v2/models/double/infer"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let data = &answer["outputs"][0]["data"];
+        assert_eq!(data.as_array().map(Vec::len), Some(16), "{base}: {answer}");
+    }
+    let mut rows = Vec::new();
+    for round in 1..=ROUNDS {
+        for (config, base) in [("axum echo", axum.clone()), ("Plinth", plain.http_url())] {
+            let srv = (config == "Plinth").then_some(&plain);
+            let before = counts(srv, "double").await;
+            let url = format!("{base}/v2/models/double/infer");
+            let body = body.clone();
+            let run = tokio::task::spawn_blocking(move || wrk(&url, &body, CONNECTIONS, SECONDS))
+                .await
+                .unwrap();
+            let after = counts(srv, "double").await;
+            let counted = match (before, after) {
+                (Some(b), Some(a)) => format!("{} ok, {} failed", a.0 - b.0, a.1 - b.1),
+                _ => "(echo)".to_owned(),
+            };
+            rows.push((round, config, run, counted));
+        }
+    }
+    println!("\n## REST infer, JSON, 16 floats, wrk -c {CONNECTIONS}, {SECONDS} s per cell");
+    println!("| round | server | req/s | p50 | p99 | requests | errors | server counted |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (round, config, run, counted) in &rows {
+        println!(
+            "| {round} | {config} | {:.0} | {:.0} µs | {:.0} µs | {} | {} | {counted} |",
+            run.req_per_s, run.p50_us, run.p99_us, run.requests, run.errors
+        );
+    }
+    let r: Vec<f64> = (1..=ROUNDS)
+        .map(|round| {
+            let rps = |config: &str| {
+                rows.iter()
+                    .find(|(r, c, _, _)| *r == round && *c == config)
+                    .unwrap()
+                    .2
+                    .req_per_s
+            };
+            rps("Plinth") / rps("axum echo")
+        })
+        .collect();
+    goals.push(Goal {
+        measure: format!("REST infer (wrk, JSON, c={CONNECTIONS}) ÷ bare axum echo (rounds)"),
+        value: ratios(&r),
+        goal: "≥ 0.7",
+    });
+    plain.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// `cnn`: the CNN at batch 32 against the same TorchScript in-process.
+
+async fn cnn(goals: &mut Vec<Goal>) {
+    const BATCH: usize = 32;
+    let srv = TestServer::start(
+        |repo| fixtures::cnn(repo, "cnn", |c| c.dynamic_batching(false)),
+        true,
+    )
+    .await;
+    srv.wait_ready("cnn").await;
+    let threads = srv
+        .info()
+        .await
+        .thread_budget
+        .map_or(1, |b| b.intra_op_threads as usize)
+        .max(1);
+    let addr = srv.running().grpc_addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let pixels = fixtures::images(BATCH);
+    let body = write_body(
+        dir.path(),
+        "cnn32",
+        &infer_request("cnn", &[BATCH as i64, 3, 32, 32], &pixels),
+    );
+    let model_path = plinth_tests::model_file(srv.repo.path(), "cnn", "1");
+    // The same module, in this process, on a thread of its own with the
+    // executor's intra-op thread count, one batch after another.
+    let in_process = move |seconds: u64| -> f64 {
+        let model_path = model_path.clone();
+        let pixels = fixtures::images(BATCH);
+        std::thread::spawn(move || {
+            tch::set_num_threads(threads as i32);
+            let module = tch::CModule::load(&model_path).unwrap();
+            let input = tch::Tensor::from_slice(&pixels).reshape([BATCH as i64, 3, 32, 32]);
+            let _guard = tch::no_grad_guard();
+            for _ in 0..20 {
+                let _ = module.forward_ts(&[&input]).unwrap();
+            }
+            let started = Instant::now();
+            let mut batches = 0u64;
+            while started.elapsed() < Duration::from_secs(seconds) {
+                let out = module.forward_ts(&[&input]).unwrap();
+                let mut logits = vec![0f32; BATCH * 10];
+                out.copy_data(&mut logits, BATCH * 10);
+                std::hint::black_box(&logits);
+                batches += 1;
+            }
+            (batches as usize * BATCH) as f64 / started.elapsed().as_secs_f64()
+        })
+        .join()
+        .unwrap()
+    };
+    drive(&addr, &body, 1, Amount::Requests(50)).await;
+    let mut rows = Vec::new();
+    for round in 1..=ROUNDS {
+        let direct = tokio::task::spawn_blocking({
+            let in_process = in_process.clone();
+            move || in_process(SECONDS)
+        })
+        .await
+        .unwrap();
+        rows.push((round, "in-process tch".to_owned(), direct, String::new()));
+        for c in [1u32, 2] {
+            let measured = cell(Some(&srv), &addr, "cnn", &body, c).await;
+            rows.push((
+                round,
+                format!("Plinth, h2load c={c}"),
+                measured.run.req_per_s * BATCH as f64,
+                format!(
+                    "p50 {:.0} µs, p99 {:.0} µs; {}",
+                    measured.run.p50_us,
+                    measured.run.p99_us,
+                    server_counted(&measured)
+                ),
+            ));
+        }
+    }
+    println!(
+        "\n## CNN (3x32x32 → 10) at batch {BATCH}: the server against the same TorchScript in-process, {threads} intra-op threads, {SECONDS} s per cell"
+    );
+    println!("| round | path | images/s | detail |");
+    println!("|---|---|---|---|");
+    for (round, path, images, detail) in &rows {
+        println!("| {round} | {path} | {images:.0} | {detail} |");
+    }
+    for c in [1u32, 2] {
+        let r: Vec<f64> = (1..=ROUNDS)
+            .map(|round| {
+                let at = |path: &str| {
+                    rows.iter()
+                        .find(|(r, p, _, _)| *r == round && p == path)
+                        .unwrap()
+                        .2
+                };
+                at(&format!("Plinth, h2load c={c}")) / at("in-process tch")
+            })
+            .collect();
+        goals.push(Goal {
+            measure: format!(
+                "CNN batch {BATCH}, images/s ÷ in-process ({threads} threads), h2load c={c} (rounds)"
+            ),
+            value: ratios(&r),
+            goal: "≥ 0.9",
+        });
+    }
+    srv.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// `loads`: latency while large models load, from clients in their own
+// processes.
+
+/// The client side of `loads`, in a child process: calls `role` (`list` or
+/// `compute`) against the server at `PLINTH_PERF_ADDR` one after another
+/// until its stdin closes, then prints each call's latency in µs, one per
+/// line. The first 100 calls warm up and are not printed.
+async fn client(role: &str) {
+    let addr = std::env::var("PLINTH_PERF_ADDR").expect("PLINTH_PERF_ADDR");
+    let channel = tonic::transport::Endpoint::from_shared(addr)
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut sink = String::new();
+            while std::io::stdin().lock().read_line(&mut sink).unwrap_or(0) > 0 {}
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let mut models = pb::model_service_client::ModelServiceClient::new(channel.clone());
+    let mut compute = pb::compute_service_client::ComputeServiceClient::new(channel);
+    let request = compute_request("small", vec![f32_tensor("x", &[4], &[1.0, 2.0, 3.0, 4.0])]);
+    let mut latencies = Vec::new();
+    let mut calls = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let t = Instant::now();
+        match role {
+            "list" => {
+                models.list_models(pb::ListModelsRequest {}).await.unwrap();
+            }
+            _ => {
+                let out = compute.compute(request.clone()).await.unwrap().into_inner();
+                assert_eq!(out.outputs.len(), 1);
+            }
+        }
+        calls += 1;
+        if calls > 100 {
+            latencies.push(t.elapsed().as_micros() as u64);
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    for us in latencies {
+        writeln!(out, "{us}").unwrap();
+    }
+}
+
+struct Clients {
+    children: Vec<(&'static str, std::process::Child)>,
+}
+
+impl Clients {
+    fn start(addr: &str) -> Clients {
+        let exe = std::env::current_exe().expect("this bench's path");
+        let children = ["list", "compute"]
+            .map(|role| {
+                let child = Command::new(&exe)
+                    .env(CLIENT_ROLE, role)
+                    .env("PLINTH_PERF_ADDR", addr)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("a client process");
+                (role, child)
+            })
+            .into();
+        Clients { children }
+    }
+
+    /// Closes the clients' stdin and collects their latencies, by role.
+    fn finish(self) -> Vec<(&'static str, Vec<Duration>)> {
+        self.children
+            .into_iter()
+            .map(|(role, mut child)| {
+                drop(child.stdin.take());
+                let out = child.wait_with_output().expect("client output");
+                let latencies = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| l.parse().ok())
+                    .map(Duration::from_micros)
+                    .collect();
+                (role, latencies)
+            })
+            .collect()
+    }
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64, usize) {
+    samples.sort();
+    if samples.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN, 0);
+    }
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    (
+        ms(at(0.5)),
+        ms(at(0.99)),
+        ms(*samples.last().unwrap()),
+        samples.len(),
+    )
+}
+
+async fn loads(goals: &mut Vec<Goal>) {
+    let big = ["big_a", "big_b", "big_c"];
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::scale(repo, "small", "1", 2.0);
+            for name in big {
+                fixtures::large(repo, name, LOAD_FLOATS);
+            }
+        },
+        false,
+    )
+    .await;
+    srv.load("small").await.unwrap();
+    let size = std::fs::metadata(plinth_tests::model_file(srv.repo.path(), "big_a", "1"))
+        .unwrap()
+        .len();
+    // The page cache holds the files in every run alike.
+    for name in big {
+        let _ = std::fs::read(plinth_tests::model_file(srv.repo.path(), name, "1")).unwrap();
+    }
+    let addr = srv.grpc_url();
+    let mut models = srv.models().await;
+    let unload_all = async |models: &mut pb::model_service_client::ModelServiceClient<_>| {
+        for name in big {
+            models
+                .unload_model(pb::UnloadModelRequest { name: name.into() })
+                .await
+                .unwrap();
+            srv.wait_for(name, |s| s.state == ModelState::Unavailable as i32)
+                .await;
+        }
+    };
+    let mut rows = Vec::new();
+    for round in 1..=ROUNDS {
+        // Nothing loading, as long as the loads take below.
+        let clients = Clients::start(&addr);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for (role, latencies) in clients.finish() {
+            rows.push((round, "idle", role, percentiles(latencies)));
+        }
+        // Three loads at once.
+        let clients = Clients::start(&addr);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = Instant::now();
+        for name in big {
+            models
+                .load_model(pb::LoadModelRequest {
+                    name: name.into(),
+                    reload: false,
+                    wait: false,
+                })
+                .await
+                .unwrap();
+        }
+        for name in big {
+            srv.wait_ready(name).await;
+        }
+        let wall = started.elapsed();
+        for (role, latencies) in clients.finish() {
+            rows.push((round, "3 loads", role, percentiles(latencies)));
+        }
+        println!(
+            "round {round}: three loads took {:.2} s",
+            wall.as_secs_f64()
+        );
+        unload_all(&mut models).await;
+    }
+    // Three loads at once against one after another, nothing else running.
+    let mut load_rows = Vec::new();
+    for round in 1..=ROUNDS {
+        let t = Instant::now();
+        for name in big {
+            srv.load(name).await.unwrap();
+        }
+        let sequential = t.elapsed();
+        unload_all(&mut models).await;
+        let t = Instant::now();
+        let mut waits = Vec::new();
+        for name in big {
+            let mut client = models.clone();
+            waits.push(tokio::spawn(async move {
+                client
+                    .load_model(pb::LoadModelRequest {
+                        name: name.into(),
+                        reload: false,
+                        wait: true,
+                    })
+                    .await
+            }));
+        }
+        for wait in waits {
+            wait.await.unwrap().unwrap();
+        }
+        let concurrent = t.elapsed();
+        unload_all(&mut models).await;
+        load_rows.push((round, sequential, concurrent));
+    }
+    println!(
+        "\n## While three {} MB models load: latency from clients in their own processes",
+        size / 1_000_000
+    );
+    println!("| round | phase | call | calls | p50 | p99 | max |");
+    println!("|---|---|---|---|---|---|---|");
+    for (round, phase, role, (p50, p99, max, n)) in &rows {
+        println!("| {round} | {phase} | {role} | {n} | {p50:.2} ms | {p99:.2} ms | {max:.2} ms |");
+    }
+    println!(
+        "\n| round | 3 loads one after another | 3 loads at once | at once ÷ one after another |"
+    );
+    println!("|---|---|---|---|");
+    for (round, sequential, concurrent) in &load_rows {
+        println!(
+            "| {round} | {:.0} ms | {:.0} ms | {:.2} |",
+            sequential.as_secs_f64() * 1e3,
+            concurrent.as_secs_f64() * 1e3,
+            concurrent.as_secs_f64() / sequential.as_secs_f64()
+        );
+    }
+    let p99 = |round: usize, phase: &str, role: &str| {
+        rows.iter()
+            .find(|(r, p, c, _)| *r == round && *p == phase && *c == role)
+            .unwrap()
+            .3
+            .1
+    };
+    let list: Vec<f64> = (1..=ROUNDS).map(|r| p99(r, "3 loads", "list")).collect();
+    goals.push(Goal {
+        measure: "ListModels p99 during 3 concurrent loads, ms (rounds)".into(),
+        value: ratios(&list),
+        goal: "≤ 1 ms",
+    });
+    let compute: Vec<f64> = (1..=ROUNDS)
+        .map(|r| p99(r, "3 loads", "compute") / p99(r, "idle", "compute"))
+        .collect();
+    goals.push(Goal {
+        measure: "Compute p99 on a ready model during the loads ÷ idle (rounds)".into(),
+        value: ratios(&compute),
+        goal: "≤ 2×",
+    });
+    let ratio: Vec<f64> = load_rows
+        .iter()
+        .map(|(_, s, c)| c.as_secs_f64() / s.as_secs_f64())
+        .collect();
+    goals.push(Goal {
+        measure: "3 concurrent loads ÷ sequential, wall time (rounds)".into(),
+        value: ratios(&ratio),
+        goal: "≤ 0.6",
+    });
+    srv.stop().await;
+}
