@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak, mpsc};
 use std::time::Duration;
 
-use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer, notify};
+use notify_debouncer_mini::notify::{Event, EventHandler, EventKind, Watcher, WatcherKind};
+use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer_opt, notify};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
@@ -80,7 +81,56 @@ struct Look<K> {
     dirs: BTreeSet<PathBuf>,
 }
 
-type Debounced = Arc<Mutex<Debouncer<notify::RecommendedWatcher>>>;
+/// The platform's watcher without the events of files being only opened
+/// or read. inotify reports every open and read-only close; a look reads
+/// each watched file to digest it, so with them the watch set itself off
+/// again after every look, and re-read and re-hashed every watched file
+/// once per debounce period, forever (found by profiling a server: an
+/// 18 MB Python plugin would have cost most of a core at rest). A write
+/// that finishes (`Close(Write)`) and every other change still count.
+pub struct ChangeWatcher(notify::RecommendedWatcher);
+
+/// Whether an event may be a change of content or of a directory entry.
+fn is_change(event: &Event) -> bool {
+    !matches!(
+        event.kind,
+        EventKind::Access(
+            notify::event::AccessKind::Open(_)
+                | notify::event::AccessKind::Read
+                | notify::event::AccessKind::Close(notify::event::AccessMode::Read)
+                | notify::event::AccessKind::Close(notify::event::AccessMode::Execute)
+        )
+    )
+}
+
+impl Watcher for ChangeWatcher {
+    fn new<F: EventHandler>(mut event_handler: F, config: notify::Config) -> notify::Result<Self> {
+        let filtered = move |event: notify::Result<Event>| {
+            if event.as_ref().map_or(true, is_change) {
+                event_handler.handle_event(event);
+            }
+        };
+        notify::RecommendedWatcher::new(filtered, config).map(ChangeWatcher)
+    }
+
+    fn watch(&mut self, path: &Path, recursive_mode: notify::RecursiveMode) -> notify::Result<()> {
+        self.0.watch(path, recursive_mode)
+    }
+
+    fn unwatch(&mut self, path: &Path) -> notify::Result<()> {
+        self.0.unwatch(path)
+    }
+
+    fn configure(&mut self, option: notify::Config) -> notify::Result<bool> {
+        self.0.configure(option)
+    }
+
+    fn kind() -> WatcherKind {
+        notify::RecommendedWatcher::kind()
+    }
+}
+
+type Debounced = Arc<Mutex<Debouncer<ChangeWatcher>>>;
 
 /// The machinery both watches share: a debounced notify watcher over a set
 /// of directories that follows what `look` says, and a thread that, after
@@ -101,12 +151,16 @@ impl Core {
         K: Ord + Clone + Send + 'static,
     {
         let (tx, rx) = mpsc::channel::<()>();
-        let debouncer = new_debouncer(debounce, move |res: DebounceEventResult| match res {
-            Ok(_) => {
-                let _ = tx.send(());
-            }
-            Err(err) => tracing::warn!(%err, "file watch error"),
-        })?;
+        let config = notify_debouncer_mini::Config::default().with_timeout(debounce);
+        let debouncer = new_debouncer_opt::<_, ChangeWatcher>(
+            config,
+            move |res: DebounceEventResult| match res {
+                Ok(_) => {
+                    let _ = tx.send(());
+                }
+                Err(err) => tracing::warn!(%err, "file watch error"),
+            },
+        )?;
         let core = Core {
             debouncer: Arc::new(Mutex::new(debouncer)),
             watching: Arc::new(Mutex::new(BTreeSet::new())),
@@ -149,7 +203,7 @@ impl Core {
 /// Watches the directories in `wanted`, and stops watching those no longer
 /// wanted. A directory that could not be watched is tried again next time.
 fn rewatch(
-    debouncer: &Weak<Mutex<Debouncer<notify::RecommendedWatcher>>>,
+    debouncer: &Weak<Mutex<Debouncer<ChangeWatcher>>>,
     watching: &Mutex<BTreeSet<PathBuf>>,
     wanted: &BTreeSet<PathBuf>,
 ) -> notify::Result<()> {
@@ -395,6 +449,68 @@ mod tests {
             Err(RecvTimeoutError::Timeout) => {}
             other => panic!("one change, reported once; then {other:?}"),
         }
+    }
+
+    /// Looks taken by a watch of `file` whose look reads and digests it, as
+    /// the real ones do, counted.
+    fn counted_looks(file: &Path) -> (Core, Arc<std::sync::atomic::AtomicUsize>) {
+        let looks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (counter, path) = (Arc::clone(&looks), file.to_path_buf());
+        let core = Core::start(
+            DEBOUNCE,
+            move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Look {
+                    contents: BTreeMap::from([(path.clone(), Content::read(&path))]),
+                    dirs: watched_dirs(&path),
+                }
+            },
+            |_: Vec<PathBuf>| {},
+        )
+        .expect("watch starts");
+        (core, looks)
+    }
+
+    /// Reading a watched file is not a change, and a look (which reads
+    /// every watched file) must not set off the next: once inotify's open
+    /// and read-only close events counted, a watch re-read and re-hashed
+    /// its files every debounce period for as long as it lived.
+    #[test]
+    fn reads_are_not_changes_and_a_look_does_not_set_off_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plugin.wasm");
+        std::fs::write(&file, "v1").unwrap();
+        let (_core, looks) = counted_looks(&file);
+        let count = || looks.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(count(), 1, "the first look, at start");
+        for _ in 0..20 {
+            assert_eq!(std::fs::read(&file).unwrap(), b"v1");
+            std::thread::sleep(DEBOUNCE / 5);
+        }
+        std::thread::sleep(DEBOUNCE * 10);
+        assert_eq!(
+            count(),
+            1,
+            "reads of the watched file made the watch look again"
+        );
+        // A real change is looked at, and then the watch rests.
+        std::fs::write(&file, "v2").unwrap();
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while count() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the write was never looked at"
+            );
+            std::thread::sleep(DEBOUNCE);
+        }
+        std::thread::sleep(DEBOUNCE * 10);
+        let settled = count();
+        std::thread::sleep(DEBOUNCE * 20);
+        assert_eq!(
+            count(),
+            settled,
+            "the watch kept looking after the change was seen"
+        );
     }
 
     #[test]
