@@ -19,11 +19,10 @@
 //!   h2load, a load generator outside this process, with a pre-encoded body.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use plinth::grpc::pb;
-use plinth_tests::load::{self, Amount, H2loadRun, grpc_frame};
+use plinth_tests::load::{self, Amount, H2loadRun, grpc_frame, wrk};
 use plinth_tests::{ModelState, TestServer, compute_request, f32_tensor, fixtures};
 
 const LARGE_FLOATS: i64 = 75_000_000; // 300 MB of weights per model
@@ -344,93 +343,6 @@ async fn overhead() {
         "\nh2load HTTP: {} + {} succeeded, {} + {} failed; server counted {grpc_ok} gRPC successes and {grpc_failed} failures over both runs",
         c1.succeeded, c64.succeeded, c1.failed, c64.failed
     );
-}
-
-struct WrkRun {
-    req_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
-    mean_us: f64,
-    requests: u64,
-    errors: u64,
-}
-
-fn wrk_duration_us(text: &str) -> f64 {
-    let (num, unit) = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map(|i| text.split_at(i))
-        .unwrap_or((text, "s"));
-    let n: f64 = num
-        .parse()
-        .unwrap_or_else(|_| panic!("wrk duration {text:?}"));
-    match unit {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" => n * 1e6,
-        "m" => n * 60e6,
-        other => panic!("wrk unit {other:?}"),
-    }
-}
-
-/// wrk with a Lua script that POSTs `body` as JSON.
-fn wrk(url: &str, body: &str, connections: u32, seconds: u32) -> WrkRun {
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("post.lua");
-    std::fs::write(
-        &script,
-        format!(
-            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [[{body}]]\n"
-        ),
-    )
-    .unwrap();
-    let threads = connections.min(2);
-    let out = Command::new("wrk")
-        .args([
-            "-t",
-            &threads.to_string(),
-            "-c",
-            &connections.to_string(),
-            "-d",
-            &format!("{seconds}s"),
-            "--latency",
-            "-s",
-        ])
-        .arg(&script)
-        .arg(url)
-        .output()
-        .expect("wrk (Debian package wrk) runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let line = |start: &str| {
-        text.lines()
-            .map(str::trim)
-            .find(|l| l.starts_with(start))
-            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-    };
-    let need =
-        |start: &str| line(start).unwrap_or_else(|| panic!("wrk output lacks {start:?}:\n{text}"));
-    let req_per_s: f64 = need("Requests/sec:")[1].parse().unwrap();
-    let mean_us = wrk_duration_us(&need("Latency")[1]);
-    let p50_us = wrk_duration_us(&need("50%")[1]);
-    let p99_us = wrk_duration_us(&need("99%")[1]);
-    let requests: u64 = text
-        .lines()
-        .find(|l| l.contains("requests in"))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("wrk output lacks a request count:\n{text}"));
-    let non_2xx: u64 = line("Non-2xx").map_or(0, |l| l.last().unwrap().parse().unwrap());
-    let socket: u64 = line("Socket errors:").map_or(0, |l| {
-        l.iter()
-            .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
-            .sum()
-    });
-    WrkRun {
-        req_per_s,
-        p50_us,
-        p99_us,
-        mean_us,
-        requests,
-        errors: non_2xx + socket,
-    }
 }
 
 async fn oip() {

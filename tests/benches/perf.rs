@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use plinth::grpc::pb;
-use plinth_tests::load::{Amount, H2loadRun, h2load, infer_request, triton_check, write_body};
+use plinth_tests::load::{Amount, H2loadRun, h2load, infer_request, triton_check, write_body, wrk};
 use plinth_tests::{ModelState, TestServer, compute_request, echo, f32_tensor, fixtures};
 
 const CONCURRENCY: [u32; 3] = [1, 8, 64];
@@ -427,75 +427,6 @@ async fn large(goals: &mut Vec<Goal>) {
 
 // ---------------------------------------------------------------------------
 // `rest`: wrk on REST infer against a bare axum echo.
-
-struct WrkRun {
-    req_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
-    requests: u64,
-    errors: u64,
-}
-
-fn wrk_duration_us(text: &str) -> f64 {
-    let split = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .unwrap_or(text.len());
-    let (num, unit) = text.split_at(split);
-    let n: f64 = num.parse().unwrap_or(f64::NAN);
-    match unit {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" | "" => n * 1e6,
-        "m" => n * 60e6,
-        _ => f64::NAN,
-    }
-}
-
-/// wrk POSTing `body` as JSON to `url` over `connections` for `seconds`.
-fn wrk(url: &str, body: &str, connections: u32, seconds: u64) -> WrkRun {
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("post.lua");
-    std::fs::write(
-        &script,
-        format!(
-            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [[{body}]]\n"
-        ),
-    )
-    .unwrap();
-    let out = Command::new("wrk")
-        .args(["-t", "2", "-c", &connections.to_string()])
-        .args(["-d", &format!("{seconds}s"), "--latency", "-s"])
-        .arg(&script)
-        .arg(url)
-        .output()
-        .expect("wrk (Debian package wrk) runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let line = |start: &str| {
-        text.lines()
-            .map(str::trim)
-            .find(|l| l.starts_with(start))
-            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-    };
-    let need =
-        |start: &str| line(start).unwrap_or_else(|| panic!("wrk output lacks {start:?}:\n{text}"));
-    let non_2xx: u64 = line("Non-2xx").map_or(0, |l| l.last().unwrap().parse().unwrap());
-    let socket: u64 = line("Socket errors:").map_or(0, |l| {
-        l.iter()
-            .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
-            .sum()
-    });
-    WrkRun {
-        req_per_s: need("Requests/sec:")[1].parse().unwrap(),
-        p50_us: wrk_duration_us(&need("50%")[1]),
-        p99_us: wrk_duration_us(&need("99%")[1]),
-        requests: text
-            .lines()
-            .find(|l| l.contains("requests in"))
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0),
-        errors: non_2xx + socket,
-    }
-}
 
 async fn rest(goals: &mut Vec<Goal>) {
     const CONNECTIONS: u32 = 16;
