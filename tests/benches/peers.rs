@@ -217,11 +217,7 @@ async fn servers() {
     let srv = TestServer::start(
         |repo| {
             fixtures::scale(repo, "double", "1", 2.0);
-            fixtures::scale(repo, "chained", "1", 2.0);
-            fixtures::scale_config()
-                .preprocess(&["pre"])
-                .postprocess(&["post"])
-                .write(repo, "chained");
+            fixtures::chained(repo, "chained", 2.0);
         },
         true,
     )
@@ -244,11 +240,10 @@ async fn servers() {
     let plugins = srv.plugins.path();
     // image-normalize passes f32 tensors through unchanged: the cost is the
     // calls and the tensor copies every processor pays.
-    plinth_tests::install_plugin(plugins, "pre", "image_normalize", None);
-    plinth_tests::install_plugin(plugins, "post", "image_normalize", None);
-    plinth_tests::install_plugin(plugins, "router", "weighted_router", None);
-    plinth_tests::install_plugin(plugins, "metrics", "prometheus_metrics", None);
-    for name in ["pre", "post", "router", "metrics"] {
+    for (name, component) in fixtures::CHAIN_PLUGINS {
+        plinth_tests::install_plugin(plugins, name, component, None);
+    }
+    for (name, _) in fixtures::CHAIN_PLUGINS {
         srv.wait_plugin(name, |s| s.serving).await;
     }
     checks.push(check(&plinth_addr, "chained", "before"));

@@ -117,21 +117,16 @@ async fn plain_server() -> TestServer {
 async fn chain_server() -> TestServer {
     let srv = TestServer::start(
         |repo| {
-            fixtures::scale(repo, "chained", "1", 2.0);
-            fixtures::scale_config()
-                .preprocess(&["pre"])
-                .postprocess(&["post"])
-                .write(repo, "chained");
+            fixtures::chained(repo, "chained", 2.0);
         },
         true,
     )
     .await;
     let plugins = srv.plugins.path();
-    plinth_tests::install_plugin(plugins, "pre", "image_normalize", None);
-    plinth_tests::install_plugin(plugins, "post", "image_normalize", None);
-    plinth_tests::install_plugin(plugins, "router", "weighted_router", None);
-    plinth_tests::install_plugin(plugins, "metrics", "prometheus_metrics", None);
-    for name in ["pre", "post", "router", "metrics"] {
+    for (name, component) in fixtures::CHAIN_PLUGINS {
+        plinth_tests::install_plugin(plugins, name, component, None);
+    }
+    for (name, _) in fixtures::CHAIN_PLUGINS {
         srv.wait_plugin(name, |s| s.serving).await;
     }
     srv.wait_ready("chained").await;

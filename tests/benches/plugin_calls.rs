@@ -223,19 +223,10 @@ fn pipeline_chain(c: &mut Criterion) {
         .unwrap();
     let repo = tempfile::tempdir().unwrap();
     fixtures::scale(repo.path(), "plain", "1", 2.0);
-    fixtures::scale(repo.path(), "chained", "1", 2.0);
-    fixtures::scale_config()
-        .preprocess(&["pre"])
-        .postprocess(&["post"])
-        .write(repo.path(), "chained");
+    fixtures::chained(repo.path(), "chained", 2.0);
     let with = tempfile::tempdir().unwrap();
     let without = tempfile::tempdir().unwrap();
-    let components = [
-        ("pre", "image_normalize"),
-        ("post", "image_normalize"),
-        ("router", "weighted_router"),
-        ("metrics", "prometheus_metrics"),
-    ];
+    let components = fixtures::CHAIN_PLUGINS;
     for (name, component) in components {
         plinth_tests::install_plugin(with.path(), name, component, None);
     }

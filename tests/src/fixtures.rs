@@ -464,6 +464,27 @@ pub fn kubernetes_mount(dir: &Path, generation: u32, files: &[(&str, &[u8])]) {
     }
 }
 
+/// The plugins of the full chain the benchmarks measure, by the name each
+/// is installed under and the component it is: weighted-router, a
+/// pass-through processor (image-normalize passes f32 through untouched)
+/// before and after the model, prometheus-metrics.
+pub const CHAIN_PLUGINS: [(&str, &str); 4] = [
+    ("pre", "image_normalize"),
+    ("post", "image_normalize"),
+    ("router", "weighted_router"),
+    ("metrics", "prometheus_metrics"),
+];
+
+/// `model`: the [`scale`] model (y = factor·x) with the chain's `pre` and
+/// `post` processors around it.
+pub fn chained(repo: &Path, model: &str, factor: f64) {
+    scale(repo, model, "1", factor);
+    scale_config()
+        .preprocess(&["pre"])
+        .postprocess(&["post"])
+        .write(repo, model);
+}
+
 /// A small CNN classifier: 3×32×32 → conv 32 → pool → conv 64 → pool →
 /// conv 64 → global average → 10 logits. Weights are fixed by a seed.
 pub fn cnn_file(path: &Path) {
