@@ -7,16 +7,16 @@
 //! does not (no `route` on a processor):
 //!
 //! ```
-//! use plinth_plugin::{Plugin, RequestView, kind};
+//! use plinth_plugin::{Candidates, Plugin, RequestView, kind};
 //! fn route(plugin: &Plugin<kind::Router>, request: &RequestView) {
-//!     let _ = plugin.route(request, &[]);
+//!     let _ = plugin.route(request, &Candidates::default());
 //! }
 //! ```
 //!
 //! ```compile_fail,E0599
-//! use plinth_plugin::{Plugin, RequestView, kind};
+//! use plinth_plugin::{Candidates, Plugin, RequestView, kind};
 //! fn route(plugin: &Plugin<kind::Processor>, request: &RequestView) {
-//!     let _ = plugin.route(request, &[]);
+//!     let _ = plugin.route(request, &Candidates::default());
 //! }
 //! ```
 
