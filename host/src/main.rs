@@ -8,6 +8,17 @@ use clap::{Parser, Subcommand};
 use plinth::cli;
 use tracing_subscriber::EnvFilter;
 
+// The allocator comparison of the perf bench (`-- alloc`) builds the binary
+// with each of these; the default is the system allocator.
+#[cfg(all(feature = "mimalloc", feature = "jemalloc"))]
+compile_error!("features `mimalloc` and `jemalloc` each choose the global allocator: pick one");
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "plinth",
@@ -112,6 +123,11 @@ struct ServeArgs {
     /// Model loads that may run at once.
     #[arg(long, default_value_t = 4)]
     max_concurrent_loads: usize,
+    /// Microseconds an idle model executor polls its queue before it sleeps:
+    /// a request that comes within it skips the thread's wake-up, at the
+    /// price of a core kept busy meanwhile (0: sleep at once).
+    #[arg(long, default_value_t = 0)]
+    executor_spin_us: u64,
     /// Largest gRPC message accepted or sent, and largest HTTP request body, in MiB.
     #[arg(long, default_value_t = 64)]
     max_message_mib: usize,
@@ -312,6 +328,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics_addr: SocketAddr::new(args.host, args.metrics_port),
         threads: args.threads,
         max_concurrent_loads: at_least_one("--max-concurrent-loads", args.max_concurrent_loads)?,
+        executor_spin: std::time::Duration::from_micros(args.executor_spin_us),
         max_message_bytes: at_least_one("--max-message-mib", args.max_message_mib)? << 20,
         poll: args.poll,
         load_all: !args.no_load,

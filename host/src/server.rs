@@ -45,6 +45,8 @@ pub struct ServerConfig {
     /// over every model; `None` uses every available core.
     pub threads: Option<usize>,
     pub max_concurrent_loads: usize,
+    /// How long an idle model executor polls its queue before it parks.
+    pub executor_spin: Duration,
     /// Largest gRPC message accepted or sent, and largest HTTP request body.
     pub max_message_bytes: usize,
     /// Watch the repository and load, reload or unload on change.
@@ -93,6 +95,7 @@ impl ServerConfig {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             threads: None,
             max_concurrent_loads: 4,
+            executor_spin: Duration::ZERO,
             max_message_bytes: 64 << 20,
             poll: false,
             load_all: true,
@@ -288,6 +291,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let registry = Registry::new(RegistrySettings {
         max_concurrent_loads: config.max_concurrent_loads,
         event_capacity: config.state_events_capacity,
+        executor_spin: config.executor_spin,
         ..RegistrySettings::new(repository.clone(), cores)
     });
     let shutdown = CancellationToken::new();

@@ -4,9 +4,10 @@
 //!
 //! `cargo xtask bench --bench perf [-- SECTION...]`, sections:
 //!
-//! - `servers`: a bare tonic echo, Plinth's plain pipeline, and the full
-//!   plugin chain (router, preprocess, postprocess, metrics), 16 floats,
-//!   h2load at concurrency 1, 8 and 64;
+//! - `servers`: a bare tonic echo, Plinth's plain pipeline (also with its
+//!   executors spinning 50 µs before they park), and the full plugin chain
+//!   (router, preprocess, postprocess, metrics), 16 floats, h2load at
+//!   concurrency 1, 8 and 64;
 //! - `large`: 1 MiB and 16 MiB f32 tensors, the echo against the plain
 //!   pipeline against one pass-through processor plugin;
 //! - `rest`: REST infer (JSON) under wrk at 16 connections, against a bare
@@ -15,7 +16,10 @@
 //!   TorchScript run in this process with the server's thread count;
 //! - `loads`: ListModels and Compute latency while three ~257 MB models
 //!   load, from clients in processes of their own, against the same with
-//!   nothing loading; and three loads at once against one after another.
+//!   nothing loading; and three loads at once against one after another;
+//! - `alloc`: the real `plinth serve` binary built with the system
+//!   allocator, mimalloc and jemalloc (xtask builds the three and names them
+//!   in `PLINTH_PERF_BINS`), plain and chain at c = 8 and 64.
 //!
 //! The in-process cost of the chain (no network) is the criterion group
 //! `pipeline_chain` of the `plugin_calls` bench. Every h2load run is checked
@@ -34,6 +38,8 @@ use plinth_tests::{ModelState, TestServer, compute_request, echo, f32_tensor, fi
 const CONCURRENCY: [u32; 3] = [1, 8, 64];
 const SECONDS: u64 = 10;
 const ROUNDS: usize = 2;
+/// The executor spin the `servers` section tries against none.
+const SPIN: Duration = Duration::from_micros(50);
 const MODEL_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 /// Set in a child process of this bench: it is a client, not the bench.
 const CLIENT_ROLE: &str = "PLINTH_PERF_CLIENT";
@@ -78,6 +84,9 @@ async fn main() {
     if wants("loads") {
         loads(&mut goals).await;
     }
+    if wants("alloc") {
+        alloc(&mut goals).await;
+    }
     println!("\n## Goals");
     println!("| measure | measured | goal |");
     println!("|---|---|---|");
@@ -93,7 +102,13 @@ async fn main() {
 /// `passed`, the same model behind one pass-through processor (`pass`,
 /// image-normalize, which passes f32 through untouched).
 async fn plain_server() -> TestServer {
-    let srv = TestServer::start(
+    plain_server_spinning(Duration::ZERO).await
+}
+
+/// [`plain_server`] whose executors poll their queue for `spin` before
+/// parking (`--executor-spin-us`).
+async fn plain_server_spinning(spin: Duration) -> TestServer {
+    let srv = TestServer::start_with(
         |repo| {
             fixtures::scale(repo, "double", "1", 2.0);
             fixtures::scale(repo, "passed", "1", 2.0);
@@ -101,7 +116,7 @@ async fn plain_server() -> TestServer {
                 .preprocess(&["pass"])
                 .write(repo, "passed");
         },
-        true,
+        |config| config.executor_spin = spin,
     )
     .await;
     plinth_tests::install_plugin(srv.plugins.path(), "pass", "image_normalize", None);
@@ -212,6 +227,7 @@ async fn servers(goals: &mut Vec<Goal>) {
     let bodies = [
         ("echo", "double"),
         ("plain", "double"),
+        ("spin", "double"),
         ("chain", "chained"),
     ]
     .map(|(config, model)| {
@@ -223,8 +239,10 @@ async fn servers(goals: &mut Vec<Goal>) {
     });
     let echo = echo::start_tonic(4 << 20).await;
     let plain = plain_server().await;
+    let spin = plain_server_spinning(SPIN).await;
     let chain = chain_server().await;
     let plain_addr = plain.running().grpc_addr.to_string();
+    let spin_addr = spin.running().grpc_addr.to_string();
     let chain_addr = chain.running().grpc_addr.to_string();
     let mut checks = vec![
         check(&plain_addr, "double", "before"),
@@ -234,6 +252,7 @@ async fn servers(goals: &mut Vec<Goal>) {
         match config {
             "echo" => (None, echo.clone()),
             "plain" => (Some(&plain), plain_addr.clone()),
+            "spin" => (Some(&spin), spin_addr.clone()),
             _ => (Some(&chain), chain_addr.clone()),
         }
     };
@@ -303,6 +322,27 @@ async fn servers(goals: &mut Vec<Goal>) {
             goal: "≥ 0.92",
         });
     }
+    for c in CONCURRENCY {
+        let r =
+            per_round(&|round| get(round, "spin", c).req_per_s / get(round, "plain", c).req_per_s);
+        goals.push(Goal {
+            measure: format!(
+                "plain with a {} µs executor spin ÷ plain, throughput, c={c} (rounds)",
+                SPIN.as_micros()
+            ),
+            value: ratios(&r),
+            goal: "> 1 to keep it",
+        });
+    }
+    let r = per_round(&|round| get(round, "spin", 1).p50_us / get(round, "plain", 1).p50_us);
+    goals.push(Goal {
+        measure: format!(
+            "plain with a {} µs executor spin, p50 ÷ plain p50, c=1 (rounds)",
+            SPIN.as_micros()
+        ),
+        value: ratios(&r),
+        goal: "< 1 to keep it",
+    });
     let added = per_round(&|round| get(round, "chain", 1).p50_us - get(round, "plain", 1).p50_us);
     goals.push(Goal {
         measure: "chain's added p50 at c=1 (rounds)".into(),
@@ -318,6 +358,7 @@ async fn servers(goals: &mut Vec<Goal>) {
         println!("- {line}");
     }
     plain.stop().await;
+    spin.stop().await;
     chain.stop().await;
 }
 
@@ -860,4 +901,199 @@ async fn loads(goals: &mut Vec<Goal>) {
         goal: "≤ 0.6",
     });
     srv.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// `alloc`: the real binary with each global allocator.
+
+/// A `plinth serve` process of one of the allocator builds.
+struct Served {
+    name: String,
+    child: std::process::Child,
+    grpc: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Starts `bin` on a repository and plugin directory of its own (the same
+/// models and plugins for every build) and waits until it is ready.
+async fn serve_binary(name: &str, bin: &Path, dir: &Path) -> Served {
+    let repo = dir.join(name).join("models");
+    let plugins = dir.join(name).join("plugins");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::create_dir_all(&plugins).unwrap();
+    fixtures::scale(&repo, "double", "1", 2.0);
+    fixtures::chained(&repo, "chained", 2.0);
+    for (plugin, component) in fixtures::CHAIN_PLUGINS {
+        plinth_tests::install_plugin(&plugins, plugin, component, None);
+    }
+    let (grpc, http, metrics) = (free_port(), free_port(), free_port());
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(bin)
+        .args(["serve", "--host", "127.0.0.1"])
+        .arg("--model-repository")
+        .arg(&repo)
+        .arg("--plugin-dir")
+        .arg(&plugins)
+        .args(["--grpc-port", &grpc.to_string()])
+        .args(["--http-port", &http.to_string()])
+        .args(["--metrics-port", &metrics.to_string()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|err| panic!("starting {}: {err}", bin.display()));
+    let served = Served {
+        name: name.to_owned(),
+        child,
+        grpc: format!("127.0.0.1:{grpc}"),
+    };
+    let ready = format!("http://127.0.0.1:{http}/v2/health/ready");
+    let client = reqwest::Client::new();
+    let what = format!(
+        "{name} ready (log: {})",
+        dir.join(format!("{name}.log")).display()
+    );
+    plinth_tests::eventually(Duration::from_secs(120), &what, async || {
+        match client.get(&ready).send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(r.status().to_string()),
+            Err(err) => Err(err.to_string()),
+        }
+    })
+    .await;
+    served
+}
+
+/// A server's own (successes, failures) for `model`, over gRPC.
+async fn binary_counts(addr: &str, model: &str) -> (u64, u64) {
+    use plinth::grpc::ipb;
+    let mut client = ipb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
+        format!("http://{addr}"),
+    )
+    .await
+    .expect("connect for statistics");
+    let stats = client
+        .model_statistics(ipb::ModelStatisticsRequest {
+            name: model.into(),
+            version: String::new(),
+        })
+        .await
+        .expect("ModelStatistics")
+        .into_inner()
+        .model_stats
+        .remove(0)
+        .inference_stats
+        .expect("inference stats");
+    (
+        stats.success.map_or(0, |s| s.count),
+        stats.fail.map_or(0, |s| s.count),
+    )
+}
+
+async fn alloc(goals: &mut Vec<Goal>) {
+    let Ok(list) = std::env::var("PLINTH_PERF_BINS") else {
+        println!(
+            "\n## Allocators: skipped (PLINTH_PERF_BINS is not set; `cargo xtask bench --bench perf -- alloc` builds the binaries)"
+        );
+        return;
+    };
+    let bins: Vec<(String, std::path::PathBuf)> = list
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(name, path)| (name.to_owned(), path.into()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let values: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    let models = ["double", "chained"];
+    let bodies =
+        models.map(|model| write_body(dir.path(), model, &infer_request(model, &[16], &values)));
+    let mut servers = Vec::new();
+    for (name, bin) in &bins {
+        servers.push(serve_binary(name, bin, dir.path()).await);
+    }
+    let mut checks = Vec::new();
+    for served in &servers {
+        for (model, body) in models.iter().zip(&bodies) {
+            checks.push(check(
+                &served.grpc,
+                model,
+                &format!("{}, before", served.name),
+            ));
+            drive(&served.grpc, body, 4, Amount::Requests(2_000)).await;
+        }
+    }
+    // rows: (round, build, model, c, run, server counted)
+    let mut rows = Vec::new();
+    for round in 1..=ROUNDS {
+        for served in &servers {
+            for (model, body) in models.iter().zip(&bodies) {
+                for c in [8u32, 64] {
+                    let before = binary_counts(&served.grpc, model).await;
+                    let run = drive(&served.grpc, body, c, Amount::Seconds(SECONDS)).await;
+                    let after = binary_counts(&served.grpc, model).await;
+                    let counted =
+                        format!("{} ok, {} failed", after.0 - before.0, after.1 - before.1);
+                    rows.push((round, served.name.clone(), *model, c, run, counted));
+                }
+            }
+        }
+    }
+    for served in &servers {
+        for model in models {
+            checks.push(check(
+                &served.grpc,
+                model,
+                &format!("{}, after", served.name),
+            ));
+        }
+    }
+    println!(
+        "\n## Allocators: `plinth serve` built with each, y = 2x over 16 floats, h2load {SECONDS} s per cell"
+    );
+    println!(
+        "| round | allocator | model | concurrency | req/s | p50 | p99 | HTTP failed | server counted |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (round, name, model, c, run, counted) in &rows {
+        println!(
+            "| {round} | {name} | {model} | {c} | {:.0} | {:.0} µs | {:.0} µs | {} | {counted} |",
+            run.req_per_s, run.p50_us, run.p99_us, run.failed
+        );
+    }
+    let rps = |round: usize, name: &str, model: &str, c: u32| {
+        rows.iter()
+            .find(|(r, n, m, cc, _, _)| *r == round && n == name && *m == model && *cc == c)
+            .map(|row| row.4.req_per_s)
+            .expect("cell")
+    };
+    for (name, _) in bins.iter().filter(|(name, _)| name != "system") {
+        for model in models {
+            for c in [8u32, 64] {
+                let r: Vec<f64> = (1..=ROUNDS)
+                    .map(|round| rps(round, name, model, c) / rps(round, "system", model, c))
+                    .collect();
+                goals.push(Goal {
+                    measure: format!("{name} ÷ system allocator, {model}, c={c} (rounds)"),
+                    value: ratios(&r),
+                    goal: "> 1 to keep it",
+                });
+            }
+        }
+    }
+    println!("\ncorrectness checks (tritonclient):");
+    for line in checks {
+        println!("- {line}");
+    }
 }

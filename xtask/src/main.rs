@@ -152,6 +152,19 @@ fn run() -> Result<()> {
                     }
                 }
             }
+            let sections: Vec<&str> = rest
+                .iter()
+                .skip_while(|arg| *arg != "--")
+                .filter_map(|arg| arg.to_str())
+                .filter(|arg| !arg.starts_with("--"))
+                .collect();
+            let perf_wanted = rest.is_empty()
+                || rest
+                    .iter()
+                    .any(|arg| arg.to_str().is_some_and(|a| a == "perf"));
+            if perf_wanted && (sections.is_empty() || sections.contains(&"alloc")) {
+                cmd.env("PLINTH_PERF_BINS", allocator_binaries(&libtorch)?);
+            }
             cmd.args(["bench", "--package", "plinth-tests"]);
             cmd.args(rest);
             status(cmd)
@@ -194,6 +207,40 @@ const PLUGINS: &[&str] = &[
 ];
 
 /// Builds the plugins as components; returns the folder holding the `.wasm` files.
+/// The `plinth` binary built once with each global allocator (the system's,
+/// mimalloc, jemalloc), for the perf bench's `alloc` section: the
+/// `name=path,...` list it reads from `PLINTH_PERF_BINS`.
+fn allocator_binaries(libtorch: &Path) -> Result<String> {
+    let dir = target_dir().join("perf-alloc");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut pairs = Vec::new();
+    for (name, feature) in [
+        ("system", None),
+        ("mimalloc", Some("mimalloc")),
+        ("jemalloc", Some("jemalloc")),
+    ] {
+        let mut cmd = cargo(libtorch);
+        cmd.args([
+            "build",
+            "--release",
+            "--package",
+            "plinth",
+            "--bin",
+            "plinth",
+        ]);
+        if let Some(feature) = feature {
+            cmd.args(["--features", feature]);
+        }
+        status(cmd)?;
+        let built = target_dir().join("release").join("plinth");
+        let kept = dir.join(format!("plinth-{name}"));
+        std::fs::copy(&built, &kept)
+            .with_context(|| format!("copying {} to {}", built.display(), kept.display()))?;
+        pairs.push(format!("{name}={}", kept.display()));
+    }
+    Ok(pairs.join(","))
+}
+
 fn build_plugins() -> Result<PathBuf> {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(project_root());

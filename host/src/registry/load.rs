@@ -20,6 +20,8 @@ pub(super) struct LoadContext {
     pub(super) counters: Arc<ThreadCounters>,
     /// Set when the registry shuts down: a load that sees it starts no threads.
     pub(super) closing: CancellationToken,
+    /// Each executor's poll before it parks.
+    pub(super) spin: std::time::Duration,
 }
 
 /// Step two of a load. Blocking: file I/O, deserialisation, warm-up.
@@ -76,6 +78,7 @@ pub(super) fn load_model(
         intra_op_threads,
         budget: Arc::clone(&context.budget),
         counters: Arc::clone(&context.counters),
+        spin: context.spin,
     };
     ReadyModel::start(name, config, prepared, &threads)
         .map_err(|err| format!("starting executor threads: {err}"))

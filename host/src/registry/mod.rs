@@ -107,6 +107,8 @@ pub struct RegistrySettings {
     /// Room in the broadcast of state changes; a watcher that falls further
     /// behind resyncs from [`Registry::list`].
     pub event_capacity: usize,
+    /// How long an idle executor polls its queue before parking.
+    pub executor_spin: Duration,
 }
 
 impl RegistrySettings {
@@ -116,6 +118,7 @@ impl RegistrySettings {
             max_concurrent_loads: 4,
             cores,
             event_capacity: 1024,
+            executor_spin: Duration::ZERO,
         }
     }
 }
@@ -197,6 +200,7 @@ impl Registry {
             budget: Arc::new(ComputeBudget::new(settings.cores)),
             counters: Arc::new(ThreadCounters::default()),
             closing: CancellationToken::new(),
+            spin: settings.executor_spin,
         };
         Registry {
             inner: Arc::new(Inner {

@@ -352,6 +352,7 @@ where
         intra_op_threads: 1,
         budget: Arc::new(plinth_torch::ComputeBudget::new(1)),
         counters: Arc::default(),
+        spin: std::time::Duration::ZERO,
     };
     let versions = versions
         .iter()

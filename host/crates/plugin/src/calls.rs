@@ -59,7 +59,10 @@ fn to_wit(tensor: Tensor) -> wit::Tensor {
         name: tensor.name().to_owned(),
         dtype: dtype_to_wit(tensor.dtype()),
         shape: tensor.shape().to_vec(),
-        data: tensor.into_data().to_vec(),
+        // No copy when the tensor owns its whole buffer (a model's output, a
+        // plugin's): `Bytes` hands its vector over. A view into a request's
+        // message is copied.
+        data: Vec::from(tensor.into_data()),
     }
 }
 
@@ -364,6 +367,20 @@ impl Plugin<Health> {
 mod tests {
     use super::*;
     use crate::types::{DeviceMemory, ModelStatus, PluginStatus, StageTimings};
+
+    #[test]
+    fn a_tensor_that_owns_its_buffer_is_handed_to_the_guest_form_without_a_copy() {
+        let data = vec![0u8; 64];
+        let at = data.as_ptr();
+        let owned = Tensor::new("x", DType::F32, vec![16], Bytes::from(data)).unwrap();
+        assert_eq!(to_wit(owned).data.as_ptr(), at);
+        // A view into a larger message is copied, and only its own bytes.
+        let message = Bytes::from(vec![1u8; 128]);
+        let view = Tensor::new("x", DType::F32, vec![16], message.slice(64..)).unwrap();
+        let wit = to_wit(view);
+        assert_eq!(wit.data, vec![1u8; 64]);
+        assert_ne!(wit.data.as_ptr(), message[64..].as_ptr());
+    }
 
     #[test]
     fn events_reach_plugins_in_whole_microseconds() {

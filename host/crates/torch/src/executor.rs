@@ -125,6 +125,10 @@ pub struct ExecutorThreads {
     pub intra_op_threads: usize,
     pub budget: Arc<ComputeBudget>,
     pub counters: Arc<ThreadCounters>,
+    /// How long an idle executor polls its queue before it parks
+    /// (`--executor-spin-us`): a job that comes within it starts without a
+    /// wake-up of the thread. Zero parks at once.
+    pub spin: Duration,
 }
 
 pub struct ExecutorPool {
@@ -155,6 +159,7 @@ struct Shared {
     intra_op_threads: usize,
     budget: Arc<ComputeBudget>,
     counters: Arc<ThreadCounters>,
+    spin: Duration,
 }
 
 impl ExecutorPool {
@@ -178,6 +183,7 @@ impl ExecutorPool {
             intra_op_threads,
             budget: Arc::clone(&threads.budget),
             counters: Arc::clone(&threads.counters),
+            spin: threads.spin,
         });
         let mut exited = Vec::with_capacity(modules.len());
         for (instance_idx, module) in modules.into_iter().enumerate() {
@@ -287,9 +293,9 @@ fn run_executor<M: Forward>(module: M, jobs: Receiver<Job>, shared: &Shared) {
     loop {
         let job = match carried.take() {
             Some(job) => job,
-            None => match jobs.recv() {
-                Ok(job) => job,
-                Err(_) => break,
+            None => match next_job(&jobs, shared.spin) {
+                Some(job) => job,
+                None => break,
             },
         };
         let Some(first) = shared.admit(job, Instant::now()) else {
@@ -357,6 +363,22 @@ fn run_executor<M: Forward>(module: M, jobs: Receiver<Job>, shared: &Shared) {
             .send(Err(Error::Unavailable("executors have stopped".into())));
     }
     drop(module);
+}
+
+/// The next job, or `None` once the queue has closed: polled for up to
+/// `spin` first, then waited for parked.
+fn next_job(jobs: &Receiver<Job>, spin: Duration) -> Option<Job> {
+    if !spin.is_zero() {
+        let until = Instant::now() + spin;
+        while Instant::now() < until {
+            match jobs.try_recv() {
+                Ok(job) => return Some(job),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => std::hint::spin_loop(),
+            }
+        }
+    }
+    jobs.recv().ok()
 }
 
 /// Whether two jobs may share a forward pass: the same dtypes and the same
@@ -548,6 +570,11 @@ mod tests {
     /// `jobs`; then lets everything run. Returns the passes the model saw and
     /// each job's answer, one line each.
     fn run(policy: BatchPolicy, capacity: usize, jobs: &[Spec]) -> String {
+        run_spinning(policy, capacity, jobs, Duration::ZERO)
+    }
+
+    /// [`run`] with executors that poll their queue for `spin` before parking.
+    fn run_spinning(policy: BatchPolicy, capacity: usize, jobs: &[Spec], spin: Duration) -> String {
         let policy_rows = policy.max_batch_size.max(1);
         let seen = Arc::new(Seen::default());
         let (open_gate, gate) = mpsc::channel();
@@ -578,6 +605,7 @@ mod tests {
             intra_op_threads: 1,
             budget: Arc::new(ComputeBudget::new(1)),
             counters: Arc::default(),
+            spin,
         };
         let pool = ExecutorPool::start("m:1", vec![model], outputs(), capacity, policy, &threads)
             .expect("threads start");
@@ -656,6 +684,19 @@ mod tests {
             // Long enough that only the queue running dry or a full batch ends one.
             max_queue_delay: Duration::from_secs(60),
             preferred_batch_sizes: vec![],
+        }
+    }
+
+    #[test]
+    fn a_spinning_executor_answers_as_a_parked_one_does_and_exits_with_its_pool() {
+        // With a spin far longer than the test, the executor must still take
+        // every job, batch as before, and end when the pool is dropped.
+        let jobs = [job(1., 1), job(2., 2), job(3., 1)];
+        for policy in [BatchPolicy::default(), batching(4)] {
+            assert_eq!(
+                run_spinning(policy.clone(), 8, &jobs, Duration::from_secs(3600)),
+                run(policy, 8, &jobs)
+            );
         }
     }
 
@@ -766,6 +807,7 @@ passes: 0 | 1 | 2
             intra_op_threads: 1,
             budget: Arc::new(ComputeBudget::new(1)),
             counters: Arc::default(),
+            spin: Duration::ZERO,
         };
         let failing =
             |_: &[Tensor]| -> Result<Vec<Tensor>, Error> { Err(Error::Internal("boom".into())) };
@@ -810,6 +852,7 @@ passes: 0 | 1 | 2
             intra_op_threads: 2,
             budget: Arc::clone(&budget),
             counters: Arc::default(),
+            spin: Duration::ZERO,
         };
         let pools: Vec<ExecutorPool> = (0..4)
             .map(|idx| {
