@@ -8,8 +8,9 @@ use clap::{Parser, Subcommand};
 use plinth::cli;
 use tracing_subscriber::EnvFilter;
 
-// The allocator comparison of the perf bench (`-- alloc`) builds the binary
-// with each of these; the default is the system allocator.
+// The global allocator: mimalloc by default (it won the perf bench's
+// comparison, `-- alloc`), jemalloc or the system's on request (see the
+// features in host/Cargo.toml).
 #[cfg(all(feature = "mimalloc", feature = "jemalloc"))]
 compile_error!("features `mimalloc` and `jemalloc` each choose the global allocator: pick one");
 #[cfg(feature = "mimalloc")]

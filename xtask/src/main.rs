@@ -227,6 +227,7 @@ fn allocator_binaries(libtorch: &Path) -> Result<String> {
             "plinth",
             "--bin",
             "plinth",
+            "--no-default-features",
         ]);
         if let Some(feature) = feature {
             cmd.args(["--features", feature]);
