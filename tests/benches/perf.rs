@@ -979,21 +979,13 @@ async fn serve_binary(name: &str, bin: &Path, dir: &Path) -> Served {
 /// A server's own (successes, failures) for `model`, over gRPC.
 async fn binary_counts(addr: &str, model: &str) -> (u64, u64) {
     use plinth::grpc::ipb;
-    let mut client = ipb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
-        format!("http://{addr}"),
-    )
+    let client = ipb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
+        "http://{addr}"
+    ))
     .await
     .expect("connect for statistics");
-    let stats = client
-        .model_statistics(ipb::ModelStatisticsRequest {
-            name: model.into(),
-            version: String::new(),
-        })
+    let stats = plinth_tests::model_stats_via(client, model)
         .await
-        .expect("ModelStatistics")
-        .into_inner()
-        .model_stats
-        .remove(0)
         .inference_stats
         .expect("inference stats");
     (

@@ -162,17 +162,7 @@ impl TestServer {
 
     /// The Open Inference Protocol statistics of `name`, all versions.
     pub async fn model_stats(&self, name: &str) -> plinth::grpc::ipb::ModelStatistics {
-        self.inference()
-            .await
-            .model_statistics(plinth::grpc::ipb::ModelStatisticsRequest {
-                name: name.into(),
-                version: String::new(),
-            })
-            .await
-            .expect("ModelStatistics")
-            .into_inner()
-            .model_stats
-            .remove(0)
+        model_stats_via(self.inference().await, name).await
     }
 
     /// Polls GetModel until `pred` holds (bounded by [`PATIENCE`]).
@@ -271,6 +261,27 @@ pub fn install_plugin(dir: &Path, name: &str, component: &str, manifest: Option<
     let staging = dir.join(format!(".{name}.wasm.partial"));
     std::fs::copy(plugin_wasm(component), &staging).expect("copy component");
     std::fs::rename(&staging, dir.join(format!("{name}.wasm"))).expect("rename component");
+}
+
+/// The Open Inference Protocol statistics of `name`, all versions, from
+/// whichever server `client` talks to (an in-process one, or a `plinth
+/// serve` process).
+pub async fn model_stats_via(
+    mut client: plinth::grpc::ipb::grpc_inference_service_client::GrpcInferenceServiceClient<
+        Channel,
+    >,
+    name: &str,
+) -> plinth::grpc::ipb::ModelStatistics {
+    client
+        .model_statistics(plinth::grpc::ipb::ModelStatisticsRequest {
+            name: name.into(),
+            version: String::new(),
+        })
+        .await
+        .expect("ModelStatistics")
+        .into_inner()
+        .model_stats
+        .remove(0)
 }
 
 impl TestServer {
