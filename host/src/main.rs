@@ -129,6 +129,12 @@ struct ServeArgs {
     /// price of a core kept busy meanwhile (0: sleep at once).
     #[arg(long, default_value_t = 0)]
     executor_spin_us: u64,
+    /// Memory budget per device, in MiB: before a load would pass it, the
+    /// least recently used idle models with `residency = "on-demand"` are
+    /// unloaded; a model that cannot fit fails its load, naming the sizes.
+    /// Pinned models are never evicted. Without it, no budget.
+    #[arg(long)]
+    memory_budget_mib: Option<u64>,
     /// Largest gRPC message accepted or sent, and largest HTTP request body, in MiB.
     #[arg(long, default_value_t = 64)]
     max_message_mib: usize,
@@ -330,6 +336,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         threads: args.threads,
         max_concurrent_loads: at_least_one("--max-concurrent-loads", args.max_concurrent_loads)?,
         executor_spin: std::time::Duration::from_micros(args.executor_spin_us),
+        memory_budget: args
+            .memory_budget_mib
+            .map(|mib| {
+                at_least_one("--memory-budget-mib", mib)?
+                    .checked_mul(1 << 20)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--memory-budget-mib: {mib} MiB is more bytes than fit in 64 bits"
+                        )
+                    })
+            })
+            .transpose()?,
         max_message_bytes: at_least_one("--max-message-mib", args.max_message_mib)? << 20,
         poll: args.poll,
         load_all: !args.no_load,

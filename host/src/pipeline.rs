@@ -348,7 +348,11 @@ impl Pipeline {
                 )
             }));
         }
-        let model = self.inner.registry.get_ready(&view.model)?;
+        let model = self
+            .inner
+            .registry
+            .ready_for_request(&view.model, timeout)
+            .await?;
         timings.model = Some(Arc::clone(&model));
         let t = Instant::now();
         let inputs = self.chain(&model, Stage::Pre, view, inputs)?;
@@ -493,7 +497,48 @@ impl Pipeline {
             "plinth_plugin_load_failures_total {}\n",
             self.inner.plugins.load_failures.load(Ordering::Relaxed)
         ));
+        self.render_residency_metrics(&mut text);
         text
+    }
+
+    /// Each model's measured memory, the budget, and what on-demand
+    /// residency did.
+    fn render_residency_metrics(&self, text: &mut String) {
+        use std::fmt::Write;
+        let registry = &self.inner.registry;
+        text.push_str("# HELP plinth_model_memory_bytes What each loaded model keeps in its device's memory: the bytes of its tensors, times its instances.\n# TYPE plinth_model_memory_bytes gauge\n");
+        for status in registry.list() {
+            if let Some(device) = &status.device {
+                let _ = writeln!(
+                    text,
+                    "plinth_model_memory_bytes{{model=\"{}\",device=\"{device}\"}} {}",
+                    status.name, status.memory_bytes
+                );
+            }
+        }
+        let counts = registry.residency_counts();
+        if let Some(budget) = counts.budget_bytes {
+            let _ = write!(
+                text,
+                "# HELP plinth_memory_budget_bytes The memory budget per device (--memory-budget-mib).\n# TYPE plinth_memory_budget_bytes gauge\nplinth_memory_budget_bytes {budget}\n"
+            );
+        }
+        let _ = write!(
+            text,
+            "# HELP plinth_on_demand_requests_total Requests to on-demand models: found loaded (hit) or waited for a load (miss).\n# TYPE plinth_on_demand_requests_total counter\nplinth_on_demand_requests_total{{result=\"hit\"}} {}\nplinth_on_demand_requests_total{{result=\"miss\"}} {}\n",
+            counts.hits, counts.misses
+        );
+        let _ = write!(
+            text,
+            "# HELP plinth_on_demand_loads_total Loads of on-demand models started by a request.\n# TYPE plinth_on_demand_loads_total counter\nplinth_on_demand_loads_total {}\n# HELP plinth_on_demand_load_seconds_total Time from the request that started an on-demand load to the model being ready, summed.\n# TYPE plinth_on_demand_load_seconds_total counter\nplinth_on_demand_load_seconds_total {:.6}\n",
+            counts.on_demand_loads,
+            counts.on_demand_load_time.as_secs_f64()
+        );
+        let _ = write!(
+            text,
+            "# HELP plinth_evictions_total Idle on-demand models unloaded to stay within the memory budget.\n# TYPE plinth_evictions_total counter\nplinth_evictions_total {}\n",
+            counts.evictions
+        );
     }
 }
 

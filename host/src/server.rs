@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub max_concurrent_loads: usize,
     /// How long an idle model executor polls its queue before it parks.
     pub executor_spin: Duration,
+    /// The memory budget per device, in bytes: before a load would pass
+    /// it, idle on-demand models are evicted, least recently used first.
+    pub memory_budget: Option<u64>,
     /// Largest gRPC message accepted or sent, and largest HTTP request body.
     pub max_message_bytes: usize,
     /// Watch the repository and load, reload or unload on change.
@@ -96,6 +99,7 @@ impl ServerConfig {
             threads: None,
             max_concurrent_loads: 4,
             executor_spin: Duration::ZERO,
+            memory_budget: None,
             max_message_bytes: 64 << 20,
             poll: false,
             load_all: true,
@@ -292,6 +296,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         max_concurrent_loads: config.max_concurrent_loads,
         event_capacity: config.state_events_capacity,
         executor_spin: config.executor_spin,
+        memory_budget: config.memory_budget,
         ..RegistrySettings::new(repository.clone(), cores)
     });
     let shutdown = CancellationToken::new();
@@ -411,13 +416,22 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     // The loads run in the background: the ports answer at once, and
     // readiness turns on when they have finished.
     registry.register_known(&names);
+    // On-demand models are listed, not loaded: their first request loads
+    // them. Marked before `start` returns (a config read each).
+    let on_demand = {
+        let registry = registry.clone();
+        let names = names.clone();
+        tokio::task::spawn_blocking(move || registry.mark_residencies(&names))
+            .await
+            .unwrap_or_default()
+    };
     let startup_registry = registry.clone();
     let startup_health = Arc::clone(&health);
     let load_all = config.load_all;
     tokio::spawn(async move {
         if load_all {
             let mut tickets = Vec::new();
-            for name in &names {
+            for name in names.iter().filter(|name| !on_demand.contains(*name)) {
                 match startup_registry.load(name, LoadMode::Load).await {
                     Ok(ticket) => tickets.push(ticket),
                     Err(err) => tracing::warn!(model = name, %err, "startup load refused"),

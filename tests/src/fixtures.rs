@@ -118,6 +118,11 @@ impl ModelConfig {
         self.field("preprocess", list(plugins.iter().map(|p| quoted(p))))
     }
 
+    /// `residency = "on-demand"` (or `"pinned"`).
+    pub fn residency(self, residency: &str) -> Self {
+        self.field("residency", quoted(residency))
+    }
+
     pub fn postprocess(self, plugins: &[&str]) -> Self {
         self.field("postprocess", list(plugins.iter().map(|p| quoted(p))))
     }
@@ -204,6 +209,25 @@ fn save(path: &Path, examples: &[TchTensor], f: impl FnMut(&[TchTensor]) -> Vec<
 pub fn scale(repo: &Path, model: &str, version: &str, factor: f64) {
     scale_config().write(repo, model);
     scale_file(&crate::model_file(repo, model, version), factor);
+}
+
+/// A [`scale`] model (y = factor·x) that also holds `weight_floats` f32
+/// of weights it does not use for its answer, so that its size in memory
+/// is known: `weight_floats × 4` bytes per instance.
+pub fn weighted(repo: &Path, model: &str, factor: f64, weight_floats: i64) {
+    scale_config().write(repo, model);
+    weighted_file(&crate::model_file(repo, model, "1"), factor, weight_floats);
+}
+
+/// Only the model file of [`weighted`].
+pub fn weighted_file(path: &Path, factor: f64, weight_floats: i64) {
+    let weight = TchTensor::ones([weight_floats], (Kind::Float, Device::Cpu));
+    trace::save(
+        path,
+        &[TchTensor::zeros([3], (Kind::Float, Device::Cpu))],
+        |xs| vec![&xs[0] * factor + weight.sum(Kind::Float) * 0.0],
+    )
+    .expect("trace and save the weighted model");
 }
 
 /// Only the model file of [`scale`].

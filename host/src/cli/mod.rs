@@ -237,6 +237,8 @@ fn status_json(m: &pb::ModelStatus) -> serde_json::Value {
         "in_flight": m.in_flight,
         "load_ms": m.load_duration_us as f64 / 1000.0,
         "reloading": m.reloading,
+        "memory_bytes": m.memory_bytes,
+        "on_demand": m.on_demand,
         "device": m.device,
         "reason": m.reason,
     })

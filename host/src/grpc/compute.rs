@@ -237,6 +237,18 @@ impl ComputeService for ComputeApi {
             cuda_available: cuda.device_count > 0,
             plugin_cache_bytes: self.pipeline.plugins().cache_bytes(),
             runtime: Some(runtime),
+            residency: Some({
+                let counts = self.pipeline.registry().residency_counts();
+                pb::Residency {
+                    memory_budget_bytes: counts.budget_bytes.unwrap_or(0),
+                    hits: counts.hits,
+                    misses: counts.misses,
+                    on_demand_loads: counts.on_demand_loads,
+                    on_demand_load_us_total: u64::try_from(counts.on_demand_load_time.as_micros())
+                        .unwrap_or(u64::MAX),
+                    evictions: counts.evictions,
+                }
+            }),
         }))
     }
 }

@@ -316,7 +316,11 @@ fn statistics_pb(s: oip::VersionStatistics) -> ipb::ModelStatistics {
                 },
             )
             .collect(),
-        memory_usage: Vec::new(),
+        memory_usage: vec![ipb::MemoryUsage {
+            r#type: s.memory.0.to_owned(),
+            id: s.memory.1,
+            byte_size: s.memory.2,
+        }],
         response_stats: HashMap::new(),
     }
 }

@@ -270,6 +270,8 @@ pub(crate) fn status_to_pb(status: ModelStatus) -> pb::ModelStatus {
         device: status.device.unwrap_or_default(),
         in_flight: status.in_flight,
         reloading: status.reloading,
+        memory_bytes: status.memory_bytes,
+        on_demand: status.on_demand,
     }
 }
 

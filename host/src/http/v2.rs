@@ -226,6 +226,11 @@ fn statistics_json(
                     "compute_infer": duration_json(infer),
                     "compute_output": duration_json(output),
                 })).collect::<Vec<_>>(),
+                "memory_usage": [{
+                    "type": s.memory.0,
+                    "id": s.memory.1,
+                    "byte_size": s.memory.2,
+                }],
             })
         })
         .collect();

@@ -265,6 +265,8 @@ pub struct VersionStatistics {
     pub compute_output: StatDuration,
     /// Per batch size: compute input, infer, output.
     pub batches: Vec<(u64, [StatDuration; 3])>,
+    /// The version's memory: its kind ("CPU" or "GPU"), device id, bytes.
+    pub memory: (&'static str, i64, u64),
 }
 
 fn version_statistics(model: &ReadyModel, version: Option<&str>) -> Vec<VersionStatistics> {
@@ -292,6 +294,12 @@ fn version_statistics(model: &ReadyModel, version: Option<&str>) -> Vec<VersionS
                     .into_iter()
                     .map(|(size, timings)| (size, timings.map(StatDuration::from)))
                     .collect(),
+                memory: match model.config.device {
+                    plinth_core::config::DeviceSpec::Cpu => ("CPU", 0, v.memory_bytes),
+                    plinth_core::config::DeviceSpec::Cuda(id) => {
+                        ("GPU", i64::try_from(id).unwrap_or(i64::MAX), v.memory_bytes)
+                    }
+                },
             }
         })
         .collect()

@@ -12,10 +12,11 @@
 //! ```
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::ready::ReadyModel;
 use super::{LoadMode, ModelStatus};
+use crate::config::{DeviceSpec, Residency};
 use crate::error::Error;
 use crate::registry::ModelState;
 
@@ -30,6 +31,12 @@ pub(super) struct Entry {
     /// Bumped by every load and unload, so a finishing task only touches the
     /// entry it started from.
     generation: u64,
+    /// Pinned, or loaded on demand and evictable (from its config).
+    pub(super) residency: Residency,
+    /// When a request last took the serving model: the eviction order.
+    pub(super) last_used: Instant,
+    /// The size a load under way reserved on its device (the budget).
+    pub(super) reserved: Option<(DeviceSpec, u64)>,
 }
 
 /// What step three did.
@@ -50,6 +57,9 @@ impl Entry {
             serving: None,
             reloading: false,
             generation: 0,
+            residency: Residency::Pinned,
+            last_used: Instant::now(),
+            reserved: None,
         }
     }
 
@@ -70,6 +80,8 @@ impl Entry {
             device: serving.map(|m| m.config.device.to_string()),
             in_flight: serving.map_or(0, ReadyModel::in_flight),
             reloading: self.reloading,
+            memory_bytes: serving.map_or(0, |m| m.memory_bytes),
+            on_demand: self.residency == Residency::OnDemand,
         }
     }
 

@@ -38,6 +38,7 @@ pub(super) fn load_model(
     plinth_torch::set_intra_op_threads(intra_op_threads);
 
     let mut prepared = Vec::with_capacity(chosen.len());
+    let mut memory_bytes = Vec::with_capacity(chosen.len());
     for (version, file) in chosen {
         // A regular file is read by libtorch straight into the tensors;
         // anything else (a pipe) is read whole once, then deserialised.
@@ -60,6 +61,14 @@ pub(super) fn load_model(
             };
             modules.push(module.map_err(|err| format!("{}: {err}", file.display()))?);
         }
+        let tensor_bytes = match &bytes {
+            None => std::fs::File::open(&file)
+                .map_err(|err| format!("cannot read: {err}"))
+                .and_then(plinth_torch::archive_tensor_bytes),
+            Some(bytes) => plinth_torch::archive_tensor_bytes(std::io::Cursor::new(bytes)),
+        }
+        .map_err(|err| format!("{}: {err}", file.display()))?;
+        memory_bytes.push(tensor_bytes * modules.len() as u64);
         drop(bytes);
         // The warm-up is torch work too: it runs on the budget.
         let cores = context.budget.acquire(intra_op_threads);
@@ -81,6 +90,7 @@ pub(super) fn load_model(
         spin: context.spin,
     };
     ReadyModel::start(name, config, prepared, &threads)
+        .map(|model| model.with_memory_bytes(&memory_bytes))
         .map_err(|err| format!("starting executor threads: {err}"))
 }
 

@@ -19,6 +19,7 @@ mod entry;
 mod load;
 mod load_threads;
 mod ready;
+mod residency;
 mod stats;
 
 use std::collections::HashMap;
@@ -43,6 +44,7 @@ pub use plinth_core::ModelState;
 use entry::{Entry, LoadFinished};
 use load::LoadContext;
 pub use ready::{InferResponse, Inference, ReadyModel, ReadyVersion};
+pub use residency::ResidencyCounts;
 pub use stats::{BatchTimings, RequestRecord, StatCounter, VersionStats};
 
 #[cfg(test)]
@@ -62,6 +64,10 @@ pub struct ModelStatus {
     pub in_flight: u64,
     /// A replacement is loading while the current versions keep serving.
     pub reloading: bool,
+    /// What the serving versions keep in memory (0 when none serve).
+    pub memory_bytes: u64,
+    /// Loaded on demand and evictable, rather than pinned.
+    pub on_demand: bool,
 }
 
 impl ModelStatus {
@@ -109,6 +115,9 @@ pub struct RegistrySettings {
     pub event_capacity: usize,
     /// How long an idle executor polls its queue before parking.
     pub executor_spin: Duration,
+    /// The memory budget per device (`--memory-budget-mib`): a load that
+    /// would pass it first evicts idle on-demand models.
+    pub memory_budget: Option<u64>,
 }
 
 impl RegistrySettings {
@@ -119,6 +128,7 @@ impl RegistrySettings {
             cores,
             event_capacity: 1024,
             executor_spin: Duration::ZERO,
+            memory_budget: None,
         }
     }
 }
@@ -142,6 +152,7 @@ struct Inner {
     load_context: LoadContext,
     /// Every load and unload task, so that a shutdown can wait for them.
     tasks: TaskTracker,
+    residency: residency::ResidencyStats,
 }
 
 /// Handle on the registry; cheap to clone.
@@ -212,6 +223,7 @@ impl Registry {
                 load_threads: load_threads::LoadThreads::new(permits),
                 load_context,
                 tasks: TaskTracker::new(),
+                residency: residency::ResidencyStats::default(),
             }),
         }
     }
@@ -446,7 +458,9 @@ impl Registry {
             // A load still waiting for a slot at shutdown never starts.
             () = closing.cancelled() => Err("the server is shutting down".to_owned()),
             permit = permits.acquire_owned() => match permit {
-                Ok(permit) => {
+                Ok(permit) => match self.make_room(name).await {
+                    Err(reason) => Err(reason),
+                    Ok(()) => {
                     let repository = self.inner.settings.repository.clone();
                     let context = self.inner.load_context.clone();
                     let owned_name = name.to_owned();
@@ -459,7 +473,8 @@ impl Registry {
                         .and_then(|loaded| loaded);
                     drop(permit);
                     loaded
-                }
+                    }
+                },
                 Err(_) => Err("the server is shutting down".to_owned()),
             },
         };
@@ -476,6 +491,14 @@ impl Registry {
         // Step three: swap, under the lock.
         let (finished, status) = {
             let mut entries = self.inner.entries.lock();
+            if let Some(entry) = entries.get_mut(name) {
+                // The model's own size counts from here on (if it loaded).
+                entry.reserved = None;
+                if let Ok(model) = &loaded {
+                    entry.residency = model.config.residency;
+                    entry.last_used = Instant::now();
+                }
+            }
             let finished = entries
                 .get_mut(name)
                 .and_then(|entry| Some((entry.finish_load(generation, loaded, elapsed)?, entry)));

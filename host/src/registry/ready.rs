@@ -21,6 +21,8 @@ pub struct ReadyVersion {
     pub version: ModelVersion,
     pool: ExecutorPool,
     pub stats: VersionStats,
+    /// The bytes of the version's tensors, times the model's instances.
+    pub memory_bytes: u64,
 }
 
 /// A loaded model. Requests hold it by `Arc` for their whole life.
@@ -31,6 +33,9 @@ pub struct ReadyModel {
     /// Oldest first; never empty.
     versions: Vec<ReadyVersion>,
     pub intra_op_threads: usize,
+    /// What the model keeps in its device's memory: the bytes of the
+    /// tensors of each version's archive, times its instances.
+    pub memory_bytes: u64,
     in_flight: AtomicU64,
     success: AtomicU64,
     failure: AtomicU64,
@@ -100,6 +105,7 @@ impl ReadyModel {
                 version,
                 pool,
                 stats: VersionStats::default(),
+                memory_bytes: 0,
             });
         }
         Ok(ReadyModel {
@@ -107,10 +113,21 @@ impl ReadyModel {
             config: Arc::new(config),
             versions: ready,
             intra_op_threads: threads.intra_op_threads,
+            memory_bytes: 0,
             in_flight: AtomicU64::new(0),
             success: AtomicU64::new(0),
             failure: AtomicU64::new(0),
         })
+    }
+
+    /// Sets what each version keeps in memory (oldest first, as the
+    /// versions), as the load measured it.
+    pub(crate) fn with_memory_bytes(mut self, per_version: &[u64]) -> ReadyModel {
+        for (version, bytes) in self.versions.iter_mut().zip(per_version) {
+            version.memory_bytes = *bytes;
+        }
+        self.memory_bytes = self.versions.iter().map(|v| v.memory_bytes).sum();
+        self
     }
 
     /// Receivers that complete when each executor thread of every version

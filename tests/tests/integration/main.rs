@@ -14,6 +14,7 @@ mod oip;
 mod plugins;
 mod poll;
 mod reliability;
+mod residency;
 mod security;
 mod services;
 mod settling;

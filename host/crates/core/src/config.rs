@@ -45,6 +45,29 @@ impl DeviceSpec {
     }
 }
 
+/// Whether a model stays loaded or comes and goes with its traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Residency {
+    /// Loaded at startup and never evicted (the default).
+    #[default]
+    Pinned,
+    /// Listed but not loaded until its first request; the least recently
+    /// used idle one is unloaded when a load would pass the memory budget.
+    OnDemand,
+}
+
+impl Residency {
+    pub fn parse(text: &str) -> Result<Residency, String> {
+        match text {
+            "pinned" => Ok(Residency::Pinned),
+            "on-demand" => Ok(Residency::OnDemand),
+            other => Err(format!(
+                "expected \"pinned\" or \"on-demand\", got {other:?}"
+            )),
+        }
+    }
+}
+
 /// Which versions of a model are loaded, as Triton's version policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VersionPolicy {
@@ -121,6 +144,7 @@ pub struct ModelConfig {
     pub version_policy: VersionPolicy,
     pub preprocess: Vec<String>,
     pub postprocess: Vec<String>,
+    pub residency: Residency,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +174,8 @@ struct RawConfig {
     preprocess: Vec<String>,
     #[serde(default)]
     postprocess: Vec<String>,
+    #[serde(default)]
+    residency: Option<String>,
     #[serde(default)]
     input: Vec<RawTensor>,
     #[serde(default)]
@@ -248,6 +274,13 @@ impl ModelConfig {
                 ));
             }
         }
+        let residency = raw
+            .residency
+            .as_deref()
+            .map(Residency::parse)
+            .transpose()
+            .map_err(|reason| field_error(path, "residency", reason))?
+            .unwrap_or_default();
         Ok(ModelConfig {
             inputs,
             outputs,
@@ -260,6 +293,7 @@ impl ModelConfig {
             version_policy,
             preprocess: raw.preprocess,
             postprocess: raw.postprocess,
+            residency,
         })
     }
 
@@ -635,8 +669,12 @@ mod tests {
         check(
             &format!("devise = \"cpu\"\n{IO}"),
             Err(
-                "m/config.toml:1:1: unknown field `devise`, expected one of `platform`, `device`, `max_batch_size`, `dynamic_batching`, `max_queue_delay_us`, `preferred_batch_sizes`, `instances`, `intra_op_threads`, `max_queue_size`, `version_policy`, `preprocess`, `postprocess`, `input`, `output`",
+                "m/config.toml:1:1: unknown field `devise`, expected one of `platform`, `device`, `max_batch_size`, `dynamic_batching`, `max_queue_delay_us`, `preferred_batch_sizes`, `instances`, `intra_op_threads`, `max_queue_size`, `version_policy`, `preprocess`, `postprocess`, `residency`, `input`, `output`",
             ),
+        );
+        check(
+            &format!("residency = \"lazy\"\n{IO}"),
+            Err("m/config.toml: residency: expected \"pinned\" or \"on-demand\", got \"lazy\""),
         );
         check(
             &format!("device = \"tpu\"\n{IO}"),
@@ -697,6 +735,20 @@ mod tests {
         check(
             "this is not toml",
             Err("m/config.toml:1:6: key with no value, expected `=`"),
+        );
+    }
+
+    #[test]
+    fn residency_is_pinned_unless_the_config_says_on_demand() {
+        let parse = |text: &str| ModelConfig::parse(Path::new("m/config.toml"), text).unwrap();
+        assert_eq!(parse(IO).residency, Residency::Pinned);
+        assert_eq!(
+            parse(&format!("residency = \"pinned\"\n{IO}")).residency,
+            Residency::Pinned
+        );
+        assert_eq!(
+            parse(&format!("residency = \"on-demand\"\n{IO}")).residency,
+            Residency::OnDemand
         );
     }
 

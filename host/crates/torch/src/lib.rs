@@ -234,6 +234,31 @@ impl std::fmt::Debug for TorchModule {
     }
 }
 
+/// The bytes of every tensor a TorchScript archive holds: its parameters
+/// and buffers (`<archive>/data/N`) and its tensor constants
+/// (`<archive>/constants/N`), each record the raw bytes of one storage.
+/// What a loaded copy of the module keeps in its device's memory, read from
+/// the archive's directory without deserialising anything.
+pub fn archive_tensor_bytes(archive: impl std::io::Read + std::io::Seek) -> Result<u64, String> {
+    let mut zip = zip::ZipArchive::new(archive)
+        .map_err(|err| format!("not a TorchScript archive (zip): {err}"))?;
+    let mut total = 0u64;
+    for idx in 0..zip.len() {
+        let entry = zip
+            .by_index_raw(idx)
+            .map_err(|err| format!("not a TorchScript archive (zip entry {idx}): {err}"))?;
+        let mut parts = entry.name().split('/');
+        let (_root, kind, record) = (parts.next(), parts.next(), parts.next());
+        let storage = matches!(kind, Some("data" | "constants"))
+            && record.is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+            && parts.next().is_none();
+        if storage {
+            total += entry.size();
+        }
+    }
+    Ok(total)
+}
+
 impl TorchModule {
     /// Deserialises the TorchScript archive at `path`, a regular file, onto
     /// `device` in eval mode. Blocking.
@@ -433,6 +458,40 @@ pub mod trace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_archive_counts_the_bytes_of_every_tensor_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = |path: &Path| archive_tensor_bytes(std::fs::File::open(path).unwrap());
+        // affine: a [3, 4] weight and a [3] bias, f32.
+        let affine = dir.path().join("affine.pt");
+        models::write_affine(&affine, &models::AFFINE_WEIGHT, &models::AFFINE_BIAS).unwrap();
+        assert_eq!(size(&affine), Ok((12 + 3) * 4));
+        // scale holds its factor as a scalar in its code, no tensor.
+        let scale = dir.path().join("scale.pt");
+        models::write_scale(&scale, 2.0).unwrap();
+        assert_eq!(size(&scale), Ok(0));
+        // A larger weight, f64: 256 × 128 × 8 bytes.
+        let wide = dir.path().join("wide.pt");
+        let weight = trace::TchTensor::ones([256, 128], (trace::Kind::Double, trace::Device::Cpu));
+        trace::save(
+            &wide,
+            &[trace::TchTensor::zeros(
+                [2, 128],
+                (trace::Kind::Double, trace::Device::Cpu),
+            )],
+            |xs| vec![xs[0].matmul(&weight.tr())],
+        )
+        .unwrap();
+        assert_eq!(size(&wide), Ok(256 * 128 * 8));
+        let not_zip = archive_tensor_bytes(std::io::Cursor::new(b"not an archive".to_vec()));
+        assert!(
+            not_zip
+                .as_ref()
+                .is_err_and(|e| e.starts_with("not a TorchScript archive")),
+            "{not_zip:?}"
+        );
+    }
 
     /// A fake distribution: `<root>/lib/libtorch_cuda.so` with `file` at the root.
     fn distribution(file: Option<(&str, String)>) -> (tempfile::TempDir, PathBuf) {

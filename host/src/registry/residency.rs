@@ -1,0 +1,279 @@
+//! On-demand residency and the memory budget. A model whose config says
+//! `residency = "on-demand"` is listed but not loaded until a request needs
+//! it; with `--memory-budget-mib`, a load that would pass the budget of its
+//! device first unloads the least recently used idle on-demand models.
+//! Pinned models are never evicted.
+//!
+//! Sizes are measured, not guessed: a model's memory is the bytes of the
+//! tensors its archives hold (`plinth_torch::archive_tensor_bytes`), times
+//! its instances. A load reserves its size under the entries lock before
+//! step two, so that loads running at once cannot together pass the budget.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use plinth_core::config::{DeviceSpec, ModelConfig, ModelRepository, Residency};
+
+use super::{LoadMode, ModelState, ReadyModel, Registry};
+use crate::error::Error;
+
+/// What on-demand residency did, for GetInfo and `/metrics`.
+#[derive(Debug, Default)]
+pub(super) struct ResidencyStats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    loads: AtomicU64,
+    load_us: AtomicU64,
+}
+
+/// A snapshot of [`ResidencyStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResidencyCounts {
+    /// Requests to an on-demand model that found it loaded.
+    pub hits: u64,
+    /// Requests to an on-demand model that had to wait for its load (or for
+    /// a load another request started).
+    pub misses: u64,
+    /// Idle on-demand models unloaded to make room under the budget.
+    pub evictions: u64,
+    /// Loads of on-demand models started by requests, and their summed time
+    /// from the request to READY.
+    pub on_demand_loads: u64,
+    pub on_demand_load_time: Duration,
+    /// The budget per device, if any.
+    pub budget_bytes: Option<u64>,
+}
+
+impl ResidencyStats {
+    fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What a load of `name` will take: its device and the bytes of the tensors
+/// of the versions its policy chooses, times its instances. A version behind
+/// something other than a regular file (a pipe) cannot be read twice and is
+/// sized only once loaded. Blocking.
+pub(super) fn estimate(
+    repository: &ModelRepository,
+    name: &str,
+) -> Result<(DeviceSpec, u64), String> {
+    let config = ModelConfig::load(&repository.model_dir(name))?;
+    let mut bytes = 0u64;
+    for (_, file) in repository.select_versions(name, &config.version_policy)? {
+        let regular = std::fs::metadata(&file).is_ok_and(|m| m.is_file());
+        if !regular {
+            continue;
+        }
+        let tensors = std::fs::File::open(&file)
+            .map_err(|err| format!("cannot read: {err}"))
+            .and_then(plinth_torch::archive_tensor_bytes)
+            .map_err(|err| format!("{}: {err}", file.display()))?;
+        bytes += tensors * config.instances as u64;
+    }
+    Ok((config.device, bytes))
+}
+
+/// The residency a model's config asks for; a config that does not read is
+/// pinned here, and its load reports the error. Blocking.
+pub(super) fn configured_residency(repository: &ModelRepository, name: &str) -> Residency {
+    ModelConfig::load(&repository.model_dir(name)).map_or(Residency::Pinned, |c| c.residency)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
+impl Registry {
+    /// Marks `name` pinned or on demand (from its config, before any load).
+    pub fn set_residency(&self, name: &str, residency: Residency) {
+        if let Some(entry) = self.inner.entries.lock().get_mut(name) {
+            entry.residency = residency;
+        }
+    }
+
+    /// Reads the residency of each of `names` from its config and marks it;
+    /// returns the on-demand ones. Blocking.
+    pub fn mark_residencies(&self, names: &[String]) -> Vec<String> {
+        let repository = &self.inner.settings.repository;
+        let mut on_demand = Vec::new();
+        for name in names {
+            let residency = configured_residency(repository, name);
+            self.set_residency(name, residency);
+            if residency == Residency::OnDemand {
+                on_demand.push(name.clone());
+            }
+        }
+        on_demand
+    }
+
+    pub fn residency_counts(&self) -> ResidencyCounts {
+        let stats = &self.inner.residency;
+        ResidencyCounts {
+            hits: stats.hits.load(Ordering::Relaxed),
+            misses: stats.misses.load(Ordering::Relaxed),
+            evictions: stats.evictions.load(Ordering::Relaxed),
+            on_demand_loads: stats.loads.load(Ordering::Relaxed),
+            on_demand_load_time: Duration::from_micros(stats.load_us.load(Ordering::Relaxed)),
+            budget_bytes: self.inner.settings.memory_budget,
+        }
+    }
+
+    /// The ready model for a request. An on-demand model that is not loaded
+    /// is loaded now (once, however many requests ask at the same time),
+    /// and the request waits for it for at most `patience`.
+    pub async fn ready_for_request(
+        &self,
+        name: &str,
+        patience: Option<Duration>,
+    ) -> Result<Arc<ReadyModel>, Error> {
+        let start_load = {
+            let mut entries = self.inner.entries.lock();
+            let entry = entries.get_mut(name).ok_or_else(|| Error::ModelNotFound {
+                model: name.to_owned(),
+            })?;
+            let on_demand = entry.residency == Residency::OnDemand;
+            match (&entry.serving, entry.state) {
+                (Some(model), ModelState::Ready) => {
+                    entry.last_used = Instant::now();
+                    if on_demand {
+                        self.inner.residency.hit();
+                    }
+                    return Ok(Arc::clone(model));
+                }
+                (_, ModelState::Unavailable) if on_demand => true,
+                (_, ModelState::Loading) if on_demand => false,
+                (_, state) => {
+                    return Err(Error::ModelNotReady {
+                        model: name.to_owned(),
+                        state,
+                        reason: entry.reason.clone(),
+                    });
+                }
+            }
+        };
+        let stats = &self.inner.residency;
+        stats.misses.fetch_add(1, Ordering::Relaxed);
+        let asked = Instant::now();
+        if start_load {
+            match self.load(name, LoadMode::Load).await {
+                Ok(_) => {
+                    stats.loads.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(model = name, "loading on demand for a request");
+                }
+                // Another request started it first: wait for that one.
+                Err(Error::AlreadyExists { .. }) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        let settled = self.settled(name);
+        match patience {
+            None => settled.await?,
+            Some(patience) => tokio::time::timeout(patience, settled)
+                .await
+                .map_err(|_| {
+                    Error::DeadlineExceeded(format!(
+                        "model '{name}' is loading on demand and was not ready within the request's timeout ({} ms)",
+                        patience.as_millis()
+                    ))
+                })??,
+        };
+        if start_load {
+            let took = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
+            stats.load_us.fetch_add(took, Ordering::Relaxed);
+        }
+        let mut entries = self.inner.entries.lock();
+        let entry = entries.get_mut(name).ok_or_else(|| Error::ModelNotFound {
+            model: name.to_owned(),
+        })?;
+        match (&entry.serving, entry.state) {
+            (Some(model), ModelState::Ready) => {
+                entry.last_used = Instant::now();
+                Ok(Arc::clone(model))
+            }
+            (_, state) => Err(Error::ModelNotReady {
+                model: name.to_owned(),
+                state,
+                reason: entry.reason.clone(),
+            }),
+        }
+    }
+
+    /// Before step two of a load of `name` under a budget: reserves its
+    /// size on its device, unloading the least recently used idle on-demand
+    /// models first if it would not fit. Nothing is unloaded when even that
+    /// would not make room; the load fails naming the budget and the sizes.
+    pub(super) async fn make_room(&self, name: &str) -> Result<(), String> {
+        let Some(budget) = self.inner.settings.memory_budget else {
+            return Ok(());
+        };
+        let repository = self.inner.settings.repository.clone();
+        let owned = name.to_owned();
+        let (device, need) = tokio::task::spawn_blocking(move || estimate(&repository, &owned))
+            .await
+            .map_err(|err| format!("sizing the model: {err}"))??;
+        let victims = {
+            let mut entries = self.inner.entries.lock();
+            let on_device = |m: &ReadyModel| m.config.device == device;
+            let mut used = 0u64;
+            let mut candidates = Vec::new();
+            for (other, entry) in entries.iter() {
+                if let Some((reserved_on, bytes)) = entry.reserved
+                    && reserved_on == device
+                {
+                    used += bytes;
+                }
+                let Some(model) = entry.serving.as_deref().filter(|m| on_device(m)) else {
+                    continue;
+                };
+                used += model.memory_bytes;
+                let idle = model.in_flight() == 0 && model.queue_depth() == 0;
+                if other != name
+                    && entry.residency == Residency::OnDemand
+                    && entry.state == ModelState::Ready
+                    && !entry.reloading
+                    && idle
+                {
+                    candidates.push((entry.last_used, other.clone(), model.memory_bytes));
+                }
+            }
+            candidates.sort();
+            let mut victims = Vec::new();
+            let mut after = used;
+            for (_, victim, bytes) in candidates {
+                if after + need <= budget {
+                    break;
+                }
+                after -= bytes;
+                victims.push(victim);
+            }
+            if after + need > budget {
+                return Err(format!(
+                    "memory budget of {} on {device}: the model needs {}, and with every idle on-demand model evicted {} would stay in use (pinned, busy or loading models); nothing was evicted",
+                    mib(budget),
+                    mib(need),
+                    mib(after),
+                ));
+            }
+            if let Some(entry) = entries.get_mut(name) {
+                entry.reserved = Some((device, need));
+            }
+            victims
+        };
+        for victim in victims {
+            match self.unload(&victim) {
+                Ok(_) => {
+                    self.inner
+                        .residency
+                        .evictions
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(model = %victim, to_load = name, "evicted (least recently used, idle) to stay within the memory budget");
+                }
+                Err(err) => tracing::warn!(model = %victim, %err, "eviction refused"),
+            }
+        }
+        Ok(())
+    }
+}
