@@ -17,6 +17,8 @@
 //! - `loads`: ListModels and Compute latency while three ~257 MB models
 //!   load, from clients in processes of their own, against the same with
 //!   nothing loading; and three loads at once against one after another;
+//! - `residency`: the CNN as an on-demand model, its first request after
+//!   an unload (which loads it) against its requests once loaded;
 //! - `alloc`: the real `plinth serve` binary built with the system
 //!   allocator, mimalloc and jemalloc (xtask builds the three and names them
 //!   in `PLINTH_PERF_BINS`), plain and chain at c = 8 and 64.
@@ -83,6 +85,9 @@ async fn main() {
     }
     if wants("loads") {
         loads(&mut goals).await;
+    }
+    if wants("residency") {
+        residency(&mut goals).await;
     }
     if wants("alloc") {
         alloc(&mut goals).await;
@@ -899,6 +904,89 @@ async fn loads(goals: &mut Vec<Goal>) {
         measure: "3 concurrent loads ÷ sequential, wall time (rounds)".into(),
         value: ratios(&ratio),
         goal: "≤ 0.6",
+    });
+    srv.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// `residency`: an on-demand model's cold start against its warm latency.
+
+async fn residency(goals: &mut Vec<Goal>) {
+    const BATCH: i64 = 8;
+    const COLD: usize = 10;
+    const WARM_PER_COLD: usize = 20;
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::cnn(repo, "cnn", |c| {
+                c.dynamic_batching(false).residency("on-demand")
+            })
+        },
+        true,
+    )
+    .await;
+    let pixels = fixtures::images(BATCH as usize);
+    let request = || {
+        plinth_tests::compute_request(
+            "cnn",
+            vec![plinth_tests::f32_tensor("x", &[BATCH, 3, 32, 32], &pixels)],
+        )
+    };
+    let mut compute = srv.compute().await;
+    let mut models = srv.models().await;
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for _ in 0..COLD {
+        if srv.status("cnn").await.state() == pb::ModelState::Ready {
+            models
+                .unload_model(pb::UnloadModelRequest { name: "cnn".into() })
+                .await
+                .expect("unload");
+            srv.wait_for("cnn", |s| s.state() == pb::ModelState::Unavailable)
+                .await;
+        }
+        let started = Instant::now();
+        compute.compute(request()).await.expect("cold request");
+        cold.push(started.elapsed());
+        for _ in 0..WARM_PER_COLD {
+            let started = Instant::now();
+            compute.compute(request()).await.expect("warm request");
+            warm.push(started.elapsed());
+        }
+    }
+    let counts = srv.info().await.residency.expect("residency counts");
+    let median = |mut samples: Vec<Duration>| {
+        samples.sort();
+        samples[samples.len() / 2].as_secs_f64() * 1e3
+    };
+    let (cold_ms, warm_ms) = (median(cold.clone()), median(warm.clone()));
+    println!(
+        "\n## On-demand residency: the CNN at batch {BATCH}, first request after an unload against requests once loaded"
+    );
+    println!("| requests | median | max |");
+    println!("|---|---|---|");
+    for (what, samples) in [("cold (loads the model)", &cold), ("warm", &warm)] {
+        println!(
+            "| {} {what} | {:.2} ms | {:.2} ms |",
+            samples.len(),
+            median(samples.clone()),
+            samples.iter().max().unwrap().as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "server: {} on-demand loads, {:.1} ms each on average from the request to READY; {} hits, {} misses",
+        counts.on_demand_loads,
+        counts.on_demand_load_us_total as f64 / 1e3 / counts.on_demand_loads.max(1) as f64,
+        counts.hits,
+        counts.misses
+    );
+    goals.push(Goal {
+        measure: format!(
+            "on-demand CNN, cold first request ÷ warm request, median (batch {BATCH})"
+        ),
+        value: format!(
+            "{:.1}× ({cold_ms:.1} ms vs {warm_ms:.2} ms)",
+            cold_ms / warm_ms
+        ),
+        goal: "(reported)",
     });
     srv.stop().await;
 }

@@ -82,6 +82,10 @@ pub(super) fn configured_residency(repository: &ModelRepository, name: &str) -> 
     ModelConfig::load(&repository.model_dir(name)).map_or(Residency::Pinned, |c| c.residency)
 }
 
+/// How many times a request waits for an on-demand model to settle (a load,
+/// or an eviction draining and then a load) before it gives up.
+const WAIT_ROUNDS: usize = 4;
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
@@ -123,82 +127,84 @@ impl Registry {
 
     /// The ready model for a request. An on-demand model that is not loaded
     /// is loaded now (once, however many requests ask at the same time),
-    /// and the request waits for it for at most `patience`.
+    /// and the request waits for it for at most `patience`. One that is
+    /// being evicted is waited for, then loaded again.
     pub async fn ready_for_request(
         &self,
         name: &str,
         patience: Option<Duration>,
     ) -> Result<Arc<ReadyModel>, Error> {
-        let start_load = {
-            let mut entries = self.inner.entries.lock();
-            let entry = entries.get_mut(name).ok_or_else(|| Error::ModelNotFound {
-                model: name.to_owned(),
-            })?;
-            let on_demand = entry.residency == Residency::OnDemand;
-            match (&entry.serving, entry.state) {
-                (Some(model), ModelState::Ready) => {
-                    entry.last_used = Instant::now();
-                    if on_demand {
-                        self.inner.residency.hit();
-                    }
-                    return Ok(Arc::clone(model));
-                }
-                (_, ModelState::Unavailable) if on_demand => true,
-                (_, ModelState::Loading) if on_demand => false,
-                (_, state) => {
-                    return Err(Error::ModelNotReady {
-                        model: name.to_owned(),
-                        state,
-                        reason: entry.reason.clone(),
-                    });
-                }
-            }
-        };
+        enum Next {
+            Load,
+            Wait,
+        }
+        let deadline = patience.map(|p| tokio::time::Instant::now() + p);
         let stats = &self.inner.residency;
-        stats.misses.fetch_add(1, Ordering::Relaxed);
-        let asked = Instant::now();
-        if start_load {
-            match self.load(name, LoadMode::Load).await {
-                Ok(_) => {
-                    stats.loads.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(model = name, "loading on demand for a request");
+        let mut missed = false;
+        for _ in 0..WAIT_ROUNDS {
+            let next = {
+                let mut entries = self.inner.entries.lock();
+                let entry = entries.get_mut(name).ok_or_else(|| Error::ModelNotFound {
+                    model: name.to_owned(),
+                })?;
+                let on_demand = entry.residency == Residency::OnDemand;
+                match (&entry.serving, entry.state) {
+                    (Some(model), ModelState::Ready) => {
+                        entry.last_used = Instant::now();
+                        if on_demand && !missed {
+                            stats.hit();
+                        }
+                        return Ok(Arc::clone(model));
+                    }
+                    (_, ModelState::Unavailable) if on_demand => Next::Load,
+                    (_, ModelState::Loading | ModelState::Unloading) if on_demand => Next::Wait,
+                    (_, state) => {
+                        return Err(Error::ModelNotReady {
+                            model: name.to_owned(),
+                            state,
+                            reason: entry.reason.clone(),
+                        });
+                    }
                 }
-                // Another request started it first: wait for that one.
-                Err(Error::AlreadyExists { .. }) => {}
-                Err(err) => return Err(err),
+            };
+            if !missed {
+                missed = true;
+                stats.misses.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut started = None;
+            if let Next::Load = next {
+                match self.load(name, LoadMode::Load).await {
+                    Ok(_) => {
+                        stats.loads.fetch_add(1, Ordering::Relaxed);
+                        started = Some(Instant::now());
+                        tracing::info!(model = name, "loading on demand for a request");
+                    }
+                    // Another request started it first, or its eviction
+                    // is still draining: wait, then look again.
+                    Err(Error::AlreadyExists { .. } | Error::FailedPrecondition(_)) => {}
+                    Err(err) => return Err(err),
+                }
+            }
+            let settled = self.settled(name);
+            match deadline {
+                None => settled.await?,
+                Some(deadline) => tokio::time::timeout_at(deadline, settled)
+                    .await
+                    .map_err(|_| {
+                        Error::DeadlineExceeded(format!(
+                            "model '{name}' is loading on demand and was not ready within the request's timeout ({} ms)",
+                            patience.unwrap_or_default().as_millis()
+                        ))
+                    })??,
+            };
+            if let Some(started) = started {
+                let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                stats.load_us.fetch_add(took, Ordering::Relaxed);
             }
         }
-        let settled = self.settled(name);
-        match patience {
-            None => settled.await?,
-            Some(patience) => tokio::time::timeout(patience, settled)
-                .await
-                .map_err(|_| {
-                    Error::DeadlineExceeded(format!(
-                        "model '{name}' is loading on demand and was not ready within the request's timeout ({} ms)",
-                        patience.as_millis()
-                    ))
-                })??,
-        };
-        if start_load {
-            let took = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
-            stats.load_us.fetch_add(took, Ordering::Relaxed);
-        }
-        let mut entries = self.inner.entries.lock();
-        let entry = entries.get_mut(name).ok_or_else(|| Error::ModelNotFound {
-            model: name.to_owned(),
-        })?;
-        match (&entry.serving, entry.state) {
-            (Some(model), ModelState::Ready) => {
-                entry.last_used = Instant::now();
-                Ok(Arc::clone(model))
-            }
-            (_, state) => Err(Error::ModelNotReady {
-                model: name.to_owned(),
-                state,
-                reason: entry.reason.clone(),
-            }),
-        }
+        Err(Error::Unavailable(format!(
+            "model '{name}' was evicted again each time it loaded for this request ({WAIT_ROUNDS} times): the memory budget is too small for the models in use"
+        )))
     }
 
     /// Before step two of a load of `name` under a budget: reserves its

@@ -193,3 +193,51 @@ async fn a_model_that_cannot_fit_fails_naming_the_budget_and_evicts_nothing() {
     assert_eq!(residency(&srv.info().await).evictions, 0);
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn an_on_demand_model_loads_for_a_rest_or_an_open_inference_grpc_request_too() {
+    let srv = TestServer::start(
+        |repo| {
+            for name in ["over_rest", "over_grpc"] {
+                fixtures::weighted(repo, name, 3.0, 16);
+                fixtures::scale_config()
+                    .residency("on-demand")
+                    .write(repo, name);
+            }
+        },
+        true,
+    )
+    .await;
+    // Not ready until asked for: the readiness endpoint says so.
+    let (code, _) = srv.http_get("/v2/models/over_rest/ready").await;
+    assert_eq!(code, 503, "an on-demand model not loaded is not ready");
+    let (code, body) = srv
+        .http_post(
+            "/v2/models/over_rest/infer",
+            &[("content-type", "application/json")],
+            br#"{"inputs":[{"name":"x","datatype":"FP32","shape":[2],"data":[1.0,2.0]}]}"#,
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["outputs"][0]["data"], serde_json::json!([3.0, 6.0]));
+    let response = srv
+        .inference()
+        .await
+        .model_infer(plinth_tests::load::infer_request(
+            "over_grpc",
+            &[2],
+            &[1.0, 2.0],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.raw_output_contents[0].len(), 8);
+    let y: Vec<f32> = response.raw_output_contents[0]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(y, [3.0, 6.0]);
+    assert_eq!(residency(&srv.info().await).on_demand_loads, 2);
+    srv.stop().await;
+}
