@@ -8,9 +8,8 @@ use clap::{Parser, Subcommand};
 use plinth::cli;
 use tracing_subscriber::EnvFilter;
 
-// The global allocator: mimalloc by default (it won the perf bench's
-// comparison, `-- alloc`), jemalloc or the system's on request (see the
-// features in host/Cargo.toml).
+// The global allocator: the system's, unless a feature chooses mimalloc or
+// jemalloc (see host/Cargo.toml and the perf bench's `-- alloc`).
 #[cfg(all(feature = "mimalloc", feature = "jemalloc"))]
 compile_error!("features `mimalloc` and `jemalloc` each choose the global allocator: pick one");
 #[cfg(feature = "mimalloc")]
