@@ -62,12 +62,10 @@ pub(super) fn load_model(
             modules.push(module.map_err(|err| format!("{}: {err}", file.display()))?);
         }
         let tensor_bytes = match &bytes {
-            None => std::fs::File::open(&file)
-                .map_err(|err| format!("cannot read: {err}"))
-                .and_then(plinth_torch::archive_tensor_bytes),
-            Some(bytes) => plinth_torch::archive_tensor_bytes(std::io::Cursor::new(bytes)),
-        }
-        .map_err(|err| format!("{}: {err}", file.display()))?;
+            None => file_tensor_bytes(&file)?,
+            Some(bytes) => plinth_torch::archive_tensor_bytes(std::io::Cursor::new(bytes))
+                .map_err(|err| format!("{}: {err}", file.display()))?,
+        };
         memory_bytes.push(tensor_bytes * modules.len() as u64);
         drop(bytes);
         // The warm-up is torch work too: it runs on the budget.
@@ -92,6 +90,15 @@ pub(super) fn load_model(
     ReadyModel::start(name, config, prepared, &threads)
         .map(|model| model.with_memory_bytes(&memory_bytes))
         .map_err(|err| format!("starting executor threads: {err}"))
+}
+
+/// The bytes of the tensors the archive at `file` (a regular file) holds,
+/// with errors named by the file. Blocking.
+pub(super) fn file_tensor_bytes(file: &std::path::Path) -> Result<u64, String> {
+    std::fs::File::open(file)
+        .map_err(|err| format!("cannot read: {err}"))
+        .and_then(plinth_torch::archive_tensor_bytes)
+        .map_err(|err| format!("{}: {err}", file.display()))
 }
 
 /// The intra-op threads of each executor of the model: its config's

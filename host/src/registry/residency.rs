@@ -67,11 +67,7 @@ pub(super) fn estimate(
         if !regular {
             continue;
         }
-        let tensors = std::fs::File::open(&file)
-            .map_err(|err| format!("cannot read: {err}"))
-            .and_then(plinth_torch::archive_tensor_bytes)
-            .map_err(|err| format!("{}: {err}", file.display()))?;
-        bytes += tensors * config.instances as u64;
+        bytes += super::load::file_tensor_bytes(&file)? * config.instances as u64;
     }
     Ok((config.device, bytes))
 }
