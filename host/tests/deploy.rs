@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::SERVE_ON_ANY_PORTS;
 use serde::Deserialize;
@@ -67,7 +67,7 @@ fn start_and_read(mut cmd: Command, marker: &str) -> (Running, String) {
             let _ = err_tx.send(line);
         }
     });
-    let deadline = std::time::Instant::now() + PATIENCE;
+    let deadline = Instant::now() + PATIENCE;
     let mut seen = Vec::new();
     while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
         match rx.recv_timeout(left) {
@@ -350,10 +350,21 @@ fn the_image_serves_the_demo_models_as_a_non_root_user() {
     let run = container.run(&[(models.path().join("m"), "/mnt/models".into())], &args);
     let (server, line) = start_and_read(run, "plinth serving");
     tritonclient_affine(&field(&line, "grpc_addr="), &field(&line, "http_addr="));
-    let metrics = http_get(&field(&line, "metrics_addr="), "/metrics");
+    // Request events reach the metrics plugin in batches, off the request
+    // path, so the counts show up a flush later: poll for them.
+    let metrics_addr = field(&line, "metrics_addr=");
+    let deadline = Instant::now() + PATIENCE;
+    let metrics = loop {
+        let metrics = http_get(&metrics_addr, "/metrics");
+        let counted = metrics.contains("plinth_requests_total");
+        if counted || Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         metrics.starts_with("HTTP/1.1 200") && metrics.contains("plinth_requests_total"),
-        "the image's metrics plugin answers: {metrics}"
+        "the image's metrics plugin counts the requests: {metrics}"
     );
     drop(server);
 }
