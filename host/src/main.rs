@@ -134,6 +134,11 @@ struct ServeArgs {
     /// Pinned models are never evicted. Without it, no budget.
     #[arg(long)]
     memory_budget_mib: Option<u64>,
+    /// How deep orchestrator plugins' model calls may nest: a call past it
+    /// (an orchestrator calling itself, say) fails with a message naming
+    /// the limit.
+    #[arg(long, default_value_t = plinth::plugin::DEFAULT_MAX_DEPTH)]
+    max_call_depth: u32,
     /// Largest gRPC message accepted or sent, and largest HTTP request body, in MiB.
     #[arg(long, default_value_t = 64)]
     max_message_mib: usize,
@@ -335,6 +340,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         threads: args.threads,
         max_concurrent_loads: at_least_one("--max-concurrent-loads", args.max_concurrent_loads)?,
         executor_spin: std::time::Duration::from_micros(args.executor_spin_us),
+        max_call_depth: args.max_call_depth,
         memory_budget: args
             .memory_budget_mib
             .map(|mib| {

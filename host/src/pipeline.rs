@@ -19,8 +19,9 @@ use tokio::sync::mpsc;
 use crate::config::ModelConfig;
 use crate::error::Error;
 use crate::plugin::{
-    Candidates, Manifest, OnError, PluginHost, PluginMeta, RequestEvent, RequestStatus,
-    RequestView, Stage, StageTimings, kind,
+    BoxFuture, Candidates, DEFAULT_MAX_DEPTH, Manifest, ModelCaller, NestedCall, OnError,
+    PluginHost, PluginMeta, RequestEvent, RequestStatus, RequestView, RunContext, Stage,
+    StageTimings, kind,
 };
 use crate::registry::{ReadyModel, ReadySet, Registry, RequestRecord};
 use crate::tensor::Tensor;
@@ -44,6 +45,35 @@ pub struct PipelineRequest {
     pub metadata: Vec<(String, String)>,
     /// The longest the request may wait in the model's queue.
     pub timeout: Option<Duration>,
+    /// Set when an orchestrator makes the request: it skips the router.
+    pub nested: Option<Nesting>,
+}
+
+/// Where a request an orchestrator makes comes from.
+#[derive(Debug, Clone)]
+pub struct Nesting {
+    /// How deep it is: 1 for a call made while answering a client.
+    pub depth: u32,
+    /// When the client's request must be answered by.
+    pub deadline: Instant,
+}
+
+/// The `grpc-timeout` header, as gRPC encodes it (digits and a unit of
+/// H, M, S, m, u or n). `None` when absent or malformed.
+fn grpc_timeout(metadata: &[(String, String)]) -> Option<Duration> {
+    let (_, value) = metadata.iter().find(|(key, _)| key == "grpc-timeout")?;
+    let value = value.trim();
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// What a request got: the outputs, with the model, version and config
@@ -86,6 +116,8 @@ struct Inner {
     /// The router's candidates, converted once per ready set: the set they
     /// were made from, and them.
     candidates: ArcSwap<(Arc<ReadySet>, Arc<Candidates>)>,
+    /// How deep orchestrators' model calls may nest.
+    max_call_depth: u32,
 }
 
 /// Counts a stream open for as long as its response side lives (it is
@@ -180,8 +212,19 @@ impl Pipeline {
                     Arc::new(ReadySet::default()),
                     Arc::new(Candidates::default()),
                 )),
+                max_call_depth: DEFAULT_MAX_DEPTH,
             }),
         }
+    }
+
+    /// Sets how deep orchestrators' model calls may nest (`--max-call-depth`).
+    /// Call it before the pipeline is cloned.
+    pub fn with_max_call_depth(mut self, depth: u32) -> Pipeline {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.max_call_depth = depth,
+            None => tracing::warn!("the pipeline is already shared; the call depth stays"),
+        }
+        self
     }
 
     /// Counts a stream as open until the guard is dropped.
@@ -230,7 +273,13 @@ impl Pipeline {
             metadata: request.metadata,
         };
         let res = self
-            .run(&mut view, request.inputs, request.timeout, &mut timings)
+            .run(
+                &mut view,
+                request.inputs,
+                request.timeout,
+                request.nested,
+                &mut timings,
+            )
             .await
             .and_then(|response| {
                 let model = response.model.clone();
@@ -325,9 +374,12 @@ impl Pipeline {
         view: &mut RequestView,
         inputs: Vec<Tensor>,
         timeout: Option<Duration>,
+        nested: Option<Nesting>,
         timings: &mut Timings,
     ) -> Result<PipelineResponse, Error> {
-        if let Some(router) = self.inner.plugins.router() {
+        if nested.is_some() {
+            // An orchestrator named the model: no router second-guesses it.
+        } else if let Some(router) = self.inner.plugins.router() {
             let candidates = self.candidates();
             match router.route(view, &candidates) {
                 Ok(decision) => {
@@ -364,6 +416,29 @@ impl Pipeline {
                 .first()
                 .map_or(1, |n| u32::try_from(*n).unwrap_or(u32::MAX)),
         };
+        if let Some(plugin) = &model.config.orchestrator {
+            let t = Instant::now();
+            let outputs = self
+                .orchestrate(&model, plugin, view, inputs, timeout, nested)
+                .await?;
+            timings.compute = t.elapsed();
+            timings.executed = true;
+            timings.executed_rows = u64::from(timings.batch_size);
+            timings.leader = true;
+            let version = model.pick_version(None)?.version.label.clone();
+            timings.version = Some(version.clone());
+            let request_version = view.version.replace(version.clone());
+            let t = Instant::now();
+            let outputs = self.chain(&model, Stage::Post, view, outputs);
+            view.version = request_version;
+            timings.post = t.elapsed();
+            return Ok(PipelineResponse {
+                model: model.name.clone(),
+                version,
+                config: Arc::clone(&model.config),
+                outputs: outputs?,
+            });
+        }
         let inference = model
             .infer(view.version.as_deref(), inputs, timeout)
             .await?;
@@ -385,6 +460,63 @@ impl Pipeline {
             config: Arc::clone(&model.config),
             outputs: outputs?,
         })
+    }
+
+    /// Answers a request to an orchestrator entry: its inputs checked
+    /// against the entry's, its plugin run with this pipeline as the way to
+    /// the models, and what the plugin returns checked against the entry's
+    /// outputs. The request's deadline is the client's (`timeout`, else
+    /// `grpc-timeout`), else the entry's `request_timeout_ms`; a nested one
+    /// keeps its parent's.
+    async fn orchestrate(
+        &self,
+        model: &ReadyModel,
+        plugin: &str,
+        view: &RequestView,
+        inputs: Vec<Tensor>,
+        timeout: Option<Duration>,
+        nested: Option<Nesting>,
+    ) -> Result<Vec<Tensor>, Error> {
+        model.pick_version(view.version.as_deref())?;
+        let orchestrator = self
+            .inner
+            .plugins
+            .get(plugin)
+            .ok_or_else(|| {
+                Error::Unavailable(if self.inner.plugins.is_compiling(plugin) {
+                    format!(
+                        "model '{}': orchestrator plugin '{plugin}' is compiling; it serves once loaded",
+                        model.name
+                    )
+                } else {
+                    format!(
+                        "model '{}': orchestrator plugin '{plugin}' is not loaded (no {plugin}.wasm in the plugin directory)",
+                        model.name
+                    )
+                })
+            })?
+            .into_orchestrator()
+            .map_err(|err| name_model(&model.name, err))?;
+        let inputs = model.arrange_inputs(inputs)?;
+        let (depth, deadline) = match nested {
+            Some(nesting) => (nesting.depth, nesting.deadline),
+            None => {
+                let budget = [timeout, grpc_timeout(&view.metadata)]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(model.config.request_timeout);
+                (0, Instant::now() + budget)
+            }
+        };
+        let context = RunContext {
+            caller: Arc::new(self.clone()),
+            depth,
+            max_depth: self.inner.max_call_depth,
+            deadline,
+        };
+        let outputs = orchestrator.run(view, inputs, context).await?;
+        declared_outputs(model, plugin, outputs)
     }
 
     /// The router's candidates for the registry's ready set as it stands:
@@ -539,6 +671,83 @@ impl Pipeline {
             "# HELP plinth_evictions_total Idle on-demand models unloaded to stay within the memory budget.\n# TYPE plinth_evictions_total counter\nplinth_evictions_total {}\n",
             counts.evictions
         );
+    }
+}
+
+/// What an orchestrator returned, checked against its entry's declared
+/// outputs and put in their order. A mismatch is the plugin's fault.
+fn declared_outputs(
+    model: &ReadyModel,
+    plugin: &str,
+    mut outputs: Vec<Tensor>,
+) -> Result<Vec<Tensor>, Error> {
+    let config = &model.config;
+    let blame = |what: String| {
+        Error::Internal(format!(
+            "model '{}': orchestrator plugin '{plugin}' {what}",
+            model.name
+        ))
+    };
+    if let Some(extra) = outputs
+        .iter()
+        .find(|t| !config.outputs.iter().any(|spec| spec.name == t.name()))
+    {
+        return Err(blame(format!(
+            "returned an undeclared output '{}' (declared: {})",
+            extra.name(),
+            config
+                .outputs
+                .iter()
+                .map(|spec| spec.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let mut ordered = Vec::with_capacity(config.outputs.len());
+    for spec in &config.outputs {
+        let Some(pos) = outputs.iter().position(|t| t.name() == spec.name) else {
+            return Err(blame(format!("returned no output '{}'", spec.name)));
+        };
+        let tensor = outputs.swap_remove(pos);
+        plinth_torch::check_output(&tensor, spec, &config.full_shape(spec)).map_err(blame)?;
+        ordered.push(tensor);
+    }
+    Ok(ordered)
+}
+
+/// The way orchestrators call models: a nested request through the whole
+/// pipeline but the router, bounded by the client's deadline.
+impl ModelCaller for Pipeline {
+    fn infer(&self, call: NestedCall) -> BoxFuture<Result<Vec<Tensor>, Error>> {
+        let pipeline = self.clone();
+        Box::pin(async move {
+            let left = call.deadline.saturating_duration_since(Instant::now());
+            let model = call.model.clone();
+            let ran_out = || {
+                Error::DeadlineExceeded(format!(
+                    "model '{model}': the request's time ran out before the orchestrator's call to it finished"
+                ))
+            };
+            if left.is_zero() {
+                return Err(ran_out());
+            }
+            let request = PipelineRequest {
+                id: call.parent.id,
+                model: call.model,
+                version: call.version,
+                inputs: call.inputs,
+                metadata: call.parent.metadata,
+                timeout: Some(left),
+                nested: Some(Nesting {
+                    depth: call.depth,
+                    deadline: call.deadline,
+                }),
+            };
+            match tokio::time::timeout(left, pipeline.infer(request)).await {
+                Ok(answer) => answer.map(|response| response.outputs),
+                Err(_) => Err(ran_out()),
+            }
+        })
     }
 }
 

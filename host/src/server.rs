@@ -50,6 +50,8 @@ pub struct ServerConfig {
     /// The memory budget per device, in bytes: before a load would pass
     /// it, idle on-demand models are evicted, least recently used first.
     pub memory_budget: Option<u64>,
+    /// How deep orchestrators' model calls may nest.
+    pub max_call_depth: u32,
     /// Largest gRPC message accepted or sent, and largest HTTP request body.
     pub max_message_bytes: usize,
     /// Watch the repository and load, reload or unload on change.
@@ -100,6 +102,7 @@ impl ServerConfig {
             max_concurrent_loads: 4,
             executor_spin: Duration::ZERO,
             memory_budget: None,
+            max_call_depth: crate::plugin::DEFAULT_MAX_DEPTH,
             max_message_bytes: 64 << 20,
             poll: false,
             load_all: true,
@@ -322,7 +325,26 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         })
     };
     let wait_for_plugins = config.wait_for_plugins;
-    let pipeline = Pipeline::new(registry.clone(), Arc::clone(&plugins));
+    // An orchestrator entry serves only while its plugin does.
+    let gate_plugins = Arc::clone(&plugins);
+    registry.set_serving_gate(move |config| {
+        let plugin = config.orchestrator.as_deref()?;
+        match gate_plugins.get(plugin) {
+            Some(loaded) if loaded.kind == crate::plugin::PluginKind::Orchestrator => None,
+            Some(loaded) => Some(format!(
+                "plugin '{plugin}' implements {}, not orchestrator-plugin",
+                loaded.kind.world()
+            )),
+            None if gate_plugins.is_compiling(plugin) => {
+                Some(format!("waiting for orchestrator plugin '{plugin}', which is compiling"))
+            }
+            None => Some(format!(
+                "waiting for orchestrator plugin '{plugin}' (no {plugin}.wasm in the plugin directory)"
+            )),
+        }
+    });
+    let pipeline = Pipeline::new(registry.clone(), Arc::clone(&plugins))
+        .with_max_call_depth(config.max_call_depth);
 
     let grpc_listener = TcpListener::bind(config.grpc_addr)
         .await

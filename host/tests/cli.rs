@@ -293,7 +293,7 @@ async fn plugin_check_says_what_the_loader_would_without_a_server() {
         "{run:?}"
     );
     assert!(
-        run.stdout.contains("plinth:plugin/processor@0.1.0"),
+        run.stdout.contains("plinth:plugin/processor@0.1.1"),
         "{run:?}"
     );
     let future = wasm_dir.join("hostile_version_mismatch.wasm");
@@ -304,7 +304,7 @@ async fn plugin_check_says_what_the_loader_would_without_a_server() {
             &[],
         )
         .await,
-        "built against plinth:plugin@1.0.0, but this host speaks plinth:plugin@0.1.0",
+        "built against plinth:plugin@1.0.0, but this host speaks plinth:plugin@0.1.1",
     );
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.wasm");

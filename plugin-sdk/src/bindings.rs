@@ -13,8 +13,8 @@ pub mod common {
         inline: "
             package plinth:sdk;
             world common {
-                import plinth:plugin/types@0.1.0;
-                import plinth:plugin/host@0.1.0;
+                import plinth:plugin/types@0.1.1;
+                import plinth:plugin/host@0.1.1;
             }
         ",
         world: "plinth:sdk/common",
@@ -27,10 +27,10 @@ pub mod common {
 pub mod router {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "plinth:plugin/router-plugin@0.1.0",
+        world: "plinth:plugin/router-plugin@0.1.1",
         with: {
-            "plinth:plugin/types@0.1.0": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
-            "plinth:plugin/host@0.1.0": plinth_plugin_sdk::bindings::common::plinth::plugin::host,
+            "plinth:plugin/types@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
+            "plinth:plugin/host@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::host,
         },
         pub_export_macro: true,
         export_macro_name: "__plinth_export_router_plugin",
@@ -42,10 +42,10 @@ pub mod router {
 pub mod processor {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "plinth:plugin/processor-plugin@0.1.0",
+        world: "plinth:plugin/processor-plugin@0.1.1",
         with: {
-            "plinth:plugin/types@0.1.0": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
-            "plinth:plugin/host@0.1.0": plinth_plugin_sdk::bindings::common::plinth::plugin::host,
+            "plinth:plugin/types@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
+            "plinth:plugin/host@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::host,
         },
         pub_export_macro: true,
         export_macro_name: "__plinth_export_processor_plugin",
@@ -57,10 +57,10 @@ pub mod processor {
 pub mod metrics {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "plinth:plugin/metrics-plugin@0.1.0",
+        world: "plinth:plugin/metrics-plugin@0.1.1",
         with: {
-            "plinth:plugin/types@0.1.0": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
-            "plinth:plugin/host@0.1.0": plinth_plugin_sdk::bindings::common::plinth::plugin::host,
+            "plinth:plugin/types@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
+            "plinth:plugin/host@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::host,
         },
         pub_export_macro: true,
         export_macro_name: "__plinth_export_metrics_plugin",
@@ -72,13 +72,29 @@ pub mod metrics {
 pub mod health {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "plinth:plugin/health-plugin@0.1.0",
+        world: "plinth:plugin/health-plugin@0.1.1",
         with: {
-            "plinth:plugin/types@0.1.0": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
-            "plinth:plugin/host@0.1.0": plinth_plugin_sdk::bindings::common::plinth::plugin::host,
+            "plinth:plugin/types@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
+            "plinth:plugin/host@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::host,
         },
         pub_export_macro: true,
         export_macro_name: "__plinth_export_health_plugin",
         default_bindings_module: "plinth_plugin_sdk::bindings::health",
+    });
+}
+
+/// The `orchestrator-plugin` world (0.1.1): served as a model, calls others.
+pub mod orchestrator {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plinth:plugin/orchestrator-plugin@0.1.1",
+        with: {
+            "plinth:plugin/types@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
+            "plinth:plugin/host@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::host,
+        },
+        additional_derives: [PartialEq, Eq],
+        pub_export_macro: true,
+        export_macro_name: "__plinth_export_orchestrator_plugin",
+        default_bindings_module: "plinth_plugin_sdk::bindings::orchestrator",
     });
 }

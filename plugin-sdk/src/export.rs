@@ -5,11 +5,11 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::sync::Once;
 
-use crate::bindings::{health, metrics, processor, router};
+use crate::bindings::{health, metrics, orchestrator, processor, router};
 use crate::{
-    Config, Health, HealthReport, HealthStatus, HostSnapshot, Metrics, ModelRef, Plugin,
-    PluginError, PluginInfo, Processor, RequestEvent, RequestInfo, Result, RouteDecision, Router,
-    Tensor,
+    Config, Health, HealthReport, HealthStatus, HostSnapshot, Metrics, ModelRef, Models,
+    Orchestrator, Plugin, PluginError, PluginInfo, Processor, RequestEvent, RequestInfo, Result,
+    RouteDecision, Router, Tensor,
 };
 
 /// Implemented by the `export_*!` macros on a type private to the plugin
@@ -123,6 +123,7 @@ world_guest!(router, Router);
 world_guest!(processor, Processor);
 world_guest!(metrics, Metrics);
 world_guest!(health, Health);
+world_guest!(orchestrator, Orchestrator);
 
 impl<E: Export> router::exports::plinth::plugin::router::Guest for E
 where
@@ -181,5 +182,16 @@ where
                 message: init_failed(&err),
             }
         })
+    }
+}
+
+impl<E: Export> orchestrator::exports::plinth::plugin::orchestrator::Guest for E
+where
+    E::Plugin: Orchestrator,
+{
+    fn run(req: RequestInfo, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        // The plugin stays borrowed while it waits for the models it calls:
+        // the host runs one call at a time on an instance.
+        with_plugin(|plugin: &mut E::Plugin| plugin.run(&req, inputs, &Models::new()))?
     }
 }

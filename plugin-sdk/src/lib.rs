@@ -11,6 +11,7 @@
 //! | tensor pre/post-processing | [`Processor`] | [`export_processor!`] |
 //! | metrics | [`Metrics`] | [`export_metrics!`] |
 //! | health checks | [`Health`] | [`export_health!`] |
+//! | model composition (0.1.1) | [`Orchestrator`] | [`export_orchestrator!`] |
 //!
 //! A complete processor that scales every `f32` input by a configured
 //! factor:
@@ -69,6 +70,7 @@ mod error;
 #[doc(hidden)]
 pub mod export;
 pub mod log;
+mod models;
 mod tensor;
 mod traits;
 
@@ -79,8 +81,9 @@ pub use bindings::common::plinth::plugin::types::{
     RequestStatus, RouteDecision, StageTimings, Tensor,
 };
 pub use config::Config;
+pub use models::{InferError, Models};
 pub use tensor::{Element, TensorError};
-pub use traits::{Health, Metrics, Plugin, Processor, Router};
+pub use traits::{Health, Metrics, Orchestrator, Plugin, Processor, Router};
 
 /// The result of a plugin call.
 pub type Result<T, E = PluginError> = std::result::Result<T, E>;
@@ -88,10 +91,10 @@ pub type Result<T, E = PluginError> = std::result::Result<T, E>;
 /// The names a plugin usually needs: `use plinth_plugin_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Config, Dtype, Health, HealthReport, HealthStatus, HostSnapshot, Metrics, ModelRef, Plugin,
-        PluginError, Processor, RequestEvent, RequestInfo, RequestStatus, Result, RouteDecision,
-        Router, StageTimings, Tensor, TensorError, export_health, export_metrics, export_processor,
-        export_router,
+        Config, Dtype, Health, HealthReport, HealthStatus, HostSnapshot, InferError, Metrics,
+        ModelRef, Models, Orchestrator, Plugin, PluginError, Processor, RequestEvent, RequestInfo,
+        RequestStatus, Result, RouteDecision, Router, StageTimings, Tensor, TensorError,
+        export_health, export_metrics, export_orchestrator, export_processor, export_router,
     };
 }
 
@@ -191,5 +194,16 @@ macro_rules! export_metrics {
 macro_rules! export_health {
     ($plugin:ty) => {
         $crate::__export_plugin!($plugin, health, __plinth_export_health_plugin);
+    };
+}
+
+/// Exports an [`Orchestrator`] as this component's `orchestrator-plugin`.
+///
+/// Use it once, in the crate root of a `cdylib` crate:
+/// `export_orchestrator!(MyOrchestrator);`.
+#[macro_export]
+macro_rules! export_orchestrator {
+    ($plugin:ty) => {
+        $crate::__export_plugin!($plugin, orchestrator, __plinth_export_orchestrator_plugin);
     };
 }

@@ -1,8 +1,8 @@
 //! The traits a plugin implements, one per plugin kind.
 
 use crate::{
-    Config, HealthReport, HostSnapshot, ModelRef, RequestEvent, RequestInfo, Result, RouteDecision,
-    Tensor,
+    Config, HealthReport, HostSnapshot, ModelRef, Models, RequestEvent, RequestInfo, Result,
+    RouteDecision, Tensor,
 };
 
 /// What every plugin implements: how to build it from its configuration.
@@ -76,4 +76,22 @@ pub trait Metrics: Plugin {
 pub trait Health: Plugin {
     /// Judges the host's health from `snapshot`.
     fn check(&mut self, snapshot: &HostSnapshot) -> HealthReport;
+}
+
+/// A plugin served as a model, which answers a request by calling other
+/// models: in sequence, conditionally, or several times.
+///
+/// A repository entry whose `config.toml` says `orchestrator = "<plugin>"`
+/// is served under its own name and answered by `run`. Export it with
+/// [`export_orchestrator!`](crate::export_orchestrator).
+pub trait Orchestrator: Plugin {
+    /// Answers `req`. `inputs` are the client's tensors, already checked
+    /// against the entry's declared inputs; the result must match its
+    /// declared outputs. `models` calls the host's models.
+    fn run(
+        &mut self,
+        req: &RequestInfo,
+        inputs: Vec<Tensor>,
+        models: &Models,
+    ) -> Result<Vec<Tensor>>;
 }

@@ -127,6 +127,11 @@ impl ModelConfig {
         self.field("postprocess", list(plugins.iter().map(|p| quoted(p))))
     }
 
+    /// Makes the entry an orchestrator's: `orchestrator = "<plugin>"`.
+    pub fn orchestrator(self, plugin: &str) -> Self {
+        self.field("orchestrator", quoted(plugin))
+    }
+
     /// Sets a top-level field to `value`, written as TOML as it is (so a
     /// test may write a value the host must refuse).
     pub fn field(mut self, key: &str, value: impl std::fmt::Display) -> Self {
@@ -234,6 +239,21 @@ pub fn weighted_file(path: &Path, factor: f64, weight_floats: i64) {
 pub fn scale_file(path: &Path, factor: f64) {
     // The demo's `double` is this model with factor 2: one definition.
     plinth_torch::models::write_scale(path, factor).expect("trace and save the scale model");
+}
+
+/// `y = factor * x` batching up to 8 rows of `x` f32 [3] into rows of `y`
+/// f32 [3].
+pub fn batched_scale(repo: &Path, model: &str, factor: f64) {
+    batched_rows_config().write(repo, model);
+    scale_file(&crate::model_file(repo, model, "1"), factor);
+}
+
+/// The config of [`batched_scale`], for entries that take the same tensors.
+pub fn batched_rows_config() -> ModelConfig {
+    config()
+        .max_batch_size(8)
+        .input("x", "f32", &[3])
+        .output("y", "f32", &[3])
 }
 
 /// Publishes version `version` of a [`scale`] model by writing it beside the

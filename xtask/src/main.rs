@@ -199,11 +199,14 @@ const PLUGINS: &[&str] = &[
     "byte-tokenize",
     "prometheus-metrics",
     "basic-health",
+    "cascade",
     "hostile-spin",
     "hostile-trap",
     "hostile-memory-bomb",
     "hostile-wasi-escape",
     "hostile-version-mismatch",
+    "hostile-orchestrator",
+    "compat-processor-0-1-0",
 ];
 
 /// Builds the plugins as components; returns the folder holding the `.wasm` files.

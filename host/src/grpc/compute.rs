@@ -114,6 +114,7 @@ async fn compute_one(
             inputs,
             metadata,
             timeout,
+            ..PipelineRequest::default()
         })
         .await?;
     Ok(pb::ComputeResponse {

@@ -213,6 +213,7 @@ async fn infer_one(
                 inputs,
                 metadata,
                 timeout,
+                ..PipelineRequest::default()
             },
             |response| infer_response(id, response, &requested),
         )

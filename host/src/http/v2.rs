@@ -610,6 +610,7 @@ pub async fn infer(
                 inputs,
                 metadata,
                 timeout,
+                ..PipelineRequest::default()
             },
             |response| infer_response(id, response, &outputs, binary_output_default),
         )

@@ -32,6 +32,10 @@ pub(super) fn load_model(
 ) -> Result<ReadyModel, String> {
     let dir = repository.model_dir(name);
     let config = ModelConfig::load(&dir)?;
+    if config.orchestrator.is_some() {
+        // Nothing to load: the plugin answers, and the plugin host owns it.
+        return Ok(ReadyModel::orchestrated(name, config));
+    }
     plinth_torch::check_device(config.device)?;
     let chosen = repository.select_versions(name, &config.version_policy)?;
     let intra_op_threads = intra_op_threads(name, &config, &context.budget);

@@ -153,7 +153,12 @@ struct Inner {
     /// Every load and unload task, so that a shutdown can wait for them.
     tasks: TaskTracker,
     residency: residency::ResidencyStats,
+    /// The host's check on READY models ([`Registry::set_serving_gate`]).
+    gate: std::sync::OnceLock<ServingGate>,
 }
+
+/// Why a loaded model cannot serve now, if it cannot.
+type ServingGate = Box<dyn Fn(&crate::config::ModelConfig) -> Option<String> + Send + Sync>;
 
 /// Handle on the registry; cheap to clone.
 #[derive(Clone)]
@@ -224,7 +229,39 @@ impl Registry {
                 load_context,
                 tasks: TaskTracker::new(),
                 residency: residency::ResidencyStats::default(),
+                gate: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Adds the host's check to what the registry reports as READY: `gate`
+    /// says why a loaded model cannot serve now (its orchestrator plugin is
+    /// not loaded, say), and such a model is listed as UNAVAILABLE with that
+    /// reason. The registry itself knows nothing of plugins. Set once.
+    pub fn set_serving_gate(
+        &self,
+        gate: impl Fn(&crate::config::ModelConfig) -> Option<String> + Send + Sync + 'static,
+    ) {
+        if self.inner.gate.set(Box::new(gate)).is_err() {
+            tracing::warn!("the registry's serving gate is already set");
+        }
+    }
+
+    /// `status` as the gate sees it.
+    fn gated(&self, entry: &Entry, status: ModelStatus) -> ModelStatus {
+        let (Some(gate), Some(model)) = (self.inner.gate.get(), entry.serving.as_deref()) else {
+            return status;
+        };
+        if status.state != ModelState::Ready {
+            return status;
+        }
+        match gate(&model.config) {
+            None => status,
+            Some(reason) => ModelStatus {
+                state: ModelState::Unavailable,
+                reason: Some(reason),
+                ..status
+            },
         }
     }
 
@@ -281,7 +318,7 @@ impl Registry {
         let entries = self.inner.entries.lock();
         let mut all: Vec<ModelStatus> = entries
             .iter()
-            .map(|(name, entry)| entry.status(name))
+            .map(|(name, entry)| self.gated(entry, entry.status(name)))
             .collect();
         drop(entries);
         all.sort_by(|a, b| a.name.cmp(&b.name));
@@ -292,7 +329,7 @@ impl Registry {
         let entries = self.inner.entries.lock();
         entries
             .get(name)
-            .map(|entry| entry.status(name))
+            .map(|entry| self.gated(entry, entry.status(name)))
             .ok_or_else(|| Error::ModelNotFound {
                 model: name.to_owned(),
             })

@@ -19,7 +19,9 @@ use crate::tensor::{Tensor, TensorSpec, shape_str};
 #[derive(Debug)]
 pub struct ReadyVersion {
     pub version: ModelVersion,
-    pool: ExecutorPool,
+    /// The executors; `None` for an orchestrator entry, whose requests the
+    /// pipeline hands to its plugin.
+    pool: Option<ExecutorPool>,
     pub stats: VersionStats,
     /// The bytes of the version's tensors, times the model's instances.
     pub memory_bytes: u64,
@@ -103,7 +105,7 @@ impl ReadyModel {
             )?;
             ready.push(ReadyVersion {
                 version,
-                pool,
+                pool: Some(pool),
                 stats: VersionStats::default(),
                 memory_bytes: 0,
             });
@@ -118,6 +120,25 @@ impl ReadyModel {
             success: AtomicU64::new(0),
             failure: AtomicU64::new(0),
         })
+    }
+
+    /// An orchestrator entry: version 1, no executors, nothing in memory.
+    pub(crate) fn orchestrated(name: &str, config: ModelConfig) -> ReadyModel {
+        ReadyModel {
+            name: name.to_owned(),
+            config: Arc::new(config),
+            versions: vec![ReadyVersion {
+                version: ModelVersion::parse("1").expect("1 is a version label"),
+                pool: None,
+                stats: VersionStats::default(),
+                memory_bytes: 0,
+            }],
+            intra_op_threads: 0,
+            memory_bytes: 0,
+            in_flight: AtomicU64::new(0),
+            success: AtomicU64::new(0),
+            failure: AtomicU64::new(0),
+        }
     }
 
     /// Sets what each version keeps in memory (oldest first, as the
@@ -135,7 +156,8 @@ impl ReadyModel {
     pub(crate) fn take_exit_waiters(&self) -> Vec<oneshot::Receiver<()>> {
         self.versions
             .iter()
-            .flat_map(|v| v.pool.take_exit_waiters())
+            .filter_map(|v| v.pool.as_ref())
+            .flat_map(ExecutorPool::take_exit_waiters)
             .collect()
     }
 
@@ -158,7 +180,11 @@ impl ReadyModel {
     }
 
     pub fn queue_depth(&self) -> usize {
-        self.versions.iter().map(|v| v.pool.queue_depth()).sum()
+        self.versions
+            .iter()
+            .filter_map(|v| v.pool.as_ref())
+            .map(ExecutorPool::queue_depth)
+            .sum()
     }
 
     /// The loaded versions, oldest first.
@@ -200,7 +226,7 @@ impl ReadyModel {
     }
 
     /// Checks the inputs against the config and puts them in declared order.
-    fn arrange_inputs(&self, mut given: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
+    pub(crate) fn arrange_inputs(&self, mut given: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
         let model = &self.name;
         let invalid = |msg: String| Error::InvalidArgument(format!("model '{model}': {msg}"));
         let config = &self.config;
@@ -315,9 +341,15 @@ impl ReadyModel {
                 .first()
                 .map_or(1, |n| usize::try_from(*n).unwrap_or(1)),
         };
+        let Some(pool) = &ready_version.pool else {
+            return Err(Error::Internal(format!(
+                "model '{}' is answered by its orchestrator, not by executors",
+                self.name
+            )));
+        };
         let (reply, answer) = oneshot::channel();
         let enqueued = Instant::now();
-        ready_version.pool.submit(Job {
+        pool.submit(Job {
             inputs,
             rows,
             reply,

@@ -62,6 +62,9 @@ pub(super) fn estimate(
 ) -> Result<(DeviceSpec, u64), String> {
     let config = ModelConfig::load(&repository.model_dir(name))?;
     let mut bytes = 0u64;
+    if config.orchestrator.is_some() {
+        return Ok((config.device, 0));
+    }
     for (_, file) in repository.select_versions(name, &config.version_policy)? {
         let regular = std::fs::metadata(&file).is_ok_and(|m| m.is_file());
         if !regular {

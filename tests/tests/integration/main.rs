@@ -11,6 +11,7 @@ mod http_fuzz;
 mod lifecycle;
 mod nonblocking;
 mod oip;
+mod orchestrator;
 mod plugins;
 mod poll;
 mod reliability;

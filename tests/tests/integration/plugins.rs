@@ -484,7 +484,7 @@ async fn hostile_plugins_are_contained_and_reported() {
         (
             "wrong version",
             Box::new(|| install_plugin(dir, "victim", "hostile_version_mismatch", None)),
-            "built against plinth:plugin@1.0.0, but this host speaks plinth:plugin@0.1.0",
+            "built against plinth:plugin@1.0.0, but this host speaks plinth:plugin@0.1.1",
         ),
     ];
     for (what, write, reason) in refusals {

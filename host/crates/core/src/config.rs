@@ -145,7 +145,16 @@ pub struct ModelConfig {
     pub preprocess: Vec<String>,
     pub postprocess: Vec<String>,
     pub residency: Residency,
+    /// The orchestrator plugin that answers requests to this entry, which
+    /// then has no `model.pt`: it is served as version 1.
+    pub orchestrator: Option<String>,
+    /// The longest a request to an orchestrator entry may take in all, its
+    /// nested calls included, when the client sets no timeout.
+    pub request_timeout: Duration,
 }
+
+/// [`ModelConfig::request_timeout`] unless the config says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,6 +185,10 @@ struct RawConfig {
     postprocess: Vec<String>,
     #[serde(default)]
     residency: Option<String>,
+    #[serde(default)]
+    orchestrator: Option<String>,
+    #[serde(default)]
+    request_timeout_ms: Option<i64>,
     #[serde(default)]
     input: Vec<RawTensor>,
     #[serde(default)]
@@ -281,6 +294,26 @@ impl ModelConfig {
             .transpose()
             .map_err(|reason| field_error(path, "residency", reason))?
             .unwrap_or_default();
+        if let Some(plugin) = &raw.orchestrator
+            && !valid_model_name(plugin)
+        {
+            return Err(field_error(
+                path,
+                "orchestrator",
+                format!("expected a plugin's file stem, got {plugin:?}"),
+            ));
+        }
+        let request_timeout = match raw.request_timeout_ms {
+            None => DEFAULT_REQUEST_TIMEOUT,
+            Some(ms) if raw.orchestrator.is_none() => {
+                return Err(field_error(
+                    path,
+                    "request_timeout_ms",
+                    format!("only an orchestrator entry takes a request timeout, got {ms}"),
+                ));
+            }
+            Some(ms) => Duration::from_millis(positive(path, "request_timeout_ms", ms)? as u64),
+        };
         Ok(ModelConfig {
             inputs,
             outputs,
@@ -294,6 +327,8 @@ impl ModelConfig {
             preprocess: raw.preprocess,
             postprocess: raw.postprocess,
             residency,
+            orchestrator: raw.orchestrator,
+            request_timeout,
         })
     }
 
@@ -669,7 +704,7 @@ mod tests {
         check(
             &format!("devise = \"cpu\"\n{IO}"),
             Err(
-                "m/config.toml:1:1: unknown field `devise`, expected one of `platform`, `device`, `max_batch_size`, `dynamic_batching`, `max_queue_delay_us`, `preferred_batch_sizes`, `instances`, `intra_op_threads`, `max_queue_size`, `version_policy`, `preprocess`, `postprocess`, `residency`, `input`, `output`",
+                "m/config.toml:1:1: unknown field `devise`, expected one of `platform`, `device`, `max_batch_size`, `dynamic_batching`, `max_queue_delay_us`, `preferred_batch_sizes`, `instances`, `intra_op_threads`, `max_queue_size`, `version_policy`, `preprocess`, `postprocess`, `residency`, `orchestrator`, `request_timeout_ms`, `input`, `output`",
             ),
         );
         check(

@@ -44,3 +44,25 @@ pub mod health {
 
 pub use processor::plinth::plugin::host as wit_host;
 pub use processor::plinth::plugin::types as wit;
+
+/// The orchestrator world (0.1.1). Its calls are async: while the guest waits
+/// in `models.infer`, the task gives its thread back to the runtime. Only
+/// this world is linked that way; the others keep synchronous calls.
+pub mod orchestrator {
+    wasmtime::component::bindgen!({
+        path: "../../../wit",
+        world: "orchestrator-plugin",
+        imports: {
+            "plinth:plugin/models.infer": async,
+        },
+        exports: {
+            default: async,
+        },
+        with: {
+            "plinth:plugin/types": super::processor::plinth::plugin::types,
+            "plinth:plugin/host": super::processor::plinth::plugin::host,
+        },
+    });
+}
+
+pub use orchestrator::plinth::plugin::models as wit_models;

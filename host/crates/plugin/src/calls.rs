@@ -54,7 +54,7 @@ fn dtype_from_wit(dtype: wit::Dtype) -> DType {
     }
 }
 
-fn to_wit(tensor: Tensor) -> wit::Tensor {
+pub(super) fn to_wit(tensor: Tensor) -> wit::Tensor {
     wit::Tensor {
         name: tensor.name().to_owned(),
         dtype: dtype_to_wit(tensor.dtype()),
@@ -67,7 +67,7 @@ fn to_wit(tensor: Tensor) -> wit::Tensor {
 }
 
 /// A plugin's output is checked like any client input, and blamed on the plugin.
-fn from_wit(plugin: &str, tensor: wit::Tensor) -> Result<Tensor, Error> {
+pub(super) fn from_wit(plugin: &str, tensor: wit::Tensor) -> Result<Tensor, Error> {
     Tensor::new(
         tensor.name,
         dtype_from_wit(tensor.dtype),
@@ -82,7 +82,7 @@ fn from_wit(plugin: &str, tensor: wit::Tensor) -> Result<Tensor, Error> {
 }
 
 /// The host error for a failed call, naming the plugin and the cause.
-fn call_error(plugin: &str, stage: &str, err: CallError) -> Error {
+pub(super) fn call_error(plugin: &str, stage: &str, err: CallError) -> Error {
     let what = format!("plugin '{plugin}' ({stage}) {err}");
     match err {
         CallError::Plugin(PluginError::InvalidInput(_)) => Error::InvalidArgument(what),
@@ -105,7 +105,7 @@ pub struct RequestView {
 }
 
 impl RequestView {
-    fn to_wit(&self) -> wit::RequestInfo {
+    pub(super) fn to_wit(&self) -> wit::RequestInfo {
         wit::RequestInfo {
             id: self.id.clone(),
             model: self.model.clone(),
@@ -188,12 +188,15 @@ fn event_to_wit(event: &RequestEvent) -> wit::RequestEvent {
     }
 }
 
-fn plugin_kind_to_wit(kind: PluginKind) -> wit::PluginKind {
+/// `None` for a kind added after 0.1.0: the `plugin-kind` enum of a 0.1.0
+/// health plugin cannot name it, so the snapshot leaves such plugins out.
+fn plugin_kind_to_wit(kind: PluginKind) -> Option<wit::PluginKind> {
     match kind {
-        PluginKind::Router => wit::PluginKind::Router,
-        PluginKind::Processor => wit::PluginKind::Processor,
-        PluginKind::Metrics => wit::PluginKind::Metrics,
-        PluginKind::Health => wit::PluginKind::Health,
+        PluginKind::Router => Some(wit::PluginKind::Router),
+        PluginKind::Processor => Some(wit::PluginKind::Processor),
+        PluginKind::Metrics => Some(wit::PluginKind::Metrics),
+        PluginKind::Health => Some(wit::PluginKind::Health),
+        PluginKind::Orchestrator => None,
     }
 }
 
@@ -221,12 +224,14 @@ fn snapshot_to_wit(snapshot: &HostSnapshot) -> wit::HostSnapshot {
         plugins: snapshot
             .plugins
             .iter()
-            .map(|plugin| wit::PluginStatus {
-                name: plugin.name.clone(),
-                version: plugin.version.clone(),
-                kind: plugin_kind_to_wit(plugin.kind),
-                calls: plugin.calls,
-                errors: plugin.errors,
+            .filter_map(|plugin| {
+                Some(wit::PluginStatus {
+                    name: plugin.name.clone(),
+                    version: plugin.version.clone(),
+                    kind: plugin_kind_to_wit(plugin.kind)?,
+                    calls: plugin.calls,
+                    errors: plugin.errors,
+                })
             })
             .collect(),
         devices: snapshot

@@ -28,6 +28,7 @@ use wasmtime::component::InstancePre;
 
 use super::bindings::{health, metrics, processor, router, wit};
 use super::manifest::Manifest;
+use super::orchestrator::Orchestrator;
 use super::runtime::{Plugin, PluginKind, PluginMeta, PluginState, Runtime};
 use plinth_core::error::Error;
 
@@ -141,6 +142,8 @@ pub enum AnyPlugin {
     Processor(Arc<Plugin<Processor>>),
     Metrics(Arc<Plugin<Metrics>>),
     Health(Arc<Plugin<Health>>),
+    /// Not a [`Kind`]: its calls are async ([`Orchestrator::run`]).
+    Orchestrator(Arc<Orchestrator>),
 }
 
 impl std::ops::Deref for AnyPlugin {
@@ -152,6 +155,7 @@ impl std::ops::Deref for AnyPlugin {
             AnyPlugin::Processor(plugin) => plugin,
             AnyPlugin::Metrics(plugin) => plugin,
             AnyPlugin::Health(plugin) => plugin,
+            AnyPlugin::Orchestrator(plugin) => plugin,
         }
     }
 }
@@ -182,6 +186,22 @@ impl AnyPlugin {
             PluginKind::Processor => typed::<Processor>(name, &component, hash, manifest),
             PluginKind::Metrics => typed::<Metrics>(name, &component, hash, manifest),
             PluginKind::Health => typed::<Health>(name, &component, hash, manifest),
+            PluginKind::Orchestrator => {
+                Orchestrator::from_component(name, &component, hash, manifest)
+                    .map(|plugin| AnyPlugin::Orchestrator(Arc::new(plugin)))
+            }
+        }
+    }
+
+    /// The orchestrator, or an error naming the plugin and its world.
+    pub fn into_orchestrator(self) -> Result<Arc<Orchestrator>, Error> {
+        match self {
+            AnyPlugin::Orchestrator(plugin) => Ok(plugin),
+            other => Err(Error::FailedPrecondition(format!(
+                "plugin '{}' implements {}, not orchestrator-plugin",
+                other.name,
+                other.kind.world()
+            ))),
         }
     }
 

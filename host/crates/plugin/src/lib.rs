@@ -18,6 +18,7 @@ mod calls;
 mod guest_log;
 pub mod kind;
 pub mod manifest;
+mod orchestrator;
 mod runtime;
 mod sync_io;
 
@@ -37,6 +38,9 @@ use tokio::sync::mpsc;
 pub use calls::{Candidates, RequestView, Stage};
 pub use kind::{AnyPlugin, Kind};
 pub use manifest::{Manifest, OnError};
+pub use orchestrator::{
+    BoxFuture, DEFAULT_MAX_DEPTH, ModelCaller, NestedCall, Orchestrator, RunContext,
+};
 pub use runtime::{CallError, Plugin, PluginKind, PluginMeta, PluginStats, WIT_VERSION};
 pub use types::{
     DeviceMemory, HealthReport, HealthStatus, HostSnapshot, ModelChoice, ModelPhase, ModelStatus,

@@ -20,11 +20,11 @@ use super::manifest::Manifest;
 use super::types::{PluginError, PluginInfo, PluginStatus};
 
 /// The contract version this host speaks (the `package` line of `wit/`).
-pub const WIT_VERSION: &str = "0.1.0";
+pub const WIT_VERSION: &str = "0.1.1";
 const WIT_PACKAGE: &str = "plinth:plugin/";
 
 /// How often the epoch advances; deadlines are counted in these ticks.
-const EPOCH_TICK: Duration = Duration::from_millis(1);
+pub(super) const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// Warm instances kept per stateless plugin.
 const MAX_IDLE_INSTANCES: usize = 16;
 /// Most elements a table of a plugin instance may grow to.
@@ -38,15 +38,27 @@ pub enum PluginKind {
     Processor,
     Metrics,
     Health,
+    /// Served as a model; calls other models (0.1.1).
+    Orchestrator,
 }
 
 impl PluginKind {
+    /// Every kind, in the order `inspect` looks for them.
+    pub const ALL: [PluginKind; 5] = [
+        PluginKind::Router,
+        PluginKind::Processor,
+        PluginKind::Metrics,
+        PluginKind::Health,
+        PluginKind::Orchestrator,
+    ];
+
     pub fn world(self) -> &'static str {
         match self {
             PluginKind::Router => "router-plugin",
             PluginKind::Processor => "processor-plugin",
             PluginKind::Metrics => "metrics-plugin",
             PluginKind::Health => "health-plugin",
+            PluginKind::Orchestrator => "orchestrator-plugin",
         }
     }
 
@@ -56,6 +68,7 @@ impl PluginKind {
             PluginKind::Processor => "processor",
             PluginKind::Metrics => "metrics",
             PluginKind::Health => "health",
+            PluginKind::Orchestrator => "orchestrator",
         }
     }
 
@@ -188,16 +201,19 @@ impl ResourceLimiter for MemoryCap {
 
 /// What a store carries: WASI, the memory limiter and the plugin's config.
 pub struct PluginState {
-    name: Arc<str>,
+    pub(super) name: Arc<str>,
     config: Arc<Manifest>,
     wasi: WasiCtx,
     table: ResourceTable,
-    memory: MemoryCap,
+    pub(super) memory: MemoryCap,
     /// The last error the guest logged during the current call: a Rust guest
     /// logs its panic message just before it traps.
-    last_error_log: Option<String>,
+    pub(super) last_error_log: Option<String>,
     /// The instance's stdout and stderr, and the tail of its stderr.
     output: Arc<GuestOutput>,
+    /// An orchestrator's clock and the request it is answering; `None` in
+    /// the other worlds.
+    pub(super) orchestration: Option<crate::orchestrator::Orchestration>,
 }
 
 impl WasiView for PluginState {
@@ -231,10 +247,15 @@ impl wit_host::Host for PluginState {
     }
 }
 
-/// The process-wide engine and linker.
+/// The process-wide engine and its two linkers.
 pub struct Runtime {
     engine: Engine,
+    /// Synchronous host functions: the router, processor, metrics and
+    /// health worlds, called inline on the request's thread.
     linker: Linker<PluginState>,
+    /// Async host functions (WASI's and `models.infer`): the orchestrator
+    /// world, whose calls wait for models without holding a thread.
+    orchestrator_linker: Linker<PluginState>,
 }
 
 impl Runtime {
@@ -256,6 +277,20 @@ impl Runtime {
         crate::sync_io::shadow(&mut linker)?;
         wit_host::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)?;
         wit::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)?;
+        let mut orchestrator_linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut orchestrator_linker)?;
+        wit_host::add_to_linker::<PluginState, HasSelf<PluginState>>(
+            &mut orchestrator_linker,
+            |state| state,
+        )?;
+        wit::add_to_linker::<PluginState, HasSelf<PluginState>>(
+            &mut orchestrator_linker,
+            |state| state,
+        )?;
+        super::bindings::wit_models::add_to_linker::<PluginState, HasSelf<PluginState>>(
+            &mut orchestrator_linker,
+            |state| state,
+        )?;
         let ticker = engine.weak();
         std::thread::Builder::new()
             .name("plinth-epoch".into())
@@ -266,7 +301,11 @@ impl Runtime {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })?;
-        Ok(Runtime { engine, linker })
+        Ok(Runtime {
+            engine,
+            linker,
+            orchestrator_linker,
+        })
     }
 
     /// Compiles `bytes`, or loads the artifact cached under its content hash
@@ -361,12 +400,7 @@ impl Runtime {
                     host_version.major, host_version.minor
                 ));
             }
-            for kind in [
-                PluginKind::Router,
-                PluginKind::Processor,
-                PluginKind::Metrics,
-                PluginKind::Health,
-            ] {
+            for kind in PluginKind::ALL {
                 if interface == kind.interface() && ty.exports(&self.engine).any(|(n, _)| n == name)
                 {
                     kinds.push(kind);
@@ -375,7 +409,7 @@ impl Runtime {
         }
         match kinds.as_slice() {
             [kind] => Ok(*kind),
-            [] => Err("exports none of the plugin interfaces (router, processor, metrics, health) of plinth:plugin".into()),
+            [] => Err("exports none of the plugin interfaces (router, processor, metrics, health, orchestrator) of plinth:plugin".into()),
             _ => Err(format!("exports several plugin interfaces ({kinds:?}); a plugin implements one world")),
         }
     }
@@ -392,7 +426,22 @@ impl Runtime {
         })
     }
 
-    fn store(
+    /// [`Runtime::instance_pre`] on the async linker, for orchestrators.
+    pub(super) fn orchestrator_pre(
+        &self,
+        component: &Component,
+    ) -> Result<InstancePre<PluginState>, String> {
+        self.orchestrator_linker
+            .instantiate_pre(component)
+            .map_err(|err| {
+                format!(
+                    "imports something this host does not provide: {}",
+                    root_cause(&err)
+                )
+            })
+    }
+
+    pub(super) fn store(
         &self,
         name: &Arc<str>,
         manifest: &Arc<Manifest>,
@@ -432,6 +481,7 @@ impl Runtime {
                 memory: MemoryCap::new(manifest.memory_bytes),
                 last_error_log: None,
                 output,
+                orchestration: None,
             },
         );
         store.limiter(|state| &mut state.memory);
@@ -448,7 +498,7 @@ pub fn content_hash(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn root_cause(err: &wasmtime::Error) -> String {
+pub(super) fn root_cause(err: &wasmtime::Error) -> String {
     err.chain()
         .last()
         .map(|cause| cause.to_string())
@@ -801,7 +851,7 @@ impl<K: Kind> Plugin<K> {
     }
 }
 
-fn plugin_error(err: wit::PluginError) -> PluginError {
+pub(super) fn plugin_error(err: wit::PluginError) -> PluginError {
     match err {
         wit::PluginError::InvalidInput(msg) => PluginError::InvalidInput(msg),
         wit::PluginError::Unavailable(msg) => PluginError::Unavailable(msg),
@@ -811,7 +861,11 @@ fn plugin_error(err: wit::PluginError) -> PluginError {
 
 /// Turns a failed call into the cause a user can act on. Out-of-memory is
 /// the limiter's flag, set when it refused a growth during the call.
-fn classify(err: wasmtime::Error, store: &Store<PluginState>, manifest: &Manifest) -> CallError {
+pub(super) fn classify(
+    err: wasmtime::Error,
+    store: &Store<PluginState>,
+    manifest: &Manifest,
+) -> CallError {
     if store.data().memory.refused().is_some() {
         return CallError::OutOfMemory(manifest.memory_bytes);
     }

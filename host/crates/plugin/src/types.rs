@@ -28,6 +28,17 @@ pub enum PluginError {
     Internal(String),
 }
 
+impl PluginError {
+    /// The plugin's own words, without the class.
+    pub fn message(&self) -> &str {
+        match self {
+            PluginError::InvalidInput(msg)
+            | PluginError::Unavailable(msg)
+            | PluginError::Internal(msg) => msg,
+        }
+    }
+}
+
 impl std::fmt::Display for PluginError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

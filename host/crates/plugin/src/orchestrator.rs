@@ -1,0 +1,490 @@
+//! Orchestrator plugins: the `orchestrator-plugin` world of WIT 0.1.1, a
+//! plugin served as a model that answers by calling other models.
+//!
+//! The other worlds are called synchronously, inline on the request's
+//! thread. An orchestrator waits for models, so its instances live on the
+//! runtime's async linker: `run` is a future, and while the guest sits in
+//! `models.infer` its fiber is parked and the thread serves other requests.
+//!
+//! Time is kept two ways. The manifest's deadline bounds the guest's own
+//! time: the epoch callback takes the time spent waiting in `models.infer`
+//! off the clock before it judges, so a deadline of 50 ms is 50 ms of guest
+//! work however long the models take. The request's deadline bounds the
+//! whole call, nested models included. Calls into models nest at most
+//! [`RunContext::max_depth`] deep, which stops an orchestrator that calls
+//! itself.
+//!
+//! This crate knows nothing of models: the host hands each run a
+//! [`ModelCaller`], its pipeline, through which nested calls go.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::FutureExt;
+use wasmtime::component::Component;
+use wasmtime::{Store, UpdateDeadline};
+
+use plinth_core::error::Error;
+use plinth_core::tensor::Tensor;
+
+use super::bindings::orchestrator::{OrchestratorPlugin, OrchestratorPluginPre};
+use super::bindings::{wit, wit_models};
+use super::calls::{RequestView, call_error, from_wit, to_wit};
+use super::manifest::Manifest;
+use super::runtime::{
+    CallError, EPOCH_TICK, PluginKind, PluginMeta, PluginState, PluginStats, Runtime, classify,
+    plugin_error, root_cause,
+};
+use super::types::PluginInfo;
+
+/// How deep nested model calls may go unless the server says otherwise.
+pub const DEFAULT_MAX_DEPTH: u32 = 4;
+/// Warm instances kept per orchestrator.
+const MAX_IDLE_INSTANCES: usize = 16;
+
+/// A boxed, sendable future: what [`ModelCaller::infer`] returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A model call an orchestrator makes.
+#[derive(Debug)]
+pub struct NestedCall {
+    /// The request the orchestrator is answering.
+    pub parent: RequestView,
+    /// 1 for a call made while answering a client's request, 2 for one made
+    /// by an orchestrator that was itself called by one, and so on.
+    pub depth: u32,
+    pub model: String,
+    /// `None`: the newest ready version.
+    pub version: Option<String>,
+    pub inputs: Vec<Tensor>,
+    /// When the client's request must be answered by.
+    pub deadline: Instant,
+}
+
+/// The host's models, as orchestrators call them. The host's pipeline
+/// implements it: a nested call runs the model's processors, the model and
+/// its statistics, as a client request would, without the router.
+pub trait ModelCaller: Send + Sync + 'static {
+    fn infer(&self, call: NestedCall) -> BoxFuture<Result<Vec<Tensor>, Error>>;
+}
+
+/// What one run of an orchestrator is given.
+#[derive(Clone)]
+pub struct RunContext {
+    pub caller: Arc<dyn ModelCaller>,
+    /// The depth of the request being answered: 0 for a client's.
+    pub depth: u32,
+    /// The most a nested call may be ([`NestedCall::depth`]).
+    pub max_depth: u32,
+    /// When the client's request must be answered by.
+    pub deadline: Instant,
+}
+
+impl std::fmt::Debug for RunContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunContext")
+            .field("depth", &self.depth)
+            .field("max_depth", &self.max_depth)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An orchestrator store's clock and the request it is answering.
+pub(crate) struct Orchestration {
+    /// The guest's own time allowed per call (the manifest's deadline).
+    budget: Duration,
+    /// When the current call (instantiation, `init` or `run`) started.
+    started: Instant,
+    /// Time the current call has spent waiting for models.
+    waited: Duration,
+    /// The run under way, if any.
+    scope: Option<(RequestView, RunContext)>,
+    /// The last nested call's failure, as the host reported it to the guest.
+    nested_failure: Option<Error>,
+}
+
+impl Orchestration {
+    fn new(budget: Duration) -> Orchestration {
+        Orchestration {
+            budget,
+            started: Instant::now(),
+            waited: Duration::ZERO,
+            scope: None,
+            nested_failure: None,
+        }
+    }
+
+    /// The guest time left to the current call, `None` once spent.
+    fn left(&self) -> Option<Duration> {
+        let used = self.started.elapsed().saturating_sub(self.waited);
+        self.budget.checked_sub(used).filter(|left| !left.is_zero())
+    }
+}
+
+fn ticks(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis().div_ceil(EPOCH_TICK.as_millis())).unwrap_or(u64::MAX) + 1
+}
+
+/// A nested failure as the guest sees it: the host's message, classed.
+fn infer_error(err: &Error) -> wit_models::InferError {
+    use wit_models::InferError;
+    let message = err.to_string();
+    match err {
+        Error::ModelNotFound { .. } | Error::VersionNotFound { .. } | Error::NotFound(_) => {
+            InferError::NotFound(message)
+        }
+        Error::InvalidArgument(_) => InferError::InvalidInput(message),
+        Error::ModelNotReady { .. }
+        | Error::Unavailable(_)
+        | Error::ResourceExhausted(_)
+        | Error::Cancelled => InferError::Unavailable(message),
+        Error::DeadlineExceeded(_) => InferError::DeadlineExceeded(message),
+        Error::FailedPrecondition(_)
+        | Error::AlreadyExists { .. }
+        | Error::LoadFailed(_)
+        | Error::Internal(_) => InferError::Internal(message),
+    }
+}
+
+impl wit_models::Host for PluginState {
+    async fn infer(
+        &mut self,
+        model: String,
+        version: String,
+        inputs: Vec<wit::Tensor>,
+    ) -> Result<Vec<wit::Tensor>, wit_models::InferError> {
+        let plugin = self.name.clone();
+        let Some((parent, context)) = self.orchestration.as_ref().and_then(|o| o.scope.clone())
+        else {
+            return Err(wit_models::InferError::Internal(
+                "models.infer is only available while the orchestrator answers a request (not in init)"
+                    .into(),
+            ));
+        };
+        let depth = context.depth + 1;
+        let outcome = if depth > context.max_depth {
+            Err(Error::FailedPrecondition(format!(
+                "model '{model}': orchestrator '{plugin}' would call it at depth {depth}, past the limit of {} nested calls (--max-call-depth)",
+                context.max_depth
+            )))
+        } else {
+            let inputs: Result<Vec<Tensor>, Error> =
+                inputs.into_iter().map(|t| from_wit(&plugin, t)).collect();
+            match inputs {
+                Err(err) => Err(err),
+                Ok(inputs) => {
+                    let call = NestedCall {
+                        parent,
+                        depth,
+                        model,
+                        version: Some(version).filter(|v| !v.is_empty()),
+                        inputs,
+                        deadline: context.deadline,
+                    };
+                    let waiting = Instant::now();
+                    let outcome = context.caller.infer(call).await;
+                    if let Some(orchestration) = self.orchestration.as_mut() {
+                        orchestration.waited += waiting.elapsed();
+                    }
+                    outcome
+                }
+            }
+        };
+        match outcome {
+            Ok(outputs) => Ok(outputs.into_iter().map(to_wit).collect()),
+            Err(err) => {
+                let too_deep = depth > context.max_depth;
+                let answer = if too_deep {
+                    wit_models::InferError::TooDeep(err.to_string())
+                } else {
+                    infer_error(&err)
+                };
+                if let Some(orchestration) = self.orchestration.as_mut() {
+                    orchestration.nested_failure = Some(err);
+                }
+                Err(answer)
+            }
+        }
+    }
+}
+
+/// A live orchestrator instance.
+struct Instance {
+    store: Store<PluginState>,
+    exports: OrchestratorPlugin,
+}
+
+/// A compiled, validated orchestrator with its pool of warm instances.
+pub struct Orchestrator {
+    meta: PluginMeta,
+    state_name: Arc<str>,
+    pre: OrchestratorPluginPre<PluginState>,
+    idle: parking_lot::Mutex<Vec<Instance>>,
+}
+
+impl std::ops::Deref for Orchestrator {
+    type Target = PluginMeta;
+
+    fn deref(&self) -> &PluginMeta {
+        &self.meta
+    }
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("name", &self.name)
+            .field("version", &self.info.version)
+            .finish()
+    }
+}
+
+impl Orchestrator {
+    /// Instantiates a component `inspect` found to be an orchestrator and
+    /// calls `describe` and `init` once. Blocking: call it off the tokio
+    /// workers.
+    pub(super) fn from_component(
+        name: &str,
+        component: &Component,
+        file_hash: String,
+        manifest: Manifest,
+    ) -> Result<Orchestrator, String> {
+        let pre = Runtime::get().orchestrator_pre(component)?;
+        let pre = OrchestratorPluginPre::new(pre).map_err(|err| {
+            format!(
+                "does not export the orchestrator-plugin world's interface: {}",
+                root_cause(&err)
+            )
+        })?;
+        let mut plugin = Orchestrator {
+            meta: PluginMeta {
+                name: name.to_owned(),
+                kind: PluginKind::Orchestrator,
+                info: PluginInfo::default(),
+                file_hash,
+                loaded_at: SystemTime::now(),
+                manifest: Arc::new(manifest),
+                stats: PluginStats::default(),
+            },
+            state_name: Arc::from(name),
+            pre,
+            idle: parking_lot::Mutex::new(Vec::new()),
+        };
+        let (info, instance) = futures::executor::block_on(async {
+            let mut instance = plugin.instantiate().await.map_err(|err| err.to_string())?;
+            plugin.arm(&mut instance.store);
+            let info = instance
+                .exports
+                .call_describe(&mut instance.store)
+                .await
+                .map_err(|err| {
+                    format!(
+                        "describe() failed: {}",
+                        classify(err, &instance.store, &plugin.manifest)
+                    )
+                })?;
+            Ok::<_, String>((info, instance))
+        })?;
+        semver::Version::parse(&info.version).map_err(|err| {
+            format!(
+                "describe() gave version {:?}, not semver: {err}",
+                info.version
+            )
+        })?;
+        plugin.meta.info = PluginInfo {
+            name: info.name,
+            version: info.version,
+            description: info.description,
+        };
+        plugin.idle.lock().push(instance);
+        Ok(plugin)
+    }
+
+    /// Starts the clock of a call on `store` and clears what the last one left.
+    fn arm(&self, store: &mut Store<PluginState>) {
+        store.set_epoch_deadline(ticks(self.manifest.deadline));
+        let state = store.data_mut();
+        state.last_error_log = None;
+        state.memory.clear();
+        let orchestration = state
+            .orchestration
+            .get_or_insert_with(|| Orchestration::new(self.manifest.deadline));
+        orchestration.started = Instant::now();
+        orchestration.waited = Duration::ZERO;
+        orchestration.scope = None;
+        orchestration.nested_failure = None;
+    }
+
+    async fn instantiate(&self) -> Result<Instance, CallError> {
+        let mut store = Runtime::get()
+            .store(&self.state_name, &self.manifest)
+            .map_err(CallError::Instantiate)?;
+        // At the deadline, judge the guest's own time: what it spent waiting
+        // for models does not count. A guest with time left yields the thread
+        // (a long computation shares it) and goes on.
+        store.epoch_deadline_callback(|context| {
+            match context
+                .data()
+                .orchestration
+                .as_ref()
+                .and_then(Orchestration::left)
+            {
+                Some(left) => Ok(UpdateDeadline::Yield(ticks(left))),
+                None => Ok(UpdateDeadline::Interrupt),
+            }
+        });
+        self.arm(&mut store);
+        let exports = match self.pre.instantiate_async(&mut store).await {
+            Ok(exports) => exports,
+            Err(err) => {
+                return Err(CallError::Instantiate(
+                    classify(err, &store, &self.manifest).to_string(),
+                ));
+            }
+        };
+        let mut instance = Instance { store, exports };
+        self.arm(&mut instance.store);
+        match instance.exports.call_init(&mut instance.store).await {
+            Ok(Ok(())) => {
+                instance.store.data_mut().memory.mark_baseline();
+                Ok(instance)
+            }
+            Ok(Err(err)) => Err(CallError::Instantiate(format!(
+                "init() refused: {}",
+                CallError::Plugin(plugin_error(err))
+            ))),
+            Err(err) => Err(CallError::Instantiate(format!(
+                "init() {}",
+                classify(err, &instance.store, &self.manifest)
+            ))),
+        }
+    }
+
+    /// Answers `request` with `inputs`: runs the guest's `run` on a warm
+    /// instance, its nested model calls going through `context.caller`. A
+    /// trap, a timeout or running out of memory fails this request only, and
+    /// the instance is dropped; so is one still running when the request's
+    /// deadline passes.
+    pub async fn run(
+        &self,
+        request: &RequestView,
+        inputs: Vec<Tensor>,
+        context: RunContext,
+    ) -> Result<Vec<Tensor>, Error> {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let pooled = self.idle.lock().pop();
+        let mut instance = match pooled {
+            Some(instance) => instance,
+            None => self.instantiate().await.map_err(|err| {
+                self.record_error(&err);
+                call_error(&self.name, "run", err)
+            })?,
+        };
+        self.arm(&mut instance.store);
+        let deadline = context.deadline;
+        if let Some(orchestration) = instance.store.data_mut().orchestration.as_mut() {
+            orchestration.scope = Some((request.clone(), context));
+        }
+        let info = request.to_wit();
+        let tensors: Vec<wit::Tensor> = inputs.into_iter().map(to_wit).collect();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let outcome = {
+            let call = std::panic::AssertUnwindSafe(
+                instance.exports.plinth_plugin_orchestrator().call_run(
+                    &mut instance.store,
+                    &info,
+                    &tensors,
+                ),
+            )
+            .catch_unwind();
+            tokio::time::timeout(left, call).await
+        };
+        let res = match outcome {
+            // The instance is dropped mid-call: its fiber goes with it.
+            Err(_) => {
+                let err = Error::DeadlineExceeded(format!(
+                    "model '{}': the request's time ran out while orchestrator '{}' was answering",
+                    request.model, self.name
+                ));
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                *self.stats.last_error.lock() = Some(err.to_string());
+                return Err(err);
+            }
+            Ok(Err(panic)) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let err = CallError::Trap(format!(
+                    "a host function the guest called panicked: {}",
+                    what.lines().next().unwrap_or_default()
+                ));
+                self.record_error(&err);
+                return Err(call_error(&self.name, "run", err));
+            }
+            Ok(Ok(res)) => res,
+        };
+        let nested_failure = instance
+            .store
+            .data_mut()
+            .orchestration
+            .as_mut()
+            .and_then(|o| {
+                o.scope = None;
+                o.nested_failure.take()
+            });
+        match res {
+            Ok(answer) => {
+                if !instance.store.data().memory.past_high_water() {
+                    let mut idle = self.idle.lock();
+                    if idle.len() < MAX_IDLE_INSTANCES {
+                        idle.push(instance);
+                    }
+                } else {
+                    self.stats.recycled.fetch_add(1, Ordering::Relaxed);
+                }
+                match answer {
+                    Ok(outputs) => outputs
+                        .into_iter()
+                        .map(|t| from_wit(&self.name, t))
+                        .collect(),
+                    Err(err) => {
+                        let err = plugin_error(err);
+                        // The guest passed a model's failure on (`?`): the
+                        // client gets that failure, with its own status.
+                        if let Some(nested) = nested_failure
+                            && nested.to_string() == err.message()
+                        {
+                            return Err(nested);
+                        }
+                        let err = CallError::Plugin(err);
+                        self.record_error(&err);
+                        Err(call_error(&self.name, "run", err))
+                    }
+                }
+            }
+            Err(trap) => {
+                let logged = instance.store.data_mut().last_error_log.take();
+                let classified = match (classify(trap, &instance.store, &self.manifest), logged) {
+                    (CallError::Trap(cause), Some(message)) => {
+                        CallError::Trap(format!("{message} ({cause})"))
+                    }
+                    (other, _) => other,
+                };
+                self.record_error(&classified);
+                Err(call_error(&self.name, "run", classified))
+            }
+        }
+    }
+
+    fn record_error(&self, err: &CallError) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        *self.stats.last_error.lock() = Some(err.to_string());
+        tracing::warn!(plugin = %self.name, error = %err, "orchestrator call failed");
+    }
+}
