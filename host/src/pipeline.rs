@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use crate::config::ModelConfig;
 use crate::error::Error;
 use crate::plugin::{
-    BoxFuture, Candidates, DEFAULT_MAX_DEPTH, Manifest, ModelCaller, NestedCall, OnError,
-    PluginHost, PluginMeta, RequestEvent, RequestStatus, RequestView, RunContext, Stage,
-    StageTimings, kind,
+    BoxFuture, Candidates, DEFAULT_MAX_DEPTH, Manifest, MirrorEvent, MirrorTarget, ModelCaller,
+    NestedCall, OnError, PluginHost, PluginMeta, RequestEvent, RequestStatus, RequestView,
+    RunContext, Stage, StageTimings, kind,
 };
 use crate::registry::{ReadyModel, ReadySet, Registry, RequestRecord};
 use crate::tensor::Tensor;
@@ -32,6 +32,13 @@ const EVENT_BATCH: usize = 512;
 /// seconds apart; handing them over one by one would cost a thread hop and a
 /// guest call per request.
 const EVENT_FLUSH: Duration = Duration::from_millis(50);
+
+/// Mirrored runs waiting to start; more are dropped and counted.
+const MIRROR_QUEUE: usize = 256;
+/// Mirrored runs in flight at once.
+const MIRROR_CONCURRENCY: usize = 4;
+/// The longest a mirrored run may take.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One inference as the edges hand it over.
 #[derive(Debug, Clone, Default)]
@@ -118,6 +125,38 @@ struct Inner {
     candidates: ArcSwap<(Arc<ReadySet>, Arc<Candidates>)>,
     /// How deep orchestrators' model calls may nest.
     max_call_depth: u32,
+    /// Mirrored runs for the mirror task, and how they went.
+    mirrors: mpsc::Sender<MirrorJob>,
+    mirror_counts: MirrorCounts,
+}
+
+/// Mirrored runs since startup.
+#[derive(Debug, Default)]
+struct MirrorCounts {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    /// Did not fit in the queue.
+    dropped: AtomicU64,
+    agreed: AtomicU64,
+    disagreed: AtomicU64,
+}
+
+/// A routed request's mirror targets, with its inputs as the client sent them.
+struct MirrorPlan {
+    targets: Vec<MirrorTarget>,
+    inputs: Vec<Tensor>,
+}
+
+/// One mirrored run to make, off the response path.
+struct MirrorJob {
+    target: MirrorTarget,
+    id: String,
+    metadata: Vec<(String, String)>,
+    inputs: Vec<Tensor>,
+    primary_model: String,
+    primary_version: String,
+    primary_outputs: Vec<Tensor>,
+    primary_latency: Duration,
 }
 
 /// Counts a stream open for as long as its response side lives (it is
@@ -180,6 +219,8 @@ struct Timings {
     executed: bool,
     executed_rows: u64,
     leader: bool,
+    /// Where the router mirrors the request, if anywhere.
+    mirror: Option<MirrorPlan>,
 }
 
 /// Whether a failed call may be skipped: the plugin asked for it, and the
@@ -201,7 +242,8 @@ impl Pipeline {
     pub fn new(registry: Registry, plugins: Arc<PluginHost>) -> Pipeline {
         let (events, rx) = mpsc::channel(EVENT_QUEUE);
         tokio::spawn(feed_metrics(Arc::clone(&plugins), rx));
-        Pipeline {
+        let (mirrors, mirror_rx) = mpsc::channel(MIRROR_QUEUE);
+        let pipeline = Pipeline {
             inner: Arc::new(Inner {
                 registry,
                 plugins,
@@ -213,8 +255,12 @@ impl Pipeline {
                     Arc::new(Candidates::default()),
                 )),
                 max_call_depth: DEFAULT_MAX_DEPTH,
+                mirrors,
+                mirror_counts: MirrorCounts::default(),
             }),
-        }
+        };
+        tokio::spawn(run_mirrors(Arc::downgrade(&pipeline.inner), mirror_rx));
+        pipeline
     }
 
     /// Sets how deep orchestrators' model calls may nest (`--max-call-depth`).
@@ -280,11 +326,14 @@ impl Pipeline {
                 request.nested,
                 &mut timings,
             )
-            .await
-            .and_then(|response| {
-                let model = response.model.clone();
-                answer(response).map_err(|err| name_model(&model, err))
-            });
+            .await;
+        if let (Ok(response), Some(plan)) = (&res, timings.mirror.take()) {
+            self.enqueue_mirrors(plan, &view, response, started.elapsed());
+        }
+        let res = res.and_then(|response| {
+            let model = response.model.clone();
+            answer(response).map_err(|err| name_model(&model, err))
+        });
         let total = started.elapsed();
         // A request that failed before reaching a model (the router failed,
         // say) is a failure of the model the client asked for.
@@ -383,6 +432,22 @@ impl Pipeline {
             let candidates = self.candidates();
             match router.route(view, &candidates) {
                 Ok(decision) => {
+                    if router.mirrors_requests() {
+                        match router.mirrors(view, &decision) {
+                            Ok(targets) if !targets.is_empty() => {
+                                timings.mirror = Some(MirrorPlan {
+                                    targets,
+                                    // Reference-counted: no copy.
+                                    inputs: inputs.clone(),
+                                });
+                            }
+                            Ok(_) => {}
+                            // Mirrors never fail the primary.
+                            Err(err) => {
+                                tracing::warn!(%err, "mirror targets not known; not mirrored")
+                            }
+                        }
+                    }
                     view.model = decision.model;
                     view.version = decision.version;
                 }
@@ -519,6 +584,108 @@ impl Pipeline {
         declared_outputs(model, plugin, outputs)
     }
 
+    /// Queues a mirrored run per target of `plan`; what does not fit is
+    /// dropped and counted. Never waits.
+    fn enqueue_mirrors(
+        &self,
+        plan: MirrorPlan,
+        view: &RequestView,
+        primary: &PipelineResponse,
+        primary_latency: Duration,
+    ) {
+        for target in plan.targets {
+            let job = MirrorJob {
+                target,
+                id: view.id.clone(),
+                metadata: view.metadata.clone(),
+                inputs: plan.inputs.clone(),
+                primary_model: primary.model.clone(),
+                primary_version: primary.version.clone(),
+                primary_outputs: primary.outputs.clone(),
+                primary_latency,
+            };
+            if self.inner.mirrors.try_send(job).is_err() {
+                self.inner
+                    .mirror_counts
+                    .dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Runs one mirrored request (the whole pipeline but the router) and
+    /// tells the metrics plugins that count mirrors how it went.
+    async fn mirror(&self, job: MirrorJob) {
+        let started = Instant::now();
+        let res = self
+            .infer(PipelineRequest {
+                id: job.id,
+                model: job.target.model.clone(),
+                version: job.target.version.clone(),
+                inputs: job.inputs,
+                metadata: job.metadata,
+                timeout: None,
+                nested: Some(Nesting {
+                    depth: 1,
+                    deadline: started + MIRROR_TIMEOUT,
+                }),
+            })
+            .await;
+        let latency = started.elapsed();
+        let counts = &self.inner.mirror_counts;
+        let (status, version, agree) = match &res {
+            Ok(response) => {
+                counts.ok.fetch_add(1, Ordering::Relaxed);
+                let agree = outputs_agree(
+                    &job.primary_outputs,
+                    &response.outputs,
+                    job.target.tolerance,
+                );
+                let counter = if agree {
+                    &counts.agreed
+                } else {
+                    &counts.disagreed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                (
+                    RequestStatus::Ok,
+                    Some(response.version.clone()),
+                    Some(agree),
+                )
+            }
+            Err(err) => {
+                counts.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(model = %job.target.model, %err, "mirrored run failed");
+                (RequestStatus::of_error(err), None, None)
+            }
+        };
+        let event = MirrorEvent {
+            primary_model: job.primary_model,
+            primary_version: Some(job.primary_version),
+            model: job.target.model,
+            version: version.or(job.target.version),
+            status,
+            latency,
+            primary_latency: job.primary_latency,
+            agree,
+        };
+        let sinks: Vec<_> = self
+            .inner
+            .plugins
+            .of_kind::<kind::Metrics>()
+            .into_iter()
+            .filter(|p| p.counts_mirrors())
+            .collect();
+        if !sinks.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || {
+                for sink in sinks {
+                    let _ = sink.record_mirrors(std::slice::from_ref(&event));
+                }
+            })
+            .await;
+        }
+    }
+
     /// The router's candidates for the registry's ready set as it stands:
     /// the ones made for it, or made now (once per change of the set).
     fn candidates(&self) -> Arc<Candidates> {
@@ -607,6 +774,27 @@ impl Pipeline {
             "plinth_metrics_events_dropped_total {}\n",
             self.dropped_events()
         ));
+        let mirrors = &self.inner.mirror_counts;
+        text.push_str("# HELP plinth_mirror_requests_total Mirrored runs of routed requests: ok, failed, or dropped because the mirror queue was full.\n");
+        text.push_str("# TYPE plinth_mirror_requests_total counter\n");
+        for (result, counter) in [
+            ("ok", &mirrors.ok),
+            ("failed", &mirrors.failed),
+            ("dropped", &mirrors.dropped),
+        ] {
+            text.push_str(&format!(
+                "plinth_mirror_requests_total{{result=\"{result}\"}} {}\n",
+                counter.load(Ordering::Relaxed)
+            ));
+        }
+        text.push_str("# HELP plinth_mirror_agreement_total Successful mirrored runs whose outputs agreed with the primary's within the target's tolerance, or not.\n");
+        text.push_str("# TYPE plinth_mirror_agreement_total counter\n");
+        for (result, counter) in [("agree", &mirrors.agreed), ("disagree", &mirrors.disagreed)] {
+            text.push_str(&format!(
+                "plinth_mirror_agreement_total{{result=\"{result}\"}} {}\n",
+                counter.load(Ordering::Relaxed)
+            ));
+        }
         text.push_str("# HELP plinth_plugin_calls_total Calls into each plugin.\n# TYPE plinth_plugin_calls_total counter\n");
         let reports = self.inner.plugins.list();
         for report in reports.iter().filter_map(|r| r.plugin.as_ref()) {
@@ -748,6 +936,46 @@ impl ModelCaller for Pipeline {
                 Err(_) => Err(ran_out()),
             }
         })
+    }
+}
+
+/// Whether `mirror` answers what `primary` did: the same output names,
+/// dtypes and shapes, and numbers within `tolerance` of each other (byte
+/// strings equal).
+fn outputs_agree(primary: &[Tensor], mirror: &[Tensor], tolerance: f64) -> bool {
+    primary.len() == mirror.len()
+        && primary.iter().all(|p| {
+            mirror.iter().any(|m| {
+                m.name() == p.name()
+                    && m.dtype() == p.dtype()
+                    && m.shape() == p.shape()
+                    && match (p.to_f64_lossy(), m.to_f64_lossy()) {
+                        (Some(a), Some(b)) => a
+                            .iter()
+                            .zip(&b)
+                            .all(|(x, y)| (x - y).abs() <= tolerance || x == y),
+                        _ => p.data() == m.data(),
+                    }
+            })
+        })
+}
+
+/// Starts mirrored runs as they are queued, at most
+/// [`MIRROR_CONCURRENCY`] at once. Ends with the pipeline.
+async fn run_mirrors(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<MirrorJob>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MIRROR_CONCURRENCY));
+    while let Some(job) = rx.recv().await {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let pipeline = Pipeline { inner };
+        tokio::spawn(async move {
+            pipeline.mirror(job).await;
+            drop(permit);
+        });
     }
 }
 

@@ -98,3 +98,48 @@ pub mod orchestrator {
         default_bindings_module: "plinth_plugin_sdk::bindings::orchestrator",
     });
 }
+
+/// The `mirror` interface alone (0.1.1). A mirroring router's component is
+/// the `router-plugin` world's exports plus these: the two sets of bindings
+/// are linked into one component (`mirroring-router-plugin`).
+pub mod mirror {
+    wit_bindgen::generate!({
+        path: "../wit",
+        inline: "
+            package plinth:sdk-mirror;
+            world mirror {
+                export plinth:plugin/mirror@0.1.1;
+            }
+        ",
+        world: "plinth:sdk-mirror/mirror",
+        with: {
+            "plinth:plugin/types@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
+        },
+        additional_derives: [PartialEq],
+        pub_export_macro: true,
+        export_macro_name: "__plinth_export_mirror",
+        default_bindings_module: "plinth_plugin_sdk::bindings::mirror",
+    });
+}
+
+/// The `mirror-metrics` interface alone (0.1.1), linked beside the
+/// `metrics-plugin` world's exports (`mirror-metrics-plugin`).
+pub mod mirror_metrics {
+    wit_bindgen::generate!({
+        path: "../wit",
+        inline: "
+            package plinth:sdk-mirror-metrics;
+            world mirror-metrics {
+                export plinth:plugin/mirror-metrics@0.1.1;
+            }
+        ",
+        world: "plinth:sdk-mirror-metrics/mirror-metrics",
+        with: {
+            "plinth:plugin/types@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
+        },
+        additional_derives: [PartialEq, Eq],
+        pub_export_macro: true,
+        export_macro_name: "__plinth_export_mirror_metrics",
+        default_bindings_module: "plinth_plugin_sdk::bindings::mirror_metrics",
+    });
+}

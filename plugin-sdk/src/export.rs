@@ -5,11 +5,11 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::sync::Once;
 
-use crate::bindings::{health, metrics, orchestrator, processor, router};
+use crate::bindings::{health, metrics, mirror, mirror_metrics, orchestrator, processor, router};
 use crate::{
-    Config, Health, HealthReport, HealthStatus, HostSnapshot, Metrics, ModelRef, Models,
-    Orchestrator, Plugin, PluginError, PluginInfo, Processor, RequestEvent, RequestInfo, Result,
-    RouteDecision, Router, Tensor,
+    Config, Health, HealthReport, HealthStatus, HostSnapshot, Metrics, MirrorEvent, MirrorMetrics,
+    MirrorTarget, MirroringRouter, ModelRef, Models, Orchestrator, Plugin, PluginError, PluginInfo,
+    Processor, RequestEvent, RequestInfo, Result, RouteDecision, Router, Tensor,
 };
 
 /// Implemented by the `export_*!` macros on a type private to the plugin
@@ -193,5 +193,23 @@ where
         // The plugin stays borrowed while it waits for the models it calls:
         // the host runs one call at a time on an instance.
         with_plugin(|plugin: &mut E::Plugin| plugin.run(&req, inputs, &Models::new()))?
+    }
+}
+
+impl<E: Export> mirror::exports::plinth::plugin::mirror::Guest for E
+where
+    E::Plugin: MirroringRouter,
+{
+    fn mirrors(req: RequestInfo, primary: RouteDecision) -> Result<Vec<MirrorTarget>> {
+        with_plugin(|plugin: &mut E::Plugin| plugin.mirrors(&req, &primary))?
+    }
+}
+
+impl<E: Export> mirror_metrics::exports::plinth::plugin::mirror_metrics::Guest for E
+where
+    E::Plugin: MirrorMetrics,
+{
+    fn record_mirrors(events: Vec<MirrorEvent>) {
+        let _ = with_plugin(|plugin: &mut E::Plugin| plugin.record_mirrors(events));
     }
 }

@@ -12,6 +12,8 @@
 //! | metrics | [`Metrics`] | [`export_metrics!`] |
 //! | health checks | [`Health`] | [`export_health!`] |
 //! | model composition (0.1.1) | [`Orchestrator`] | [`export_orchestrator!`] |
+//! | routing with mirrors (0.1.1) | [`MirroringRouter`] | [`export_mirroring_router!`] |
+//! | metrics of mirrors (0.1.1) | [`MirrorMetrics`] | [`export_mirror_metrics!`] |
 //!
 //! A complete processor that scales every `f32` input by a configured
 //! factor:
@@ -80,10 +82,14 @@ pub use bindings::common::plinth::plugin::types::{
     ModelStatus, PluginError, PluginInfo, PluginKind, PluginStatus, RequestEvent, RequestInfo,
     RequestStatus, RouteDecision, StageTimings, Tensor,
 };
+pub use bindings::mirror::exports::plinth::plugin::mirror::MirrorTarget;
+pub use bindings::mirror_metrics::exports::plinth::plugin::mirror_metrics::MirrorEvent;
 pub use config::Config;
 pub use models::{InferError, Models};
 pub use tensor::{Element, TensorError};
-pub use traits::{Health, Metrics, Orchestrator, Plugin, Processor, Router};
+pub use traits::{
+    Health, Metrics, MirrorMetrics, MirroringRouter, Orchestrator, Plugin, Processor, Router,
+};
 
 /// The result of a plugin call.
 pub type Result<T, E = PluginError> = std::result::Result<T, E>;
@@ -92,9 +98,11 @@ pub type Result<T, E = PluginError> = std::result::Result<T, E>;
 pub mod prelude {
     pub use crate::{
         Config, Dtype, Health, HealthReport, HealthStatus, HostSnapshot, InferError, Metrics,
-        ModelRef, Models, Orchestrator, Plugin, PluginError, Processor, RequestEvent, RequestInfo,
-        RequestStatus, Result, RouteDecision, Router, StageTimings, Tensor, TensorError,
-        export_health, export_metrics, export_orchestrator, export_processor, export_router,
+        MirrorEvent, MirrorMetrics, MirrorTarget, MirroringRouter, ModelRef, Models, Orchestrator,
+        Plugin, PluginError, Processor, RequestEvent, RequestInfo, RequestStatus, Result,
+        RouteDecision, Router, StageTimings, Tensor, TensorError, export_health, export_metrics,
+        export_mirror_metrics, export_mirroring_router, export_orchestrator, export_processor,
+        export_router,
     };
 }
 
@@ -205,5 +213,77 @@ macro_rules! export_health {
 macro_rules! export_orchestrator {
     ($plugin:ty) => {
         $crate::__export_plugin!($plugin, orchestrator, __plinth_export_orchestrator_plugin);
+    };
+}
+
+/// Shared body of the exports of a world plus an optional interface: the
+/// type is exported through both sets of bindings, which link into one
+/// component.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_plugin_with {
+    ($plugin:ty, $world:ident, $world_macro:ident, $extra:ident, $extra_macro:ident, $extra_guest:path) => {
+        const _: () = {
+            struct PlinthExport;
+
+            impl $crate::export::Export for PlinthExport {
+                type Plugin = $plugin;
+
+                fn info() -> $crate::PluginInfo {
+                    $crate::export::info(
+                        env!("CARGO_PKG_NAME"),
+                        env!("CARGO_PKG_VERSION"),
+                        env!("CARGO_PKG_DESCRIPTION"),
+                    )
+                }
+            }
+
+            #[cfg(target_arch = "wasm32")]
+            $crate::bindings::$world::$world_macro!(
+                PlinthExport with_types_in $crate::bindings::$world
+            );
+            #[cfg(target_arch = "wasm32")]
+            $crate::bindings::$extra::$extra_macro!(
+                PlinthExport with_types_in $crate::bindings::$extra
+            );
+
+            #[cfg(not(target_arch = "wasm32"))]
+            const _: () = {
+                const fn exportable<E: $crate::bindings::$world::Guest + $extra_guest>() {}
+                exportable::<PlinthExport>()
+            };
+        };
+    };
+}
+
+/// Exports a [`MirroringRouter`] as this component's
+/// `mirroring-router-plugin`: a router that also names mirror targets.
+#[macro_export]
+macro_rules! export_mirroring_router {
+    ($plugin:ty) => {
+        $crate::__export_plugin_with!(
+            $plugin,
+            router,
+            __plinth_export_router_plugin,
+            mirror,
+            __plinth_export_mirror,
+            $crate::bindings::mirror::exports::plinth::plugin::mirror::Guest
+        );
+    };
+}
+
+/// Exports a [`MirrorMetrics`] plugin as this component's
+/// `mirror-metrics-plugin`: metrics that also count mirrored runs.
+#[macro_export]
+macro_rules! export_mirror_metrics {
+    ($plugin:ty) => {
+        $crate::__export_plugin_with!(
+            $plugin,
+            metrics,
+            __plinth_export_metrics_plugin,
+            mirror_metrics,
+            __plinth_export_mirror_metrics,
+            $crate::bindings::mirror_metrics::exports::plinth::plugin::mirror_metrics::Guest
+        );
     };
 }

@@ -1,8 +1,8 @@
 //! The traits a plugin implements, one per plugin kind.
 
 use crate::{
-    Config, HealthReport, HostSnapshot, ModelRef, Models, RequestEvent, RequestInfo, Result,
-    RouteDecision, Tensor,
+    Config, HealthReport, HostSnapshot, MirrorEvent, MirrorTarget, ModelRef, Models, RequestEvent,
+    RequestInfo, Result, RouteDecision, Tensor,
 };
 
 /// What every plugin implements: how to build it from its configuration.
@@ -94,4 +94,21 @@ pub trait Orchestrator: Plugin {
         inputs: Vec<Tensor>,
         models: &Models,
     ) -> Result<Vec<Tensor>>;
+}
+
+/// A router that also mirrors requests (contract 0.1.1): each routed
+/// request also runs on the targets `mirrors` names, off the response path;
+/// the client gets the primary's answer only. Export it with
+/// [`export_mirroring_router!`](crate::export_mirroring_router).
+pub trait MirroringRouter: Router {
+    /// Where `req`, which `primary` serves, also runs. Called after
+    /// `route`, on the request path: keep it cheap.
+    fn mirrors(&mut self, req: &RequestInfo, primary: &RouteDecision) -> Result<Vec<MirrorTarget>>;
+}
+
+/// A metrics plugin that also counts mirrored runs (contract 0.1.1).
+/// Export it with [`export_mirror_metrics!`](crate::export_mirror_metrics).
+pub trait MirrorMetrics: Metrics {
+    /// Takes a batch of mirrored runs, oldest first.
+    fn record_mirrors(&mut self, events: Vec<MirrorEvent>);
 }

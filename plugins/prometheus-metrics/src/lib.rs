@@ -12,6 +12,13 @@
 //! - `<prefix>_batch_size{model, version}`: histogram of the batch size each
 //!   successful request ran in.
 //!
+//! - `<prefix>_mirror_requests_total{primary, model, status}`: counter of
+//!   mirrored runs (contract 0.1.1): `primary` answered the client, `model`
+//!   ran the same request as a mirror, `status` is how the mirror ended.
+//! - `<prefix>_mirror_agreement_total{primary, model, result}`: successful
+//!   mirrored runs whose outputs agreed with the primary's within the
+//!   router's tolerance (`result="agree"`) or not (`"disagree"`).
+//!
 //! A request that failed before a version was chosen has `version=""`.
 //!
 //! Configuration:
@@ -54,6 +61,10 @@ struct PrometheusMetrics {
     requests: BTreeMap<CounterKey, u64>,
     durations: BTreeMap<DurationKey, Histogram>,
     batch_sizes: BTreeMap<BatchKey, Histogram>,
+    /// Mirrored runs: primary model, mirror model, status.
+    mirrored: BTreeMap<CounterKey, u64>,
+    /// Agreement of successful mirrored runs: primary, mirror, result.
+    agreement: BTreeMap<CounterKey, u64>,
 }
 
 /// A histogram over integer observations.
@@ -100,6 +111,8 @@ impl Plugin for PrometheusMetrics {
             requests: BTreeMap::new(),
             durations: BTreeMap::new(),
             batch_sizes: BTreeMap::new(),
+            mirrored: BTreeMap::new(),
+            agreement: BTreeMap::new(),
         })
     }
 }
@@ -183,6 +196,30 @@ impl Metrics for PrometheusMetrics {
                 v.to_string()
             });
         }
+
+        for (counters, suffix, help, last) in [
+            (
+                &self.mirrored,
+                "mirror_requests_total",
+                "Mirrored runs by primary model, mirror model and status.",
+                "status",
+            ),
+            (
+                &self.agreement,
+                "mirror_agreement_total",
+                "Successful mirrored runs whose outputs agreed with the primary's, or not.",
+                "result",
+            ),
+        ] {
+            let name = format!("{prefix}_{suffix}");
+            if !counters.is_empty() {
+                out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            }
+            for ((primary, model, value), count) in counters {
+                let labels = labels(&[("primary", primary), ("model", model), (last, value)]);
+                let _ = writeln!(out, "{name}{{{labels}}} {count}");
+            }
+        }
         out
     }
 
@@ -196,6 +233,8 @@ impl Metrics for PrometheusMetrics {
         })?;
         self.requests = saved.requests;
         self.batch_sizes = saved.batch_sizes;
+        self.mirrored = saved.mirrored;
+        self.agreement = saved.agreement;
         if saved.bounds_us == self.bounds_us {
             self.durations = saved.durations;
         } else {
@@ -205,6 +244,29 @@ impl Metrics for PrometheusMetrics {
             );
         }
         Ok(())
+    }
+}
+
+impl MirrorMetrics for PrometheusMetrics {
+    fn record_mirrors(&mut self, events: Vec<MirrorEvent>) {
+        for event in events {
+            let status = status_label(event.status);
+            *self
+                .mirrored
+                .entry((
+                    event.primary_model.clone(),
+                    event.model.clone(),
+                    status.to_owned(),
+                ))
+                .or_default() += 1;
+            if let Some(agree) = event.agree {
+                let result = if agree { "agree" } else { "disagree" };
+                *self
+                    .agreement
+                    .entry((event.primary_model, event.model, result.to_owned()))
+                    .or_default() += 1;
+            }
+        }
     }
 }
 
@@ -301,7 +363,7 @@ fn is_metric_name(name: &str) -> bool {
         && chars.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
 }
 
-export_metrics!(PrometheusMetrics);
+export_mirror_metrics!(PrometheusMetrics);
 
 #[cfg(test)]
 mod tests {

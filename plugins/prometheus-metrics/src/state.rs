@@ -5,11 +5,13 @@
 //!
 //! ```text
 //! magic      b"PLPM"
-//! format     u16 = 1
+//! format     u16 = 2 (1: without the two mirror sections)
 //! bounds     u32 count, then u64 microseconds each   (latency buckets)
 //! requests   u32 count, then (string model, string version, string status, u64 count) each
 //! durations  u32 count, then (string model, string version, string stage, histogram) each
 //! batches    u32 count, then (string model, string version, histogram) each
+//! mirrored   u32 count, then (string primary, string model, string status, u64 count) each
+//! agreement  u32 count, then (string primary, string model, string result, u64 count) each
 //! histogram  u32 bucket count, then u64 each; u64 sum; u64 count
 //! ```
 //!
@@ -22,7 +24,7 @@ use std::fmt;
 use crate::{BATCH_BUCKETS, BatchKey, CounterKey, DurationKey, Histogram, PrometheusMetrics};
 
 const MAGIC: &[u8; 4] = b"PLPM";
-const FORMAT: u16 = 1;
+const FORMAT: u16 = 2;
 
 /// What `decode` reads back.
 pub(crate) struct Saved {
@@ -30,6 +32,8 @@ pub(crate) struct Saved {
     pub(crate) requests: BTreeMap<CounterKey, u64>,
     pub(crate) durations: BTreeMap<DurationKey, Histogram>,
     pub(crate) batch_sizes: BTreeMap<BatchKey, Histogram>,
+    pub(crate) mirrored: BTreeMap<CounterKey, u64>,
+    pub(crate) agreement: BTreeMap<CounterKey, u64>,
 }
 
 /// Why a state cannot be decoded.
@@ -70,6 +74,15 @@ pub(crate) fn encode(metrics: &PrometheusMetrics) -> Vec<u8> {
         put_str(&mut out, version);
         put_histogram(&mut out, histogram);
     }
+    for counters in [&metrics.mirrored, &metrics.agreement] {
+        put_len(&mut out, counters.len());
+        for ((a, b, c), count) in counters {
+            put_str(&mut out, a);
+            put_str(&mut out, b);
+            put_str(&mut out, c);
+            put_u64(&mut out, *count);
+        }
+    }
     out
 }
 
@@ -81,9 +94,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Saved, DecodeError> {
         ));
     }
     let format = u16::from_le_bytes(reader.array()?);
-    if format != FORMAT {
+    if format != FORMAT && format != 1 {
         return Err(DecodeError(format!(
-            "state format {format} is not supported (this version reads {FORMAT})"
+            "state format {format} is not supported (this version reads 1 and {FORMAT})"
         )));
     }
     let n_bounds = reader.len()?;
@@ -106,6 +119,16 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Saved, DecodeError> {
         let key = (reader.string()?, reader.string()?);
         batch_sizes.insert(key, reader.histogram(BATCH_BUCKETS.len() + 1)?);
     }
+    let mut mirrored = BTreeMap::new();
+    let mut agreement = BTreeMap::new();
+    if format >= 2 {
+        for counters in [&mut mirrored, &mut agreement] {
+            for _ in 0..reader.len()? {
+                let key = (reader.string()?, reader.string()?, reader.string()?);
+                counters.insert(key, reader.u64()?);
+            }
+        }
+    }
     if !reader.rest.is_empty() {
         return Err(DecodeError(format!(
             "{} unexpected bytes after the state",
@@ -117,6 +140,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Saved, DecodeError> {
         requests,
         durations,
         batch_sizes,
+        mirrored,
+        agreement,
     })
 }
 
@@ -218,6 +243,42 @@ mod tests {
     use crate::tests::{event, plugin};
 
     #[test]
+    fn mirror_counters_survive_a_reload_and_format_1_still_reads() {
+        let mut old = plugin(&[]);
+        let mirrored = |agree| MirrorEvent {
+            primary_model: "m".into(),
+            primary_version: Some("1".into()),
+            model: "shadow".into(),
+            version: Some("1".into()),
+            status: RequestStatus::Ok,
+            latency_us: 10,
+            primary_latency_us: 12,
+            agree: Some(agree),
+        };
+        old.record_mirrors(vec![mirrored(true), mirrored(true), mirrored(false)]);
+        let text = old.render();
+        assert!(
+            text.contains("plinth_mirror_requests_total{primary=\"m\",model=\"shadow\",status=\"ok\"} 3\n")
+                && text.contains("plinth_mirror_agreement_total{primary=\"m\",model=\"shadow\",result=\"agree\"} 2\n")
+                && text.contains("plinth_mirror_agreement_total{primary=\"m\",model=\"shadow\",result=\"disagree\"} 1\n"),
+            "{text}"
+        );
+        let mut new = plugin(&[]);
+        new.restore_state(&old.save_state()).unwrap();
+        assert_eq!(new.render(), text);
+        // A state saved by the previous version (format 1) has no mirror
+        // sections: it restores with none.
+        let mut v1 = plugin(&[]);
+        v1.record(vec![event(Some("1"), RequestStatus::Ok, 700)]);
+        let mut bytes = v1.save_state();
+        bytes[4..6].copy_from_slice(&1u16.to_le_bytes());
+        bytes.truncate(bytes.len() - 8);
+        let mut restored = plugin(&[]);
+        restored.restore_state(&bytes).unwrap();
+        assert_eq!(restored.render(), v1.render());
+    }
+
+    #[test]
     fn state_round_trips_through_a_reload() {
         let mut old = plugin(&[]);
         old.record(vec![
@@ -264,7 +325,7 @@ mod tests {
         future[4] = 9;
         assert_eq!(
             decode(&future).err().unwrap().to_string(),
-            "state format 9 is not supported (this version reads 1)"
+            "state format 9 is not supported (this version reads 1 and 2)"
         );
         let mut huge_count = state;
         huge_count[6..10].copy_from_slice(&u32::MAX.to_le_bytes());

@@ -26,6 +26,17 @@
 //!
 //! Requests for a model that is not among the candidates pass through
 //! unchanged, so that the host answers NOT_FOUND or UNAVAILABLE itself.
+//!
+//! Mirroring (shadow deployments, contract 0.1.1):
+//!
+//! - `mirror.<model>`: comma-separated targets, `name` or `name:version`,
+//!   that every request routed to `<model>` also runs on, off the response
+//!   path. The client gets `<model>`'s answer only.
+//! - `mirror-percent`: the share of requests mirrored, 0 to 100 (default
+//!   100), chosen by hashing the request id, so a request id is mirrored
+//!   always or never.
+//! - `mirror-tolerance`: how far an output element of a mirror may be from
+//!   the primary's and still agree (default 1e-6).
 
 use std::collections::BTreeMap;
 
@@ -39,6 +50,10 @@ struct WeightedRouter {
     model_splits: BTreeMap<String, Option<Split>>,
     pin_header: String,
     config: Config,
+    /// `mirror.<model>` per model, looked up once.
+    mirror_targets: BTreeMap<String, Vec<MirrorTarget>>,
+    mirror_percent: u64,
+    mirror_tolerance: f64,
 }
 
 /// Versions with their weights, in configuration order.
@@ -57,11 +72,26 @@ impl Plugin for WeightedRouter {
             .get("pin-header")
             .map(|header| header.trim().to_ascii_lowercase())
             .unwrap_or_else(|| DEFAULT_PIN_HEADER.to_owned());
+        let mirror_percent: u64 = config.parse_or("mirror-percent", 100)?;
+        if mirror_percent > 100 {
+            return Err(PluginError::unavailable(format!(
+                "config key `mirror-percent`: expected 0 to 100, got {mirror_percent}"
+            )));
+        }
+        let mirror_tolerance: f64 = config.parse_or("mirror-tolerance", 1e-6)?;
+        if !(mirror_tolerance.is_finite() && mirror_tolerance >= 0.0) {
+            return Err(PluginError::unavailable(format!(
+                "config key `mirror-tolerance`: expected a number 0 or more, got {mirror_tolerance}"
+            )));
+        }
         Ok(WeightedRouter {
             default_split,
             model_splits: BTreeMap::new(),
             pin_header,
             config: config.clone(),
+            mirror_targets: BTreeMap::new(),
+            mirror_percent,
+            mirror_tolerance,
         })
     }
 }
@@ -87,6 +117,48 @@ impl Router for WeightedRouter {
             .or(model.versions.last().map(String::as_str));
         Ok(decision(chosen))
     }
+}
+
+impl MirroringRouter for WeightedRouter {
+    fn mirrors(&mut self, req: &RequestInfo, primary: &RouteDecision) -> Result<Vec<MirrorTarget>> {
+        if self.mirror_percent < 100 && hash(req.id.as_bytes()) % 100 >= self.mirror_percent {
+            return Ok(Vec::new());
+        }
+        if !self.mirror_targets.contains_key(&primary.model) {
+            let key = format!("mirror.{}", primary.model);
+            let targets = match self.config.get(&key) {
+                None => Vec::new(),
+                Some(value) => parse_targets(&key, &value, self.mirror_tolerance)?,
+            };
+            self.mirror_targets.insert(primary.model.clone(), targets);
+        }
+        Ok(self.mirror_targets[&primary.model].clone())
+    }
+}
+
+/// Parses `shadow,other:2`; `key` names the config key in errors.
+fn parse_targets(key: &str, value: &str, tolerance: f64) -> Result<Vec<MirrorTarget>> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (model, version) = match item.split_once(':') {
+                Some((model, version)) => (model.trim(), Some(version.trim().to_owned())),
+                None => (item, None),
+            };
+            if model.is_empty() || version.as_deref() == Some("") {
+                return Err(PluginError::unavailable(format!(
+                    "config key `{key}`: `{item}` is not `model` or `model:version`"
+                )));
+            }
+            Ok(MirrorTarget {
+                model: model.to_owned(),
+                version,
+                tolerance,
+            })
+        })
+        .collect()
 }
 
 impl WeightedRouter {
@@ -190,7 +262,7 @@ fn hash(bytes: &[u8]) -> u64 {
     state ^ (state >> 31)
 }
 
-export_router!(WeightedRouter);
+export_mirroring_router!(WeightedRouter);
 
 #[cfg(test)]
 mod tests {
@@ -300,6 +372,73 @@ mod tests {
         let decision = router.route(&req, &candidates(&["1"])).unwrap();
         assert_eq!(decision.model, "missing");
         assert_eq!(decision.version.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn mirrors_follow_the_config_and_the_percentage() {
+        let mut router = router(&[
+            ("mirror.m", "shadow, other:2"),
+            ("mirror-tolerance", "0.01"),
+        ]);
+        let primary = RouteDecision {
+            model: "m".into(),
+            version: Some("1".into()),
+        };
+        let targets = router.mirrors(&request("a", None, &[]), &primary).unwrap();
+        assert_eq!(
+            targets,
+            vec![
+                MirrorTarget {
+                    model: "shadow".into(),
+                    version: None,
+                    tolerance: 0.01
+                },
+                MirrorTarget {
+                    model: "other".into(),
+                    version: Some("2".into()),
+                    tolerance: 0.01
+                },
+            ]
+        );
+        let other = RouteDecision {
+            model: "n".into(),
+            version: None,
+        };
+        assert!(
+            router
+                .mirrors(&request("a", None, &[]), &other)
+                .unwrap()
+                .is_empty()
+        );
+        // 30%: about 300 of 1000 ids, the same ids every time.
+        let mut sampled = self::router(&[("mirror.m", "shadow"), ("mirror-percent", "30")]);
+        let mirrored: Vec<bool> = (0..1000)
+            .map(|i| {
+                !sampled
+                    .mirrors(&request(&i.to_string(), None, &[]), &primary)
+                    .unwrap()
+                    .is_empty()
+            })
+            .collect();
+        let n = mirrored.iter().filter(|m| **m).count();
+        assert!((250..350).contains(&n), "{n}");
+        assert!(
+            router_err(&[("mirror.m", "shadow:")]).contains("`shadow:` is not"),
+            "an empty version is refused"
+        );
+    }
+
+    fn router_err(pairs: &[(&str, &str)]) -> String {
+        let mut router = router(pairs);
+        let primary = RouteDecision {
+            model: "m".into(),
+            version: None,
+        };
+        router
+            .mirrors(&request("a", None, &[]), &primary)
+            .unwrap_err()
+            .message()
+            .to_owned()
     }
 
     #[test]

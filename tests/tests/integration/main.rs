@@ -9,6 +9,7 @@ mod errors;
 mod fuzz_corpus;
 mod http_fuzz;
 mod lifecycle;
+mod mirror;
 mod nonblocking;
 mod oip;
 mod orchestrator;

@@ -659,7 +659,7 @@ async fn metrics_plugins_count_requests_and_keep_counters_across_a_reload() {
 }
 
 /// Polls /metrics until it holds every one of `lines`, and returns the text.
-async fn metrics_containing(srv: &TestServer, lines: &[&str]) -> String {
+pub(crate) async fn metrics_containing(srv: &TestServer, lines: &[&str]) -> String {
     let what = format!("/metrics to contain {lines:?}");
     eventually(PATIENCE, &what, async || {
         let (code, text) = srv.metrics().await;

@@ -66,3 +66,32 @@ pub mod orchestrator {
 }
 
 pub use orchestrator::plinth::plugin::models as wit_models;
+
+/// The `mirroring-router-plugin` world (0.1.1). Only its `mirror` export is
+/// used: a router is typed by `router`, and `mirror` is looked up beside it.
+pub mod mirroring_router {
+    wasmtime::component::bindgen!({
+        path: "../../../wit",
+        world: "mirroring-router-plugin",
+        with: {
+            "plinth:plugin/types": super::processor::plinth::plugin::types,
+            "plinth:plugin/host": super::processor::plinth::plugin::host,
+        },
+    });
+}
+
+/// The `mirror-metrics-plugin` world (0.1.1). Only its `mirror-metrics`
+/// export is used, looked up beside `metrics`.
+pub mod mirror_metrics {
+    wasmtime::component::bindgen!({
+        path: "../../../wit",
+        world: "mirror-metrics-plugin",
+        with: {
+            "plinth:plugin/types": super::processor::plinth::plugin::types,
+            "plinth:plugin/host": super::processor::plinth::plugin::host,
+        },
+    });
+}
+
+pub use mirror_metrics::exports::plinth::plugin::mirror_metrics as wit_mirror_metrics;
+pub use mirroring_router::exports::plinth::plugin::mirror as wit_mirror;

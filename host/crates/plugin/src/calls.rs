@@ -6,12 +6,12 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::PluginKind;
-use super::bindings::wit;
+use super::bindings::{wit, wit_mirror_metrics};
 use super::kind::{Health, Metrics, Processor, Router};
 use super::runtime::{CallError, Plugin};
 use super::types::{
-    HealthReport, HealthStatus, HostSnapshot, ModelChoice, ModelPhase, PluginError, RequestEvent,
-    RequestStatus, RouteDecision,
+    HealthReport, HealthStatus, HostSnapshot, MirrorEvent, MirrorTarget, ModelChoice, ModelPhase,
+    PluginError, RequestEvent, RequestStatus, RouteDecision,
 };
 use plinth_core::error::Error;
 use plinth_core::tensor::{DType, Tensor};
@@ -273,7 +273,7 @@ impl Plugin<Processor> {
         };
         let out = self
             .call(|exports, store| {
-                let processor = exports.plinth_plugin_processor();
+                let processor = exports.base.plinth_plugin_processor();
                 match stage {
                     Stage::Pre => processor.call_preprocess(store, &info, &tensors),
                     Stage::Post => processor.call_postprocess(store, &info, &tensors),
@@ -295,6 +295,7 @@ impl Plugin<Router> {
         let decision = self
             .call(|exports, store| {
                 exports
+                    .base
                     .plinth_plugin_router()
                     .call_route(store, &info, &candidates.0)
             })
@@ -306,11 +307,80 @@ impl Plugin<Router> {
     }
 }
 
+impl Plugin<Router> {
+    /// Whether the router exports `mirror` (0.1.1).
+    pub fn mirrors_requests(&self) -> bool {
+        self.pre().extra.is_some()
+    }
+
+    /// Where `request`, routed to `primary`, also runs: the router's
+    /// `mirror` answer, or nothing when it does not export it.
+    pub fn mirrors(
+        &self,
+        request: &RequestView,
+        primary: &RouteDecision,
+    ) -> Result<Vec<MirrorTarget>, Error> {
+        if !self.mirrors_requests() {
+            return Ok(Vec::new());
+        }
+        let info = request.to_wit();
+        let primary = wit::RouteDecision {
+            model: primary.model.clone(),
+            version: primary.version.clone(),
+        };
+        let targets = self
+            .call(|exports, store| match &exports.extra {
+                Some(mirror) => mirror.call_mirrors(store, &info, &primary),
+                None => Ok(Ok(Vec::new())),
+            })
+            .map_err(|err| call_error(&self.name, "mirrors", err))?;
+        Ok(targets
+            .into_iter()
+            .map(|t| MirrorTarget {
+                model: t.model,
+                version: t.version,
+                tolerance: t.tolerance,
+            })
+            .collect())
+    }
+}
+
 impl Plugin<Metrics> {
+    /// Whether the plugin exports `mirror-metrics` (0.1.1).
+    pub fn counts_mirrors(&self) -> bool {
+        self.pre().extra.is_some()
+    }
+
+    /// Hands mirrored runs to the plugin, if it counts them.
+    pub fn record_mirrors(&self, events: &[MirrorEvent]) -> Result<(), Error> {
+        if !self.counts_mirrors() {
+            return Ok(());
+        }
+        let events: Vec<wit_mirror_metrics::MirrorEvent> = events
+            .iter()
+            .map(|e| wit_mirror_metrics::MirrorEvent {
+                primary_model: e.primary_model.clone(),
+                primary_version: e.primary_version.clone(),
+                model: e.model.clone(),
+                version: e.version.clone(),
+                status: request_status_to_wit(e.status),
+                latency_us: micros(e.latency),
+                primary_latency_us: micros(e.primary_latency),
+                agree: e.agree,
+            })
+            .collect();
+        self.call(|exports, store| match &exports.extra {
+            Some(sink) => sink.call_record_mirrors(store, &events).map(Ok),
+            None => Ok(Ok(())),
+        })
+        .map_err(|err| call_error(&self.name, "record-mirrors", err))
+    }
+
     pub fn record(&self, events: &[RequestEvent]) -> Result<(), Error> {
         let events: Vec<wit::RequestEvent> = events.iter().map(event_to_wit).collect();
         self.call(|exports, store| {
             exports
+                .base
                 .plinth_plugin_metrics()
                 .call_record(store, &events)
                 .map(Ok)
@@ -319,16 +389,23 @@ impl Plugin<Metrics> {
     }
 
     pub fn render(&self) -> Result<String, Error> {
-        self.call(|exports, store| exports.plinth_plugin_metrics().call_render(store).map(Ok))
-            .map_err(|err| call_error(&self.name, "render", err))
+        self.call(|exports, store| {
+            exports
+                .base
+                .plinth_plugin_metrics()
+                .call_render(store)
+                .map(Ok)
+        })
+        .map_err(|err| call_error(&self.name, "render", err))
     }
 
     /// Moves this plugin's state into `next`, its replacement. A failure
     /// leaves `next` fresh and is only logged: losing counters must not stop
     /// a reload.
     pub fn hand_state_to(&self, next: &Plugin<Metrics>) {
-        let saved =
-            self.call_idle(|exports, store| exports.plinth_plugin_metrics().call_save_state(store));
+        let saved = self.call_idle(|exports, store| {
+            exports.base.plinth_plugin_metrics().call_save_state(store)
+        });
         let state = match saved {
             // No warm instance (the last one trapped): no state to hand over.
             None => return,
@@ -340,6 +417,7 @@ impl Plugin<Metrics> {
         };
         let restored = next.call(|exports, store| {
             exports
+                .base
                 .plinth_plugin_metrics()
                 .call_restore_state(store, &state)
         });
@@ -359,6 +437,7 @@ impl Plugin<Health> {
         let snapshot = snapshot_to_wit(snapshot);
         self.call(|exports, store| {
             exports
+                .base
                 .plinth_plugin_health()
                 .call_check(store, &snapshot)
                 .map(Ok)

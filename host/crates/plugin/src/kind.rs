@@ -26,7 +26,7 @@ use std::sync::Arc;
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
-use super::bindings::{health, metrics, processor, router, wit};
+use super::bindings::{health, metrics, processor, router, wit, wit_mirror, wit_mirror_metrics};
 use super::manifest::Manifest;
 use super::orchestrator::Orchestrator;
 use super::runtime::{Plugin, PluginKind, PluginMeta, PluginState, Runtime};
@@ -60,6 +60,94 @@ pub(super) mod sealed {
         fn wrap(plugin: Arc<Plugin<Self>>) -> AnyPlugin;
         fn unwrap(any: &AnyPlugin) -> Option<&Arc<Plugin<Self>>>;
     }
+
+    /// An interface a plugin of a world may export beside the world's own
+    /// (0.1.1's `mirror` for routers, `mirror-metrics` for metrics plugins),
+    /// looked up when the component is linked.
+    pub trait Optional: Send + Sync + 'static {
+        type Indices: Send + Sync + 'static;
+        type Guest: Send + Sync + 'static;
+        /// `None` when the component does not export it.
+        fn indices(pre: &InstancePre<PluginState>) -> Option<Self::Indices>;
+        fn load(
+            indices: &Self::Indices,
+            store: &mut Store<PluginState>,
+            instance: &wasmtime::component::Instance,
+        ) -> wasmtime::Result<Self::Guest>;
+    }
+}
+
+/// No optional interface.
+pub enum NoExtra {}
+
+impl sealed::Optional for NoExtra {
+    type Indices = ();
+    type Guest = ();
+
+    fn indices(_pre: &InstancePre<PluginState>) -> Option<()> {
+        None
+    }
+
+    fn load(
+        _indices: &(),
+        _store: &mut Store<PluginState>,
+        _instance: &wasmtime::component::Instance,
+    ) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+/// The `mirror` interface a router may export (0.1.1).
+pub enum Mirror {}
+
+impl sealed::Optional for Mirror {
+    type Indices = wit_mirror::GuestIndices;
+    type Guest = wit_mirror::Guest;
+
+    fn indices(pre: &InstancePre<PluginState>) -> Option<Self::Indices> {
+        wit_mirror::GuestIndices::new(pre).ok()
+    }
+
+    fn load(
+        indices: &Self::Indices,
+        store: &mut Store<PluginState>,
+        instance: &wasmtime::component::Instance,
+    ) -> wasmtime::Result<Self::Guest> {
+        indices.load(store, instance)
+    }
+}
+
+/// The `mirror-metrics` interface a metrics plugin may export (0.1.1).
+pub enum MirrorMetrics {}
+
+impl sealed::Optional for MirrorMetrics {
+    type Indices = wit_mirror_metrics::GuestIndices;
+    type Guest = wit_mirror_metrics::Guest;
+
+    fn indices(pre: &InstancePre<PluginState>) -> Option<Self::Indices> {
+        wit_mirror_metrics::GuestIndices::new(pre).ok()
+    }
+
+    fn load(
+        indices: &Self::Indices,
+        store: &mut Store<PluginState>,
+        instance: &wasmtime::component::Instance,
+    ) -> wasmtime::Result<Self::Guest> {
+        indices.load(store, instance)
+    }
+}
+
+/// A world's pre-linked component, with the indices of its optional
+/// interface when the component exports it.
+pub struct PreWith<P, X: sealed::Optional> {
+    pub(super) base: P,
+    pub(super) extra: Option<X::Indices>,
+}
+
+/// An instance's exports: the world's, and its optional interface's.
+pub struct ExportsWith<E, X: sealed::Optional> {
+    pub(super) base: E,
+    pub(super) extra: Option<X::Guest>,
 }
 
 /// A plugin world: `Router`, `Processor`, `Metrics` or `Health`.
@@ -68,39 +156,51 @@ pub trait Kind: sealed::World {}
 impl<W: sealed::World> Kind for W {}
 
 macro_rules! world {
-    ($(#[$doc:meta])* $kind:ident, $variant:ident, $module:ident, $pre:ident, $exports:ident) => {
+    ($(#[$doc:meta])* $kind:ident, $variant:ident, $module:ident, $pre:ident, $exports:ident, $extra:ty) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         pub enum $kind {}
 
         impl sealed::World for $kind {
             const KIND: PluginKind = PluginKind::$variant;
-            type Pre = $module::$pre<PluginState>;
-            type Exports = $module::$exports;
+            type Pre = PreWith<$module::$pre<PluginState>, $extra>;
+            type Exports = ExportsWith<$module::$exports, $extra>;
 
             fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
-                $module::$pre::new(pre)
+                let extra = <$extra as sealed::Optional>::indices(&pre);
+                Ok(PreWith {
+                    base: $module::$pre::new(pre)?,
+                    extra,
+                })
             }
 
             fn instantiate(
                 pre: &Self::Pre,
                 store: &mut Store<PluginState>,
             ) -> wasmtime::Result<Self::Exports> {
-                pre.instantiate(store)
+                let instance = pre.base.instance_pre().instantiate(&mut *store)?;
+                let base = $module::$exports::new(&mut *store, &instance)?;
+                let extra = match &pre.extra {
+                    Some(indices) => Some(<$extra as sealed::Optional>::load(
+                        indices, store, &instance,
+                    )?),
+                    None => None,
+                };
+                Ok(ExportsWith { base, extra })
             }
 
             fn describe(
                 exports: &Self::Exports,
                 store: &mut Store<PluginState>,
             ) -> wasmtime::Result<wit::PluginInfo> {
-                exports.call_describe(store)
+                exports.base.call_describe(store)
             }
 
             fn init(
                 exports: &Self::Exports,
                 store: &mut Store<PluginState>,
             ) -> wasmtime::Result<Result<(), wit::PluginError>> {
-                exports.call_init(store)
+                exports.base.call_init(store)
             }
 
             fn wrap(plugin: Arc<Plugin<Self>>) -> AnyPlugin {
@@ -118,20 +218,22 @@ macro_rules! world {
 }
 
 world!(
-    /// The `router-plugin` world: picks the model and version of a request.
-    Router, Router, router, RouterPluginPre, RouterPlugin
+    /// The `router-plugin` world: picks the model and version of a request
+    /// (and, exporting `mirror`, where it also runs).
+    Router, Router, router, RouterPluginPre, RouterPlugin, Mirror
 );
 world!(
     /// The `processor-plugin` world: transforms tensors before and after a model.
-    Processor, Processor, processor, ProcessorPluginPre, ProcessorPlugin
+    Processor, Processor, processor, ProcessorPluginPre, ProcessorPlugin, NoExtra
 );
 world!(
-    /// The `metrics-plugin` world: stateful, fed request events, renders text.
-    Metrics, Metrics, metrics, MetricsPluginPre, MetricsPlugin
+    /// The `metrics-plugin` world: stateful, fed request events, renders text
+    /// (and, exporting `mirror-metrics`, mirrored runs).
+    Metrics, Metrics, metrics, MetricsPluginPre, MetricsPlugin, MirrorMetrics
 );
 world!(
     /// The `health-plugin` world: stateful, judges host snapshots.
-    Health, Health, health, HealthPluginPre, HealthPlugin
+    Health, Health, health, HealthPluginPre, HealthPlugin, NoExtra
 );
 
 /// A loaded plugin of whichever kind its component turned out to be.

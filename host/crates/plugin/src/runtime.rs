@@ -581,6 +581,11 @@ impl<K: Kind> std::fmt::Debug for Plugin<K> {
 }
 
 impl<K: Kind> Plugin<K> {
+    /// The pre-linked component.
+    pub(super) fn pre(&self) -> &K::Pre {
+        &self.pre
+    }
+
     /// Compiles, checks and instantiates a plugin that must be of kind `K`,
     /// and calls `describe` and `init` once. Blocking.
     pub fn load(

@@ -119,6 +119,32 @@ pub struct RequestEvent {
     pub batch_size: u32,
 }
 
+/// A model a routed request also runs on (WIT `mirror-target`, 0.1.1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorTarget {
+    pub model: String,
+    /// `None`: the newest ready version.
+    pub version: Option<String>,
+    /// Largest difference, element by element, at which the mirror's
+    /// outputs still agree with the primary's.
+    pub tolerance: f64,
+}
+
+/// One mirrored run, handed to metrics plugins that count them (WIT
+/// `mirror-event`, 0.1.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorEvent {
+    pub primary_model: String,
+    pub primary_version: Option<String>,
+    pub model: String,
+    pub version: Option<String>,
+    pub status: RequestStatus,
+    pub latency: std::time::Duration,
+    pub primary_latency: std::time::Duration,
+    /// `None` when either run failed.
+    pub agree: Option<bool>,
+}
+
 /// Lifecycle of one model version in a health snapshot (WIT `model-state`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelPhase {
