@@ -20,8 +20,8 @@ use crate::config::ModelConfig;
 use crate::error::Error;
 use crate::plugin::{
     BoxFuture, Candidates, DEFAULT_MAX_DEPTH, Manifest, MirrorEvent, MirrorTarget, ModelCaller,
-    NestedCall, OnError, PluginHost, PluginMeta, RequestEvent, RequestStatus, RequestView,
-    RunContext, Stage, StageTimings, kind,
+    NestedCall, NestedEvent, OnError, PluginHost, PluginMeta, RequestEvent, RequestStatus,
+    RequestView, RunContext, Stage, StageTimings, kind,
 };
 use crate::registry::{ReadyModel, ReadySet, Registry, RequestRecord};
 use crate::tensor::Tensor;
@@ -63,6 +63,9 @@ pub struct Nesting {
     pub depth: u32,
     /// When the client's request must be answered by.
     pub deadline: Instant,
+    /// The client's request id and the orchestrator entry that made the
+    /// call; `None` for a mirrored run, which no orchestrator made.
+    pub parent: Option<(String, String)>,
 }
 
 /// The `grpc-timeout` header, as gRPC encodes it (digits and a unit of
@@ -116,7 +119,7 @@ pub struct Pipeline {
 struct Inner {
     registry: Registry,
     plugins: Arc<PluginHost>,
-    events: mpsc::Sender<RequestEvent>,
+    events: mpsc::Sender<(RequestEvent, Option<NestedTag>)>,
     dropped_events: AtomicU64,
     /// Bidirectional streams open now.
     open_streams: AtomicU64,
@@ -129,6 +132,10 @@ struct Inner {
     mirrors: mpsc::Sender<MirrorJob>,
     mirror_counts: MirrorCounts,
 }
+
+/// What a nested call's event is tagged with: the client's request id,
+/// the orchestrator entry and the depth.
+type NestedTag = (String, String, u32);
 
 /// Mirrored runs since startup.
 #[derive(Debug, Default)]
@@ -318,6 +325,10 @@ impl Pipeline {
             version: request.version,
             metadata: request.metadata,
         };
+        let tag = request.nested.as_ref().and_then(|nesting| {
+            let (id, model) = nesting.parent.clone()?;
+            Some((id, model, nesting.depth))
+        });
         let res = self
             .run(
                 &mut view,
@@ -367,19 +378,22 @@ impl Pipeline {
             Ok(_) => RequestStatus::Ok,
             Err(err) => RequestStatus::of_error(err),
         };
-        self.send_event(RequestEvent {
-            model: view.model.clone(),
-            version: timings.version.take().or(view.version.clone()),
-            status,
-            timings: StageTimings {
-                queue: timings.queue,
-                preprocess: timings.pre,
-                compute: timings.compute,
-                postprocess: timings.post,
-                total,
+        self.send_event(
+            RequestEvent {
+                model: view.model.clone(),
+                version: timings.version.take().or(view.version.clone()),
+                status,
+                timings: StageTimings {
+                    queue: timings.queue,
+                    preprocess: timings.pre,
+                    compute: timings.compute,
+                    postprocess: timings.post,
+                    total,
+                },
+                batch_size: timings.batch_size,
             },
-            batch_size: timings.batch_size,
-        });
+            tag,
+        );
         res
     }
 
@@ -396,24 +410,27 @@ impl Pipeline {
             // Not ok, nothing ran: a failure and nothing else.
             ready.record(version, &RequestRecord::default());
         }
-        self.send_event(RequestEvent {
-            model: model.to_owned(),
-            version: version.map(str::to_owned),
-            status: RequestStatus::of_error(&err),
-            timings: StageTimings {
-                queue: Duration::ZERO,
-                preprocess: Duration::ZERO,
-                compute: Duration::ZERO,
-                postprocess: Duration::ZERO,
-                total: Duration::ZERO,
+        self.send_event(
+            RequestEvent {
+                model: model.to_owned(),
+                version: version.map(str::to_owned),
+                status: RequestStatus::of_error(&err),
+                timings: StageTimings {
+                    queue: Duration::ZERO,
+                    preprocess: Duration::ZERO,
+                    compute: Duration::ZERO,
+                    postprocess: Duration::ZERO,
+                    total: Duration::ZERO,
+                },
+                batch_size: 0,
             },
-            batch_size: 0,
-        });
+            None,
+        );
         err
     }
 
-    fn send_event(&self, event: RequestEvent) {
-        if self.inner.events.try_send(event).is_err() {
+    fn send_event(&self, event: RequestEvent, tag: Option<NestedTag>) {
+        if self.inner.events.try_send((event, tag)).is_err() {
             self.inner.dropped_events.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -628,6 +645,7 @@ impl Pipeline {
                 nested: Some(Nesting {
                     depth: 1,
                     deadline: started + MIRROR_TIMEOUT,
+                    parent: None,
                 }),
             })
             .await;
@@ -674,7 +692,7 @@ impl Pipeline {
             .plugins
             .of_kind::<kind::Metrics>()
             .into_iter()
-            .filter(|p| p.counts_mirrors())
+            .filter(|p| p.takes_context())
             .collect();
         if !sinks.is_empty() {
             let _ = tokio::task::spawn_blocking(move || {
@@ -920,15 +938,16 @@ impl ModelCaller for Pipeline {
                 return Err(ran_out());
             }
             let request = PipelineRequest {
-                id: call.parent.id,
+                id: call.parent.id.clone(),
                 model: call.model,
                 version: call.version,
                 inputs: call.inputs,
-                metadata: call.parent.metadata,
+                metadata: call.parent.metadata.clone(),
                 timeout: Some(left),
                 nested: Some(Nesting {
                     depth: call.depth,
                     deadline: call.deadline,
+                    parent: Some((call.parent.id.clone(), call.parent.model.clone())),
                 }),
             };
             match tokio::time::timeout(left, pipeline.infer(request)).await {
@@ -979,8 +998,12 @@ async fn run_mirrors(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Mirro
     }
 }
 
-/// Hands events to every metrics plugin in batches, off the request path.
-async fn feed_metrics(plugins: Arc<PluginHost>, mut rx: mpsc::Receiver<RequestEvent>) {
+/// Hands events to every metrics plugin in batches, off the request path;
+/// nested calls' tags also to those that take `metrics-context`.
+async fn feed_metrics(
+    plugins: Arc<PluginHost>,
+    mut rx: mpsc::Receiver<(RequestEvent, Option<NestedTag>)>,
+) {
     let mut batch = Vec::with_capacity(EVENT_BATCH);
     while rx.recv_many(&mut batch, EVENT_BATCH).await > 0 {
         let flush = tokio::time::sleep(EVENT_FLUSH);
@@ -997,12 +1020,29 @@ async fn feed_metrics(plugins: Arc<PluginHost>, mut rx: mpsc::Receiver<RequestEv
             batch.clear();
             continue;
         }
-        let events = std::mem::take(&mut batch);
+        let mut nested = Vec::new();
+        let events: Vec<RequestEvent> = batch
+            .drain(..)
+            .map(|(event, tag)| {
+                if let Some((parent_id, parent_model, depth)) = tag {
+                    nested.push(NestedEvent {
+                        parent_id,
+                        parent_model,
+                        depth,
+                        event: event.clone(),
+                    });
+                }
+                event
+            })
+            .collect();
         let _ = tokio::task::spawn_blocking(move || {
             for plugin in sinks {
                 // A failing metrics plugin is counted by its own stats; the
                 // others still get the events.
                 let _ = plugin.record(&events);
+                if !nested.is_empty() {
+                    let _ = plugin.record_nested(&nested);
+                }
             }
         })
         .await;

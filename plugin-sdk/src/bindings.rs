@@ -122,24 +122,24 @@ pub mod mirror {
     });
 }
 
-/// The `mirror-metrics` interface alone (0.1.1), linked beside the
-/// `metrics-plugin` world's exports (`mirror-metrics-plugin`).
-pub mod mirror_metrics {
+/// The `metrics-context` interface alone (0.1.1), linked beside the
+/// `metrics-plugin` world's exports (`metrics-context-plugin`).
+pub mod metrics_context {
     wit_bindgen::generate!({
         path: "../wit",
         inline: "
-            package plinth:sdk-mirror-metrics;
-            world mirror-metrics {
-                export plinth:plugin/mirror-metrics@0.1.1;
+            package plinth:sdk-metrics-context;
+            world metrics-context {
+                export plinth:plugin/metrics-context@0.1.1;
             }
         ",
-        world: "plinth:sdk-mirror-metrics/mirror-metrics",
+        world: "plinth:sdk-metrics-context/metrics-context",
         with: {
             "plinth:plugin/types@0.1.1": plinth_plugin_sdk::bindings::common::plinth::plugin::types,
         },
         additional_derives: [PartialEq, Eq],
         pub_export_macro: true,
-        export_macro_name: "__plinth_export_mirror_metrics",
-        default_bindings_module: "plinth_plugin_sdk::bindings::mirror_metrics",
+        export_macro_name: "__plinth_export_metrics_context",
+        default_bindings_module: "plinth_plugin_sdk::bindings::metrics_context",
     });
 }

@@ -5,11 +5,12 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::sync::Once;
 
-use crate::bindings::{health, metrics, mirror, mirror_metrics, orchestrator, processor, router};
+use crate::bindings::{health, metrics, metrics_context, mirror, orchestrator, processor, router};
 use crate::{
-    Config, Health, HealthReport, HealthStatus, HostSnapshot, Metrics, MirrorEvent, MirrorMetrics,
-    MirrorTarget, MirroringRouter, ModelRef, Models, Orchestrator, Plugin, PluginError, PluginInfo,
-    Processor, RequestEvent, RequestInfo, Result, RouteDecision, Router, Tensor,
+    Config, Health, HealthReport, HealthStatus, HostSnapshot, Metrics, MetricsContext, MirrorEvent,
+    MirrorTarget, MirroringRouter, ModelRef, Models, NestedEvent, Orchestrator, Plugin,
+    PluginError, PluginInfo, Processor, RequestEvent, RequestInfo, Result, RouteDecision, Router,
+    Tensor,
 };
 
 /// Implemented by the `export_*!` macros on a type private to the plugin
@@ -205,11 +206,15 @@ where
     }
 }
 
-impl<E: Export> mirror_metrics::exports::plinth::plugin::mirror_metrics::Guest for E
+impl<E: Export> metrics_context::exports::plinth::plugin::metrics_context::Guest for E
 where
-    E::Plugin: MirrorMetrics,
+    E::Plugin: MetricsContext,
 {
     fn record_mirrors(events: Vec<MirrorEvent>) {
         let _ = with_plugin(|plugin: &mut E::Plugin| plugin.record_mirrors(events));
+    }
+
+    fn record_nested(events: Vec<NestedEvent>) {
+        let _ = with_plugin(|plugin: &mut E::Plugin| plugin.record_nested(events));
     }
 }

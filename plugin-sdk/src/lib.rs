@@ -13,7 +13,7 @@
 //! | health checks | [`Health`] | [`export_health!`] |
 //! | model composition (0.1.1) | [`Orchestrator`] | [`export_orchestrator!`] |
 //! | routing with mirrors (0.1.1) | [`MirroringRouter`] | [`export_mirroring_router!`] |
-//! | metrics of mirrors (0.1.1) | [`MirrorMetrics`] | [`export_mirror_metrics!`] |
+//! | metrics of mirrors and nested calls (0.1.1) | [`MetricsContext`] | [`export_metrics_context!`] |
 //!
 //! A complete processor that scales every `f32` input by a configured
 //! factor:
@@ -82,13 +82,15 @@ pub use bindings::common::plinth::plugin::types::{
     ModelStatus, PluginError, PluginInfo, PluginKind, PluginStatus, RequestEvent, RequestInfo,
     RequestStatus, RouteDecision, StageTimings, Tensor,
 };
+pub use bindings::metrics_context::exports::plinth::plugin::metrics_context::{
+    MirrorEvent, NestedEvent,
+};
 pub use bindings::mirror::exports::plinth::plugin::mirror::MirrorTarget;
-pub use bindings::mirror_metrics::exports::plinth::plugin::mirror_metrics::MirrorEvent;
 pub use config::Config;
 pub use models::{InferError, Models};
 pub use tensor::{Element, TensorError};
 pub use traits::{
-    Health, Metrics, MirrorMetrics, MirroringRouter, Orchestrator, Plugin, Processor, Router,
+    Health, Metrics, MetricsContext, MirroringRouter, Orchestrator, Plugin, Processor, Router,
 };
 
 /// The result of a plugin call.
@@ -98,11 +100,11 @@ pub type Result<T, E = PluginError> = std::result::Result<T, E>;
 pub mod prelude {
     pub use crate::{
         Config, Dtype, Health, HealthReport, HealthStatus, HostSnapshot, InferError, Metrics,
-        MirrorEvent, MirrorMetrics, MirrorTarget, MirroringRouter, ModelRef, Models, Orchestrator,
-        Plugin, PluginError, Processor, RequestEvent, RequestInfo, RequestStatus, Result,
-        RouteDecision, Router, StageTimings, Tensor, TensorError, export_health, export_metrics,
-        export_mirror_metrics, export_mirroring_router, export_orchestrator, export_processor,
-        export_router,
+        MetricsContext, MirrorEvent, MirrorTarget, MirroringRouter, ModelRef, Models, NestedEvent,
+        Orchestrator, Plugin, PluginError, Processor, RequestEvent, RequestInfo, RequestStatus,
+        Result, RouteDecision, Router, StageTimings, Tensor, TensorError, export_health,
+        export_metrics, export_metrics_context, export_mirroring_router, export_orchestrator,
+        export_processor, export_router,
     };
 }
 
@@ -272,18 +274,18 @@ macro_rules! export_mirroring_router {
     };
 }
 
-/// Exports a [`MirrorMetrics`] plugin as this component's
-/// `mirror-metrics-plugin`: metrics that also count mirrored runs.
+/// Exports a [`MetricsContext`] plugin as this component's
+/// `metrics-context-plugin`: metrics that also count mirrored runs.
 #[macro_export]
-macro_rules! export_mirror_metrics {
+macro_rules! export_metrics_context {
     ($plugin:ty) => {
         $crate::__export_plugin_with!(
             $plugin,
             metrics,
             __plinth_export_metrics_plugin,
-            mirror_metrics,
-            __plinth_export_mirror_metrics,
-            $crate::bindings::mirror_metrics::exports::plinth::plugin::mirror_metrics::Guest
+            metrics_context,
+            __plinth_export_metrics_context,
+            $crate::bindings::metrics_context::exports::plinth::plugin::metrics_context::Guest
         );
     };
 }

@@ -1,8 +1,8 @@
 //! The traits a plugin implements, one per plugin kind.
 
 use crate::{
-    Config, HealthReport, HostSnapshot, MirrorEvent, MirrorTarget, ModelRef, Models, RequestEvent,
-    RequestInfo, Result, RouteDecision, Tensor,
+    Config, HealthReport, HostSnapshot, MirrorEvent, MirrorTarget, ModelRef, Models, NestedEvent,
+    RequestEvent, RequestInfo, Result, RouteDecision, Tensor,
 };
 
 /// What every plugin implements: how to build it from its configuration.
@@ -106,9 +106,19 @@ pub trait MirroringRouter: Router {
     fn mirrors(&mut self, req: &RequestInfo, primary: &RouteDecision) -> Result<Vec<MirrorTarget>>;
 }
 
-/// A metrics plugin that also counts mirrored runs (contract 0.1.1).
-/// Export it with [`export_mirror_metrics!`](crate::export_mirror_metrics).
-pub trait MirrorMetrics: Metrics {
+/// A metrics plugin that also hears of mirrored runs and of the calls
+/// orchestrators make (contract 0.1.1). Both have empty defaults: implement
+/// what the plugin counts. Export it with
+/// [`export_metrics_context!`](crate::export_metrics_context).
+pub trait MetricsContext: Metrics {
     /// Takes a batch of mirrored runs, oldest first.
-    fn record_mirrors(&mut self, events: Vec<MirrorEvent>);
+    fn record_mirrors(&mut self, events: Vec<MirrorEvent>) {
+        let _ = events;
+    }
+
+    /// Takes a batch of nested calls, oldest first. Their events also came
+    /// through [`Metrics::record`]; these add the parent request.
+    fn record_nested(&mut self, events: Vec<NestedEvent>) {
+        let _ = events;
+    }
 }

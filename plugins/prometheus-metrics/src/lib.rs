@@ -18,6 +18,10 @@
 //! - `<prefix>_mirror_agreement_total{primary, model, result}`: successful
 //!   mirrored runs whose outputs agreed with the primary's within the
 //!   router's tolerance (`result="agree"`) or not (`"disagree"`).
+//! - `<prefix>_nested_requests_total{parent, model, status}`: counter of the
+//!   calls orchestrator entries (`parent`) made to models while answering
+//!   clients (contract 0.1.1). These requests are also in
+//!   `<prefix>_requests_total`, as the called model's traffic.
 //!
 //! A request that failed before a version was chosen has `version=""`.
 //!
@@ -65,6 +69,8 @@ struct PrometheusMetrics {
     mirrored: BTreeMap<CounterKey, u64>,
     /// Agreement of successful mirrored runs: primary, mirror, result.
     agreement: BTreeMap<CounterKey, u64>,
+    /// Orchestrators' nested calls: parent entry, model, status.
+    nested: BTreeMap<CounterKey, u64>,
 }
 
 /// A histogram over integer observations.
@@ -113,6 +119,7 @@ impl Plugin for PrometheusMetrics {
             batch_sizes: BTreeMap::new(),
             mirrored: BTreeMap::new(),
             agreement: BTreeMap::new(),
+            nested: BTreeMap::new(),
         })
     }
 }
@@ -210,13 +217,24 @@ impl Metrics for PrometheusMetrics {
                 "Successful mirrored runs whose outputs agreed with the primary's, or not.",
                 "result",
             ),
+            (
+                &self.nested,
+                "nested_requests_total",
+                "Calls orchestrator entries made to models while answering clients.",
+                "status",
+            ),
         ] {
             let name = format!("{prefix}_{suffix}");
             if !counters.is_empty() {
                 out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
             }
+            let first = if suffix == "nested_requests_total" {
+                "parent"
+            } else {
+                "primary"
+            };
             for ((primary, model, value), count) in counters {
-                let labels = labels(&[("primary", primary), ("model", model), (last, value)]);
+                let labels = labels(&[(first, primary), ("model", model), (last, value)]);
                 let _ = writeln!(out, "{name}{{{labels}}} {count}");
             }
         }
@@ -235,6 +253,7 @@ impl Metrics for PrometheusMetrics {
         self.batch_sizes = saved.batch_sizes;
         self.mirrored = saved.mirrored;
         self.agreement = saved.agreement;
+        self.nested = saved.nested;
         if saved.bounds_us == self.bounds_us {
             self.durations = saved.durations;
         } else {
@@ -247,7 +266,7 @@ impl Metrics for PrometheusMetrics {
     }
 }
 
-impl MirrorMetrics for PrometheusMetrics {
+impl MetricsContext for PrometheusMetrics {
     fn record_mirrors(&mut self, events: Vec<MirrorEvent>) {
         for event in events {
             let status = status_label(event.status);
@@ -266,6 +285,16 @@ impl MirrorMetrics for PrometheusMetrics {
                     .entry((event.primary_model, event.model, result.to_owned()))
                     .or_default() += 1;
             }
+        }
+    }
+
+    fn record_nested(&mut self, events: Vec<NestedEvent>) {
+        for nested in events {
+            let status = status_label(nested.event.status);
+            *self
+                .nested
+                .entry((nested.parent_model, nested.event.model, status.to_owned()))
+                .or_default() += 1;
         }
     }
 }
@@ -363,7 +392,7 @@ fn is_metric_name(name: &str) -> bool {
         && chars.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
 }
 
-export_mirror_metrics!(PrometheusMetrics);
+export_metrics_context!(PrometheusMetrics);
 
 #[cfg(test)]
 mod tests {

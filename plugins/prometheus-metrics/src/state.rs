@@ -5,13 +5,14 @@
 //!
 //! ```text
 //! magic      b"PLPM"
-//! format     u16 = 2 (1: without the two mirror sections)
+//! format     u16 = 2 (1: without the last three sections)
 //! bounds     u32 count, then u64 microseconds each   (latency buckets)
 //! requests   u32 count, then (string model, string version, string status, u64 count) each
 //! durations  u32 count, then (string model, string version, string stage, histogram) each
 //! batches    u32 count, then (string model, string version, histogram) each
 //! mirrored   u32 count, then (string primary, string model, string status, u64 count) each
 //! agreement  u32 count, then (string primary, string model, string result, u64 count) each
+//! nested     u32 count, then (string parent, string model, string status, u64 count) each
 //! histogram  u32 bucket count, then u64 each; u64 sum; u64 count
 //! ```
 //!
@@ -34,6 +35,7 @@ pub(crate) struct Saved {
     pub(crate) batch_sizes: BTreeMap<BatchKey, Histogram>,
     pub(crate) mirrored: BTreeMap<CounterKey, u64>,
     pub(crate) agreement: BTreeMap<CounterKey, u64>,
+    pub(crate) nested: BTreeMap<CounterKey, u64>,
 }
 
 /// Why a state cannot be decoded.
@@ -74,7 +76,7 @@ pub(crate) fn encode(metrics: &PrometheusMetrics) -> Vec<u8> {
         put_str(&mut out, version);
         put_histogram(&mut out, histogram);
     }
-    for counters in [&metrics.mirrored, &metrics.agreement] {
+    for counters in [&metrics.mirrored, &metrics.agreement, &metrics.nested] {
         put_len(&mut out, counters.len());
         for ((a, b, c), count) in counters {
             put_str(&mut out, a);
@@ -121,8 +123,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Saved, DecodeError> {
     }
     let mut mirrored = BTreeMap::new();
     let mut agreement = BTreeMap::new();
+    let mut nested = BTreeMap::new();
     if format >= 2 {
-        for counters in [&mut mirrored, &mut agreement] {
+        for counters in [&mut mirrored, &mut agreement, &mut nested] {
             for _ in 0..reader.len()? {
                 let key = (reader.string()?, reader.string()?, reader.string()?);
                 counters.insert(key, reader.u64()?);
@@ -142,6 +145,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Saved, DecodeError> {
         batch_sizes,
         mirrored,
         agreement,
+        nested,
     })
 }
 
@@ -272,7 +276,7 @@ mod tests {
         v1.record(vec![event(Some("1"), RequestStatus::Ok, 700)]);
         let mut bytes = v1.save_state();
         bytes[4..6].copy_from_slice(&1u16.to_le_bytes());
-        bytes.truncate(bytes.len() - 8);
+        bytes.truncate(bytes.len() - 12);
         let mut restored = plugin(&[]);
         restored.restore_state(&bytes).unwrap();
         assert_eq!(restored.render(), v1.render());

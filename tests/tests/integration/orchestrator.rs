@@ -6,6 +6,8 @@ use plinth::grpc::{ipb, pb};
 use plinth_tests::fixtures;
 use plinth_tests::{TestServer, compute_request, f32_tensor, f32_values, install_plugin};
 use serde_json::{Value, json};
+
+use super::plugins::metrics_containing;
 use tonic::Code;
 
 /// Rows of scores whose top is exact in binary: with a threshold of 0.6,
@@ -53,7 +55,9 @@ async fn start_cascade() -> TestServer {
         "cascade",
         Some(&cascade_manifest(0.6)),
     );
+    install_plugin(srv.plugins.path(), "metrics", "prometheus_metrics", None);
     srv.wait_plugin("cascade", serving).await;
+    srv.wait_plugin("metrics", serving).await;
     srv.wait_ready("cascade").await;
     srv
 }
@@ -184,6 +188,18 @@ async fn a_cascade_sends_only_the_uncertain_rows_to_the_large_model_over_every_a
         .unwrap();
     assert_eq!(y, flat(&ROWS), "no row's top is below 0.4");
     assert_eq!(stats(&srv, "large").await, (3, 2));
+
+    // The metrics plugin heard of every nested call with its parent: four
+    // client requests reached the small model, two the large one.
+    metrics_containing(
+        &srv,
+        &[
+            "plinth_nested_requests_total{parent=\"cascade\",model=\"small\",status=\"ok\"} 4\n",
+            "plinth_nested_requests_total{parent=\"cascade\",model=\"large\",status=\"ok\"} 2\n",
+            "plinth_requests_total{model=\"large\",version=\"1\",status=\"ok\"} 2\n",
+        ],
+    )
+    .await;
     srv.stop().await;
 }
 

@@ -80,12 +80,12 @@ pub mod mirroring_router {
     });
 }
 
-/// The `mirror-metrics-plugin` world (0.1.1). Only its `mirror-metrics`
+/// The `metrics-context-plugin` world (0.1.1). Only its `metrics-context`
 /// export is used, looked up beside `metrics`.
-pub mod mirror_metrics {
+pub mod metrics_context {
     wasmtime::component::bindgen!({
         path: "../../../wit",
-        world: "mirror-metrics-plugin",
+        world: "metrics-context-plugin",
         with: {
             "plinth:plugin/types": super::processor::plinth::plugin::types,
             "plinth:plugin/host": super::processor::plinth::plugin::host,
@@ -93,5 +93,5 @@ pub mod mirror_metrics {
     });
 }
 
-pub use mirror_metrics::exports::plinth::plugin::mirror_metrics as wit_mirror_metrics;
+pub use metrics_context::exports::plinth::plugin::metrics_context as wit_metrics_context;
 pub use mirroring_router::exports::plinth::plugin::mirror as wit_mirror;

@@ -6,12 +6,12 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::PluginKind;
-use super::bindings::{wit, wit_mirror_metrics};
+use super::bindings::{wit, wit_metrics_context};
 use super::kind::{Health, Metrics, Processor, Router};
 use super::runtime::{CallError, Plugin};
 use super::types::{
     HealthReport, HealthStatus, HostSnapshot, MirrorEvent, MirrorTarget, ModelChoice, ModelPhase,
-    PluginError, RequestEvent, RequestStatus, RouteDecision,
+    NestedEvent, PluginError, RequestEvent, RequestStatus, RouteDecision,
 };
 use plinth_core::error::Error;
 use plinth_core::tensor::{DType, Tensor};
@@ -346,19 +346,40 @@ impl Plugin<Router> {
 }
 
 impl Plugin<Metrics> {
-    /// Whether the plugin exports `mirror-metrics` (0.1.1).
-    pub fn counts_mirrors(&self) -> bool {
+    /// Whether the plugin exports `metrics-context` (0.1.1).
+    pub fn takes_context(&self) -> bool {
         self.pre().extra.is_some()
+    }
+
+    /// Hands orchestrators' nested calls to the plugin, if it takes them.
+    pub fn record_nested(&self, events: &[NestedEvent]) -> Result<(), Error> {
+        if !self.takes_context() {
+            return Ok(());
+        }
+        let events: Vec<wit_metrics_context::NestedEvent> = events
+            .iter()
+            .map(|e| wit_metrics_context::NestedEvent {
+                parent_id: e.parent_id.clone(),
+                parent_model: e.parent_model.clone(),
+                depth: e.depth,
+                event: event_to_wit(&e.event),
+            })
+            .collect();
+        self.call(|exports, store| match &exports.extra {
+            Some(sink) => sink.call_record_nested(store, &events).map(Ok),
+            None => Ok(Ok(())),
+        })
+        .map_err(|err| call_error(&self.name, "record-nested", err))
     }
 
     /// Hands mirrored runs to the plugin, if it counts them.
     pub fn record_mirrors(&self, events: &[MirrorEvent]) -> Result<(), Error> {
-        if !self.counts_mirrors() {
+        if !self.takes_context() {
             return Ok(());
         }
-        let events: Vec<wit_mirror_metrics::MirrorEvent> = events
+        let events: Vec<wit_metrics_context::MirrorEvent> = events
             .iter()
-            .map(|e| wit_mirror_metrics::MirrorEvent {
+            .map(|e| wit_metrics_context::MirrorEvent {
                 primary_model: e.primary_model.clone(),
                 primary_version: e.primary_version.clone(),
                 model: e.model.clone(),

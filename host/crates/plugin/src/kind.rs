@@ -26,7 +26,7 @@ use std::sync::Arc;
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
-use super::bindings::{health, metrics, processor, router, wit, wit_mirror, wit_mirror_metrics};
+use super::bindings::{health, metrics, processor, router, wit, wit_metrics_context, wit_mirror};
 use super::manifest::Manifest;
 use super::orchestrator::Orchestrator;
 use super::runtime::{Plugin, PluginKind, PluginMeta, PluginState, Runtime};
@@ -62,7 +62,7 @@ pub(super) mod sealed {
     }
 
     /// An interface a plugin of a world may export beside the world's own
-    /// (0.1.1's `mirror` for routers, `mirror-metrics` for metrics plugins),
+    /// (0.1.1's `mirror` for routers, `metrics-context` for metrics plugins),
     /// looked up when the component is linked.
     pub trait Optional: Send + Sync + 'static {
         type Indices: Send + Sync + 'static;
@@ -117,15 +117,15 @@ impl sealed::Optional for Mirror {
     }
 }
 
-/// The `mirror-metrics` interface a metrics plugin may export (0.1.1).
-pub enum MirrorMetrics {}
+/// The `metrics-context` interface a metrics plugin may export (0.1.1).
+pub enum MetricsContext {}
 
-impl sealed::Optional for MirrorMetrics {
-    type Indices = wit_mirror_metrics::GuestIndices;
-    type Guest = wit_mirror_metrics::Guest;
+impl sealed::Optional for MetricsContext {
+    type Indices = wit_metrics_context::GuestIndices;
+    type Guest = wit_metrics_context::Guest;
 
     fn indices(pre: &InstancePre<PluginState>) -> Option<Self::Indices> {
-        wit_mirror_metrics::GuestIndices::new(pre).ok()
+        wit_metrics_context::GuestIndices::new(pre).ok()
     }
 
     fn load(
@@ -228,8 +228,8 @@ world!(
 );
 world!(
     /// The `metrics-plugin` world: stateful, fed request events, renders text
-    /// (and, exporting `mirror-metrics`, mirrored runs).
-    Metrics, Metrics, metrics, MetricsPluginPre, MetricsPlugin, MirrorMetrics
+    /// (and, exporting `metrics-context`, mirrored runs).
+    Metrics, Metrics, metrics, MetricsPluginPre, MetricsPlugin, MetricsContext
 );
 world!(
     /// The `health-plugin` world: stateful, judges host snapshots.

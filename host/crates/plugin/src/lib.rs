@@ -44,8 +44,8 @@ pub use orchestrator::{
 pub use runtime::{CallError, Plugin, PluginKind, PluginMeta, PluginStats, WIT_VERSION};
 pub use types::{
     DeviceMemory, HealthReport, HealthStatus, HostSnapshot, MirrorEvent, MirrorTarget, ModelChoice,
-    ModelPhase, ModelStatus, PluginError, PluginInfo, PluginStatus, RequestEvent, RequestStatus,
-    RouteDecision, StageTimings,
+    ModelPhase, ModelStatus, NestedEvent, PluginError, PluginInfo, PluginStatus, RequestEvent,
+    RequestStatus, RouteDecision, StageTimings,
 };
 
 /// A file that failed to load, as reported by `list`.

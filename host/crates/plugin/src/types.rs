@@ -130,6 +130,16 @@ pub struct MirrorTarget {
     pub tolerance: f64,
 }
 
+/// A request an orchestrator made, with what it was made for (WIT
+/// `nested-event`, 0.1.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NestedEvent {
+    pub parent_id: String,
+    pub parent_model: String,
+    pub depth: u32,
+    pub event: RequestEvent,
+}
+
 /// One mirrored run, handed to metrics plugins that count them (WIT
 /// `mirror-event`, 0.1.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
