@@ -80,7 +80,7 @@ fn values(response: &pb::ComputeResponse) -> Vec<f32> {
 async fn scaffolded_plugins_of_every_kind_build_and_act_in_a_running_server() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    for kind in ["router", "processor", "metrics", "health"] {
+    for kind in ["router", "processor", "metrics", "health", "orchestrator"] {
         let said = plinth(&["plugin", "new", kind, &format!("my-{kind}")], w);
         assert!(
             said.contains(&format!("created {kind} `my-{kind}` (Rust)")),
@@ -99,6 +99,25 @@ async fn scaffolded_plugins_of_every_kind_build_and_act_in_a_running_server() {
             "{said}"
         );
     }
+    // Orchestrators are Rust only, and say so.
+    let python_orchestrator = Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args([
+            "plugin",
+            "new",
+            "orchestrator",
+            "py-orch",
+            "--lang",
+            "python",
+        ])
+        .current_dir(w)
+        .output()
+        .unwrap();
+    assert!(!python_orchestrator.status.success());
+    assert!(
+        String::from_utf8_lossy(&python_orchestrator.stderr)
+            .contains("orchestrator plugins are Rust only"),
+        "{python_orchestrator:?}"
+    );
     // A name that is not one, and a directory already there: refused.
     let refused = Command::new(env!("CARGO_BIN_EXE_plinth"))
         .args(["plugin", "new", "router", "My_Router"])
@@ -143,8 +162,31 @@ async fn scaffolded_plugins_of_every_kind_build_and_act_in_a_running_server() {
         "min-ready = 99",
     );
 
+    edit(
+        &w.join("my-orchestrator/my-orchestrator.toml"),
+        "model = \"my-model\"",
+        "model = \"plain\"",
+    );
+    edit(
+        &w.join("my-orchestrator/my-orchestrator.toml"),
+        "# then = \"my-head\"",
+        "then = \"scaled\"",
+    );
+    edit(
+        &w.join("my-orchestrator/my-orchestrator.toml"),
+        "# then-input = \"x\"",
+        "then-input = \"x\"",
+    );
+
     let repo = tempfile::tempdir().unwrap();
     let plugins = tempfile::tempdir().unwrap();
+    // Served by the orchestrator: no model file of its own.
+    std::fs::create_dir_all(repo.path().join("composed")).unwrap();
+    std::fs::write(
+        repo.path().join("composed/config.toml"),
+        format!("orchestrator = \"my-orchestrator\"\n{CONFIG}"),
+    )
+    .unwrap();
     for (model, post) in [
         ("scaled", "postprocess = [\"my-processor\"]\n"),
         ("pyscaled", "postprocess = [\"py-scale\"]\n"),
@@ -234,6 +276,25 @@ async fn scaffolded_plugins_of_every_kind_build_and_act_in_a_running_server() {
     })
     .await;
 
+    // The orchestrator: `plain` (2x), then `scaled` (2x, then ×10 by
+    // my-processor): the nested calls run their models' processors.
+    plinth(&["plugin", "build", "my-orchestrator", "--out", &out], w);
+    let got = eventually("composed through my-orchestrator", async || {
+        let response = compute
+            .compute(request("composed", None))
+            .await
+            .map_err(|err| err.to_string())?
+            .into_inner();
+        let got = values(&response);
+        if got == [40.0, 80.0, 120.0] {
+            Ok(got)
+        } else {
+            Err(format!("{got:?}"))
+        }
+    })
+    .await;
+    assert_eq!(got, [40.0, 80.0, 120.0]);
+
     // The other Python kinds build as they come, and the loader's checks
     // (world, version, instantiate, `init`) accept them.
     let checked = w.join("checked");
@@ -267,7 +328,7 @@ async fn scaffolded_plugins_of_every_kind_build_and_act_in_a_running_server() {
     eventually(
         "readiness 503 from the health plugin",
         async || match http_get(running.http_addr, "/v2/health/ready").await {
-            (503, body) if body.contains("3 models ready, 99 wanted") => Ok(()),
+            (503, body) if body.contains("4 models ready, 99 wanted") => Ok(()),
             other => Err(format!("{other:?}")),
         },
     )

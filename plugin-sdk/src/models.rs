@@ -9,7 +9,10 @@ pub use crate::bindings::orchestrator::plinth::plugin::models::InferError;
 /// the model's preprocess plugins, the model, its postprocess plugins and its
 /// statistics. While the model runs, the host gives the thread to other
 /// requests; the plugin's deadline does not count that time.
-#[derive(Debug)]
+///
+/// `Models::default()` is for unit tests: outside WebAssembly there is no
+/// host, and every call answers [`InferError::Unavailable`].
+#[derive(Debug, Default)]
 pub struct Models {
     _private: (),
 }

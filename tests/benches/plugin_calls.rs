@@ -277,9 +277,83 @@ fn pipeline_chain(c: &mut Criterion) {
     }
 }
 
+/// What composing models in an orchestrator costs in-process: the small
+/// model of a cascade called directly through `Pipeline::infer`, against
+/// the same rows through the `cascade` orchestrator when every row is sure
+/// (one nested call) and when none is (two nested calls, the second to the
+/// large model). Same models, same rows; alternated twice.
+fn orchestration(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    fixtures::batched_scale(repo.path(), "small", 1.0);
+    fixtures::batched_scale(repo.path(), "large", 4.0);
+    fixtures::batched_rows_config()
+        .orchestrator("cascade")
+        .write(repo.path(), "cascade");
+    let dir = tempfile::tempdir().unwrap();
+    plinth_tests::install_plugin(
+        dir.path(),
+        "cascade",
+        "cascade",
+        Some("[config]\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 0.6\n"),
+    );
+    let pipeline = rt.block_on(async {
+        let registry = Registry::new(RegistrySettings::new(ModelRepository::new(repo.path()), 1));
+        for model in ["small", "large", "cascade"] {
+            registry
+                .load(model, LoadMode::Load)
+                .await
+                .unwrap()
+                .finished()
+                .await
+                .unwrap();
+        }
+        let plugins = Arc::new(PluginHost::new(dir.path()));
+        plugins.load("cascade").await.unwrap();
+        Pipeline::new(registry, plugins)
+    });
+    let sure = [0.75f32, 0.125, 0.125, 0.875, 0.0625, 0.0625];
+    let unsure = [0.5f32, 0.25, 0.25, 0.25, 0.25, 0.5];
+    let request = |model: &str, rows: &[f32]| PipelineRequest {
+        id: "bench".into(),
+        model: model.into(),
+        inputs: vec![Tensor::from_f32("x", vec![2, 3], rows).unwrap()],
+        ..PipelineRequest::default()
+    };
+    let answer = |model: &str, rows: &[f32]| {
+        rt.block_on(pipeline.infer(request(model, rows)))
+            .unwrap()
+            .outputs[0]
+            .to_f32()
+            .unwrap()
+    };
+    // The answers the cases stand for, before anything is timed.
+    assert_eq!(answer("small", &sure), sure);
+    assert_eq!(answer("cascade", &sure), sure);
+    assert_eq!(
+        answer("cascade", &unsure),
+        unsure.iter().map(|v| v * 4.0).collect::<Vec<_>>()
+    );
+    for round in 1..=2 {
+        for (label, model, rows) in [
+            ("small model, direct", "small", &sure),
+            ("cascade, rows sure (1 nested call)", "cascade", &sure),
+            ("cascade, rows unsure (2 nested calls)", "cascade", &unsure),
+        ] {
+            c.bench_function(&format!("Pipeline::infer, {label} (round {round})"), |b| {
+                b.iter(|| black_box(rt.block_on(pipeline.infer(request(model, rows))).unwrap()))
+            });
+        }
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3));
-    targets = calls, python_beside_rust, pipeline_chain
+    targets = calls, python_beside_rust, pipeline_chain, orchestration
 }
 criterion_main!(benches);

@@ -20,6 +20,11 @@ const WIT: &[(&str, &str)] = &[
     ("processor.wit", include_str!("../../../wit/processor.wit")),
     ("metrics.wit", include_str!("../../../wit/metrics.wit")),
     ("health.wit", include_str!("../../../wit/health.wit")),
+    (
+        "orchestrator.wit",
+        include_str!("../../../wit/orchestrator.wit"),
+    ),
+    ("context.wit", include_str!("../../../wit/context.wit")),
     ("worlds.wit", include_str!("../../../wit/worlds.wit")),
 ];
 
@@ -37,6 +42,8 @@ pub enum Kind {
     Processor,
     Metrics,
     Health,
+    /// Served as a model; calls other models (Rust only).
+    Orchestrator,
 }
 
 impl Kind {
@@ -46,6 +53,7 @@ impl Kind {
             Kind::Processor => "processor",
             Kind::Metrics => "metrics",
             Kind::Health => "health",
+            Kind::Orchestrator => "orchestrator",
         }
     }
 
@@ -59,6 +67,7 @@ impl Kind {
             Kind::Processor => include_str!("templates/rust/processor.rs.tmpl"),
             Kind::Metrics => include_str!("templates/rust/metrics.rs.tmpl"),
             Kind::Health => include_str!("templates/rust/health.rs.tmpl"),
+            Kind::Orchestrator => include_str!("templates/rust/orchestrator.rs.tmpl"),
         }
     }
 
@@ -68,6 +77,8 @@ impl Kind {
             Kind::Processor => include_str!("templates/python/processor.py.tmpl"),
             Kind::Metrics => include_str!("templates/python/metrics.py.tmpl"),
             Kind::Health => include_str!("templates/python/health.py.tmpl"),
+            // `new` refuses it before a source is asked for.
+            Kind::Orchestrator => "",
         }
     }
 
@@ -78,6 +89,9 @@ impl Kind {
             Kind::Processor => "factor = 1.0",
             Kind::Metrics => "# (this template reads no keys)",
             Kind::Health => "min-ready = 1",
+            Kind::Orchestrator => {
+                "model = \"my-model\"   # the model each request goes to\n# then = \"my-head\"  # optional: a second model its outputs go to\n# then-input = \"x\"  # optional: renames a single output to its input"
+            }
         }
     }
 }
@@ -196,6 +210,11 @@ impl Project {
 /// `plinth plugin new KIND NAME`.
 pub fn new(args: NewArgs) -> CliResult {
     check_name(&args.name)?;
+    if args.kind == Kind::Orchestrator && args.lang == Lang::Python {
+        return fail(
+            "orchestrator plugins are Rust only for now: the Python template has no `models` bindings yet (drop --lang python)",
+        );
+    }
     let dir = args.dir.unwrap_or_else(|| PathBuf::from(&args.name));
     if dir.exists()
         && std::fs::read_dir(&dir)
@@ -543,10 +562,35 @@ mod tests {
         assert_eq!(type_name("my-scale-2"), "MyScale2");
     }
 
+    /// A Python project carries the whole contract: componentize-py parses
+    /// every file of its `wit/`, and `worlds.wit` names them all.
+    #[test]
+    fn python_projects_get_every_wit_file() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".wit"))
+            .collect();
+        on_disk.sort();
+        let mut copied: Vec<String> = WIT.iter().map(|(name, _)| (*name).to_owned()).collect();
+        copied.sort();
+        assert_eq!(copied, on_disk);
+    }
+
     #[test]
     fn every_placeholder_is_filled() {
         for lang in [Lang::Rust, Lang::Python] {
-            for kind in [Kind::Router, Kind::Processor, Kind::Metrics, Kind::Health] {
+            for kind in [
+                Kind::Router,
+                Kind::Processor,
+                Kind::Metrics,
+                Kind::Health,
+                Kind::Orchestrator,
+            ] {
+                if kind == Kind::Orchestrator && lang == Lang::Python {
+                    continue;
+                }
                 let project = Project {
                     name: "my-plug".into(),
                     kind,
