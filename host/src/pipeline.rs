@@ -1182,6 +1182,44 @@ v1 success=0 fail=1",
     }
 
     #[test]
+    fn grpc_timeout_reads_every_unit_and_ignores_the_malformed() {
+        let read = |value: &str| grpc_timeout(&[("grpc-timeout".to_owned(), value.to_owned())]);
+        assert_eq!(read("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(read("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(read("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(read("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(read("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(read("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "S", "5", "5x", "-1S", "1.5S"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&[]), None);
+    }
+
+    #[test]
+    fn outputs_agree_within_the_tolerance_and_only_like_for_like() {
+        let t = |name: &str, values: &[f32]| {
+            Tensor::from_f32(name, vec![values.len() as i64], values).unwrap()
+        };
+        let primary = [t("y", &[1.0, 2.0])];
+        assert!(outputs_agree(&primary, &[t("y", &[1.0005, 2.0])], 0.001));
+        assert!(!outputs_agree(&primary, &[t("y", &[1.01, 2.0])], 0.001));
+        assert!(
+            !outputs_agree(&primary, &[t("z", &[1.0, 2.0])], 0.001),
+            "other name"
+        );
+        assert!(
+            !outputs_agree(&primary, &[t("y", &[1.0])], 0.001),
+            "other shape"
+        );
+        assert!(!outputs_agree(&primary, &[], 0.001), "missing output");
+        assert!(
+            outputs_agree(&primary, &[t("y", &[1.0, 2.0])], 0.0),
+            "exact"
+        );
+    }
+
+    #[test]
     fn refusals_name_the_model_once() {
         let check = |err: Error, want: &str| assert_eq!(name_model("m", err).to_string(), want);
         check(

@@ -1012,8 +1012,19 @@ async fn a_slow_header_client_is_cut_off_after_the_header_timeout() {
         .expect("a prompt client's connection outlives the header timeout");
     // A gRPC channel that connects (the HTTP/2 preface at once) and idles
     // past the timeout before its first call keeps its connection.
+    let before = addr.connections.grpc.accepted.load(Ordering::Relaxed);
     let idle = srv.channel().await;
-    let accepted = addr.connections.grpc.accepted.load(Ordering::Relaxed);
+    // The client's connect can finish before the server's accept loop has
+    // counted it: wait for the count to include it.
+    let accepted = eventually(
+        PATIENCE,
+        "the idle channel's connection to be counted",
+        async || match addr.connections.grpc.accepted.load(Ordering::Relaxed) {
+            n if n > before => Ok(n),
+            n => Err(n.to_string()),
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     pb::compute_service_client::ComputeServiceClient::new(idle)
         .ping(ping())
