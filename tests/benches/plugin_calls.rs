@@ -70,9 +70,10 @@ fn calls(c: &mut Criterion) {
     // even with no mirror configured: one more guest call.
     let decision = router.route(&routed, &candidates).unwrap();
     assert!(router.mirrors_requests());
-    c.bench_function("router mirrors call (none configured), warm pooled instance", |b| {
-        b.iter(|| black_box(router.mirrors(&routed, &decision).unwrap()))
-    });
+    c.bench_function(
+        "router mirrors call (none configured), warm pooled instance",
+        |b| b.iter(|| black_box(router.mirrors(&routed, &decision).unwrap())),
+    );
     let bytes = std::fs::read(plinth_tests::plugin_wasm("softmax_topk")).unwrap();
     c.bench_function(
         "compile a component, no artifact cache (softmax-topk)",

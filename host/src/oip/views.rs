@@ -27,9 +27,14 @@ pub fn ready_model(
     Ok(model)
 }
 
-/// Whether `name` (at `version`, if given) can serve requests now.
+/// Whether `name` (at `version`, if given) can serve requests now: loaded,
+/// and not held back by the host (an orchestrator entry whose plugin is not
+/// loaded is listed UNAVAILABLE).
 pub fn model_ready(registry: &Registry, name: &str, version: Option<&str>) -> bool {
     ready_model(registry, name, version).is_ok()
+        && registry
+            .status(name)
+            .is_ok_and(|status| status.state == ModelState::Ready)
 }
 
 /// A tensor signature as model metadata reports it: the wire shape, with the

@@ -216,6 +216,26 @@ async fn a_missing_orchestrator_plugin_or_model_is_reported_by_name() {
             "waiting for orchestrator plugin 'cascade' (no cascade.wasm in the plugin directory)"
         )
     );
+    let ready = |srv: &TestServer| {
+        let url = srv.grpc_url();
+        async move {
+            let channel = tonic::transport::Channel::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            ipb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel)
+                .model_ready(ipb::ModelReadyRequest {
+                    name: "cascade".into(),
+                    version: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .ready
+        }
+    };
+    assert!(!ready(&srv).await, "not ready without its plugin");
     let err = compute(&srv, "cascade", &[1, 3], &ROWS[0])
         .await
         .unwrap_err();
@@ -236,6 +256,7 @@ async fn a_missing_orchestrator_plugin_or_model_is_reported_by_name() {
     );
     srv.wait_plugin("cascade", serving).await;
     srv.wait_ready("cascade").await;
+    assert!(ready(&srv).await, "ready once its plugin serves");
     let err = compute(&srv, "cascade", &[1, 3], &ROWS[1])
         .await
         .unwrap_err();
