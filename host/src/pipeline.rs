@@ -951,7 +951,9 @@ impl ModelCaller for Pipeline {
                 }),
             };
             match tokio::time::timeout(left, pipeline.infer(request)).await {
-                Ok(answer) => answer.map(|response| response.outputs),
+                Ok(answer) => answer
+                    .map(|response| response.outputs)
+                    .map_err(|err| name_model(&model, err)),
                 Err(_) => Err(ran_out()),
             }
         })

@@ -108,25 +108,35 @@ pub mod prelude {
     };
 }
 
+/// The type the `export_*!` macros export: described by the plugin
+/// crate's Cargo metadata.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_type {
+    ($plugin:ty) => {
+        struct PlinthExport;
+
+        impl $crate::export::Export for PlinthExport {
+            type Plugin = $plugin;
+
+            fn info() -> $crate::PluginInfo {
+                $crate::export::info(
+                    env!("CARGO_PKG_NAME"),
+                    env!("CARGO_PKG_VERSION"),
+                    env!("CARGO_PKG_DESCRIPTION"),
+                )
+            }
+        }
+    };
+}
+
 /// Shared body of the `export_*!` macros.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __export_plugin {
     ($plugin:ty, $world:ident, $world_macro:ident) => {
         const _: () = {
-            struct PlinthExport;
-
-            impl $crate::export::Export for PlinthExport {
-                type Plugin = $plugin;
-
-                fn info() -> $crate::PluginInfo {
-                    $crate::export::info(
-                        env!("CARGO_PKG_NAME"),
-                        env!("CARGO_PKG_VERSION"),
-                        env!("CARGO_PKG_DESCRIPTION"),
-                    )
-                }
-            }
+            $crate::__export_type!($plugin);
 
             // The component exports exist only in WebAssembly. Natively (unit
             // tests, `cargo build --workspace`) their names, which contain `:`
@@ -226,19 +236,7 @@ macro_rules! export_orchestrator {
 macro_rules! __export_plugin_with {
     ($plugin:ty, $world:ident, $world_macro:ident, $extra:ident, $extra_macro:ident, $extra_guest:path) => {
         const _: () = {
-            struct PlinthExport;
-
-            impl $crate::export::Export for PlinthExport {
-                type Plugin = $plugin;
-
-                fn info() -> $crate::PluginInfo {
-                    $crate::export::info(
-                        env!("CARGO_PKG_NAME"),
-                        env!("CARGO_PKG_VERSION"),
-                        env!("CARGO_PKG_DESCRIPTION"),
-                    )
-                }
-            }
+            $crate::__export_type!($plugin);
 
             #[cfg(target_arch = "wasm32")]
             $crate::bindings::$world::$world_macro!(

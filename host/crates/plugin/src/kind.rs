@@ -97,45 +97,39 @@ impl sealed::Optional for NoExtra {
     }
 }
 
-/// The `mirror` interface a router may export (0.1.1).
-pub enum Mirror {}
+/// An optional interface whose bindgen module is `$module`.
+macro_rules! optional {
+    ($(#[$doc:meta])* $name:ident, $module:ident) => {
+        $(#[$doc])*
+        pub enum $name {}
 
-impl sealed::Optional for Mirror {
-    type Indices = wit_mirror::GuestIndices;
-    type Guest = wit_mirror::Guest;
+        impl sealed::Optional for $name {
+            type Indices = $module::GuestIndices;
+            type Guest = $module::Guest;
 
-    fn indices(pre: &InstancePre<PluginState>) -> Option<Self::Indices> {
-        wit_mirror::GuestIndices::new(pre).ok()
-    }
+            fn indices(pre: &InstancePre<PluginState>) -> Option<Self::Indices> {
+                $module::GuestIndices::new(pre).ok()
+            }
 
-    fn load(
-        indices: &Self::Indices,
-        store: &mut Store<PluginState>,
-        instance: &wasmtime::component::Instance,
-    ) -> wasmtime::Result<Self::Guest> {
-        indices.load(store, instance)
-    }
+            fn load(
+                indices: &Self::Indices,
+                store: &mut Store<PluginState>,
+                instance: &wasmtime::component::Instance,
+            ) -> wasmtime::Result<Self::Guest> {
+                indices.load(store, instance)
+            }
+        }
+    };
 }
 
-/// The `metrics-context` interface a metrics plugin may export (0.1.1).
-pub enum MetricsContext {}
-
-impl sealed::Optional for MetricsContext {
-    type Indices = wit_metrics_context::GuestIndices;
-    type Guest = wit_metrics_context::Guest;
-
-    fn indices(pre: &InstancePre<PluginState>) -> Option<Self::Indices> {
-        wit_metrics_context::GuestIndices::new(pre).ok()
-    }
-
-    fn load(
-        indices: &Self::Indices,
-        store: &mut Store<PluginState>,
-        instance: &wasmtime::component::Instance,
-    ) -> wasmtime::Result<Self::Guest> {
-        indices.load(store, instance)
-    }
-}
+optional!(
+    /// The `mirror` interface a router may export (0.1.1).
+    Mirror, wit_mirror
+);
+optional!(
+    /// The `metrics-context` interface a metrics plugin may export (0.1.1).
+    MetricsContext, wit_metrics_context
+);
 
 /// A world's pre-linked component, with the indices of its optional
 /// interface when the component exports it.

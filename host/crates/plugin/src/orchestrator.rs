@@ -36,7 +36,7 @@ use super::calls::{RequestView, call_error, from_wit, to_wit};
 use super::manifest::Manifest;
 use super::runtime::{
     CallError, EPOCH_TICK, PluginKind, PluginMeta, PluginState, PluginStats, Runtime, classify,
-    plugin_error, root_cause,
+    described, initialised, plugin_error, root_cause,
 };
 use super::types::PluginInfo;
 
@@ -289,17 +289,7 @@ impl Orchestrator {
                 })?;
             Ok::<_, String>((info, instance))
         })?;
-        semver::Version::parse(&info.version).map_err(|err| {
-            format!(
-                "describe() gave version {:?}, not semver: {err}",
-                info.version
-            )
-        })?;
-        plugin.meta.info = PluginInfo {
-            name: info.name,
-            version: info.version,
-            description: info.description,
-        };
+        plugin.meta.info = described(info)?;
         plugin.idle.lock().push(instance);
         Ok(plugin)
     }
@@ -348,20 +338,9 @@ impl Orchestrator {
         };
         let mut instance = Instance { store, exports };
         self.arm(&mut instance.store);
-        match instance.exports.call_init(&mut instance.store).await {
-            Ok(Ok(())) => {
-                instance.store.data_mut().memory.mark_baseline();
-                Ok(instance)
-            }
-            Ok(Err(err)) => Err(CallError::Instantiate(format!(
-                "init() refused: {}",
-                CallError::Plugin(plugin_error(err))
-            ))),
-            Err(err) => Err(CallError::Instantiate(format!(
-                "init() {}",
-                classify(err, &instance.store, &self.manifest)
-            ))),
-        }
+        let outcome = instance.exports.call_init(&mut instance.store).await;
+        initialised(outcome, &mut instance.store, &self.manifest)?;
+        Ok(instance)
     }
 
     /// Answers `request` with `inputs`: runs the guest's `run` on a warm

@@ -642,17 +642,7 @@ impl<K: Kind> Plugin<K> {
                 classify(err, &instance.store, &plugin.manifest)
             )
         })?;
-        semver::Version::parse(&info.version).map_err(|err| {
-            format!(
-                "describe() gave version {:?}, not semver: {err}",
-                info.version
-            )
-        })?;
-        plugin.meta.info = PluginInfo {
-            name: info.name,
-            version: info.version,
-            description: info.description,
-        };
+        plugin.meta.info = described(info)?;
         plugin.idle.lock().push(instance);
         Ok(plugin)
     }
@@ -673,20 +663,9 @@ impl<K: Kind> Plugin<K> {
         };
         let mut instance = Instance { store, exports };
         self.arm(&mut instance);
-        match K::init(&instance.exports, &mut instance.store) {
-            Ok(Ok(())) => {
-                instance.store.data_mut().memory.mark_baseline();
-                Ok(instance)
-            }
-            Ok(Err(err)) => Err(CallError::Instantiate(format!(
-                "init() refused: {}",
-                CallError::Plugin(plugin_error(err))
-            ))),
-            Err(err) => Err(CallError::Instantiate(format!(
-                "init() {}",
-                classify(err, &instance.store, &self.manifest)
-            ))),
-        }
+        let outcome = K::init(&instance.exports, &mut instance.store);
+        initialised(outcome, &mut instance.store, &self.manifest)?;
+        Ok(instance)
     }
 
     fn arm_store(&self, store: &mut Store<PluginState>) {
@@ -853,6 +832,44 @@ impl<K: Kind> Plugin<K> {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         *self.stats.last_error.lock() = Some(err.to_string());
         tracing::warn!(plugin = %self.name, error = %err, "plugin call failed");
+    }
+}
+
+/// What `describe` answered, once its version is known to be semver.
+pub(super) fn described(info: wit::PluginInfo) -> Result<PluginInfo, String> {
+    semver::Version::parse(&info.version).map_err(|err| {
+        format!(
+            "describe() gave version {:?}, not semver: {err}",
+            info.version
+        )
+    })?;
+    Ok(PluginInfo {
+        name: info.name,
+        version: info.version,
+        description: info.description,
+    })
+}
+
+/// The outcome of `init` on a fresh instance: on success its size is
+/// marked as its baseline; a refusal or a trap makes the instance unusable.
+pub(super) fn initialised(
+    outcome: wasmtime::Result<Result<(), wit::PluginError>>,
+    store: &mut Store<PluginState>,
+    manifest: &Manifest,
+) -> Result<(), CallError> {
+    match outcome {
+        Ok(Ok(())) => {
+            store.data_mut().memory.mark_baseline();
+            Ok(())
+        }
+        Ok(Err(err)) => Err(CallError::Instantiate(format!(
+            "init() refused: {}",
+            CallError::Plugin(plugin_error(err))
+        ))),
+        Err(err) => Err(CallError::Instantiate(format!(
+            "init() {}",
+            classify(err, store, manifest)
+        ))),
     }
 }
 
