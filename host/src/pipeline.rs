@@ -498,38 +498,26 @@ impl Pipeline {
                 .first()
                 .map_or(1, |n| u32::try_from(*n).unwrap_or(u32::MAX)),
         };
-        if let Some(plugin) = &model.config.orchestrator {
+        let (version, outputs) = if let Some(plugin) = &model.config.orchestrator {
             let t = Instant::now();
             let outputs = self
                 .orchestrate(&model, plugin, view, inputs, timeout, nested)
                 .await?;
             timings.compute = t.elapsed();
-            timings.executed = true;
             timings.executed_rows = u64::from(timings.batch_size);
             timings.leader = true;
-            let version = model.pick_version(None)?.version.label.clone();
-            timings.version = Some(version.clone());
-            let request_version = view.version.replace(version.clone());
-            let t = Instant::now();
-            let outputs = self.chain(&model, Stage::Post, view, outputs);
-            view.version = request_version;
-            timings.post = t.elapsed();
-            return Ok(PipelineResponse {
-                model: model.name.clone(),
-                version,
-                config: Arc::clone(&model.config),
-                outputs: outputs?,
-            });
-        }
-        let inference = model
-            .infer(view.version.as_deref(), inputs, timeout)
-            .await?;
-        timings.queue = inference.queue;
-        timings.compute = inference.compute;
+            (model.pick_version(None)?.version.label.clone(), outputs)
+        } else {
+            let inference = model
+                .infer(view.version.as_deref(), inputs, timeout)
+                .await?;
+            timings.queue = inference.queue;
+            timings.compute = inference.compute;
+            timings.executed_rows = u64::try_from(inference.batch_rows).unwrap_or(u64::MAX);
+            timings.leader = inference.leader;
+            (inference.version, inference.outputs)
+        };
         timings.executed = true;
-        timings.executed_rows = u64::try_from(inference.batch_rows).unwrap_or(u64::MAX);
-        timings.leader = inference.leader;
-        let (version, outputs) = (inference.version, inference.outputs);
         timings.version = Some(version.clone());
         let request_version = view.version.replace(version.clone());
         let t = Instant::now();
