@@ -36,7 +36,7 @@ use super::calls::{RequestView, call_error, from_wit, to_wit};
 use super::manifest::Manifest;
 use super::runtime::{
     CallError, EPOCH_TICK, PluginKind, PluginMeta, PluginState, PluginStats, Runtime, classify,
-    described, initialised, plugin_error, root_cause,
+    described, initialised, panicked, plugin_error, root_cause,
 };
 use super::types::PluginInfo;
 
@@ -394,15 +394,7 @@ impl Orchestrator {
                 return Err(err);
             }
             Ok(Err(panic)) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                let err = CallError::Trap(format!(
-                    "a host function the guest called panicked: {}",
-                    what.lines().next().unwrap_or_default()
-                ));
+                let err = panicked(&*panic);
                 self.record_error(&err);
                 return Err(call_error(&self.name, "run", err));
             }

@@ -741,15 +741,7 @@ impl<K: Kind> Plugin<K> {
         })) {
             Ok(res) => res,
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                let err = CallError::Trap(format!(
-                    "a host function the guest called panicked: {}",
-                    what.lines().next().unwrap_or_default()
-                ));
+                let err = panicked(&*panic);
                 self.record_error(&err);
                 return Err(err);
             }
@@ -833,6 +825,19 @@ impl<K: Kind> Plugin<K> {
         *self.stats.last_error.lock() = Some(err.to_string());
         tracing::warn!(plugin = %self.name, error = %err, "plugin call failed");
     }
+}
+
+/// A host function that panicked during a call, as a trap of that call.
+pub(super) fn panicked(panic: &(dyn std::any::Any + Send)) -> CallError {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    CallError::Trap(format!(
+        "a host function the guest called panicked: {}",
+        what.lines().next().unwrap_or_default()
+    ))
 }
 
 /// What `describe` answered, once its version is known to be semver.
