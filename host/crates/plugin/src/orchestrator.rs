@@ -21,7 +21,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use wasmtime::component::Component;
@@ -35,10 +35,9 @@ use super::bindings::{wit, wit_models};
 use super::calls::{RequestView, call_error, from_wit, to_wit};
 use super::manifest::Manifest;
 use super::runtime::{
-    CallError, EPOCH_TICK, PluginKind, PluginMeta, PluginState, PluginStats, Runtime, classify,
-    described, initialised, panicked, plugin_error, root_cause,
+    CallError, EPOCH_TICK, PluginKind, PluginMeta, PluginState, Runtime, classify, described,
+    initialised, panicked, plugin_error, root_cause,
 };
-use super::types::PluginInfo;
 
 /// How deep nested model calls may go unless the server says otherwise.
 pub const DEFAULT_MAX_DEPTH: u32 = 4;
@@ -261,15 +260,7 @@ impl Orchestrator {
             )
         })?;
         let mut plugin = Orchestrator {
-            meta: PluginMeta {
-                name: name.to_owned(),
-                kind: PluginKind::Orchestrator,
-                info: PluginInfo::default(),
-                file_hash,
-                loaded_at: SystemTime::now(),
-                manifest: Arc::new(manifest),
-                stats: PluginStats::default(),
-            },
+            meta: PluginMeta::new(name, PluginKind::Orchestrator, file_hash, manifest),
             state_name: Arc::from(name),
             pre,
             idle: parking_lot::Mutex::new(Vec::new()),

@@ -540,6 +540,24 @@ pub struct PluginMeta {
 }
 
 impl PluginMeta {
+    /// A plugin just compiled, before its `describe` has answered.
+    pub(super) fn new(
+        name: &str,
+        kind: PluginKind,
+        file_hash: String,
+        manifest: Manifest,
+    ) -> PluginMeta {
+        PluginMeta {
+            name: name.to_owned(),
+            kind,
+            info: PluginInfo::default(),
+            file_hash,
+            loaded_at: SystemTime::now(),
+            manifest: Arc::new(manifest),
+            stats: PluginStats::default(),
+        }
+    }
+
     /// Its row in a health snapshot.
     pub fn status(&self) -> PluginStatus {
         PluginStatus {
@@ -621,15 +639,7 @@ impl<K: Kind> Plugin<K> {
             )
         })?;
         let mut plugin = Plugin {
-            meta: PluginMeta {
-                name: name.to_owned(),
-                kind: K::KIND,
-                info: PluginInfo::default(),
-                file_hash,
-                loaded_at: SystemTime::now(),
-                manifest: Arc::new(manifest),
-                stats: PluginStats::default(),
-            },
+            meta: PluginMeta::new(name, K::KIND, file_hash, manifest),
             state_name: Arc::from(name),
             pre,
             idle: parking_lot::Mutex::new(Vec::new()),
