@@ -7,7 +7,7 @@
 //! torch layer in `plinth-torch`, the plugin layer in `plinth-plugin`
 //! (re-exported as `plugin`).
 
-pub use plinth_core::{config, error, tensor};
+pub use plinth_core::{config, deadline, error, tensor};
 pub use plinth_plugin as plugin;
 
 pub mod cli;

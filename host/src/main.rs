@@ -97,8 +97,9 @@ struct ServeArgs {
     /// Plugin directory (created if absent).
     #[arg(long, env = "PLINTH_PLUGIN_DIR", default_value = ".plinth/plugins")]
     plugin_dir: PathBuf,
-    /// Where compiled plugins are cached (default: <plugin-dir>/.cache); a
-    /// writable directory when the plugin directory is read-only.
+    /// Where compiled plugins are cached (default: per user, outside the
+    /// plugin directory: ~/.cache/plinth/plugins/<key>). Only this user may
+    /// be able to write it: a cache others can write is refused.
     #[arg(long, env = "PLINTH_PLUGIN_CACHE_DIR")]
     plugin_cache_dir: Option<PathBuf>,
     /// Validate the flags, the repository, the model configs, the plugin

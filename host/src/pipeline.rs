@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use crate::config::ModelConfig;
 use crate::error::Error;
 use crate::plugin::{
-    BoxFuture, Candidates, DEFAULT_MAX_DEPTH, Manifest, MirrorEvent, MirrorTarget, ModelCaller,
-    NestedCall, NestedEvent, OnError, PluginHost, PluginMeta, RequestEvent, RequestStatus,
-    RequestView, RunContext, Stage, StageTimings, kind,
+    BoxFuture, Candidates, Manifest, MirrorEvent, MirrorTarget, ModelCaller, NestedCall,
+    NestedEvent, OnError, PluginHost, PluginMeta, RequestEvent, RequestStatus, RequestView,
+    RunContext, Stage, StageTimings, kind,
 };
 use crate::registry::{ReadyModel, ReadySet, Registry, RequestRecord};
 use crate::tensor::Tensor;
@@ -68,22 +68,11 @@ pub struct Nesting {
     pub parent: Option<(String, String)>,
 }
 
-/// The `grpc-timeout` header, as gRPC encodes it (digits and a unit of
-/// H, M, S, m, u or n). `None` when absent or malformed.
+/// The request's `grpc-timeout` (gRPC metadata is a header), read by the
+/// gRPC grammar; `None` when absent or malformed.
 fn grpc_timeout(metadata: &[(String, String)]) -> Option<Duration> {
     let (_, value) = metadata.iter().find(|(key, _)| key == "grpc-timeout")?;
-    let value = value.trim();
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    plinth_core::deadline::parse_grpc_timeout(value)
 }
 
 /// What a request got: the outputs, with the model, version and config
@@ -245,8 +234,11 @@ fn skipped(plugin: &PluginMeta, stage: &str, err: &Error) {
 }
 
 impl Pipeline {
-    /// Starts the task that feeds request events to the metrics plugins.
-    pub fn new(registry: Registry, plugins: Arc<PluginHost>) -> Pipeline {
+    /// Starts the task that feeds request events to the metrics plugins and
+    /// the one that runs mirrored requests. `max_call_depth` bounds how deep
+    /// orchestrators' model calls nest (`--max-call-depth`; 0 refuses every
+    /// nested call).
+    pub fn new(registry: Registry, plugins: Arc<PluginHost>, max_call_depth: u32) -> Pipeline {
         let (events, rx) = mpsc::channel(EVENT_QUEUE);
         tokio::spawn(feed_metrics(Arc::clone(&plugins), rx));
         let (mirrors, mirror_rx) = mpsc::channel(MIRROR_QUEUE);
@@ -261,7 +253,7 @@ impl Pipeline {
                     Arc::new(ReadySet::default()),
                     Arc::new(Candidates::default()),
                 )),
-                max_call_depth: DEFAULT_MAX_DEPTH,
+                max_call_depth,
                 mirrors,
                 mirror_counts: MirrorCounts::default(),
             }),
@@ -270,14 +262,9 @@ impl Pipeline {
         pipeline
     }
 
-    /// Sets how deep orchestrators' model calls may nest (`--max-call-depth`).
-    /// Call it before the pipeline is cloned.
-    pub fn with_max_call_depth(mut self, depth: u32) -> Pipeline {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.max_call_depth = depth,
-            None => tracing::warn!("the pipeline is already shared; the call depth stays"),
-        }
-        self
+    /// How deep orchestrators' model calls may nest.
+    pub fn max_call_depth(&self) -> u32 {
+        self.inner.max_call_depth
     }
 
     /// Counts a stream as open until the guard is dropped.
@@ -443,6 +430,13 @@ impl Pipeline {
         nested: Option<Nesting>,
         timings: &mut Timings,
     ) -> Result<PipelineResponse, Error> {
+        // The client's deadline: Triton's `timeout` parameter or the gRPC
+        // deadline, whichever is sooner. A plain model's request waits in
+        // the queue no longer; an orchestrator's whole call is bounded by it.
+        let timeout = [timeout, grpc_timeout(&view.metadata)]
+            .into_iter()
+            .flatten()
+            .min();
         if nested.is_some() {
             // An orchestrator named the model: no router second-guesses it.
         } else if let Some(router) = self.inner.plugins.router() {
@@ -571,12 +565,11 @@ impl Pipeline {
         let (depth, deadline) = match nested {
             Some(nesting) => (nesting.depth, nesting.deadline),
             None => {
-                let budget = [timeout, grpc_timeout(&view.metadata)]
-                    .into_iter()
-                    .flatten()
-                    .min()
-                    .unwrap_or(model.config.request_timeout);
-                (0, Instant::now() + budget)
+                let budget = timeout.unwrap_or(model.config.request_timeout);
+                (
+                    0,
+                    plinth_core::deadline::deadline_after(Instant::now(), budget),
+                )
             }
         };
         let context = RunContext {
@@ -1067,7 +1060,11 @@ mod tests {
             &["1"],
             double,
         ));
-        Pipeline::new(registry, Arc::new(PluginHost::new(plugin_dir)))
+        Pipeline::new(
+            registry,
+            Arc::new(PluginHost::new(plugin_dir)),
+            crate::plugin::DEFAULT_MAX_DEPTH,
+        )
     }
 
     /// Sends `x = [1, 2]` to `model` (at `version`) and renders the answer,
@@ -1172,17 +1169,11 @@ v1 success=0 fail=1",
     }
 
     #[test]
-    fn grpc_timeout_reads_every_unit_and_ignores_the_malformed() {
+    fn grpc_timeout_is_read_from_the_metadata() {
         let read = |value: &str| grpc_timeout(&[("grpc-timeout".to_owned(), value.to_owned())]);
-        assert_eq!(read("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(read("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(read("3M"), Some(Duration::from_secs(180)));
         assert_eq!(read("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(read("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(read("9n"), Some(Duration::from_nanos(9)));
-        for bad in ["", "S", "5", "5x", "-1S", "1.5S"] {
-            assert_eq!(read(bad), None, "{bad:?}");
-        }
+        assert_eq!(read("5é"), None);
+        assert_eq!(read("18446744073709551615S"), None);
         assert_eq!(grpc_timeout(&[]), None);
     }
 

@@ -20,7 +20,7 @@ use crate::listen::{ConnectionLimits, Port, PortCounters};
 use crate::pipeline::Pipeline;
 use crate::plugin::{PluginHost, PluginWatcher};
 use crate::registry::{LoadMode, Registry, RegistrySettings};
-use crate::security::{PortProtocols, ReloadHandle, Security, SecurityConfig};
+use crate::security::{Classify, PortProtocols, ReloadHandle, Security, SecurityConfig};
 
 /// Everything `plinth serve` can be told.
 #[derive(Debug, Clone)]
@@ -35,7 +35,8 @@ pub struct ServerConfig {
     /// under `--poll`); otherwise an empty repository is an error.
     pub allow_empty: bool,
     pub plugin_dir: PathBuf,
-    /// Where compiled plugins are cached; `None`: `<plugin_dir>/.cache`.
+    /// Where compiled plugins are cached; `None`: outside the plugin
+    /// directory, per user (`plugin::cache::default_dir`).
     pub plugin_cache_dir: Option<PathBuf>,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -84,17 +85,20 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// Loopback, ephemeral ports: what tests use.
+    /// Loopback, ephemeral ports: what tests use. The compile cache sits
+    /// in the (private, temporary) plugin directory, so that it goes with
+    /// it instead of piling up in the user's cache.
     pub fn ephemeral(
         model_repository: impl Into<PathBuf>,
         plugin_dir: impl Into<PathBuf>,
     ) -> ServerConfig {
+        let plugin_dir = plugin_dir.into();
         ServerConfig {
             model_repository: model_repository.into(),
             model_name: None,
             allow_empty: true,
-            plugin_dir: plugin_dir.into(),
-            plugin_cache_dir: None,
+            plugin_cache_dir: Some(plugin_dir.join(".cache")),
+            plugin_dir,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -309,6 +313,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     // the ports answer meanwhile (a request that needs one still compiling
     // gets UNAVAILABLE naming it), and readiness waits for them unless
     // told not to.
+    // A cache directory the operator named must be one only this user can
+    // write: its artifacts are loaded as native code.
+    // (One that cannot be created is only logged: plugins then compile at
+    // every load, as the runtime says once.)
+    if let Some(cache) = &config.plugin_cache_dir
+        && let Err(why) = crate::plugin::cache::prepare(cache)
+        && cache.is_dir()
+    {
+        anyhow::bail!("--plugin-cache-dir: {why}");
+    }
     let plugins = Arc::new(match &config.plugin_cache_dir {
         Some(cache) => PluginHost::with_cache_dir(&config.plugin_dir, cache),
         None => PluginHost::new(&config.plugin_dir),
@@ -343,8 +357,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             )),
         }
     });
-    let pipeline = Pipeline::new(registry.clone(), Arc::clone(&plugins))
-        .with_max_call_depth(config.max_call_depth);
+    let pipeline = Pipeline::new(
+        registry.clone(),
+        Arc::clone(&plugins),
+        config.max_call_depth,
+    );
 
     let grpc_listener = TcpListener::bind(config.grpc_addr)
         .await
@@ -416,8 +433,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     ];
     let mut tasks = Vec::new();
     for (mut port, counters) in ports {
-        // The one gate every call passes, on every port.
-        port.router = port.router.layer(security.layer());
+        // The one gate every call passes, on every port. It fails closed:
+        // on gRPC it wraps the router and knows each method exactly; on
+        // HTTP it runs after routing, on the template the router matched,
+        // and only the 404 fallback is outside it.
+        port.router = match port.protocols {
+            PortProtocols::Grpc => port.router.layer(security.layer(Classify::GrpcMethod)),
+            PortProtocols::Http => port
+                .router
+                .route_layer(security.layer(Classify::MatchedRoute)),
+        };
         tasks.push(tokio::spawn(crate::listen::serve(
             port,
             Arc::clone(counters),
@@ -636,7 +661,13 @@ pub fn check(config: &ServerConfig) -> Result<Vec<String>, Vec<String>> {
         .clone()
         .unwrap_or_else(|| crate::plugin::default_cache_dir(&config.plugin_dir));
     let probe = cache.join(".plinth-check");
-    match std::fs::create_dir_all(&cache).and_then(|()| std::fs::write(&probe, b"")) {
+    let prepared = crate::plugin::cache::prepare(&cache);
+    if let Err(why) = &prepared
+        && cache.is_dir()
+    {
+        problems.push(why.clone());
+    }
+    match prepared.and_then(|()| std::fs::write(&probe, b"").map_err(|err| err.to_string())) {
         Ok(()) => {
             let _ = std::fs::remove_file(&probe);
             facts.push(format!("plugin cache {}: writable", cache.display()));

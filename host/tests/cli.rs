@@ -413,5 +413,43 @@ async fn tokens_and_tls_as_an_operator_gives_them() {
     );
     let run = plinth(&s, &["health", "--token-file", tok], &[]).await;
     assert!(!run.ok, "plaintext to a TLS port fails: {run:?}");
+    // A client certificate without --tls-ca once connected in plaintext:
+    // now it is refused in one line before any connection.
+    let run = plinth(
+        &s,
+        &[
+            "health",
+            "--token-file",
+            tok,
+            "--tls-cert",
+            crt,
+            "--tls-key",
+            key,
+        ],
+        &[],
+    )
+    .await;
+    one_line_failure(
+        &run,
+        "--tls-cert and --tls-key asks for TLS, which needs --tls-ca",
+    );
+    let https = format!("https://{s}");
+    let run = plinth(&https, &["health", "--token-file", tok], &[]).await;
+    one_line_failure(
+        &run,
+        "an https:// --server asks for TLS, which needs --tls-ca",
+    );
+    // A token that is not a header value was once dropped silently.
+    let bad = secrets.path().join("bad.token");
+    std::fs::write(&bad, "ops-01234\u{7f}56789\n").unwrap();
+    let mut bad_token = vec!["info", "--token-file", bad.to_str().unwrap()];
+    bad_token.extend(tls);
+    let run = plinth(&s, &bad_token, &[]).await;
+    one_line_failure(&run, "is not a valid header value: character 10");
+    let run = plinth(&s, &with_env, &[("PLINTH_TOKEN", "caf\u{e9}")]).await;
+    one_line_failure(
+        &run,
+        "the token from PLINTH_TOKEN is not a valid header value",
+    );
     srv.stop().await;
 }

@@ -25,14 +25,69 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A child process killed when dropped.
+/// A child process killed when dropped, with every process under it.
+/// `buildah run` starts the server under `buildah-chroot-exec`; killing
+/// buildah alone once left that server running after the suite.
 struct Running(Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // Read the tree before anything dies: orphans are re-parented.
+        let tree = descendants(self.0.id());
         let _ = self.0.kill();
+        for pid in tree.iter().rev() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = self.0.wait();
+        // What was killed is gone before the test goes on.
+        let deadline = Instant::now() + PATIENCE;
+        while tree
+            .iter()
+            .any(|pid| alive(*pid) && Instant::now() < deadline)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
+}
+
+/// The parent of `pid` from /proc, if it still runs.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `pid` runs (a zombie does not count).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|at| stat[at + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
+}
+
+/// Every process under `root`, parents before children.
+fn descendants(root: u32) -> Vec<u32> {
+    let all: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+                .filter_map(|pid: u32| Some((pid, parent_of(pid)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = vec![root];
+    let mut at = 0;
+    while at < found.len() {
+        let parent = found[at];
+        found.extend(all.iter().filter(|(_, p)| *p == parent).map(|(c, _)| *c));
+        at += 1;
+    }
+    found.remove(0);
+    found
 }
 
 /// The value of `key=` in a log line.

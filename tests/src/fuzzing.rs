@@ -27,6 +27,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("model_config", model_config),
     ("plugin_manifest", plugin_manifest),
     ("guest_tensor", guest_tensor),
+    ("grpc_timeout", grpc_timeout),
 ];
 
 /// What an accepted tensor must be: as many bytes as its shape and dtype
@@ -139,4 +140,21 @@ pub fn guest_tensor(data: &[u8]) -> usize {
         .map(|d| i64::from_le_bytes(d.try_into().unwrap()))
         .collect();
     accepted(Tensor::new("guest", dtype, shape, Bytes::copy_from_slice(payload)).map(|t| vec![t]))
+}
+
+/// A `grpc-timeout` header value (any bytes that are a header value): read
+/// by the gRPC grammar and turned into a deadline, which must saturate.
+pub fn grpc_timeout(data: &[u8]) -> usize {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return 0;
+    };
+    match plinth::deadline::parse_grpc_timeout(text) {
+        Some(budget) => {
+            let now = std::time::Instant::now();
+            let deadline = plinth::deadline::deadline_after(now, budget);
+            assert!(deadline >= now, "a deadline before now");
+            1
+        }
+        None => 0,
+    }
 }

@@ -103,15 +103,39 @@ fn which(tool: &str) -> Option<PathBuf> {
     })
 }
 
-/// Builds the release binary and lays out the bundle; returns where.
-pub fn dist(libtorch: &Path, wasm_dir: &Path) -> Result<Bundle> {
-    let mut build = crate::cargo(libtorch);
-    build.args(["build", "--release", "--package", "plinth"]);
-    crate::status(build).context("building the release binary")?;
-    let built = crate::target_dir().join("release/plinth");
+/// Which binary a bundle is made from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binary {
+    /// Built here with `--release`: what `cargo xtask dist` ships.
+    Release,
+    /// `target/debug/plinth`, already built by the test build: what the
+    /// suite tests the packaging with (RUNPATH, libraries, layout, image,
+    /// manifests), without a second, release build of everything.
+    TestBuild,
+}
+
+/// Lays out the bundle from `binary` (building it for a release); returns where.
+pub fn dist(libtorch: &Path, wasm_dir: &Path, binary: Binary) -> Result<Bundle> {
+    let (built, out) = match binary {
+        Binary::Release => {
+            let mut build = crate::cargo(libtorch);
+            build.args(["build", "--release", "--package", "plinth"]);
+            crate::status(build).context("building the release binary")?;
+            (
+                crate::target_dir().join("release/plinth"),
+                crate::target_dir().join("dist"),
+            )
+        }
+        Binary::TestBuild => {
+            let built = crate::target_dir().join("debug/plinth");
+            if !built.is_file() {
+                bail!("{} is not built: build the tests first", built.display());
+            }
+            (built, crate::target_dir().join("dist-test"))
+        }
+    };
 
     let name = format!("plinth-{}-{}", version(), host_triple()?);
-    let out = crate::target_dir().join("dist");
     let dir = out.join(&name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;

@@ -68,17 +68,35 @@ fn run() -> Result<()> {
             if uses_default_dir {
                 seed_default_plugins(&wasm_dir)?;
             }
-            let mut cmd = cargo(&libtorch);
-            cmd.args(["run", "--release", "--package", "plinth", "--", "serve"]);
-            cmd.args(rest);
-            status(cmd)
+            let mut build = cargo(&libtorch);
+            build.args([
+                "build",
+                "--release",
+                "--package",
+                "plinth",
+                "--bin",
+                "plinth",
+            ]);
+            status(build)?;
+            // The server replaces this process, so that a signal to
+            // `cargo xtask serve` (Ctrl-C, SIGTERM from a supervisor)
+            // reaches it and no server is left behind as an orphan.
+            let mut serve = Command::new(target_dir().join("release").join("plinth"));
+            serve.arg("serve").args(rest);
+            let err = std::os::unix::process::CommandExt::exec(&mut serve);
+            Err(err).context("starting target/release/plinth")
         }
         "test" => {
             let libtorch = ensure_libtorch()?;
             let python = ensure_test_venv()?;
             let wasm_dir = build_plugins()?;
-            // The bundle and the image are tested as users get them.
-            let bundle = dist::dist(&libtorch, &wasm_dir)?;
+            // One build: the tests and the binary they run. The bundle and
+            // the image are laid out from that binary and tested as users
+            // get them (`dist` makes the release one).
+            let mut build = cargo(&libtorch);
+            build.args(["test", "--workspace", "--no-run"]);
+            status(build)?;
+            let bundle = dist::dist(&libtorch, &wasm_dir, dist::Binary::TestBuild)?;
             let mut cmd = cargo(&libtorch);
             cmd.env("PLINTH_BUNDLE", &bundle.tarball);
             match dist::image_context(&bundle).and_then(|context| dist::build_image(&context)) {
@@ -96,20 +114,45 @@ fn run() -> Result<()> {
             cmd.env("PLINTH_PLUGIN_WASM_DIR", wasm_dir);
             cmd.args(["test", "--workspace"]);
             cmd.args(rest);
-            status(cmd)
+            let before = plinth_servers();
+            let tested = status(cmd);
+            // A test stops what it starts: no server may outlive the suite.
+            let left: Vec<(u32, String)> = plinth_servers()
+                .into_iter()
+                .filter(|server| !before.contains(server))
+                .collect();
+            for (pid, _) in &left {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+            tested?;
+            if !left.is_empty() {
+                let list: Vec<String> = left
+                    .iter()
+                    .map(|(pid, cmdline)| format!("{pid}: {cmdline}"))
+                    .collect();
+                bail!(
+                    "the suite left {} server(s) running (now killed):\n{}",
+                    left.len(),
+                    list.join("\n")
+                );
+            }
+            println!("xtask: no server started by the suite outlived it");
+            Ok(())
         }
         "invariants" => invariants::check(&project_root()),
         "dist" => {
             let libtorch = ensure_libtorch()?;
             let wasm_dir = build_plugins()?;
-            let bundle = dist::dist(&libtorch, &wasm_dir)?;
+            let bundle = dist::dist(&libtorch, &wasm_dir, dist::Binary::Release)?;
             println!("{}", bundle.tarball.display());
             Ok(())
         }
         "image" => {
             let libtorch = ensure_libtorch()?;
             let wasm_dir = build_plugins()?;
-            let bundle = dist::dist(&libtorch, &wasm_dir)?;
+            let bundle = dist::dist(&libtorch, &wasm_dir, dist::Binary::Release)?;
             let context = dist::image_context(&bundle)?;
             if rest.iter().any(|a| a == "--context-only") {
                 println!("{}", context.display());
@@ -191,6 +234,27 @@ fn run() -> Result<()> {
     }
 }
 
+/// Every `plinth serve` process on this machine (any binary named
+/// `plinth`, the image's included): pid and command line, from /proc.
+fn plinth_servers() -> std::collections::BTreeSet<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    dir.filter_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let program = Path::new(args.first()?).file_name()?.to_str()?;
+        (program == "plinth" && args.get(1).is_some_and(|a| a == "serve"))
+            .then(|| (pid, args.join(" ")))
+    })
+    .collect()
+}
+
 /// The plugin crates: the real plugins and the hostile test fixtures.
 const PLUGINS: &[&str] = &[
     "weighted-router",
@@ -206,6 +270,7 @@ const PLUGINS: &[&str] = &[
     "hostile-wasi-escape",
     "hostile-version-mismatch",
     "hostile-orchestrator",
+    "hostile-snoop",
     "compat-processor-0-1-0",
 ];
 
@@ -246,6 +311,7 @@ fn allocator_binaries(libtorch: &Path) -> Result<String> {
 }
 
 fn build_plugins() -> Result<PathBuf> {
+    ensure_wasm_target()?;
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(project_root());
     cmd.args([
@@ -265,6 +331,37 @@ fn build_plugins() -> Result<PathBuf> {
         build_python_plugin(plugin, &wasm_dir)?;
     }
     Ok(wasm_dir)
+}
+
+/// The target plugins compile to. A stable toolchain from rustup lacks it
+/// until someone adds it, and the README promises two commands: add it
+/// here, once, with rustup (for the toolchain cargo runs under).
+fn ensure_wasm_target() -> Result<()> {
+    const TARGET: &str = "wasm32-wasip2";
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let installed = || -> Result<bool> {
+        let out = Command::new(&rustc)
+            .args(["--print", "sysroot"])
+            .output()
+            .context("running rustc --print sysroot")?;
+        let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Ok(sysroot.join("lib/rustlib").join(TARGET).is_dir())
+    };
+    if installed()? {
+        return Ok(());
+    }
+    eprintln!("xtask: the {TARGET} target is missing; adding it with rustup");
+    let mut cmd = Command::new("rustup");
+    cmd.args(["target", "add", TARGET]);
+    match cmd.status() {
+        Ok(done) if done.success() && installed()? => Ok(()),
+        Ok(done) => bail!(
+            "`rustup target add {TARGET}` failed ({done}); plugins need that target: add it by hand"
+        ),
+        Err(err) => bail!(
+            "the {TARGET} target is missing and rustup cannot be run ({err}): install the target for this toolchain by hand"
+        ),
+    }
 }
 
 /// The Python plugins in `plugins/`, built with componentize-py.

@@ -123,6 +123,25 @@ pub struct InferArgs {
     pub output_dir: Option<PathBuf>,
 }
 
+/// Refuses a token that cannot be sent: one that is empty, or not a valid
+/// header value (a control character or a non-ASCII byte), naming where it
+/// came from; never its contents.
+fn check_token(token: &str, source: &str) -> CliResult<()> {
+    if token.is_empty() {
+        return Err(CliError(format!("the token from {source} is empty")));
+    }
+    if let Some(bad) = token
+        .chars()
+        .position(|c| !(c.is_ascii_graphic() || c == ' '))
+    {
+        return Err(CliError(format!(
+            "the token from {source} is not a valid header value: character {} is not printable ASCII",
+            bad + 1
+        )));
+    }
+    Ok(())
+}
+
 /// A connected client.
 pub struct Client {
     channel: Channel,
@@ -143,6 +162,32 @@ impl Client {
                 .ok()
                 .map(|t| t.trim().to_owned()),
         };
+        let source = match &args.token_file {
+            Some(file) => format!("--token-file {}", file.display()),
+            None => "PLINTH_TOKEN".to_owned(),
+        };
+        if let Some(token) = &token {
+            check_token(token, &source)?;
+        }
+        // Trust comes only from the CA named: TLS options without it would
+        // otherwise connect in plaintext, silently.
+        if args.tls_ca.is_none() {
+            let given: Vec<&str> = [
+                (args.tls_cert.is_some(), "--tls-cert"),
+                (args.tls_key.is_some(), "--tls-key"),
+                (args.tls_server_name.is_some(), "--tls-server-name"),
+                (args.server.starts_with("https://"), "an https:// --server"),
+            ]
+            .into_iter()
+            .filter_map(|(set, name)| set.then_some(name))
+            .collect();
+            if !given.is_empty() {
+                return Err(CliError(format!(
+                    "{} asks for TLS, which needs --tls-ca (the CA that signed the server's certificate); refusing to connect in plaintext",
+                    given.join(" and ")
+                )));
+            }
+        }
         let tls = args.tls_ca.is_some();
         let url = if args.server.contains("://") {
             args.server.clone()
@@ -180,6 +225,7 @@ impl Client {
 
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
+        // Checked by `connect`: a token that is not a header value is refused there.
         if let Some(token) = &self.token
             && let Ok(value) = format!("Bearer {token}").parse()
         {

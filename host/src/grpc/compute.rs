@@ -70,6 +70,11 @@ fn request_metadata(
     let mut metadata: Vec<(String, String)> = headers
         .iter()
         .filter_map(|entry| match entry {
+            tonic::metadata::KeyAndValueRef::Ascii(key, _)
+                if crate::security::is_credential(key.as_str()) =>
+            {
+                None
+            }
             tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
                 Some((key.as_str().to_owned(), value.to_str().ok()?.to_owned()))
             }

@@ -284,10 +284,12 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::security::classify;
+    use crate::security::groups::GRPC_METHODS;
+    use crate::security::grpc_group;
 
     /// Every method of every service on the gRPC port belongs to an API
-    /// group: a new RPC added to a proto without a group fails here.
+    /// group (a new RPC added to a proto without a group fails here), and
+    /// every method in the table is served.
     #[test]
     fn every_served_method_has_an_api_group() {
         let mut methods = Vec::new();
@@ -308,10 +310,21 @@ mod tests {
         }
         methods.push("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".into());
         assert!(methods.len() > 25, "{methods:?}");
-        let unclassified: Vec<&String> = methods.iter().filter(|m| classify(m).is_none()).collect();
+        let unclassified: Vec<&String> =
+            methods.iter().filter(|m| grpc_group(m).is_none()).collect();
         assert!(
             unclassified.is_empty(),
             "methods without an API group: {unclassified:?}"
+        );
+        // And the other way: the table names no method that is not served.
+        let unserved: Vec<&str> = GRPC_METHODS
+            .iter()
+            .map(|(path, _)| *path)
+            .filter(|path| !methods.iter().any(|m| m == path))
+            .collect();
+        assert!(
+            unserved.is_empty(),
+            "the group table names methods no service serves: {unserved:?}"
         );
     }
 }

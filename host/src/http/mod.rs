@@ -7,9 +7,11 @@ pub mod v2;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawPathParams, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::middleware::Next;
+use axum::response::IntoResponse;
+use axum::routing::{MethodRouter, get, post};
 
 use crate::health::Health;
 use crate::pipeline::Pipeline;
@@ -23,42 +25,94 @@ pub struct HttpState {
     pub max_body_bytes: usize,
 }
 
-/// The inference API on the HTTP port.
-pub fn router(state: HttpState) -> Router {
-    let model_routes = |prefix: &str| {
-        Router::new()
-            .route(prefix, get(v2::model_metadata))
-            .route(&format!("{prefix}/ready"), get(v2::model_ready))
-            .route(&format!("{prefix}/config"), get(v2::model_config))
-            .route(&format!("{prefix}/stats"), get(v2::model_statistics))
-            .route(&format!("{prefix}/infer"), post(v2::infer))
-    };
-    Router::new()
-        .route("/v2", get(v2::server_metadata))
-        .route("/v2/health/live", get(|| async { StatusCode::OK }))
-        .route("/v2/health/ready", get(ready))
-        .route("/v2/models/stats", get(v2::all_statistics))
-        .merge(model_routes("/v2/models/{model}"))
-        .merge(model_routes("/v2/models/{model}/versions/{version}"))
-        .route("/v2/repository/index", post(v2::repository_index))
-        .route(
+/// Every route of the HTTP port: its template and its handlers. The
+/// router is built from this list, and the gate's group table
+/// (`security::groups::HTTP_ROUTES`) is tested against it both ways.
+fn routes() -> Vec<(&'static str, MethodRouter<HttpState>)> {
+    vec![
+        ("/v2", get(v2::server_metadata)),
+        ("/v2/health/live", get(|| async { StatusCode::OK })),
+        ("/v2/health/ready", get(ready)),
+        ("/v2/models/stats", get(v2::all_statistics)),
+        ("/v2/models/{model}", get(v2::model_metadata)),
+        ("/v2/models/{model}/ready", get(v2::model_ready)),
+        ("/v2/models/{model}/config", get(v2::model_config)),
+        ("/v2/models/{model}/stats", get(v2::model_statistics)),
+        ("/v2/models/{model}/infer", post(v2::infer)),
+        (
+            "/v2/models/{model}/versions/{version}",
+            get(v2::model_metadata),
+        ),
+        (
+            "/v2/models/{model}/versions/{version}/ready",
+            get(v2::model_ready),
+        ),
+        (
+            "/v2/models/{model}/versions/{version}/config",
+            get(v2::model_config),
+        ),
+        (
+            "/v2/models/{model}/versions/{version}/stats",
+            get(v2::model_statistics),
+        ),
+        (
+            "/v2/models/{model}/versions/{version}/infer",
+            post(v2::infer),
+        ),
+        ("/v2/repository/index", post(v2::repository_index)),
+        (
             "/v2/repository/models/{model}/load",
             post(v2::repository_load),
-        )
-        .route(
+        ),
+        (
             "/v2/repository/models/{model}/unload",
             post(v2::repository_unload),
-        )
+        ),
+    ]
+}
+
+/// The routes of the metrics port.
+fn metrics_routes() -> Vec<(&'static str, MethodRouter<HttpState>)> {
+    vec![("/metrics", get(metrics))]
+}
+
+fn build(routes: Vec<(&'static str, MethodRouter<HttpState>)>, state: HttpState) -> Router {
+    let mut router = Router::new();
+    for (template, handlers) in routes {
+        router = router.route(template, handlers);
+    }
+    router
+        .route_layer(axum::middleware::from_fn(refuse_empty_segments))
         .fallback(v2::not_found)
         .with_state(state)
 }
 
+/// The inference API on the HTTP port.
+pub fn router(state: HttpState) -> Router {
+    build(routes(), state)
+}
+
 /// Prometheus text on the metrics port.
 pub fn metrics_router(state: HttpState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .fallback(v2::not_found)
-        .with_state(state)
+    build(metrics_routes(), state)
+}
+
+/// axum matches an empty `{model}` or `{version}` segment
+/// (`/v2/models/m/versions//infer`); no handler should see one, so it is
+/// refused here, after the gate and before any body is read.
+async fn refuse_empty_segments(
+    params: RawPathParams,
+    request: axum::extract::Request,
+    next: Next,
+) -> axum::response::Response {
+    if let Some((key, _)) = params.iter().find(|(_, value)| value.is_empty()) {
+        return v2::ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the {key} segment of the path is empty: expected a {key} name"),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 async fn ready(State(state): State<HttpState>) -> (StatusCode, String) {
@@ -102,6 +156,30 @@ mod tests {
     use crate::registry::{Registry, RegistrySettings};
     use crate::security::groups::HTTP_ROUTES;
 
+    /// Every served route has a group, and every grouped template is a
+    /// route: the gate, which fails closed, never refuses a real route
+    /// for want of a group, and the table names nothing unserved.
+    #[test]
+    fn the_group_table_and_the_routes_agree_both_ways() {
+        let served: Vec<&str> = routes()
+            .into_iter()
+            .chain(metrics_routes())
+            .map(|(template, _)| template)
+            .collect();
+        for template in &served {
+            assert!(
+                crate::security::http_group(template).is_some(),
+                "route {template} has no API group"
+            );
+        }
+        for (template, group) in HTTP_ROUTES {
+            assert!(
+                served.contains(template),
+                "the table gives {template} to {group}, but no route serves it"
+            );
+        }
+    }
+
     /// The access gate classifies paths by `HTTP_ROUTES`: every template
     /// there must be a route of these routers (not the fallback), so that
     /// the table cannot drift from what is served.
@@ -115,7 +193,7 @@ mod tests {
         ));
         let host = Arc::new(crate::plugin::PluginHost::new(plugins.path()));
         let state = HttpState {
-            pipeline: Pipeline::new(registry, host),
+            pipeline: Pipeline::new(registry, host, crate::plugin::DEFAULT_MAX_DEPTH),
             health: Arc::new(Health::default()),
             max_body_bytes: 1 << 20,
         };

@@ -553,7 +553,7 @@ fn header_metadata(headers: &HeaderMap) -> Vec<(String, String)> {
             !matches!(
                 name.as_str(),
                 HEADER_LENGTH | "content-length" | "content-type"
-            )
+            ) && !crate::security::is_credential(name.as_str())
         })
         .filter_map(|(name, value)| {
             Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))

@@ -1,9 +1,12 @@
 //! The API groups (Triton's names) and which group each gRPC method and HTTP
-//! route belongs to. Every route belongs to exactly one group; a path that
-//! names no route belongs to none and is answered `404`/`UNIMPLEMENTED` by
-//! the router behind the gate. The tests hold the tables against the real
-//! routes: every method of the served gRPC services (read from their
-//! descriptors) and every route of the HTTP router.
+//! route belongs to. Every route belongs to exactly one group. The gate
+//! fails closed: a call it cannot put in a group is refused by the gate
+//! itself and never reaches a handler. gRPC calls are classified by their
+//! exact method path; HTTP calls by the route template the router matched
+//! (`MatchedPath`), so the table and the router cannot disagree. The tests
+//! hold the tables against the real routes: every method of the served gRPC
+//! services (read from their descriptors) and every route of the HTTP
+//! router, in both directions.
 
 use std::fmt;
 use std::str::FromStr;
@@ -215,45 +218,23 @@ pub const HTTP_ROUTES: &[(&str, ApiGroup)] = {
     ]
 };
 
-/// The group of the call at `path` (a gRPC method path or an HTTP path), or
-/// `None` where no route answers it. An exact route wins over a template,
-/// as in the router (`/v2/models/stats` is not model "stats").
-pub fn classify(path: &str) -> Option<ApiGroup> {
-    if let Some((_, group)) = GRPC_METHODS.iter().find(|(p, _)| *p == path) {
-        return Some(*group);
-    }
-    // Reflection is read-only metadata whatever its version.
-    if path.starts_with("/grpc.reflection.") {
-        return Some(ApiGroup::Metadata);
-    }
-    let path = path
-        .strip_suffix('/')
-        .filter(|p| !p.is_empty())
-        .unwrap_or(path);
-    if let Some((_, group)) = HTTP_ROUTES.iter().find(|(t, _)| *t == path) {
-        return Some(*group);
-    }
-    HTTP_ROUTES
+/// The group of the gRPC method at `path`, by exact match: `None` for
+/// anything else, which the gate refuses without calling the router.
+pub fn grpc_group(path: &str) -> Option<ApiGroup> {
+    GRPC_METHODS
         .iter()
-        .find(|(template, _)| template_matches(template, path))
+        .find(|(p, _)| *p == path)
         .map(|(_, group)| *group)
 }
 
-fn template_matches(template: &str, path: &str) -> bool {
-    let mut want = template.split('/');
-    let mut got = path.split('/');
-    loop {
-        match (want.next(), got.next()) {
-            (None, None) => return true,
-            (Some(w), Some(g)) => {
-                let param = w.starts_with('{') && w.ends_with('}');
-                if !(g == w || param && !g.is_empty()) {
-                    return false;
-                }
-            }
-            _ => return false,
-        }
-    }
+/// The group of the HTTP route whose template the router matched
+/// (`MatchedPath`), by exact match of the template: the gate never parses
+/// the request path itself, so it cannot disagree with the router.
+pub fn http_group(template: &str) -> Option<ApiGroup> {
+    HTTP_ROUTES
+        .iter()
+        .find(|(t, _)| *t == template)
+        .map(|(_, group)| *group)
 }
 
 #[cfg(test)]
@@ -261,33 +242,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_route_shape_has_its_group() {
+    fn calls_are_classified_by_exact_method_or_template() {
         use ApiGroup::*;
-        let cases = [
-            ("/v2/health/ready", Some(Health)),
-            ("/v2", Some(Metadata)),
-            ("/v2/", Some(Metadata)),
-            ("/v2/models/stats", Some(Statistics)),
-            ("/v2/models/scale", Some(Metadata)),
-            ("/v2/models/scale/infer", Some(Inference)),
-            ("/v2/models/scale/versions/3/infer", Some(Inference)),
-            ("/v2/models/scale/versions/3/stats", Some(Statistics)),
-            ("/v2/repository/models/scale/load", Some(ModelRepository)),
-            ("/metrics", Some(Statistics)),
+        let grpc = [
             ("/plinth.v1.PluginService/ReloadPlugins", Some(Plugins)),
             ("/plinth.v1.ModelService/LoadModel", Some(ModelRepository)),
             (
-                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
                 Some(Metadata),
             ),
-            ("/v2/models//infer", None),
-            ("/v2/models/a/b/infer", None),
-            ("/v2/repository/models/scale/delete", None),
+            (
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                None,
+            ),
+            ("/plinth.v1.ComputeService/Compute/", None),
+            ("//plinth.v1.ComputeService/Compute", None),
             ("/plinth.v1.PluginService/Unknown", None),
+            ("/v2/models/scale/infer", None),
             ("/", None),
         ];
-        for (path, want) in cases {
-            assert_eq!(classify(path), want, "{path}");
+        for (path, want) in grpc {
+            assert_eq!(grpc_group(path), want, "{path}");
+        }
+        let http = [
+            ("/v2/health/ready", Some(Health)),
+            ("/v2", Some(Metadata)),
+            ("/v2/models/stats", Some(Statistics)),
+            (
+                "/v2/models/{model}/versions/{version}/infer",
+                Some(Inference),
+            ),
+            ("/v2/repository/models/{model}/load", Some(ModelRepository)),
+            ("/metrics", Some(Statistics)),
+            ("/v2/models/scale/infer", None),
+            ("/v2/", None),
+            ("/", None),
+        ];
+        for (template, want) in http {
+            assert_eq!(http_group(template), want, "{template}");
         }
     }
 

@@ -1,9 +1,16 @@
 //! The gate: one tower layer in front of every router (gRPC, HTTP and
-//! metrics), so the access rules live in one place. It classifies the call
-//! by path, reads the peer address the connection put in the request's
+//! metrics), so the access rules live in one place. It puts the call in an
+//! API group, reads the peer address the connection put in the request's
 //! extensions and the `authorization` header (gRPC metadata is a header),
 //! and either passes the call on or answers it: a trailers-only gRPC status
 //! for gRPC requests, an HTTP status with a JSON error otherwise.
+//!
+//! It fails closed: a call it cannot classify is answered by the gate and
+//! never reaches a handler. On the gRPC port it wraps the whole router and
+//! classifies by the exact method path; on the HTTP ports it is a
+//! `route_layer`, so it runs after routing and classifies by the template
+//! the router matched (`MatchedPath`). Paths no route matches go to the
+//! router's fallback, which only answers 404.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,19 +20,44 @@ use axum::body::Body;
 use futures::future::{Either, Ready, ready};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 
+use axum::extract::MatchedPath;
+
 use super::auth::{Policy, Verdict};
-use super::groups::classify;
+use super::groups::{ApiGroup, grpc_group, http_group};
 use crate::listen::PeerAddr;
+
+/// How the gate finds a call's group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Classify {
+    /// By the exact gRPC method path (the layer wraps the whole router).
+    GrpcMethod,
+    /// By the route template the router matched (the layer is a
+    /// `route_layer`); a request without one is refused.
+    MatchedRoute,
+}
+
+impl Classify {
+    fn group<B>(self, request: &Request<B>) -> Option<ApiGroup> {
+        match self {
+            Classify::GrpcMethod => grpc_group(request.uri().path()),
+            Classify::MatchedRoute => request
+                .extensions()
+                .get::<MatchedPath>()
+                .and_then(|matched| http_group(matched.as_str())),
+        }
+    }
+}
 
 /// Applies the current [`Policy`] to every call.
 #[derive(Clone)]
 pub struct AuthLayer {
     policy: Arc<ArcSwap<Policy>>,
+    classify: Classify,
 }
 
 impl AuthLayer {
-    pub fn new(policy: Arc<ArcSwap<Policy>>) -> AuthLayer {
-        AuthLayer { policy }
+    pub fn new(policy: Arc<ArcSwap<Policy>>, classify: Classify) -> AuthLayer {
+        AuthLayer { policy, classify }
     }
 }
 
@@ -36,6 +68,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         Auth {
             inner,
             policy: Arc::clone(&self.policy),
+            classify: self.classify,
         }
     }
 }
@@ -44,6 +77,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct Auth<S> {
     inner: S,
     policy: Arc<ArcSwap<Policy>>,
+    classify: Classify,
 }
 
 impl<S, B> tower::Service<Request<B>> for Auth<S>
@@ -59,9 +93,16 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        // A path no route answers passes on, to its 404 or UNIMPLEMENTED.
-        let Some(group) = classify(request.uri().path()) else {
-            return Either::Left(self.inner.call(request));
+        // Fail closed: what has no group is answered here.
+        let Some(group) = self.classify.group(&request) else {
+            tracing::debug!(path = request.uri().path(), "unclassified call refused");
+            let path = request.uri().path();
+            let response = if is_grpc(&request) || self.classify == Classify::GrpcMethod {
+                tonic::Status::unimplemented(format!("no method {path} on this port")).into_http()
+            } else {
+                json_error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))
+            };
+            return Either::Right(ready(Ok(response)));
         };
         let peer = request.extensions().get::<PeerAddr>().map(|p| p.0.ip());
         let authorization = request
@@ -81,7 +122,7 @@ where
         let response = if is_grpc(&request) {
             tonic::Status::new(code, message).into_http()
         } else {
-            http_refusal(status, message)
+            json_error(status, message)
         };
         Either::Right(ready(Ok(response)))
     }
@@ -94,7 +135,7 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-fn http_refusal(status: StatusCode, message: String) -> Response<Body> {
+fn json_error(status: StatusCode, message: String) -> Response<Body> {
     let body = serde_json::json!({ "error": message }).to_string();
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;

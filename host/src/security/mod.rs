@@ -22,9 +22,24 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{Policy, Verdict};
-pub use groups::{ApiGroup, GroupSet, classify};
-pub use layer::AuthLayer;
+pub use groups::{ApiGroup, GroupSet, grpc_group, http_group};
+pub use layer::{AuthLayer, Classify};
 pub use tls::{PortProtocols, TlsConfigs, TlsFiles};
+
+/// Headers that carry the caller's credentials. The edges drop them before
+/// a request's metadata is built, so they never reach a router, processor,
+/// orchestrator, mirrored run or nested call: a guest could log them or
+/// send them out over a socket it was granted.
+pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
+
+/// Whether the header (or gRPC metadata key) `name` carries credentials.
+/// Header names arrive lowercased from both hyper and tonic; the check does
+/// not rely on it.
+pub fn is_credential(name: &str) -> bool {
+    CREDENTIAL_HEADERS
+        .iter()
+        .any(|secret| secret.eq_ignore_ascii_case(name))
+}
 
 /// What `plinth serve` is told about security.
 #[derive(Debug, Clone, Default)]
@@ -148,8 +163,9 @@ impl Security {
         files
     }
 
-    pub fn layer(&self) -> AuthLayer {
-        AuthLayer::new(Arc::clone(&self.policy))
+    /// The gate, classifying calls as `classify` says (see [`layer`]).
+    pub fn layer(&self, classify: Classify) -> AuthLayer {
+        AuthLayer::new(Arc::clone(&self.policy), classify)
     }
 
     /// The TLS configurations, if TLS is on.

@@ -279,6 +279,69 @@ fn forward_manifest(model: &str) -> String {
     format!("[config]\nmode = \"forward\"\nmodel = \"{model}\"\n")
 }
 
+/// `--max-call-depth` other than the default: 0 refuses every nested call,
+/// 1 allows one level and refuses the second. (The flag was once ignored:
+/// the limit stayed at 4 whatever it said.)
+#[tokio::test]
+async fn max_call_depth_zero_and_one_are_honoured() {
+    for depth in [0u32, 1] {
+        let srv = TestServer::start_with(
+            |repo| {
+                fixtures::scale(repo, "double", "1", 2.0);
+                // outer -> forward -> double
+                for name in ["forward", "outer"] {
+                    fixtures::scale_config()
+                        .orchestrator(name)
+                        .write(repo, name);
+                }
+            },
+            |config| {
+                config.load_all = true;
+                config.max_call_depth = depth;
+            },
+        )
+        .await;
+        install_plugin(
+            srv.plugins.path(),
+            "forward",
+            "hostile_orchestrator",
+            Some(&forward_manifest("double")),
+        );
+        install_plugin(
+            srv.plugins.path(),
+            "outer",
+            "hostile_orchestrator",
+            Some(&forward_manifest("forward")),
+        );
+        for name in ["forward", "outer"] {
+            srv.wait_plugin(name, serving).await;
+        }
+        let one_level = compute(&srv, "forward", &[3], &[1.0, 2.0, 3.0]).await;
+        let two_levels = compute(&srv, "outer", &[1], &[1.0]).await;
+        if depth == 0 {
+            let err = one_level.unwrap_err();
+            assert_eq!(
+                (err.code(), err.message()),
+                (
+                    Code::FailedPrecondition,
+                    "model 'double': orchestrator 'forward' would call it at depth 1, past the limit of 0 nested calls (--max-call-depth)"
+                )
+            );
+        } else {
+            assert_eq!(one_level.unwrap(), [2.0, 4.0, 6.0]);
+            let err = two_levels.unwrap_err();
+            assert_eq!(
+                (err.code(), err.message()),
+                (
+                    Code::FailedPrecondition,
+                    "model 'forward': model 'double': orchestrator 'forward' would call it at depth 2, past the limit of 1 nested calls (--max-call-depth)"
+                )
+            );
+        }
+        srv.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn nested_calls_stop_at_the_depth_limit() {
     let srv = TestServer::start(

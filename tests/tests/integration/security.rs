@@ -1168,3 +1168,299 @@ async fn live_on(mut stream: TcpStream) -> Result<String, String> {
 async fn live_over(addr: SocketAddr) -> Result<String, String> {
     live_on(TcpStream::connect(addr).await.map_err(|e| e.to_string())?).await
 }
+
+// ---------------------------------------------------------------- the gate fails closed
+
+/// One raw HTTP/1.1 request, written as given (no client normalises the
+/// path or the method): the status code of the answer.
+async fn raw_status(addr: SocketAddr, head: &str, body: &str) -> u16 {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{head}\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within PATIENCE")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.split(' ').nth(1).unwrap_or_default();
+    status
+        .parse()
+        .unwrap_or_else(|_| panic!("{head}: not an HTTP answer: {text:?}"))
+}
+
+/// With a config that opens inference to one token only, no spelling of an
+/// inference path runs the model without it. Every hostile variant is
+/// refused (401 by the gate, or 400/404/405 by the router without a
+/// handler running) and none is answered 200; the model's statistics show
+/// that nothing ran. (Once `/versions//infer` answered 200 unauthenticated:
+/// axum matched the empty segment, and the gate's own parser did not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_path_variant_reaches_a_handler_past_the_gate() {
+    let (_dir, config) = auth_dir();
+    let srv = start_with_scale(|c| c.security.auth_config = Some(config.clone())).await;
+    let http = srv.running().http_addr;
+    let ops = "ops-0123456789abcdef";
+    let body = r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[2],"data":[1,2]}]}"#;
+    // The model answers with the token: the fixture is sound.
+    eventually(PATIENCE, "scale answers with a token", async || {
+        let (code, text) = srv
+            .http_post(
+                "/v2/models/scale/infer",
+                &[("authorization", &format!("Bearer {ops}"))],
+                body.as_bytes(),
+            )
+            .await;
+        if code == 200 {
+            Ok(())
+        } else {
+            Err(format!("{code} {text}"))
+        }
+    })
+    .await;
+    let bearer = format!("Bearer {ops}");
+    let inferences = async || -> u64 {
+        let (code, text) = srv
+            .http(
+                reqwest::Method::GET,
+                "/v2/models/scale/stats",
+                &[("authorization", &bearer)],
+                Vec::new(),
+            )
+            .await
+            .status_and_text();
+        assert_eq!(code, 200, "{text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["model_stats"][0]["inference_count"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no inference_count: {text}"))
+    };
+    let before = inferences().await;
+    assert!(before >= 1, "the request with a token counted");
+    let hostile = [
+        "POST /v2/models/scale/infer HTTP/1.1",
+        "POST /v2/models/scale/versions//infer HTTP/1.1",
+        "POST /v2/models/scale/versions/1/infer HTTP/1.1",
+        "POST /v2/models/scale/versions/1/infer/ HTTP/1.1",
+        "POST /v2/models/scale/infer/ HTTP/1.1",
+        "POST /v2/models//infer HTTP/1.1",
+        "POST //v2/models/scale/infer HTTP/1.1",
+        "POST /v2//models/scale/infer HTTP/1.1",
+        "POST /v2/models/scale%2Finfer HTTP/1.1",
+        "POST /v2/models/scale/versions/1%2Finfer HTTP/1.1",
+        "POST /v2/models/scale/versions%2F1/infer HTTP/1.1",
+        "POST /v2/models/x/../scale/infer HTTP/1.1",
+        "POST /v2/models/scale/./infer HTTP/1.1",
+        "POST /v2/models/scale/%2e%2e/scale/infer HTTP/1.1",
+        "PoSt /v2/models/scale/infer HTTP/1.1",
+        "post /v2/models/scale/infer HTTP/1.1",
+        "HEAD /v2/models/scale/infer HTTP/1.1",
+        "OPTIONS /v2/models/scale/infer HTTP/1.1",
+        "OPTIONS * HTTP/1.1",
+        "GET /v2/models/scale/versions//ready HTTP/1.1",
+        "GET /v2/models/scale/versions//config HTTP/1.1",
+        "GET /v2/models/scale/versions//stats HTTP/1.1",
+        "GET /v2/models/scale/versions/ HTTP/1.1",
+        "GET /v2/models/scale/versions// HTTP/1.1",
+        "POST /v2/repository/models//load HTTP/1.1",
+        "POST /v2/repository/models//unload HTTP/1.1",
+        "POST /v2/repository/index HTTP/1.1",
+        "GET /v2/models/stats HTTP/1.1",
+        "GET /v2/models/scale/stats HTTP/1.1",
+    ];
+    for head in hostile {
+        let code = raw_status(http, head, body).await;
+        assert!(
+            matches!(code, 400 | 401 | 403 | 404 | 405),
+            "{head} without a token answered {code}"
+        );
+    }
+    // The inference routes themselves answer 401: the gate, not a 404.
+    for head in [
+        "POST /v2/models/scale/versions//infer HTTP/1.1",
+        "GET /v2/models/scale/versions//stats HTTP/1.1",
+        "POST /v2/repository/models//load HTTP/1.1",
+    ] {
+        assert_eq!(raw_status(http, head, body).await, 401, "{head}");
+    }
+    assert_eq!(
+        inferences().await,
+        before,
+        "a request without a token ran the model"
+    );
+    // With the token, an empty version or model name is refused by name,
+    // before any body is read (this one is not JSON at all).
+    for (path, segment) in [
+        ("/v2/models/scale/versions//infer", "version"),
+        ("/v2/repository/models//load", "model"),
+        ("/v2/repository/models//unload", "model"),
+    ] {
+        let (code, text) = srv
+            .http_post(path, &[("authorization", &bearer)], b"not json")
+            .await;
+        assert_eq!(code, 400, "{path}: {text}");
+        assert!(
+            text.contains(&format!("the {segment} segment of the path is empty")),
+            "{path}: {text}"
+        );
+    }
+    // gRPC: an unknown or misspelt method is refused by the gate itself.
+    let mut client =
+        plinth::grpc::pb::compute_service_client::ComputeServiceClient::new(srv.channel().await);
+    let err = client.ping(ping()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    srv.stop().await;
+}
+
+/// The caller's credentials never reach a plugin: a processor that copies
+/// every metadata entry it sees into an output sees the caller's own
+/// headers but not `authorization`, `proxy-authorization` or `cookie`,
+/// over plinth.v1 gRPC, OIP gRPC and REST. (Every edge once copied them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_reach_plugins() {
+    let srv = TestServer::start(
+        |repo| {
+            fixtures::scale_config()
+                .postprocess(&["snoop"])
+                .write(repo, "scale");
+            fixtures::scale_file(&plinth_tests::model_file(repo, "scale", "1"), 2.0);
+        },
+        true,
+    )
+    .await;
+    plinth_tests::install_plugin(srv.plugins.path(), "snoop", "hostile_snoop", None);
+    srv.wait_plugin("snoop", |s| s.serving).await;
+    srv.wait_ready("scale").await;
+    let secrets = [
+        ("authorization", "Bearer secret-token-1"),
+        ("proxy-authorization", "Basic c2VjcmV0"),
+        ("cookie", "session=secret-cookie"),
+        ("x-visible", "yes"),
+    ];
+    let check = |edge: &str, seen: Vec<String>| {
+        assert!(
+            seen.iter().any(|s| s == "x-visible=yes"),
+            "{edge}: {seen:?}"
+        );
+        for entry in &seen {
+            assert!(
+                !entry.contains("secret"),
+                "{edge}: a plugin saw {entry:?} (all: {seen:?})"
+            );
+        }
+    };
+
+    // plinth.v1 Compute.
+    let request = plinth_tests::compute_request(
+        "scale",
+        vec![plinth_tests::f32_tensor("x", &[2], &[1.0, 2.0])],
+    );
+    let mut tonic_request = Request::new(request);
+    for (key, value) in secrets {
+        tonic_request
+            .metadata_mut()
+            .insert(key, value.parse().unwrap());
+    }
+    let response = srv
+        .compute()
+        .await
+        .compute(tonic_request)
+        .await
+        .unwrap()
+        .into_inner();
+    let seen = response
+        .outputs
+        .iter()
+        .find(|t| t.name == "seen")
+        .expect("the snoop's output");
+    check("plinth.v1", length_prefixed(&seen.data));
+
+    // OIP REST.
+    let (code, text) = srv
+        .http_post(
+            "/v2/models/scale/infer",
+            &secrets,
+            br#"{"inputs":[{"name":"x","datatype":"FP32","shape":[2],"data":[1,2]}]}"#,
+        )
+        .await;
+    assert_eq!(code, 200, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let seen = json["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "seen")
+        .unwrap_or_else(|| panic!("no seen output: {text}"));
+    let seen: Vec<String> = seen["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap_or_default().to_owned())
+        .collect();
+    check("REST", seen);
+
+    // OIP gRPC.
+    let mut infer = plinth::grpc::ipb::ModelInferRequest {
+        model_name: "scale".into(),
+        ..Default::default()
+    };
+    infer
+        .inputs
+        .push(plinth::grpc::ipb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![2],
+            contents: Some(plinth::grpc::ipb::InferTensorContents {
+                fp32_contents: vec![1.0, 2.0],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    let mut tonic_request = Request::new(infer);
+    for (key, value) in secrets {
+        tonic_request
+            .metadata_mut()
+            .insert(key, value.parse().unwrap());
+    }
+    let response = srv
+        .inference()
+        .await
+        .model_infer(tonic_request)
+        .await
+        .unwrap()
+        .into_inner();
+    let index = response
+        .outputs
+        .iter()
+        .position(|o| o.name == "seen")
+        .expect("the snoop's output");
+    let seen = match response.raw_output_contents.get(index) {
+        Some(raw) => length_prefixed(raw),
+        None => response.outputs[index]
+            .contents
+            .as_ref()
+            .map(|c| {
+                c.bytes_contents
+                    .iter()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    check("OIP gRPC", seen);
+    srv.stop().await;
+}
+
+/// The elements of a `bytes` tensor's data: each a u32 LE length, then the bytes.
+fn length_prefixed(mut data: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while data.len() >= 4 {
+        let len = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
+        out.push(String::from_utf8_lossy(&data[4..4 + len]).into_owned());
+        data = &data[4 + len..];
+    }
+    out
+}

@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod state;
 pub mod tensor;

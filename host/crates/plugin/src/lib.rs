@@ -14,6 +14,7 @@
 //! of `types.rs`.
 
 mod bindings;
+pub mod cache;
 mod calls;
 mod guest_log;
 pub mod kind;
@@ -22,8 +23,9 @@ mod orchestrator;
 mod runtime;
 mod sync_io;
 
-/// Where compiled components are cached unless told otherwise: `<plugin dir>/.cache`.
-pub use runtime::cache_dir as default_cache_dir;
+/// Where compiled components are cached unless told otherwise: outside the
+/// plugin directory, per user ([`cache`]).
+pub use cache::default_dir as default_cache_dir;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -124,7 +126,7 @@ const ROUTER_NAME: &[u8] = b"plinth:plugin/router@";
 /// The loaded plugins, by file stem.
 pub struct PluginHost {
     dir: PathBuf,
-    /// Where compiled components are cached (`<dir>/.cache` by default).
+    /// Where compiled components are cached (outside `dir` by default).
     cache_dir: PathBuf,
     plugins: ArcSwap<BTreeMap<String, AnyPlugin>>,
     failures: parking_lot::Mutex<BTreeMap<String, FileFailure>>,
@@ -156,7 +158,7 @@ fn stem_of(path: &Path, ext: &str) -> Option<String> {
 impl PluginHost {
     pub fn new(dir: impl Into<PathBuf>) -> PluginHost {
         let dir = dir.into();
-        let cache_dir = runtime::cache_dir(&dir);
+        let cache_dir = cache::default_dir(&dir);
         PluginHost::with_cache_dir(dir, cache_dir)
     }
 

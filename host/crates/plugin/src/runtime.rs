@@ -3,7 +3,7 @@
 //! contract version and world, and calling plugins with a deadline and a
 //! memory cap on warm, reused instances.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -313,10 +313,24 @@ impl Runtime {
     pub fn compile(&self, bytes: &[u8], cache_dir: &Path) -> Result<(Component, String), String> {
         let hash = content_hash(bytes);
         let cached = cache_dir.join(format!("{hash}.cwasm"));
-        if cached.is_file() {
-            // SAFETY: files in the cache directory are written only by this
+        // Native code is loaded only from a cache that no one else can
+        // write (crate::cache); anything else compiles from the `.wasm`.
+        let trusted = match crate::cache::prepare(cache_dir) {
+            Ok(()) => true,
+            Err(why) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::error!(%why, "not using the plugin compile cache: plugins are compiled at every load");
+                });
+                false
+            }
+        };
+        if trusted && cached.is_file() && crate::cache::check_artifact(&cached).is_ok() {
+            // SAFETY: the artifact is a regular file in a directory that
+            // only this user (or root) can write, and is itself writable by
+            // no one else (checked just above): it was written by this
             // function, from `precompile_component` of an engine built with
-            // this same configuration; wasmtime also checks the artifact's
+            // this same configuration. wasmtime also checks the artifact's
             // header against the engine and refuses a mismatch.
             match unsafe { Component::deserialize_file(&self.engine, &cached) } {
                 Ok(component) => {
@@ -341,10 +355,12 @@ impl Runtime {
         // SAFETY: the artifact was produced just above by this engine.
         let component = unsafe { Component::deserialize(&self.engine, &artifact) }
             .map_err(|err| format!("{err:#}"))?;
+        if !trusted {
+            return Ok((component, hash));
+        }
         let partial = cache_dir.join(format!("{hash}.partial"));
-        let written = std::fs::create_dir_all(cache_dir)
-            .and_then(|()| std::fs::write(&partial, &artifact))
-            .and_then(|()| std::fs::rename(&partial, &cached));
+        let written =
+            write_private(&partial, &artifact).and_then(|()| std::fs::rename(&partial, &cached));
         if let Err(err) = written {
             // Once per process: a read-only plugin directory (a mounted
             // ConfigMap) fails every write the same way.
@@ -917,9 +933,18 @@ pub(super) fn classify(
     CallError::Trap(cause.lines().next().unwrap_or_default().to_owned())
 }
 
-/// A directory for compiled artifacts beside the plugins.
-pub fn cache_dir(plugin_dir: &Path) -> PathBuf {
-    plugin_dir.join(".cache")
+/// Writes `bytes` to a new file at `path` that only this user can read or
+/// write (an artifact is loaded as native code).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
 }
 
 #[cfg(test)]
