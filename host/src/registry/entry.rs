@@ -37,6 +37,21 @@ pub(super) struct Entry {
     pub(super) last_used: Instant,
     /// The size a load under way reserved on its device (the budget).
     pub(super) reserved: Option<(DeviceSpec, u64)>,
+    /// Unloads whose executors have not exited yet (generation, device,
+    /// bytes): their memory is not free, so the budget still counts it.
+    pub(super) draining: Vec<(u64, DeviceSpec, u64)>,
+}
+
+/// Why a load did not produce a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum LoadFailure {
+    /// The model is broken (its config, its archive, its warm-up): FAILED
+    /// until someone loads it again.
+    Broken(String),
+    /// The memory budget has no room for it now (the other models are
+    /// pinned or busy at this instant). Not a broken model: the entry goes
+    /// back to UNAVAILABLE, and the next request tries again.
+    NoRoom(String),
 }
 
 /// What step three did.
@@ -60,6 +75,7 @@ impl Entry {
             residency: Residency::Pinned,
             last_used: Instant::now(),
             reserved: None,
+            draining: Vec::new(),
         }
     }
 
@@ -117,7 +133,7 @@ impl Entry {
     pub(super) fn finish_load(
         &mut self,
         generation: u64,
-        loaded: Result<ReadyModel, String>,
+        loaded: Result<ReadyModel, LoadFailure>,
         elapsed: Duration,
     ) -> Option<LoadFinished> {
         if self.generation != generation {
@@ -133,17 +149,28 @@ impl Entry {
                 self.load_duration = Some(elapsed);
                 Ok(())
             }
-            Err(reason) if reloading => {
+            Err(LoadFailure::Broken(reason)) if reloading => {
                 self.reason = Some(format!(
                     "reload failed, previous versions keep serving: {reason}"
                 ));
                 Err(Error::LoadFailed(reason))
             }
-            Err(reason) => {
+            Err(LoadFailure::NoRoom(reason)) if reloading => {
+                self.reason = Some(format!(
+                    "reload postponed, previous versions keep serving: {reason}"
+                ));
+                Err(Error::Unavailable(reason))
+            }
+            Err(LoadFailure::Broken(reason)) => {
                 self.enter(ModelState::Failed);
                 self.reason = Some(reason.clone());
                 self.load_duration = Some(elapsed);
                 Err(Error::LoadFailed(reason))
+            }
+            Err(LoadFailure::NoRoom(reason)) => {
+                self.enter(ModelState::Unavailable);
+                self.reason = Some(reason.clone());
+                Err(Error::Unavailable(reason))
             }
         };
         Some(LoadFinished { outcome, replaced })
@@ -238,7 +265,7 @@ mod tests {
                     newest
                 };
                 let loaded = match step {
-                    Step::LoadErr => Err("corrupt file".to_owned()),
+                    Step::LoadErr => Err(LoadFailure::Broken("corrupt file".to_owned())),
                     _ => Ok(test_model(name, &["1"], |inputs| Ok(inputs.to_vec()))),
                 };
                 match entry.finish_load(generation, loaded, Duration::ZERO) {
@@ -353,5 +380,35 @@ mod tests {
             &[LOAD, LoadOk, Unload, UnloadDone, LOAD, StaleUnloadDone],
             "false => LOADING",
         );
+    }
+
+    /// "No room now" is not a broken model: UNAVAILABLE with the reason,
+    /// loadable again; a broken archive is FAILED. A reload that finds no
+    /// room keeps the serving versions.
+    #[test]
+    fn no_room_leaves_the_model_unavailable_not_failed() {
+        let mut entry = Entry::new();
+        let generation = entry.begin_load("m", LoadMode::Load).unwrap();
+        let finished = entry
+            .finish_load(
+                generation,
+                Err(LoadFailure::NoRoom("memory budget of 1.0 MiB".into())),
+                Duration::ZERO,
+            )
+            .unwrap();
+        assert!(matches!(finished.outcome, Err(Error::Unavailable(ref m)) if m.contains("budget")));
+        assert_eq!(entry.state, ModelState::Unavailable);
+        assert_eq!(entry.reason.as_deref(), Some("memory budget of 1.0 MiB"));
+        // The next load may start.
+        let generation = entry.begin_load("m", LoadMode::Load).unwrap();
+        let finished = entry
+            .finish_load(
+                generation,
+                Err(LoadFailure::Broken("not a zip archive".into())),
+                Duration::ZERO,
+            )
+            .unwrap();
+        assert!(matches!(finished.outcome, Err(Error::LoadFailed(_))));
+        assert_eq!(entry.state, ModelState::Failed);
     }
 }

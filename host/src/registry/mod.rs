@@ -41,7 +41,7 @@ use crate::config::{ModelRepository, valid_model_name};
 use crate::error::Error;
 pub use plinth_core::ModelState;
 
-use entry::{Entry, LoadFinished};
+use entry::{Entry, LoadFailure, LoadFinished};
 use load::LoadContext;
 pub use ready::{InferResponse, Inference, ReadyModel, ReadyVersion};
 pub use residency::ResidencyCounts;
@@ -188,6 +188,15 @@ impl LoadTicket {
             .await
             .unwrap_or_else(|_| Err(Error::Internal("load task ended without an outcome".into())))
     }
+}
+
+/// An unload under way: the model taken out of its entry, until its
+/// executors have exited.
+struct Drain {
+    name: String,
+    model: Arc<ReadyModel>,
+    generation: u64,
+    status: ModelStatus,
 }
 
 /// The thread budget as it stands.
@@ -493,10 +502,10 @@ impl Registry {
         let started = Instant::now();
         let loaded = tokio::select! {
             // A load still waiting for a slot at shutdown never starts.
-            () = closing.cancelled() => Err("the server is shutting down".to_owned()),
+            () = closing.cancelled() => Err(LoadFailure::Broken("the server is shutting down".to_owned())),
             permit = permits.acquire_owned() => match permit {
                 Ok(permit) => match self.make_room(name).await {
-                    Err(reason) => Err(reason),
+                    Err(failure) => Err(failure),
                     Ok(()) => {
                     let repository = self.inner.settings.repository.clone();
                     let context = self.inner.load_context.clone();
@@ -507,12 +516,13 @@ impl Registry {
                         .load_threads
                         .run(move || load::load_model(&repository, &owned_name, &context))
                         .await
-                        .and_then(|loaded| loaded);
+                        .and_then(|loaded| loaded)
+                        .map_err(LoadFailure::Broken);
                     drop(permit);
                     loaded
                     }
                 },
-                Err(_) => Err("the server is shutting down".to_owned()),
+                Err(_) => Err(LoadFailure::Broken("the server is shutting down".to_owned())),
             },
         };
         let elapsed = started.elapsed();
@@ -522,7 +532,12 @@ impl Registry {
                 elapsed_ms = elapsed.as_millis() as u64,
                 "model ready"
             ),
-            Err(reason) => tracing::warn!(model = name, %reason, "model load failed"),
+            Err(LoadFailure::Broken(reason)) => {
+                tracing::warn!(model = name, %reason, "model load failed")
+            }
+            Err(LoadFailure::NoRoom(reason)) => {
+                tracing::warn!(model = name, %reason, "model load postponed: no room in the memory budget now")
+            }
         }
 
         // Step three: swap, under the lock.
@@ -558,37 +573,82 @@ impl Registry {
     /// hold. Returns after marking `Unloading`; the entry becomes `Unavailable`
     /// once every executor has ended and freed its module.
     pub fn unload(&self, name: &str) -> Result<ModelStatus, Error> {
-        let (model, generation, status) = {
+        let (drain, status) = {
             let mut entries = self.inner.entries.lock();
-            let entry = entries.get_mut(name).ok_or_else(|| Error::ModelNotFound {
-                model: name.to_owned(),
-            })?;
-            let Some((model, generation)) = entry.begin_unload(name)? else {
+            let Some(drain) = self.begin_unload_locked(&mut entries, name)? else {
+                let entry = entries.get(name).ok_or_else(|| Error::ModelNotFound {
+                    model: name.to_owned(),
+                })?;
                 return Ok(entry.status(name));
             };
-            let mut status = entry.status(name);
-            status.in_flight = model.in_flight();
-            self.publish(&entries, status.clone());
-            (model, generation, status)
+            let status = drain.status.clone();
+            (drain, status)
         };
+        self.spawn_drain(drain);
+        Ok(status)
+    }
+
+    /// The first half of an unload, with the entries lock held: the entry
+    /// turns UNLOADING and its model's bytes count as draining on its
+    /// device until its executors have exited (the budget's view). `None`
+    /// when there is nothing to unload.
+    fn begin_unload_locked(
+        &self,
+        entries: &mut HashMap<String, Entry>,
+        name: &str,
+    ) -> Result<Option<Drain>, Error> {
+        let entry = entries.get_mut(name).ok_or_else(|| Error::ModelNotFound {
+            model: name.to_owned(),
+        })?;
+        let Some((model, generation)) = entry.begin_unload(name)? else {
+            return Ok(None);
+        };
+        entry
+            .draining
+            .push((generation, model.config.device, model.memory_bytes));
+        let mut status = entry.status(name);
+        status.in_flight = model.in_flight();
+        self.publish(entries, status.clone());
+        Ok(Some(Drain {
+            name: name.to_owned(),
+            model,
+            generation,
+            status,
+        }))
+    }
+
+    /// The second half, in the background: waits for every executor of the
+    /// model to exit (requests in flight finish first), then marks the
+    /// entry UNAVAILABLE and stops counting its bytes. The receiver hears
+    /// when that is done.
+    fn spawn_drain(&self, drain: Drain) -> oneshot::Receiver<()> {
+        let Drain {
+            name,
+            model,
+            generation,
+            ..
+        } = drain;
         let waiters = model.take_exit_waiters();
         drop(model);
         tracing::info!(model = name, "unloading");
+        let (done_tx, done) = oneshot::channel();
         let registry = self.clone();
-        let name = name.to_owned();
         self.inner.tasks.spawn(async move {
             for waiter in waiters {
                 let _ = waiter.await;
             }
             let mut entries = registry.inner.entries.lock();
-            if let Some(entry) = entries.get_mut(&name)
-                && entry.finish_unload(generation)
-            {
-                let status = entry.status(&name);
-                registry.publish(&entries, status);
+            if let Some(entry) = entries.get_mut(&name) {
+                entry.draining.retain(|(g, _, _)| *g != generation);
+                if entry.finish_unload(generation) {
+                    let status = entry.status(&name);
+                    registry.publish(&entries, status);
+                }
             }
+            drop(entries);
+            let _ = done_tx.send(());
         });
-        Ok(status)
+        done
     }
 
     /// The last step of a shutdown, after the servers have drained: refuses

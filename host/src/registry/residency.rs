@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use plinth_core::config::{DeviceSpec, ModelConfig, ModelRepository, Residency};
 
-use super::{LoadMode, ModelState, ReadyModel, Registry};
+use super::{LoadFailure, LoadMode, ModelState, ReadyModel, Registry};
 use crate::error::Error;
 
 /// What on-demand residency did, for GetInfo and `/metrics`.
@@ -171,11 +171,13 @@ impl Registry {
                 stats.misses.fetch_add(1, Ordering::Relaxed);
             }
             let mut started = None;
+            let mut ticket = None;
             if let Next::Load = next {
                 match self.load(name, LoadMode::Load).await {
-                    Ok(_) => {
+                    Ok(started_load) => {
                         stats.loads.fetch_add(1, Ordering::Relaxed);
                         started = Some(Instant::now());
+                        ticket = Some(started_load);
                         tracing::info!(model = name, "loading on demand for a request");
                     }
                     // Another request started it first, or its eviction
@@ -184,7 +186,18 @@ impl Registry {
                     Err(err) => return Err(err),
                 }
             }
-            let settled = self.settled(name);
+            // The load this request started tells it why it did not serve:
+            // no room in the budget now is UNAVAILABLE for this request
+            // (the model is not broken, and the next request tries again).
+            let settled = async {
+                match ticket {
+                    Some(ticket) => match ticket.finished().await {
+                        Err(err @ Error::Unavailable(_)) => Err(err),
+                        _ => Ok(()),
+                    },
+                    None => self.settled(name).await.map(|_| ()),
+                }
+            };
             match deadline {
                 None => settled.await?,
                 Some(deadline) => tokio::time::timeout_at(deadline, settled)
@@ -208,9 +221,16 @@ impl Registry {
 
     /// Before step two of a load of `name` under a budget: reserves its
     /// size on its device, unloading the least recently used idle on-demand
-    /// models first if it would not fit. Nothing is unloaded when even that
-    /// would not make room; the load fails naming the budget and the sizes.
-    pub(super) async fn make_room(&self, name: &str) -> Result<(), String> {
+    /// models first if it would not fit, and returns once their executors
+    /// have exited and their memory is free. Nothing is unloaded when even
+    /// that would not make room: the load is postponed
+    /// ([`LoadFailure::NoRoom`]), naming the budget and the sizes.
+    ///
+    /// Memory still held counts: the models serving, the sizes other loads
+    /// reserved, and the models whose unload is draining. Victims are
+    /// chosen and their unloads begun under one hold of the entries lock,
+    /// so two loads never claim the same victim.
+    pub(super) async fn make_room(&self, name: &str) -> Result<(), LoadFailure> {
         let Some(budget) = self.inner.settings.memory_budget else {
             return Ok(());
         };
@@ -218,8 +238,9 @@ impl Registry {
         let owned = name.to_owned();
         let (device, need) = tokio::task::spawn_blocking(move || estimate(&repository, &owned))
             .await
-            .map_err(|err| format!("sizing the model: {err}"))??;
-        let victims = {
+            .map_err(|err| LoadFailure::Broken(format!("sizing the model: {err}")))?
+            .map_err(LoadFailure::Broken)?;
+        let drains = {
             let mut entries = self.inner.entries.lock();
             let on_device = |m: &ReadyModel| m.config.device == device;
             let mut used = 0u64;
@@ -230,6 +251,12 @@ impl Registry {
                 {
                     used += bytes;
                 }
+                used += entry
+                    .draining
+                    .iter()
+                    .filter(|(_, on, _)| *on == device)
+                    .map(|(_, _, bytes)| bytes)
+                    .sum::<u64>();
                 let Some(model) = entry.serving.as_deref().filter(|m| on_device(m)) else {
                     continue;
                 };
@@ -255,30 +282,187 @@ impl Registry {
                 victims.push(victim);
             }
             if after + need > budget {
-                return Err(format!(
-                    "memory budget of {} on {device}: the model needs {}, and with every idle on-demand model evicted {} would stay in use (pinned, busy or loading models); nothing was evicted",
+                return Err(LoadFailure::NoRoom(format!(
+                    "memory budget of {} on {device}: model '{name}' needs {}, and with every idle on-demand model evicted {} would stay in use (pinned, busy, loading or still unloading models); nothing was evicted, a later request tries again",
                     mib(budget),
                     mib(need),
                     mib(after),
-                ));
+                )));
             }
             if let Some(entry) = entries.get_mut(name) {
                 entry.reserved = Some((device, need));
             }
-            victims
-        };
-        for victim in victims {
-            match self.unload(&victim) {
-                Ok(_) => {
-                    self.inner
-                        .residency
-                        .evictions
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(model = %victim, to_load = name, "evicted (least recently used, idle) to stay within the memory budget");
+            // Begun here, under the same hold of the lock: no other load
+            // can pick these victims, and their bytes count as draining.
+            let mut drains = Vec::new();
+            for victim in victims {
+                match self.begin_unload_locked(&mut entries, &victim) {
+                    Ok(Some(drain)) => {
+                        self.inner
+                            .residency
+                            .evictions
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(model = %victim, to_load = name, "evicted (least recently used, idle) to stay within the memory budget");
+                        drains.push(drain);
+                    }
+                    Ok(None) => {}
+                    Err(err) => tracing::warn!(model = %victim, %err, "eviction refused"),
                 }
-                Err(err) => tracing::warn!(model = %victim, %err, "eviction refused"),
             }
+            drains
+        };
+        // The load starts once the victims' memory is free: on a GPU,
+        // starting before their executors exit would run out of memory.
+        let freed: Vec<_> = drains.into_iter().map(|d| self.spawn_drain(d)).collect();
+        for done in freed {
+            let _ = done.await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::registry::RegistrySettings;
+    use crate::registry::ready::test_model_with;
+
+    const UNIT: u64 = 4096;
+
+    /// An on-demand model `name` in `repo` whose archive holds `UNIT`
+    /// bytes of tensor storage (all the budget's estimate reads).
+    fn on_demand_model(repo: &std::path::Path, name: &str) {
+        let dir = repo.join(name);
+        std::fs::create_dir_all(dir.join("1")).unwrap();
+        std::fs::write(
+            dir.join("config.toml"),
+            "residency = \"on-demand\"\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [-1]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [-1]\n",
+        )
+        .unwrap();
+        let file = std::fs::File::create(dir.join("1/model.pt")).unwrap();
+        let mut zip = zip::ZipWriter::new(file);
+        let stored =
+            zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        zip.start_file("m/data/0", stored).unwrap();
+        zip.write_all(&[0u8; UNIT as usize]).unwrap();
+        zip.finish().unwrap();
+    }
+
+    /// A ready, idle model of `UNIT` bytes, on demand or pinned.
+    fn resident(registry: &Registry, name: &str, residency: &str) {
+        let model = test_model_with(
+            name,
+            &format!("residency = \"{residency}\""),
+            &["1"],
+            |inputs| Ok(inputs.to_vec()),
+        )
+        .with_memory_bytes(&[UNIT]);
+        registry.insert_ready(model);
+        registry.set_residency(
+            name,
+            if residency == "on-demand" {
+                Residency::OnDemand
+            } else {
+                Residency::Pinned
+            },
+        );
+    }
+
+    /// A victim's bytes count until its executors have exited: a load that
+    /// would fit only by ignoring an unload still draining is postponed
+    /// (NoRoom), not started. (The budget once stopped counting a victim
+    /// the moment its unload began.)
+    #[tokio::test]
+    async fn memory_of_an_unload_still_draining_counts_against_the_budget() {
+        let repo = tempfile::tempdir().unwrap();
+        for name in ["new1", "new2"] {
+            on_demand_model(repo.path(), name);
+        }
+        let mut settings = RegistrySettings::new(ModelRepository::new(repo.path()), 1);
+        settings.memory_budget = Some(3 * UNIT);
+        let registry = Registry::new(settings);
+        registry.register_known(&["new1".into(), "new2".into()]);
+        resident(&registry, "p", "pinned");
+        resident(&registry, "a", "on-demand");
+        resident(&registry, "b", "on-demand");
+        // `a`'s unload has begun and its executors have not exited yet.
+        {
+            let mut entries = registry.inner.entries.lock();
+            let entry = entries.get_mut("a").unwrap();
+            let (model, generation) = entry.begin_unload("a").unwrap().unwrap();
+            entry.draining.push((generation, DeviceSpec::Cpu, UNIT));
+            // Held, as an executor still running would hold its memory.
+            std::mem::forget(model);
+        }
+        // p, a (draining) and b fill the budget: new1 evicts b, the only
+        // idle on-demand model left, and waits for it to drain.
+        registry.make_room("new1").await.unwrap();
+        assert_eq!(registry.residency_counts().evictions, 1);
+        assert_eq!(
+            registry.status("b").unwrap().state,
+            ModelState::Unavailable,
+            "the victim drained before make_room returned"
+        );
+        // p, a (still draining) and new1's reservation fill it again:
+        // nothing is left to evict, so new2 must wait for a later request.
+        let err = registry.make_room("new2").await.unwrap_err();
+        match err {
+            LoadFailure::NoRoom(reason) => assert!(
+                reason.contains("on cpu: model 'new2' needs") && reason.contains("still unloading"),
+                "{reason}"
+            ),
+            other => panic!("expected NoRoom, got {other:?}"),
+        }
+        // Once `a` has drained, there is room.
+        registry
+            .inner
+            .entries
+            .lock()
+            .get_mut("a")
+            .unwrap()
+            .draining
+            .clear();
+        registry.make_room("new2").await.unwrap();
+    }
+
+    /// Loads asking at once never claim the same victim: each eviction is
+    /// of a different model, and the evictions counted are the unloads
+    /// that happened.
+    #[tokio::test]
+    async fn concurrent_loads_claim_different_victims() {
+        let repo = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..4).map(|i| format!("new{i}")).collect();
+        for name in &names {
+            on_demand_model(repo.path(), name);
+        }
+        let mut settings = RegistrySettings::new(ModelRepository::new(repo.path()), 1);
+        settings.memory_budget = Some(4 * UNIT);
+        let registry = Registry::new(settings);
+        registry.register_known(&names);
+        for victim in ["v0", "v1", "v2", "v3"] {
+            resident(&registry, victim, "on-demand");
+        }
+        let mut changes = registry.subscribe();
+        let results = futures::future::join_all(names.iter().map(|n| registry.make_room(n))).await;
+        let made = results.iter().filter(|r| r.is_ok()).count();
+        let mut unloads = Vec::new();
+        while let Ok(change) = changes.try_recv() {
+            if change.state == ModelState::Unloading {
+                unloads.push(change.name);
+            }
+        }
+        let distinct: std::collections::BTreeSet<&String> = unloads.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            unloads.len(),
+            "a victim was claimed twice: {unloads:?}"
+        );
+        assert_eq!(registry.residency_counts().evictions, unloads.len() as u64);
+        assert!(
+            made >= 1 && unloads.len() >= made,
+            "{results:?} {unloads:?}"
+        );
     }
 }

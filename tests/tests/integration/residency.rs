@@ -181,12 +181,13 @@ async fn a_model_that_cannot_fit_fails_naming_the_budget_and_evicts_nothing() {
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(
         err.message()
-            .contains("memory budget of 1.0 MiB on cpu: the model needs 2.0 MiB, and with every idle on-demand model evicted 0.0 MiB would stay in use"),
+            .contains("memory budget of 1.0 MiB on cpu: model 'big' needs 2.0 MiB, and with every idle on-demand model evicted 0.0 MiB would stay in use"),
         "{}",
         err.message()
     );
+    // No room is not a broken model: listed UNAVAILABLE with the reason.
     let big = srv.status("big").await;
-    assert_eq!(big.state(), pb::ModelState::Failed);
+    assert_eq!(big.state(), pb::ModelState::Unavailable);
     assert!(big.reason.contains("memory budget"), "{}", big.reason);
     // Nothing was evicted for a load that could not fit anyway.
     assert_eq!(srv.status("small").await.state(), pb::ModelState::Ready);
@@ -239,5 +240,73 @@ async fn an_on_demand_model_loads_for_a_rest_or_an_open_inference_grpc_request_t
         .collect();
     assert_eq!(y, [3.0, 6.0]);
     assert_eq!(residency(&srv.info().await).on_demand_loads, 2);
+    srv.stop().await;
+}
+
+/// An on-demand model refused for lack of room while the others are busy
+/// is not broken: the request that hit it gets UNAVAILABLE (503 over REST)
+/// naming the budget, the model stays UNAVAILABLE (not FAILED), and the
+/// next request, once the other model is idle, loads it. (It once stayed
+/// FAILED until someone loaded it by hand.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_refused_while_others_are_busy_loads_on_the_next_request() {
+    let srv = TestServer::start_with(
+        |repo| {
+            // `busy`: 256 KiB of weights and a long forward; `big`: 1 MiB.
+            fixtures::slow(repo, "busy", 800);
+            fixtures::weighted(repo, "big", 2.0, MIB_FLOATS);
+            for name in ["busy", "big"] {
+                fixtures::scale_config()
+                    .residency("on-demand")
+                    .write(repo, name);
+            }
+        },
+        // Either fits alone; both do not.
+        |config| config.memory_budget = Some(MIB + MIB / 8),
+    )
+    .await;
+    let slow_call = {
+        let mut client = srv.compute().await;
+        let request = compute_request("busy", vec![f32_tensor("x", &[3], &[1.0, 2.0, 3.0])]);
+        tokio::spawn(async move { client.compute(request).await })
+    };
+    plinth_tests::eventually(plinth_tests::PATIENCE, "busy computing", async || {
+        let status = srv.status("busy").await;
+        if status.in_flight > 0 {
+            Ok(())
+        } else {
+            Err(format!("{status:?}"))
+        }
+    })
+    .await;
+    let err = compute(&srv, "big", &[1.0]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .contains("memory budget of 1.1 MiB on cpu: model 'big' needs 1.0 MiB"),
+        "{}",
+        err.message()
+    );
+    // Over REST, the same refusal is a 503 naming the budget.
+    let (code, text) = srv
+        .http_post(
+            "/v2/models/big/infer",
+            &[],
+            br#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}"#,
+        )
+        .await;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("memory budget"), "{text}");
+    let big = srv.status("big").await;
+    assert_eq!(big.state(), pb::ModelState::Unavailable, "{big:?}");
+    assert!(big.reason.contains("memory budget"), "{}", big.reason);
+    // The busy model answers, then is idle and may be evicted.
+    let answer = slow_call.await.unwrap().unwrap().into_inner();
+    assert_eq!(f32_values(&answer.outputs[0]), [2.0, 4.0, 6.0]);
+    assert_eq!(compute(&srv, "big", &[1.0]).await.unwrap(), [2.0]);
+    assert_eq!(
+        srv.status("busy").await.state(),
+        pb::ModelState::Unavailable
+    );
     srv.stop().await;
 }
