@@ -41,6 +41,14 @@ pub struct ConnectionLimits {
     /// Connections open at once, per port. Past it, new connections are
     /// closed as soon as they are accepted.
     pub max_connections: usize,
+    /// A connection with no request in flight (a streaming response
+    /// counts as in flight until its body ends) for this long is closed
+    /// (HTTP/2 with GOAWAY), on either protocol, so that quiet clients
+    /// cannot hold connection slots forever.
+    pub idle_timeout: Duration,
+    /// HTTP/2 keep-alive pings this often; a peer that does not answer
+    /// one within the same time is gone and its connection is closed.
+    pub keepalive_interval: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -50,6 +58,8 @@ impl Default for ConnectionLimits {
             max_header_bytes: 64 << 10,
             max_concurrent_streams: 1024,
             max_connections: 4096,
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(60),
         }
     }
 }
@@ -74,6 +84,8 @@ pub struct PortCounters {
     /// Closed because no request came within the header timeout (or the
     /// TLS handshake failed or did not finish in time).
     pub timed_out: AtomicU64,
+    /// Connections closed after the idle timeout.
+    pub idle_closed: AtomicU64,
     /// Connections open now.
     pub open: AtomicU64,
 }
@@ -143,6 +155,7 @@ pub async fn serve(port: Port, counters: Arc<PortCounters>, shutdown: Cancellati
             router: router.clone(),
             builder: Arc::clone(&builder),
             header_timeout: limits.header_timeout,
+            idle_timeout: limits.idle_timeout,
             counters: Arc::clone(&counters),
             shutdown: shutdown.clone(),
         };
@@ -170,7 +183,9 @@ fn builder(protocols: PortProtocols, limits: &ConnectionLimits) -> auto::Builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(limits.keepalive_interval))
+        .keep_alive_timeout(limits.keepalive_interval);
     match protocols {
         PortProtocols::Grpc => builder.http2_only(),
         PortProtocols::Http => builder,
@@ -245,8 +260,74 @@ struct Connection {
     router: Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
     header_timeout: Duration,
+    idle_timeout: Duration,
     counters: Arc<PortCounters>,
     shutdown: CancellationToken,
+}
+
+/// What one connection is doing, for its idle timeout: requests in flight
+/// (until their response body has been sent or dropped) and when the last
+/// one started or ended.
+struct Activity {
+    in_flight: AtomicU64,
+    last: Mutex<Instant>,
+}
+
+impl Activity {
+    fn touch(&self) {
+        *self.last.lock() = Instant::now();
+    }
+
+    /// When the connection will have been idle for `timeout`, if it is idle
+    /// now.
+    fn idle_until(&self, timeout: Duration) -> Option<Instant> {
+        (self.in_flight.load(Ordering::Acquire) == 0).then(|| *self.last.lock() + timeout)
+    }
+}
+
+/// Counts a request as in flight on its connection until dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.touch();
+        InFlight(Arc::clone(activity))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it
+/// has been sent (or dropped): a gRPC stream is busy, not idle.
+struct TrackedBody {
+    inner: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl Connection {
@@ -279,13 +360,28 @@ impl Connection {
             local_addr: self.local,
             remote_addr: Some(peer),
         };
+        let activity = Arc::new(Activity {
+            in_flight: AtomicU64::new(0),
+            last: Mutex::new(Instant::now()),
+        });
+        let requests = Arc::clone(&activity);
         let service =
             hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
                 seen.store(true, Ordering::Relaxed);
+                let in_flight = InFlight::start(&requests);
                 let extensions = request.extensions_mut();
                 extensions.insert(PeerAddr(peer));
                 extensions.insert(connect_info.clone());
-                router.clone().oneshot(request)
+                let call = router.clone().oneshot(request);
+                async move {
+                    let response = call.await?;
+                    Ok::<_, std::convert::Infallible>(response.map(|inner| {
+                        axum::body::Body::new(TrackedBody {
+                            inner,
+                            _in_flight: in_flight,
+                        })
+                    }))
+                }
             });
         // On the gRPC port a client that has sent the whole HTTP/2 preface
         // is no slowloris: it may keep its channel idle before its first
@@ -304,6 +400,12 @@ impl Connection {
         tokio::pin!(first_request);
         let mut waiting_for_first = true;
         let mut draining = false;
+        // Checked a few times per timeout, so that a connection goes within
+        // about a quarter of the timeout after it has been idle that long.
+        let mut idle_check =
+            tokio::time::interval((self.idle_timeout / 4).max(Duration::from_millis(10)));
+        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 res = conn.as_mut() => {
@@ -311,6 +413,26 @@ impl Connection {
                         tracing::debug!(%peer, %err, "connection ended with an error");
                     }
                     return;
+                }
+                _ = idle_check.tick() => {
+                    if let Some(since) = closing_since {
+                        // A peer that does not let a graceful close finish
+                        // (no GOAWAY acknowledged) loses the connection.
+                        if since.elapsed() >= self.header_timeout {
+                            return;
+                        }
+                    } else if activity
+                        .idle_until(self.idle_timeout)
+                        .is_some_and(|at| Instant::now() >= at)
+                    {
+                        self.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "idle for the idle timeout: closing");
+                        closing_since = Some(Instant::now());
+                        if !draining {
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
                 }
                 () = &mut first_request, if waiting_for_first => {
                     waiting_for_first = false;

@@ -209,6 +209,15 @@ struct ServeArgs {
     /// Connections open at once per port; more are closed as they arrive.
     #[arg(long, default_value_t = 4096, help_heading = "Limits")]
     max_connections: usize,
+    /// Seconds a connection may stay open with no request in flight before
+    /// it is closed (HTTP/1.1 and HTTP/2 alike; a stream in progress is
+    /// not idle).
+    #[arg(long, default_value_t = 300.0, help_heading = "Limits")]
+    idle_timeout_s: f64,
+    /// Seconds between HTTP/2 keep-alive pings; a peer that does not
+    /// answer one within as long is dropped.
+    #[arg(long, default_value_t = 60.0, help_heading = "Limits")]
+    keepalive_s: f64,
 
     /// On SIGTERM, readiness turns 503 at once and the server keeps serving
     /// this many seconds (so endpoints are updated) before it drains.
@@ -381,6 +390,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 args.max_concurrent_streams,
             )?,
             max_connections: at_least_one("--max-connections", args.max_connections)?,
+            idle_timeout: positive_seconds("--idle-timeout-s", args.idle_timeout_s)?,
+            keepalive_interval: positive_seconds("--keepalive-s", args.keepalive_s)?,
         },
         reload_on_sighup: true,
         drain_timeout: positive_seconds("--drain-timeout-s", args.drain_timeout_s)?,

@@ -1464,3 +1464,67 @@ fn length_prefixed(mut data: &[u8]) -> Vec<String> {
     }
     out
 }
+
+/// Quiet connections do not keep their slots: with room for two, an idle
+/// HTTP/1.1 keep-alive connection and an idle HTTP/2 one (prior knowledge,
+/// on the HTTP port) are both closed after the idle timeout, and a new
+/// client gets in. (HTTP/2 connections were once kept forever: the header
+/// deadline covers only the first request, and no idle timeout was set.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_reaped_and_free_their_slots() {
+    let srv = TestServer::start_with(
+        |_| {},
+        limits(|l| {
+            l.max_connections = 2;
+            // Long enough that only the idle timeout can close them.
+            l.header_timeout = Duration::from_secs(120);
+            l.idle_timeout = Duration::from_millis(400);
+        }),
+    )
+    .await;
+    let addr = srv.running().http_addr;
+    let counters = &srv.running().connections.http;
+
+    // HTTP/1.1, keep-alive: one request, then quiet.
+    let mut h1 = TcpStream::connect(addr).await.unwrap();
+    h1.write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // HTTP/2 with prior knowledge: one request, then quiet, the client
+    // handle kept (dropping it would close the connection from our side).
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut h2_client, h2_connection) = h2::client::handshake(tcp).await.unwrap();
+    let h2_done = tokio::spawn(h2_connection);
+    let request = http::Request::get("http://x/v2/health/live")
+        .body(())
+        .unwrap();
+    let (response, _) = h2_client.send_request(request, true).unwrap();
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("an HTTP/2 answer")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // Both are closed by the server once idle.
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, h1.read_to_end(&mut answer))
+        .await
+        .expect("the idle HTTP/1.1 connection is closed by the server")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    tokio::time::timeout(PATIENCE, h2_done)
+        .await
+        .expect("the idle HTTP/2 connection is closed by the server")
+        .unwrap()
+        .ok();
+    assert!(counters.idle_closed.load(Ordering::Relaxed) >= 2);
+    drop(h2_client);
+    // The slots are free: a new client is served.
+    let answer = live_over(addr).await.expect("a new client gets in");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    srv.stop().await;
+}
