@@ -27,36 +27,22 @@ use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
 use super::bindings::{health, metrics, processor, router, wit, wit_metrics_context, wit_mirror};
+use super::engine::Runtime;
 use super::manifest::Manifest;
+use super::meta::PluginMeta;
 use super::orchestrator::Orchestrator;
-use super::runtime::{Plugin, PluginKind, PluginMeta, PluginState, Runtime};
+use super::pool::{Plugin, World};
+use super::state::PluginState;
+use super::types::PluginKind;
 use plinth_core::error::Error;
 
 pub(super) mod sealed {
     use super::*;
 
-    /// What the runtime needs of a world: its bindgen types and how to make
-    /// and greet an instance. Sealed: the four worlds are the only kinds.
-    pub trait World: Sized + Send + Sync + 'static {
-        const KIND: PluginKind;
-        /// The pre-linked component, typed to the world.
-        type Pre: Send + Sync + 'static;
-        /// An instance's typed exports.
-        type Exports: Send + Sync + 'static;
-
-        fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre>;
-        fn instantiate(
-            pre: &Self::Pre,
-            store: &mut Store<PluginState>,
-        ) -> wasmtime::Result<Self::Exports>;
-        fn describe(
-            exports: &Self::Exports,
-            store: &mut Store<PluginState>,
-        ) -> wasmtime::Result<wit::PluginInfo>;
-        fn init(
-            exports: &Self::Exports,
-            store: &mut Store<PluginState>,
-        ) -> wasmtime::Result<Result<(), wit::PluginError>>;
+    /// Where a world's plugins sit in [`AnyPlugin`]. What the pool needs of
+    /// a world is its supertrait, `World`. Sealed: the four worlds are the
+    /// only kinds.
+    pub trait Variant: World {
         fn wrap(plugin: Arc<Plugin<Self>>) -> AnyPlugin;
         fn unwrap(any: &AnyPlugin) -> Option<&Arc<Plugin<Self>>>;
     }
@@ -145,9 +131,9 @@ pub struct ExportsWith<E, X: sealed::Optional> {
 }
 
 /// A plugin world: `Router`, `Processor`, `Metrics` or `Health`.
-pub trait Kind: sealed::World {}
+pub trait Kind: sealed::Variant {}
 
-impl<W: sealed::World> Kind for W {}
+impl<W: sealed::Variant> Kind for W {}
 
 macro_rules! world {
     ($(#[$doc:meta])* $kind:ident, $variant:ident, $module:ident, $pre:ident, $exports:ident, $extra:ty) => {
@@ -155,7 +141,7 @@ macro_rules! world {
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         pub enum $kind {}
 
-        impl sealed::World for $kind {
+        impl World for $kind {
             const KIND: PluginKind = PluginKind::$variant;
             type Pre = PreWith<$module::$pre<PluginState>, $extra>;
             type Exports = ExportsWith<$module::$exports, $extra>;
@@ -196,7 +182,9 @@ macro_rules! world {
             ) -> wasmtime::Result<Result<(), wit::PluginError>> {
                 exports.base.call_init(store)
             }
+        }
 
+        impl sealed::Variant for $kind {
             fn wrap(plugin: Arc<Plugin<Self>>) -> AnyPlugin {
                 AnyPlugin::$variant(plugin)
             }

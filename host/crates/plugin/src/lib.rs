@@ -16,17 +16,22 @@
 mod bindings;
 pub mod cache;
 mod calls;
+mod convert;
+mod engine;
 mod guest_log;
 pub mod kind;
 pub mod manifest;
+mod meta;
 mod orchestrator;
-mod runtime;
+mod outcome;
+mod pool;
+mod state;
 mod sync_io;
+mod types;
 
 /// Where compiled components are cached unless told otherwise: outside the
 /// plugin directory, per user ([`cache`]).
 pub use cache::default_dir as default_cache_dir;
-mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -37,17 +42,19 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
-pub use calls::{Candidates, RequestView, Stage};
+pub use calls::{Candidates, Stage};
+pub use engine::WIT_VERSION;
 pub use kind::{AnyPlugin, Kind};
 pub use manifest::{Manifest, OnError};
-pub use orchestrator::{
-    BoxFuture, DEFAULT_MAX_DEPTH, ModelCaller, NestedCall, Orchestrator, RunContext,
-};
-pub use runtime::{CallError, Plugin, PluginKind, PluginMeta, PluginStats, WIT_VERSION};
+pub use meta::{PluginMeta, PluginStats};
+pub use orchestrator::{DEFAULT_MAX_DEPTH, Orchestrator};
+pub use outcome::CallError;
+pub use pool::Plugin;
 pub use types::{
-    DeviceMemory, HealthReport, HealthStatus, HostSnapshot, MirrorEvent, MirrorTarget, ModelChoice,
-    ModelPhase, ModelStatus, NestedEvent, PluginError, PluginInfo, PluginStatus, RequestEvent,
-    RequestStatus, RouteDecision, StageTimings,
+    BoxFuture, DeviceMemory, HealthReport, HealthStatus, HostSnapshot, MirrorEvent, MirrorTarget,
+    ModelCaller, ModelChoice, ModelPhase, ModelStatus, NestedCall, NestedEvent, PluginError,
+    PluginInfo, PluginKind, PluginStatus, RequestEvent, RequestStatus, RequestView, RouteDecision,
+    RunContext, StageTimings,
 };
 
 /// A file that failed to load, as reported by `list`.
@@ -105,10 +112,10 @@ pub fn check_component(
 ) -> Result<ComponentReport, String> {
     let cache = std::env::temp_dir().join(format!("plinth-check-{}", std::process::id()));
     let result = AnyPlugin::load(name, bytes, manifest, &cache).and_then(|plugin| {
-        let (component, _) = runtime::Runtime::get().compile(bytes, &cache)?;
+        let (component, _) = engine::Runtime::get().compile(bytes, &cache)?;
         Ok(ComponentReport {
             world: plugin.kind.world(),
-            interfaces: runtime::Runtime::get().plugin_interfaces(&component),
+            interfaces: engine::Runtime::get().plugin_interfaces(&component),
             info: plugin.info.clone(),
             host_wit: WIT_VERSION,
         })
@@ -360,7 +367,7 @@ impl PluginHost {
                 let manifest = Manifest::load(&manifest_path)?;
                 // The same bytes under the same manifest: a duplicate event, not a change.
                 if let Some(current) = &current
-                    && runtime::content_hash(&bytes) == current.file_hash
+                    && engine::content_hash(&bytes) == current.file_hash
                     && *current.manifest == manifest
                 {
                     return Ok(None);

@@ -15,10 +15,11 @@
 //! itself.
 //!
 //! This crate knows nothing of models: the host hands each run a
-//! [`ModelCaller`], its pipeline, through which nested calls go.
+//! [`ModelCaller`](crate::types::ModelCaller), its pipeline, through which
+//! nested calls go. That trait and the records a run is given and makes
+//! ([`RunContext`], [`NestedCall`]) are in `types.rs`; the clock an
+//! orchestrator's store carries ([`Orchestration`]) is in `state.rs`.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -32,97 +33,20 @@ use plinth_core::tensor::Tensor;
 
 use super::bindings::orchestrator::{OrchestratorPlugin, OrchestratorPluginPre};
 use super::bindings::{wit, wit_models};
-use super::calls::{RequestView, call_error, from_wit, to_wit};
+use super::convert::{from_wit, to_wit};
+use super::engine::{EPOCH_TICK, Runtime};
 use super::manifest::Manifest;
-use super::runtime::{
-    CallError, EPOCH_TICK, PluginKind, PluginMeta, PluginState, Runtime, classify, described,
-    initialised, panicked, plugin_error, root_cause,
+use super::meta::PluginMeta;
+use super::outcome::{
+    CallError, call_error, classify, described, initialised, panicked, plugin_error, root_cause,
 };
+use super::state::{Orchestration, PluginState};
+use super::types::{NestedCall, PluginKind, RequestView, RunContext};
 
 /// How deep nested model calls may go unless the server says otherwise.
 pub const DEFAULT_MAX_DEPTH: u32 = 4;
 /// Warm instances kept per orchestrator.
 const MAX_IDLE_INSTANCES: usize = 16;
-
-/// A boxed, sendable future: what [`ModelCaller::infer`] returns.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-/// A model call an orchestrator makes.
-#[derive(Debug)]
-pub struct NestedCall {
-    /// The request the orchestrator is answering.
-    pub parent: RequestView,
-    /// 1 for a call made while answering a client's request, 2 for one made
-    /// by an orchestrator that was itself called by one, and so on.
-    pub depth: u32,
-    pub model: String,
-    /// `None`: the newest ready version.
-    pub version: Option<String>,
-    pub inputs: Vec<Tensor>,
-    /// When the client's request must be answered by.
-    pub deadline: Instant,
-}
-
-/// The host's models, as orchestrators call them. The host's pipeline
-/// implements it: a nested call runs the model's processors, the model and
-/// its statistics, as a client request would, without the router.
-pub trait ModelCaller: Send + Sync + 'static {
-    fn infer(&self, call: NestedCall) -> BoxFuture<Result<Vec<Tensor>, Error>>;
-}
-
-/// What one run of an orchestrator is given.
-#[derive(Clone)]
-pub struct RunContext {
-    pub caller: Arc<dyn ModelCaller>,
-    /// The depth of the request being answered: 0 for a client's.
-    pub depth: u32,
-    /// The most a nested call may be ([`NestedCall::depth`]).
-    pub max_depth: u32,
-    /// When the client's request must be answered by.
-    pub deadline: Instant,
-}
-
-impl std::fmt::Debug for RunContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunContext")
-            .field("depth", &self.depth)
-            .field("max_depth", &self.max_depth)
-            .field("deadline", &self.deadline)
-            .finish_non_exhaustive()
-    }
-}
-
-/// An orchestrator store's clock and the request it is answering.
-pub(crate) struct Orchestration {
-    /// The guest's own time allowed per call (the manifest's deadline).
-    budget: Duration,
-    /// When the current call (instantiation, `init` or `run`) started.
-    started: Instant,
-    /// Time the current call has spent waiting for models.
-    waited: Duration,
-    /// The run under way, if any.
-    scope: Option<(RequestView, RunContext)>,
-    /// The last nested call's failure, as the host reported it to the guest.
-    nested_failure: Option<Error>,
-}
-
-impl Orchestration {
-    fn new(budget: Duration) -> Orchestration {
-        Orchestration {
-            budget,
-            started: Instant::now(),
-            waited: Duration::ZERO,
-            scope: None,
-            nested_failure: None,
-        }
-    }
-
-    /// The guest time left to the current call, `None` once spent.
-    fn left(&self) -> Option<Duration> {
-        let used = self.started.elapsed().saturating_sub(self.waited);
-        self.budget.checked_sub(used).filter(|left| !left.is_zero())
-    }
-}
 
 fn ticks(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis().div_ceil(EPOCH_TICK.as_millis())).unwrap_or(u64::MAX) + 1

@@ -1,12 +1,73 @@
-//! The host's side of the records that cross the plugin boundary. Callers
-//! outside the plugin layer fill and read these; `calls.rs` converts them to
-//! and from the WIT types, which stay private to the plugin layer.
+//! The host's side of the records that cross the plugin boundary, and the
+//! plugin kinds. Callers outside the plugin layer fill and read these;
+//! `convert.rs` converts them to and from the WIT types, which stay private
+//! to the plugin layer. What the host hands an orchestrator to call models
+//! with is here too. This module uses no other module of the crate.
 
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use plinth_core::error::Error;
+use plinth_core::tensor::Tensor;
 
-use super::runtime::PluginKind;
+/// The world a plugin implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PluginKind {
+    Router,
+    Processor,
+    Metrics,
+    Health,
+    /// Served as a model; calls other models (0.1.1).
+    Orchestrator,
+}
+
+impl PluginKind {
+    /// Every kind, in the order `inspect` looks for them.
+    pub const ALL: [PluginKind; 5] = [
+        PluginKind::Router,
+        PluginKind::Processor,
+        PluginKind::Metrics,
+        PluginKind::Health,
+        PluginKind::Orchestrator,
+    ];
+
+    pub fn world(self) -> &'static str {
+        match self {
+            PluginKind::Router => "router-plugin",
+            PluginKind::Processor => "processor-plugin",
+            PluginKind::Metrics => "metrics-plugin",
+            PluginKind::Health => "health-plugin",
+            PluginKind::Orchestrator => "orchestrator-plugin",
+        }
+    }
+
+    pub(super) fn interface(self) -> &'static str {
+        match self {
+            PluginKind::Router => "router",
+            PluginKind::Processor => "processor",
+            PluginKind::Metrics => "metrics",
+            PluginKind::Health => "health",
+            PluginKind::Orchestrator => "orchestrator",
+        }
+    }
+
+    /// Metrics and health plugins keep state across calls: they get exactly
+    /// one instance and calls to them are serialised.
+    pub(super) fn stateful(self) -> bool {
+        matches!(self, PluginKind::Metrics | PluginKind::Health)
+    }
+}
+
+/// The request as a plugin sees it.
+#[derive(Debug, Clone, Default)]
+pub struct RequestView {
+    pub id: String,
+    pub model: String,
+    pub version: Option<String>,
+    pub metadata: Vec<(String, String)>,
+}
 
 /// What `describe` returned: the plugin's own name, version and summary.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -217,4 +278,86 @@ pub enum HealthStatus {
 pub struct HealthReport {
     pub status: HealthStatus,
     pub message: String,
+}
+
+/// A boxed, sendable future: what [`ModelCaller::infer`] returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A model call an orchestrator makes.
+#[derive(Debug)]
+pub struct NestedCall {
+    /// The request the orchestrator is answering.
+    pub parent: RequestView,
+    /// 1 for a call made while answering a client's request, 2 for one made
+    /// by an orchestrator that was itself called by one, and so on.
+    pub depth: u32,
+    pub model: String,
+    /// `None`: the newest ready version.
+    pub version: Option<String>,
+    pub inputs: Vec<Tensor>,
+    /// When the client's request must be answered by.
+    pub deadline: Instant,
+}
+
+/// The host's models, as orchestrators call them. The host's pipeline
+/// implements it: a nested call runs the model's processors, the model and
+/// its statistics, as a client request would, without the router.
+pub trait ModelCaller: Send + Sync + 'static {
+    fn infer(&self, call: NestedCall) -> BoxFuture<Result<Vec<Tensor>, Error>>;
+}
+
+/// What one run of an orchestrator is given.
+#[derive(Clone)]
+pub struct RunContext {
+    pub caller: Arc<dyn ModelCaller>,
+    /// The depth of the request being answered: 0 for a client's.
+    pub depth: u32,
+    /// The most a nested call may be ([`NestedCall::depth`]).
+    pub max_depth: u32,
+    /// When the client's request must be answered by.
+    pub deadline: Instant,
+}
+
+impl std::fmt::Debug for RunContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunContext")
+            .field("depth", &self.depth)
+            .field("max_depth", &self.max_depth)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_status_follows_the_error_code() {
+        let cases = [
+            (
+                Error::InvalidArgument("x".into()),
+                RequestStatus::InvalidInput,
+            ),
+            (Error::NotFound("x".into()), RequestStatus::NotFound),
+            (Error::Unavailable("x".into()), RequestStatus::Unavailable),
+            (
+                Error::ResourceExhausted("x".into()),
+                RequestStatus::Unavailable,
+            ),
+            (
+                Error::DeadlineExceeded("x".into()),
+                RequestStatus::DeadlineExceeded,
+            ),
+            (Error::Cancelled, RequestStatus::Cancelled),
+            (Error::Internal("x".into()), RequestStatus::Internal),
+            (
+                Error::FailedPrecondition("x".into()),
+                RequestStatus::Internal,
+            ),
+        ];
+        for (err, want) in cases {
+            assert_eq!(RequestStatus::of_error(&err), want, "{err:?}");
+        }
+    }
 }
