@@ -140,6 +140,10 @@ struct ServeArgs {
     /// the limit.
     #[arg(long, default_value_t = plinth::plugin::DEFAULT_MAX_DEPTH)]
     max_call_depth: u32,
+    /// Seconds a mirrored run may take on its target before it is given up
+    /// (counted as a failed mirror); a stuck target then holds no slot.
+    #[arg(long, default_value_t = 30.0)]
+    mirror_timeout_s: f64,
     /// Largest gRPC message accepted or sent, and largest HTTP request body, in MiB.
     #[arg(long, default_value_t = 64)]
     max_message_mib: usize,
@@ -351,6 +355,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_concurrent_loads: at_least_one("--max-concurrent-loads", args.max_concurrent_loads)?,
         executor_spin: std::time::Duration::from_micros(args.executor_spin_us),
         max_call_depth: args.max_call_depth,
+        mirror_timeout: positive_seconds("--mirror-timeout-s", args.mirror_timeout_s)?,
         memory_budget: args
             .memory_budget_mib
             .map(|mib| {

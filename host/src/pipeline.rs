@@ -37,8 +37,25 @@ const EVENT_FLUSH: Duration = Duration::from_millis(50);
 const MIRROR_QUEUE: usize = 256;
 /// Mirrored runs in flight at once.
 const MIRROR_CONCURRENCY: usize = 4;
-/// The longest a mirrored run may take.
-const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a pipeline is told at its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineSettings {
+    /// How deep orchestrators' model calls nest (`--max-call-depth`; 0
+    /// refuses every nested call).
+    pub max_call_depth: u32,
+    /// The longest a mirrored run may take, on any target
+    /// (`--mirror-timeout-s`): a stuck one then gives its slot back.
+    pub mirror_timeout: Duration,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> PipelineSettings {
+        PipelineSettings {
+            max_call_depth: crate::plugin::DEFAULT_MAX_DEPTH,
+            mirror_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// One inference as the edges hand it over.
 #[derive(Debug, Clone, Default)]
@@ -66,6 +83,15 @@ pub struct Nesting {
     /// The client's request id and the orchestrator entry that made the
     /// call; `None` for a mirrored run, which no orchestrator made.
     pub parent: Option<(String, String)>,
+}
+
+impl Nesting {
+    /// A mirrored run: it never loads a model on demand (nor refreshes its
+    /// place in the eviction order), and it is not a client request of its
+    /// target in the request events (it is counted as a mirror instead).
+    pub fn is_mirror(&self) -> bool {
+        self.parent.is_none()
+    }
 }
 
 /// The request's `grpc-timeout` (gRPC metadata is a header), read by the
@@ -117,6 +143,7 @@ struct Inner {
     candidates: ArcSwap<(Arc<ReadySet>, Arc<Candidates>)>,
     /// How deep orchestrators' model calls may nest.
     max_call_depth: u32,
+    mirror_timeout: Duration,
     /// Mirrored runs for the mirror task, and how they went.
     mirrors: mpsc::Sender<MirrorJob>,
     mirror_counts: MirrorCounts,
@@ -235,10 +262,12 @@ fn skipped(plugin: &PluginMeta, stage: &str, err: &Error) {
 
 impl Pipeline {
     /// Starts the task that feeds request events to the metrics plugins and
-    /// the one that runs mirrored requests. `max_call_depth` bounds how deep
-    /// orchestrators' model calls nest (`--max-call-depth`; 0 refuses every
-    /// nested call).
-    pub fn new(registry: Registry, plugins: Arc<PluginHost>, max_call_depth: u32) -> Pipeline {
+    /// the one that runs mirrored requests.
+    pub fn new(
+        registry: Registry,
+        plugins: Arc<PluginHost>,
+        settings: PipelineSettings,
+    ) -> Pipeline {
         let (events, rx) = mpsc::channel(EVENT_QUEUE);
         tokio::spawn(feed_metrics(Arc::clone(&plugins), rx));
         let (mirrors, mirror_rx) = mpsc::channel(MIRROR_QUEUE);
@@ -253,7 +282,8 @@ impl Pipeline {
                     Arc::new(ReadySet::default()),
                     Arc::new(Candidates::default()),
                 )),
-                max_call_depth,
+                max_call_depth: settings.max_call_depth,
+                mirror_timeout: settings.mirror_timeout,
                 mirrors,
                 mirror_counts: MirrorCounts::default(),
             }),
@@ -312,6 +342,7 @@ impl Pipeline {
             version: request.version,
             metadata: request.metadata,
         };
+        let mirrored = request.nested.as_ref().is_some_and(Nesting::is_mirror);
         let tag = request.nested.as_ref().and_then(|nesting| {
             let (id, model) = nesting.parent.clone()?;
             Some((id, model, nesting.depth))
@@ -360,6 +391,11 @@ impl Pipeline {
                     leader: timings.leader,
                 },
             );
+        }
+        // A mirrored run reaches metrics plugins as a mirror event (see
+        // `mirror`), never as a client request of its target.
+        if mirrored {
+            return res;
         }
         let status = match &res {
             Ok(_) => RequestStatus::Ok,
@@ -476,11 +512,17 @@ impl Pipeline {
                 )
             }));
         }
-        let model = self
-            .inner
-            .registry
-            .ready_for_request(&view.model, timeout)
-            .await?;
+        let mirrored = nested.as_ref().is_some_and(Nesting::is_mirror);
+        let model = if mirrored {
+            // Only a model that is loaded: a mirror never loads one on
+            // demand, which could evict the primary's idle models.
+            self.inner.registry.get_ready(&view.model)?
+        } else {
+            self.inner
+                .registry
+                .ready_for_request(&view.model, timeout)
+                .await?
+        };
         timings.model = Some(Arc::clone(&model));
         let t = Instant::now();
         let inputs = self.chain(&model, Stage::Pre, view, inputs)?;
@@ -494,9 +536,12 @@ impl Pipeline {
         };
         let (version, outputs) = if let Some(plugin) = &model.config.orchestrator {
             let t = Instant::now();
+            let in_flight = model.in_flight_guard();
             let outputs = self
                 .orchestrate(&model, plugin, view, inputs, timeout, nested)
-                .await?;
+                .await;
+            drop(in_flight);
+            let outputs = outputs?;
             timings.compute = t.elapsed();
             timings.executed_rows = u64::from(timings.batch_size);
             timings.leader = true;
@@ -615,21 +660,29 @@ impl Pipeline {
     /// tells the metrics plugins that count mirrors how it went.
     async fn mirror(&self, job: MirrorJob) {
         let started = Instant::now();
-        let res = self
-            .infer(PipelineRequest {
-                id: job.id,
-                model: job.target.model.clone(),
-                version: job.target.version.clone(),
-                inputs: job.inputs,
-                metadata: job.metadata,
-                timeout: None,
-                nested: Some(Nesting {
-                    depth: 1,
-                    deadline: started + MIRROR_TIMEOUT,
-                    parent: None,
-                }),
-            })
-            .await;
+        // The mirror's deadline bounds every target, plain models too: a
+        // stuck one gives its slot back when it runs out.
+        let run = self.infer(PipelineRequest {
+            id: job.id,
+            model: job.target.model.clone(),
+            version: job.target.version.clone(),
+            inputs: job.inputs,
+            metadata: job.metadata,
+            timeout: Some(self.inner.mirror_timeout),
+            nested: Some(Nesting {
+                depth: 1,
+                deadline: plinth_core::deadline::deadline_after(started, self.inner.mirror_timeout),
+                parent: None,
+            }),
+        });
+        let res = match tokio::time::timeout(self.inner.mirror_timeout, run).await {
+            Ok(res) => res,
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "model '{}': the mirrored run did not finish within {} ms",
+                job.target.model,
+                self.inner.mirror_timeout.as_millis()
+            ))),
+        };
         let latency = started.elapsed();
         let counts = &self.inner.mirror_counts;
         let (status, version, agree) = match &res {
@@ -1063,7 +1116,7 @@ mod tests {
         Pipeline::new(
             registry,
             Arc::new(PluginHost::new(plugin_dir)),
-            crate::plugin::DEFAULT_MAX_DEPTH,
+            PipelineSettings::default(),
         )
     }
 

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub memory_budget: Option<u64>,
     /// How deep orchestrators' model calls may nest.
     pub max_call_depth: u32,
+    /// The longest a mirrored run may take (`--mirror-timeout-s`).
+    pub mirror_timeout: Duration,
     /// Largest gRPC message accepted or sent, and largest HTTP request body.
     pub max_message_bytes: usize,
     /// Watch the repository and load, reload or unload on change.
@@ -107,6 +109,7 @@ impl ServerConfig {
             executor_spin: Duration::ZERO,
             memory_budget: None,
             max_call_depth: crate::plugin::DEFAULT_MAX_DEPTH,
+            mirror_timeout: Duration::from_secs(30),
             max_message_bytes: 64 << 20,
             poll: false,
             load_all: true,
@@ -360,7 +363,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let pipeline = Pipeline::new(
         registry.clone(),
         Arc::clone(&plugins),
-        config.max_call_depth,
+        crate::pipeline::PipelineSettings {
+            max_call_depth: config.max_call_depth,
+            mirror_timeout: config.mirror_timeout,
+        },
     );
 
     let grpc_listener = TcpListener::bind(config.grpc_addr)

@@ -257,9 +257,9 @@ fn pipeline_chain(c: &mut Criterion) {
             Pipeline::new(
                 registry.clone(),
                 Arc::new(PluginHost::new(without.path())),
-                plinth::plugin::DEFAULT_MAX_DEPTH,
+                Default::default(),
             ),
-            Pipeline::new(registry, plugins, plinth::plugin::DEFAULT_MAX_DEPTH),
+            Pipeline::new(registry, plugins, Default::default()),
         )
     });
     let request = |model: &str| PipelineRequest {
@@ -326,7 +326,7 @@ fn orchestration(c: &mut Criterion) {
         }
         let plugins = Arc::new(PluginHost::new(dir.path()));
         plugins.load("cascade").await.unwrap();
-        Pipeline::new(registry, plugins, plinth::plugin::DEFAULT_MAX_DEPTH)
+        Pipeline::new(registry, plugins, Default::default())
     });
     let sure = [0.75f32, 0.125, 0.125, 0.875, 0.0625, 0.0625];
     let unsure = [0.5f32, 0.25, 0.25, 0.25, 0.25, 0.5];

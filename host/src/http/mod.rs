@@ -193,7 +193,7 @@ mod tests {
         ));
         let host = Arc::new(crate::plugin::PluginHost::new(plugins.path()));
         let state = HttpState {
-            pipeline: Pipeline::new(registry, host, crate::plugin::DEFAULT_MAX_DEPTH),
+            pipeline: Pipeline::new(registry, host, Default::default()),
             health: Arc::new(Health::default()),
             max_body_bytes: 1 << 20,
         };

@@ -44,7 +44,8 @@ pub struct ReadyModel {
 }
 
 /// Counts a request as in flight until dropped.
-struct InFlight<'a>(&'a AtomicU64);
+/// Counts a request as in flight on a model until dropped.
+pub(crate) struct InFlight<'a>(&'a AtomicU64);
 
 impl<'a> InFlight<'a> {
     fn enter(counter: &'a AtomicU64) -> InFlight<'a> {
@@ -316,6 +317,15 @@ impl ReadyModel {
     ///
     /// Crate-private: `Pipeline::infer` is the one way in, so that plugins
     /// and statistics are never skipped.
+    /// Counts a request the model answers some other way than [`infer`]
+    /// (an orchestrator entry's run) as in flight until the guard drops:
+    /// GetModel shows it, and eviction sees the model busy.
+    ///
+    /// [`infer`]: ReadyModel::infer
+    pub(crate) fn in_flight_guard(&self) -> InFlight<'_> {
+        InFlight::enter(&self.in_flight)
+    }
+
     pub(crate) async fn infer(
         &self,
         version: Option<&str>,

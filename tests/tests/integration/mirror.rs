@@ -110,10 +110,89 @@ async fn routed_requests_run_on_their_mirrors_and_agreement_is_counted() {
         !metrics.contains("model=\"absent\",result="),
         "a failed mirror neither agrees nor disagrees:\n{metrics}"
     );
-    // Mirrored runs are real traffic of the shadow models, in their own
-    // statistics; the primary counts only the clients' three.
+    // The request counters count client requests only: the primary's
+    // three, and no mirrored run as a request of its target (those are the
+    // mirror counters above). (Mirrored runs were once counted as client
+    // requests of the target.)
+    let metrics = metrics_containing(
+        &srv,
+        &["plinth_requests_total{model=\"m\",version=\"1\",status=\"ok\"} 3\n"],
+    )
+    .await;
+    for target in ["shadow", "drift", "absent"] {
+        assert!(
+            !metrics.contains(&format!("plinth_requests_total{{model=\"{target}\"")),
+            "mirrored runs of {target} counted as client requests:\n{metrics}"
+        );
+    }
+    // Mirrored runs are real work of the shadow models, in their own
+    // OIP statistics; the primary counts only the clients' three.
     assert_eq!(srv.model_stats("shadow").await.inference_count, 3);
     assert_eq!(srv.model_stats("drift").await.inference_count, 3);
     assert_eq!(srv.model_stats("m").await.inference_count, 3);
+    srv.stop().await;
+}
+
+/// The mirror's deadline bounds plain models too (a stuck target gives its
+/// slot back: the run fails as DEADLINE_EXCEEDED), and a mirrored run never
+/// loads an on-demand model, so it cannot evict the primary's idle models.
+/// (A stuck plain target once held a slot with no deadline, and mirrors
+/// loaded on-demand targets.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_are_bounded_and_never_load_on_demand_models() {
+    let srv = TestServer::start_with(
+        |repo| {
+            fixtures::scale(repo, "m", "1", 2.0);
+            // Takes far longer than the mirror timeout below.
+            fixtures::slow(repo, "stuck", 800);
+            fixtures::scale(repo, "lazy", "1", 3.0);
+            fixtures::scale_config()
+                .residency("on-demand")
+                .write(repo, "lazy");
+        },
+        |config| {
+            config.load_all = true;
+            config.mirror_timeout = std::time::Duration::from_millis(50);
+        },
+    )
+    .await;
+    install_plugin(
+        srv.plugins.path(),
+        "router",
+        "weighted_router",
+        Some("[config]\nmirror.m = \"stuck, lazy\"\n"),
+    );
+    install_plugin(srv.plugins.path(), "metrics", "prometheus_metrics", None);
+    for name in ["router", "metrics"] {
+        srv.wait_plugin(name, serving).await;
+    }
+    for model in ["m", "stuck"] {
+        srv.wait_ready(model).await;
+    }
+    let mut compute = srv.compute().await;
+    let response = compute
+        .compute(compute_request(
+            "m",
+            vec![f32_tensor("x", &[3], &[1.0, 2.0, 3.0])],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f32_values(&response.outputs[0]), [2.0, 4.0, 6.0]);
+    metrics_containing(
+        &srv,
+        &[
+            "plinth_mirror_requests_total{primary=\"m\",model=\"stuck\",status=\"deadline_exceeded\"} 1\n",
+            "plinth_mirror_requests_total{primary=\"m\",model=\"lazy\",status=\"unavailable\"} 1\n",
+            "plinth_mirror_requests_total{result=\"failed\"} 2\n",
+            "plinth_mirror_requests_total{result=\"ok\"} 0\n",
+        ],
+    )
+    .await;
+    // The on-demand target was not loaded for a mirror.
+    let lazy = srv.status("lazy").await;
+    assert_eq!(lazy.state(), pb::ModelState::Unavailable, "{lazy:?}");
+    let residency = srv.info().await.residency.unwrap();
+    assert_eq!(residency.on_demand_loads, 0, "{residency:?}");
     srv.stop().await;
 }

@@ -342,6 +342,50 @@ async fn max_call_depth_zero_and_one_are_honoured() {
     }
 }
 
+/// An orchestrator entry counts its requests in flight while it serves
+/// them: GetModel shows it, as for a plain model. (It once showed 0, and
+/// an on-demand entry looked idle to eviction while serving.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_entry_counts_its_requests_in_flight() {
+    let srv = TestServer::start(
+        |repo| {
+            // `slowly` forwards to `busy`, whose forward takes a while.
+            fixtures::slow(repo, "busy", 800);
+            fixtures::scale_config()
+                .orchestrator("slowly")
+                .write(repo, "slowly");
+        },
+        true,
+    )
+    .await;
+    install_plugin(
+        srv.plugins.path(),
+        "slowly",
+        "hostile_orchestrator",
+        Some(&forward_manifest("busy")),
+    );
+    srv.wait_plugin("slowly", serving).await;
+    srv.wait_ready("busy").await;
+    let call = {
+        let mut client = srv.compute().await;
+        let request = compute_request("slowly", vec![f32_tensor("x", &[3], &[1.0, 2.0, 3.0])]);
+        tokio::spawn(async move { client.compute(request).await })
+    };
+    plinth_tests::eventually(plinth_tests::PATIENCE, "the entry in flight", async || {
+        let status = srv.status("slowly").await;
+        if status.in_flight == 1 {
+            Ok(())
+        } else {
+            Err(format!("{status:?}"))
+        }
+    })
+    .await;
+    let answer = call.await.unwrap().unwrap().into_inner();
+    assert_eq!(f32_values(&answer.outputs[0]), [2.0, 4.0, 6.0]);
+    assert_eq!(srv.status("slowly").await.in_flight, 0);
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn nested_calls_stop_at_the_depth_limit() {
     let srv = TestServer::start(
