@@ -5,12 +5,13 @@
 //! assembly. The vocabulary below it lives in
 //! `plinth-core` (re-exported here as `config`, `error` and `tensor`), the
 //! torch layer in `plinth-torch`, the plugin layer in `plinth-plugin`
-//! (re-exported as `plugin`).
+//! (re-exported as `plugin`), and the generated protocol in `plinth-proto`
+//! (re-exported by `grpc`). The client side of the `plinth` command is
+//! `plinth-client`, which the binary uses and this library does not.
 
 pub use plinth_core::{config, deadline, error, tensor};
 pub use plinth_plugin as plugin;
 
-pub mod cli;
 pub mod demo;
 pub mod grpc;
 pub mod health;

@@ -1,11 +1,13 @@
-//! The `plinth` binary: a thin command line over the library.
+//! The `plinth` binary: a thin command line over the server library
+//! (`serve`, `demo-repo`) and the client crate, `plinth-client` (every other
+//! command).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use plinth::cli;
+use plinth_client as cli;
 use tracing_subscriber::EnvFilter;
 
 // The global allocator: the system's, unless a feature chooses mimalloc or

@@ -43,17 +43,19 @@ const RULES: &[Rule] = &[
         },
     },
     Rule {
-        invariant: "only grpc/ (the server's edge) and cli/ (the client's) name proto types",
+        invariant: "only grpc/ (the server's edge) and plinth-client (the client's) name proto types",
         roots: &["host/src", "host/crates"],
-        allowed: &["host/src/grpc", "host/src/cli"],
+        // plinth-proto defines them. Which crates may depend on it is a
+        // crate edge (PROTO_USERS).
+        allowed: &["host/src/grpc", "host/crates/client", "host/crates/proto"],
         forbidden: |text| {
             code_lines(text).any(|line| mentions(line, "pb::") || mentions(line, "ipb::"))
         },
     },
     Rule {
-        invariant: "only http/ parses JSON request bodies (cli/ parses its own command line)",
+        invariant: "only http/ parses JSON request bodies (plinth-client parses its own command line)",
         roots: &["host/src", "host/crates"],
-        allowed: &["host/src/http", "host/src/cli"],
+        allowed: &["host/src/http", "host/crates/client"],
         forbidden: |text| code_lines(text).any(|line| line.contains("serde_json::from_")),
     },
     Rule {
@@ -87,41 +89,173 @@ const RULES: &[Rule] = &[
     },
 ];
 
-/// Cargo dependencies a layer must not have: the layering as crate edges.
-const FORBIDDEN_DEPENDENCIES: &[(&str, &[&str])] = &[
-    (
-        "host/crates/core/Cargo.toml",
-        &[
-            "tch",
+/// One crate of the host and the edges it may have: the crates named
+/// `plinth` or `plinth-*` and the [`HEAVY_EXTERNALS`] its `[dependencies]`
+/// may name. Any other such dependency breaks the layering; dependencies
+/// outside those two kinds are not checked.
+struct Layer {
+    manifest: &'static str,
+    package: &'static str,
+    may_depend_on: &'static [&'static str],
+}
+
+/// Externals whose place in the layering matters: libtorch's bindings, the
+/// WebAssembly runtime, the gRPC stack and the HTTP server. Which crate may
+/// depend on each is part of [`LAYERS`].
+const HEAVY_EXTERNALS: &[&str] = &[
+    "tch",
+    "torch-sys",
+    "wasmtime",
+    "wasmtime-wasi",
+    "wasmtime-wasi-io",
+    "tonic",
+    "tonic-health",
+    "tonic-prost",
+    "tonic-reflection",
+    "prost",
+    "axum",
+    "hyper",
+    "hyper-util",
+];
+
+/// The layering as crate edges: every crate under host/, with the
+/// `plinth-*` crates and the heavy externals it may depend on. A crate
+/// under host/crates that is missing here is a failure too, so a new crate
+/// states its edges when it is added.
+const LAYERS: &[Layer] = &[
+    Layer {
+        manifest: "host/crates/core/Cargo.toml",
+        package: "plinth-core",
+        may_depend_on: &[],
+    },
+    Layer {
+        manifest: "host/crates/watch/Cargo.toml",
+        package: "plinth-watch",
+        may_depend_on: &[],
+    },
+    Layer {
+        manifest: "host/crates/torch/Cargo.toml",
+        package: "plinth-torch",
+        may_depend_on: &["plinth-core", "tch"],
+    },
+    Layer {
+        manifest: "host/crates/plugin/Cargo.toml",
+        package: "plinth-plugin",
+        may_depend_on: &[
+            "plinth-core",
+            "plinth-watch",
             "wasmtime",
-            "plinth-torch",
-            "plinth-plugin",
-            "tonic",
-            "axum",
+            "wasmtime-wasi",
+            "wasmtime-wasi-io",
         ],
-    ),
-    (
-        "host/crates/torch/Cargo.toml",
-        &["wasmtime", "plinth-plugin", "tonic", "axum"],
-    ),
-    (
-        "host/crates/plugin/Cargo.toml",
-        &["tch", "plinth-torch", "tonic", "axum"],
-    ),
-    (
-        "host/crates/watch/Cargo.toml",
-        &[
-            "tch",
-            "wasmtime",
+    },
+    Layer {
+        manifest: "host/crates/proto/Cargo.toml",
+        package: "plinth-proto",
+        may_depend_on: &["prost", "tonic", "tonic-prost"],
+    },
+    Layer {
+        manifest: "host/crates/client/Cargo.toml",
+        package: "plinth-client",
+        // The plugin layer for `plinth plugin check`, which runs the
+        // loader's own checks; never the server.
+        may_depend_on: &["plinth-proto", "plinth-plugin", "tonic", "tonic-health"],
+    },
+    Layer {
+        manifest: "host/Cargo.toml",
+        package: "plinth",
+        // tch and wasmtime only through their layers. plinth-client is the
+        // binary's: Cargo gives a package's library and binary one list.
+        may_depend_on: &[
             "plinth-core",
             "plinth-torch",
             "plinth-plugin",
+            "plinth-watch",
+            "plinth-proto",
+            "plinth-client",
             "tonic",
+            "tonic-health",
+            "tonic-reflection",
+            "prost",
             "axum",
+            "hyper",
+            "hyper-util",
         ],
-    ),
-    ("host/Cargo.toml", &["tch", "wasmtime"]),
+    },
 ];
+
+/// The crates that may depend on `plinth-proto`: the server, in which only
+/// grpc/ names proto types (a file rule above), and the client. Checked on
+/// its own, so widening [`LAYERS`] cannot widen it.
+const PROTO_USERS: &[&str] = &["plinth", "plinth-client"];
+
+/// Whether the layering governs a dependency on `name`.
+fn governed(name: &str) -> bool {
+    name == "plinth" || name.starts_with("plinth-") || HEAVY_EXTERNALS.contains(&name)
+}
+
+/// The package names a manifest depends on in `[dependencies]`, its
+/// platform-specific ones included, with renames (`package = ...`) undone.
+fn dependencies(manifest: &str) -> Result<Vec<String>> {
+    let table: toml::Table = manifest.parse()?;
+    let mut tables: Vec<&toml::Table> = table
+        .get("dependencies")
+        .and_then(toml::Value::as_table)
+        .into_iter()
+        .collect();
+    if let Some(targets) = table.get("target").and_then(toml::Value::as_table) {
+        tables.extend(
+            targets
+                .values()
+                .filter_map(|target| target.get("dependencies")?.as_table()),
+        );
+    }
+    let mut names = Vec::new();
+    for deps in tables {
+        for (key, spec) in deps {
+            let package = spec.get("package").and_then(toml::Value::as_str);
+            names.push(package.unwrap_or(key).to_owned());
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// What is wrong with `layer` depending on `deps`: one line per edge it
+/// may not have.
+fn broken_edges(layer: &Layer, deps: &[String]) -> Vec<String> {
+    let mut broken = Vec::new();
+    for dep in deps.iter().filter(|dep| governed(dep)) {
+        if dep == "plinth-proto" && !PROTO_USERS.contains(&layer.package) {
+            broken.push(format!(
+                "{}: depends on plinth-proto, but only {} may (only grpc/ and the client name proto types)",
+                layer.manifest,
+                PROTO_USERS.join(" and ")
+            ));
+        } else if !layer.may_depend_on.contains(&dep.as_str()) {
+            broken.push(format!(
+                "{}: depends on {dep}, which is not on {}'s list of allowed dependencies",
+                layer.manifest, layer.package
+            ));
+        }
+    }
+    broken
+}
+
+/// Every crate under host/: host/Cargo.toml and host/crates/*/Cargo.toml.
+fn host_manifests(root: &Path) -> Result<Vec<String>> {
+    let mut manifests = vec!["host/Cargo.toml".to_owned()];
+    for entry in std::fs::read_dir(root.join("host/crates"))? {
+        let dir = entry?.path();
+        if dir.join("Cargo.toml").is_file() {
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            manifests.push(format!("host/crates/{name}/Cargo.toml"));
+        }
+    }
+    manifests.sort();
+    Ok(manifests)
+}
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     if dir.is_file() {
@@ -156,19 +290,28 @@ pub fn check(root: &Path) -> Result<()> {
             }
         }
     }
-    for (manifest, forbidden) in FORBIDDEN_DEPENDENCIES {
-        let text = std::fs::read_to_string(root.join(manifest))?;
-        let table: toml::Table = text.parse()?;
-        let deps = table
-            .get("dependencies")
-            .and_then(toml::Value::as_table)
-            .map(|deps| deps.keys().cloned().collect::<Vec<_>>())
-            .unwrap_or_default();
-        for dep in deps.iter().filter(|dep| forbidden.contains(&dep.as_str())) {
+    for manifest in host_manifests(root)? {
+        if !LAYERS.iter().any(|layer| layer.manifest == manifest) {
             broken.push(format!(
-                "{manifest}: depends on {dep}, which its layer must not"
+                "{manifest}: a crate with no entry in LAYERS (xtask/src/invariants.rs): list what it may depend on"
             ));
         }
+    }
+    for layer in LAYERS {
+        let text = std::fs::read_to_string(root.join(layer.manifest))?;
+        let package = text
+            .parse::<toml::Table>()?
+            .get("package")
+            .and_then(|package| package.get("name")?.as_str().map(str::to_owned));
+        if package.as_deref() != Some(layer.package) {
+            broken.push(format!(
+                "{}: expected the package {}, found {}",
+                layer.manifest,
+                layer.package,
+                package.as_deref().unwrap_or("none")
+            ));
+        }
+        broken.extend(broken_edges(layer, &dependencies(&text)?));
     }
     if !broken.is_empty() {
         bail!("architecture invariants broken:\n  {}", broken.join("\n  "));
@@ -176,7 +319,7 @@ pub fn check(root: &Path) -> Result<()> {
     println!(
         "xtask: {} file rules and {} crate-edge rules hold",
         RULES.len(),
-        FORBIDDEN_DEPENDENCIES.len()
+        LAYERS.len()
     );
     Ok(())
 }
@@ -192,6 +335,92 @@ mod tests {
         assert!(mentions("let x: pb::Tensor;", "pb::"));
         assert!(!mentions("let x: ipb::Tensor;", "pb::"));
         assert_eq!(code_lines("// tch::Tensor\nlet a = 1;").count(), 1);
+    }
+
+    fn layer(package: &'static str) -> &'static Layer {
+        LAYERS
+            .iter()
+            .find(|layer| layer.package == package)
+            .unwrap()
+    }
+
+    fn names(deps: &[&str]) -> Vec<String> {
+        deps.iter().map(|dep| (*dep).to_owned()).collect()
+    }
+
+    #[test]
+    fn dependencies_are_read_by_package_name() {
+        let manifest = r#"
+            [package]
+            name = "x"
+            [dependencies]
+            serde.workspace = true
+            core = { package = "plinth-core", path = "../core" }
+            [target.'cfg(unix)'.dependencies]
+            tch = "0.24"
+            [dev-dependencies]
+            wasmtime = "48"
+            [build-dependencies]
+            tonic-prost-build = "0.14"
+        "#;
+        assert_eq!(
+            dependencies(manifest).unwrap(),
+            ["plinth-core", "serde", "tch"]
+        );
+    }
+
+    #[test]
+    fn an_edge_off_the_list_is_broken_and_others_are_not_checked() {
+        let torch = layer("plinth-torch");
+        assert!(broken_edges(torch, &names(&["plinth-core", "tch", "tokio", "zip"])).is_empty());
+        let broken = broken_edges(torch, &names(&["plinth-plugin", "wasmtime", "axum"]));
+        assert_eq!(broken.len(), 3, "{broken:?}");
+        assert!(broken[0].contains("depends on plinth-plugin"), "{broken:?}");
+        // A dependency on the server crate itself is governed too.
+        assert_eq!(
+            broken_edges(layer("plinth-client"), &names(&["plinth"])).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn only_the_server_and_the_client_may_depend_on_the_protocol() {
+        for layer in LAYERS {
+            let allowed = layer.may_depend_on.contains(&"plinth-proto");
+            assert_eq!(
+                allowed,
+                PROTO_USERS.contains(&layer.package),
+                "{}",
+                layer.package
+            );
+        }
+        // Even a crate whose list were widened by mistake is refused.
+        let widened = Layer {
+            manifest: "host/crates/core/Cargo.toml",
+            package: "plinth-core",
+            may_depend_on: &["plinth-proto"],
+        };
+        let broken = broken_edges(&widened, &names(&["plinth-proto"]));
+        assert!(
+            broken[0].contains("only grpc/ and the client"),
+            "{broken:?}"
+        );
+    }
+
+    #[test]
+    fn the_server_reaches_torch_and_wasmtime_only_through_their_layers() {
+        let host = layer("plinth");
+        for heavy in ["tch", "torch-sys", "wasmtime", "wasmtime-wasi"] {
+            assert!(!host.may_depend_on.contains(&heavy), "{heavy}");
+        }
+        let client = layer("plinth-client");
+        assert!(!client.may_depend_on.contains(&"plinth"));
+        // Every name on a list is one the check governs: no dead entries.
+        for layer in LAYERS {
+            for dep in layer.may_depend_on {
+                assert!(governed(dep), "{}: {dep}", layer.package);
+            }
+        }
     }
 
     #[test]

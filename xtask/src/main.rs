@@ -368,7 +368,7 @@ fn ensure_wasm_target() -> Result<()> {
 const PYTHON_PLUGINS: &[&str] = &["image-normalize-py"];
 
 /// The componentize-py release, the same as `plinth plugin build` installs
-/// (host/src/cli/scaffold.rs), in the same cache venv.
+/// (host/crates/client/src/scaffold.rs), in the same cache venv.
 const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 
 /// Builds `plugins/<name>` (an `app.py` for the world its pyproject.toml

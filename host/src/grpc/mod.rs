@@ -1,6 +1,7 @@
-//! The gRPC edge: the only place that sees `plinth.v1` and `inference` proto types. It
-//! decodes and validates, calls the registry, and maps errors to `Status` in
-//! one place ([`status`]).
+//! The gRPC edge: the only part of the server that sees `plinth.v1` and
+//! `inference` proto types (generated in `plinth-proto`, re-exported here).
+//! It decodes and validates, calls the registry, and maps errors to `Status`
+//! in one place ([`status`]).
 
 mod compute;
 mod inference;
@@ -130,20 +131,11 @@ where
     Box::pin(outbound)
 }
 
-/// The generated `plinth.v1` types.
-pub mod pb {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("plinth.v1");
-}
-
-/// The generated `inference` types: the Open Inference Protocol v2.
-pub mod ipb {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("inference");
-}
-
-/// Encoded descriptors of every service, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("plinth_descriptor");
+/// The generated protocol (`plinth.v1` as `pb`, the Open Inference Protocol
+/// as `ipb`, and the encoded descriptors for reflection) lives in
+/// `plinth-proto`; the edge re-exports it, so the tests and the benches name
+/// it as `plinth::grpc::pb`.
+pub use plinth_proto::{FILE_DESCRIPTOR_SET, ipb, pb};
 
 /// The one mapping from host errors to gRPC codes.
 pub fn status(err: Error) -> Status {

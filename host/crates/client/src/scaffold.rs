@@ -14,18 +14,21 @@ pub const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
 /// The WIT this binary's host accepts, for Python projects (componentize-py
 /// generates their bindings from it at build time).
 const WIT: &[(&str, &str)] = &[
-    ("types.wit", include_str!("../../../wit/types.wit")),
-    ("host.wit", include_str!("../../../wit/host.wit")),
-    ("router.wit", include_str!("../../../wit/router.wit")),
-    ("processor.wit", include_str!("../../../wit/processor.wit")),
-    ("metrics.wit", include_str!("../../../wit/metrics.wit")),
-    ("health.wit", include_str!("../../../wit/health.wit")),
+    ("types.wit", include_str!("../../../../wit/types.wit")),
+    ("host.wit", include_str!("../../../../wit/host.wit")),
+    ("router.wit", include_str!("../../../../wit/router.wit")),
+    (
+        "processor.wit",
+        include_str!("../../../../wit/processor.wit"),
+    ),
+    ("metrics.wit", include_str!("../../../../wit/metrics.wit")),
+    ("health.wit", include_str!("../../../../wit/health.wit")),
     (
         "orchestrator.wit",
-        include_str!("../../../wit/orchestrator.wit"),
+        include_str!("../../../../wit/orchestrator.wit"),
     ),
-    ("context.wit", include_str!("../../../wit/context.wit")),
-    ("worlds.wit", include_str!("../../../wit/worlds.wit")),
+    ("context.wit", include_str!("../../../../wit/context.wit")),
+    ("worlds.wit", include_str!("../../../../wit/worlds.wit")),
 ];
 
 const RUST_CARGO: &str = include_str!("templates/rust/Cargo.toml.tmpl");
@@ -229,9 +232,9 @@ pub fn new(args: NewArgs) -> CliResult {
     let sdk = match args.lang {
         Lang::Python => String::new(),
         Lang::Rust => {
-            let sdk = args
-                .sdk
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-sdk"));
+            let sdk = args.sdk.unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../plugin-sdk")
+            });
             let sdk = sdk
                 .canonicalize()
                 .ok()
@@ -566,7 +569,7 @@ mod tests {
     /// every file of its `wit/`, and `worlds.wit` names them all.
     #[test]
     fn python_projects_get_every_wit_file() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../wit");
         let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -1,8 +1,12 @@
 //! `plinth` as a client of a running server: models, inference, plugins,
 //! info and health, over gRPC (`plinth.v1` and `grpc.health.v1`), with the
 //! security issue's token and TLS settings; and the plugin author's tools
-//! that need no server (`plugin check`). Every failure is one line
-//! ([`CliError`]) and a non-zero exit, never a backtrace.
+//! that need no server (`plugin check`, `plugin new`, `plugin build`). Every
+//! failure is one line ([`CliError`]) and a non-zero exit, never a backtrace.
+//!
+//! The `plinth` binary puts these commands next to `serve`. This crate does
+//! not depend on the server: it speaks the protocol through `plinth-proto`
+//! and checks plugins with the loader's own checks from `plinth-plugin`.
 
 pub mod scaffold;
 pub mod tensors;
@@ -14,7 +18,7 @@ use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Request, Status};
 
-use crate::grpc::pb;
+use plinth_proto::pb;
 
 /// A failure to print as one line.
 #[derive(Debug)]
@@ -649,13 +653,13 @@ pub fn check_plugin(
     let bytes =
         std::fs::read(file).map_err(|err| CliError(format!("{}: {err}", file.display())))?;
     let manifest_path = manifest.unwrap_or_else(|| file.with_extension("toml"));
-    let manifest = crate::plugin::Manifest::load(&manifest_path).map_err(CliError)?;
+    let manifest = plinth_plugin::Manifest::load(&manifest_path).map_err(CliError)?;
     let name = file
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("plugin")
         .to_owned();
-    let report = crate::plugin::check_component(&name, &bytes, manifest)
+    let report = plinth_plugin::check_component(&name, &bytes, manifest)
         .map_err(|err| CliError(format!("{}: refused: {err}", file.display())))?;
     match output {
         Output::Json => println!(

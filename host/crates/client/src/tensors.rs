@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::{CliError, CliResult, Output};
-use crate::grpc::pb;
+use plinth_proto::pb;
 
 /// The element types the command line reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
