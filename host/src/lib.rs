@@ -19,6 +19,7 @@ pub mod http;
 pub mod listen;
 pub mod oip;
 pub mod pipeline;
+pub mod ports;
 pub mod registry;
 pub mod security;
 pub mod server;

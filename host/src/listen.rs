@@ -23,9 +23,7 @@ use tower::ServiceExt;
 
 use crate::security::{PortProtocols, TlsConfigs};
 
-/// The peer of the connection a request came on, in its extensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerAddr(pub SocketAddr);
+pub use crate::ports::PeerAddr;
 
 /// Bounds on what one client may hold or make the server wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,6 +19,7 @@ use crate::health::Health;
 use crate::listen::{ConnectionLimits, Port, PortCounters};
 use crate::pipeline::Pipeline;
 use crate::plugin::{PluginHost, PluginWatcher};
+pub use crate::ports::{HostInfo, PortSet};
 use crate::registry::{LoadMode, Registry, RegistrySettings};
 use crate::security::{Classify, PortProtocols, ReloadHandle, Security, SecurityConfig};
 
@@ -128,22 +129,6 @@ impl ServerConfig {
     }
 }
 
-/// Facts about this build, reported by GetInfo.
-#[derive(Debug, Clone)]
-pub struct HostInfo {
-    pub version: String,
-    pub libtorch_version: String,
-}
-
-impl HostInfo {
-    fn current() -> HostInfo {
-        HostInfo {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            libtorch_version: plinth_torch::LIBTORCH_VERSION.to_owned(),
-        }
-    }
-}
-
 /// A started host.
 #[derive(Debug)]
 pub struct RunningServer {
@@ -162,14 +147,6 @@ pub struct RunningServer {
     drain_timeout: Duration,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-}
-
-/// One thing per port.
-#[derive(Debug, Clone, Default)]
-pub struct PortSet<T> {
-    pub grpc: T,
-    pub http: T,
-    pub metrics: T,
 }
 
 impl RunningServer {

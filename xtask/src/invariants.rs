@@ -244,6 +244,20 @@ fn broken_edges(layer: &Layer, deps: &[String]) -> Vec<String> {
 }
 
 /// Every crate under host/: host/Cargo.toml and host/crates/*/Cargo.toml.
+/// The source folders of the crates under host/: `host/src` and each
+/// `host/crates/*/src`.
+pub(crate) fn host_sources(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut sources = vec![root.join("host/src")];
+    for entry in std::fs::read_dir(root.join("host/crates"))? {
+        let src = entry?.path().join("src");
+        if src.is_dir() {
+            sources.push(src);
+        }
+    }
+    sources.sort();
+    Ok(sources)
+}
+
 fn host_manifests(root: &Path) -> Result<Vec<String>> {
     let mut manifests = vec!["host/Cargo.toml".to_owned()];
     for entry in std::fs::read_dir(root.join("host/crates"))? {
@@ -257,7 +271,7 @@ fn host_manifests(root: &Path) -> Result<Vec<String>> {
     Ok(manifests)
 }
 
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+pub(crate) fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     if dir.is_file() {
         out.push(dir.to_path_buf());
         return Ok(());
@@ -313,13 +327,23 @@ pub fn check(root: &Path) -> Result<()> {
         }
         broken.extend(broken_edges(layer, &dependencies(&text)?));
     }
+    let sources = host_sources(root)?;
+    for src in &sources {
+        for cycle in crate::cycles::cycles(root, src)? {
+            broken.push(format!(
+                "files import each other in a circle: {}",
+                cycle.join(" -> ")
+            ));
+        }
+    }
     if !broken.is_empty() {
         bail!("architecture invariants broken:\n  {}", broken.join("\n  "));
     }
     println!(
-        "xtask: {} file rules and {} crate-edge rules hold",
+        "xtask: {} file rules and {} crate-edge rules hold; the files of {} crates under host/ import each other in no circle",
         RULES.len(),
-        LAYERS.len()
+        LAYERS.len(),
+        sources.len()
     );
     Ok(())
 }

@@ -9,10 +9,11 @@ use tracing::Instrument;
 
 use super::pb::{self, compute_service_server::ComputeService};
 use super::{now_micros, status, status_to_pb, tensor_from_pb, tensor_to_pb};
+use crate::deadline::queue_timeout;
 use crate::error::Error;
 use crate::listen::PortCounters;
-use crate::pipeline::{Pipeline, PipelineRequest, queue_timeout};
-use crate::server::{HostInfo, PortSet};
+use crate::pipeline::{Pipeline, PipelineRequest};
+use crate::ports::{HostInfo, PortSet};
 
 #[derive(Clone)]
 pub struct ComputeApi {

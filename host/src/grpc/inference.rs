@@ -10,10 +10,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::ipb::{self, grpc_inference_service_server::GrpcInferenceService};
 use super::status;
+use crate::deadline::queue_timeout;
 use crate::error::Error;
 use crate::health::Health;
 use crate::oip::{self, Elements, RequestedOutput};
-use crate::pipeline::{Pipeline, PipelineRequest, PipelineResponse, queue_timeout};
+use crate::pipeline::{Pipeline, PipelineRequest, PipelineResponse};
 use crate::tensor::Tensor;
 
 #[derive(Clone)]

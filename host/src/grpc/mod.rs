@@ -27,8 +27,8 @@ pub use plugins::PluginApi;
 use crate::error::Error;
 use crate::health::Health;
 use crate::pipeline::Pipeline;
+use crate::ports::HostInfo;
 use crate::registry::{ModelState, ModelStatus};
-use crate::server::HostInfo;
 use crate::tensor::{DType, Tensor, TensorSpec};
 
 /// What the gRPC services share.
@@ -43,7 +43,7 @@ pub struct GrpcState {
     /// Largest message accepted or sent (the same limit as HTTP bodies).
     pub max_message_bytes: usize,
     /// Each port's connection counters, for GetInfo.
-    pub connections: crate::server::PortSet<Arc<crate::listen::PortCounters>>,
+    pub connections: crate::ports::PortSet<Arc<crate::listen::PortCounters>>,
 }
 
 /// Every gRPC service on the gRPC port: `plinth.v1` (compute, models,

@@ -2,6 +2,7 @@
 //! health probes ([`v2`]), and Prometheus `/metrics` on its own port. Probe
 //! answers come from in-memory state, so a probe never waits on a load.
 
+pub mod metrics;
 pub mod v2;
 
 use std::sync::Arc;
@@ -134,7 +135,7 @@ async fn metrics(
     String,
 ) {
     let pipeline = state.pipeline.clone();
-    let text = tokio::task::spawn_blocking(move || pipeline.render_plugin_metrics())
+    let text = tokio::task::spawn_blocking(move || metrics::render(&pipeline))
         .await
         .unwrap_or_else(|err| format!("# rendering failed: {err}\n"));
     (

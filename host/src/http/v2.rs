@@ -14,9 +14,10 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::HttpState;
+use crate::deadline::queue_timeout;
 use crate::error::Error;
 use crate::oip::{self, RequestedOutput};
-use crate::pipeline::{PipelineRequest, PipelineResponse, queue_timeout};
+use crate::pipeline::{PipelineRequest, PipelineResponse};
 use crate::tensor::Tensor;
 
 /// The binary tensor data extension's header: the JSON's length in the body.

@@ -24,7 +24,7 @@ use axum::extract::MatchedPath;
 
 use super::auth::{Policy, Verdict};
 use super::groups::{ApiGroup, grpc_group, http_group};
-use crate::listen::PeerAddr;
+use crate::ports::PeerAddr;
 
 /// How the gate finds a call's group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::error::Error;
+
 /// The most digits a `grpc-timeout` value may have.
 pub const GRPC_TIMEOUT_MAX_DIGITS: usize = 8;
 
@@ -41,6 +43,27 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
         b'n' => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// The `grpc-timeout` entry of a request's metadata (gRPC metadata is a
+/// header), read by the gRPC grammar; `None` when absent or malformed.
+pub fn grpc_timeout(metadata: &[(String, String)]) -> Option<Duration> {
+    let (_, value) = metadata.iter().find(|(key, _)| key == "grpc-timeout")?;
+    parse_grpc_timeout(value)
+}
+
+/// The `timeout` request parameter, as Triton reads it: microseconds the
+/// request may wait in the model's queue. `None` when absent.
+pub fn queue_timeout(value: Option<&str>) -> Result<Option<Duration>, Error> {
+    let Some(text) = value else {
+        return Ok(None);
+    };
+    match text.trim().parse::<u64>() {
+        Ok(us) if us > 0 => Ok(Some(Duration::from_micros(us))),
+        _ => Err(Error::InvalidArgument(format!(
+            "parameter 'timeout': expected a positive number of microseconds, got {text:?}"
+        ))),
+    }
 }
 
 /// `now + budget`, saturated at [`FAR_FUTURE`] from now: never panics.
@@ -94,6 +117,20 @@ mod tests {
         ] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn grpc_timeout_is_read_from_the_metadata() {
+        let read = |value: &str| grpc_timeout(&[("grpc-timeout".to_owned(), value.to_owned())]);
+        assert_eq!(read("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(read("5é"), None);
+        assert_eq!(grpc_timeout(&[]), None);
+        assert_eq!(
+            queue_timeout(Some("1500")).unwrap(),
+            Some(Duration::from_micros(1500))
+        );
+        assert_eq!(queue_timeout(None).unwrap(), None);
+        assert!(queue_timeout(Some("0")).is_err());
     }
 
     #[test]

@@ -54,3 +54,36 @@ pub enum Error {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+impl Error {
+    /// This error with the model named, for errors raised before anything
+    /// knew the model (a tensor that did not decode, say). Errors that name
+    /// it already are left alone.
+    pub fn with_model(self, model: &str) -> Error {
+        let named = |message: String| {
+            if model.is_empty()
+                || message.contains(&format!("model '{model}'"))
+                || message.contains(&format!("model '{model}:"))
+            {
+                message
+            } else {
+                format!("model '{model}': {message}")
+            }
+        };
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(named(m)),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(named(m)),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(named(m)),
+            Error::Unavailable(m) => Error::Unavailable(named(m)),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(named(m)),
+            Error::LoadFailed(m) => Error::LoadFailed(named(m)),
+            Error::NotFound(m) => Error::NotFound(named(m)),
+            Error::Internal(m) => Error::Internal(named(m)),
+            named_already @ (Error::ModelNotFound { .. }
+            | Error::VersionNotFound { .. }
+            | Error::ModelNotReady { .. }
+            | Error::AlreadyExists { .. }
+            | Error::Cancelled) => named_already,
+        }
+    }
+}
