@@ -401,13 +401,17 @@ async fn a_request_whose_client_has_gone_is_not_executed() {
     .await;
     srv.wait_ready("scale").await;
     let client = srv.inference().await;
-    // A one-row request waits for a batch; its client gives up after 200 ms.
-    let mut gone = tonic::Request::new(rows_request("scale", &[vec![100.0]]));
-    gone.set_timeout(Duration::from_millis(200));
-    let status = client.clone().model_infer(gone).await.unwrap_err();
+    // A one-row request waits for a batch; its client gives up after 200 ms
+    // by dropping the call (the stream is reset). No `grpc-timeout` is
+    // sent: that would be a queue deadline, which takes the job out of the
+    // queue by itself (`a_request_past_its_grpc_timeout_leaves_the_queue`).
+    let mut giving_up = client.clone();
+    let gone = giving_up.model_infer(rows_request("scale", &[vec![100.0]]));
     assert!(
-        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{status:?}"
+        tokio::time::timeout(Duration::from_millis(200), gone)
+            .await
+            .is_err(),
+        "a one-row request cannot complete a batch of four"
     );
     // The server has let go of it (its handler was dropped)...
     srv.wait_for("scale", |s| s.in_flight == 0).await;
@@ -430,4 +434,104 @@ async fn a_request_whose_client_has_gone_is_not_executed() {
         .map(|b| (b.batch_size, b.compute_infer.as_ref().unwrap().count))
         .collect();
     assert_eq!(sizes, HashMap::from([(3, 1)]));
+}
+
+/// `grpc-timeout` is a plain model's queue deadline, as Triton's `timeout`
+/// parameter is: a request still waiting for its batch when it passes is
+/// answered DEADLINE_EXCEEDED and never runs. (It was once honoured only
+/// by orchestrator entries.)
+#[tokio::test]
+async fn a_request_past_its_grpc_timeout_leaves_the_queue() {
+    let srv = TestServer::start(
+        |repo| {
+            batching_scale(
+                repo,
+                "scale",
+                scale_config()
+                    .max_batch_size(4)
+                    .max_queue_delay_us(60_000_000),
+            )
+        },
+        true,
+    )
+    .await;
+    srv.wait_ready("scale").await;
+    let client = srv.inference().await;
+    // The header alone, over a raw HTTP/2 stream: tonic's client would
+    // enforce the same deadline itself and race the server's answer.
+    let status = raw_grpc_status(
+        srv.running().grpc_addr,
+        "/inference.GRPCInferenceService/ModelInfer",
+        &[("grpc-timeout", "200m")],
+        &rows_request("scale", &[vec![100.0]]),
+    )
+    .await;
+    assert_eq!(status.0, Code::DeadlineExceeded as i32, "{status:?}");
+    assert!(status.1.contains("timeout"), "{status:?}");
+    // The server answered it (its deadline, not the client's): counted as
+    // a failure of the model, with nothing executed.
+    srv.wait_for("scale", |s| s.in_flight == 0).await;
+    let stats = srv.model_stats("scale").await;
+    assert_eq!((stats.inference_count, stats.execution_count), (0, 0));
+    // Four rows make a batch at once; the expired row is not among them.
+    let rows = vec![vec![1.0], vec![2.0], vec![3.0], vec![4.0]];
+    let response = client
+        .clone()
+        .model_infer(rows_request("scale", &rows))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        output_values(&response),
+        (vec![4, 1], vec![3.0, 6.0, 9.0, 12.0])
+    );
+}
+
+/// One unary gRPC call over a raw HTTP/2 stream, with `headers` added:
+/// the `grpc-status` and `grpc-message` the server answered with.
+async fn raw_grpc_status(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    message: &impl prost::Message,
+) -> (i32, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (response, mut body) = h2.send_request(request.body(()).unwrap(), false).unwrap();
+    let encoded = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(encoded.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&encoded);
+    body.send_data(frame.into(), true).unwrap();
+    let response = tokio::time::timeout(plinth_tests::PATIENCE, response)
+        .await
+        .expect("an answer within PATIENCE")
+        .unwrap();
+    let (head, mut body) = response.into_parts();
+    // Trailers-only answers carry the status in the headers.
+    let fields = match head.headers.get("grpc-status") {
+        Some(_) => head.headers,
+        None => {
+            while body.data().await.is_some() {}
+            body.trailers().await.unwrap().unwrap_or_default()
+        }
+    };
+    let read = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (
+        read("grpc-status").parse().unwrap_or(-1),
+        read("grpc-message"),
+    )
 }
