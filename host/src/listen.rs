@@ -268,18 +268,32 @@ struct Connection {
 /// one started or ended.
 struct Activity {
     in_flight: AtomicU64,
-    last: Mutex<Instant>,
+    opened: Instant,
+    /// When the last request started or ended, in microseconds since
+    /// `opened` (an atomic: every request writes it twice).
+    last_us: AtomicU64,
 }
 
 impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicU64::new(0),
+            opened: Instant::now(),
+            last_us: AtomicU64::new(0),
+        }
+    }
+
     fn touch(&self) {
-        *self.last.lock() = Instant::now();
+        let us = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_us.store(us, Ordering::Relaxed);
     }
 
     /// When the connection will have been idle for `timeout`, if it is idle
     /// now.
     fn idle_until(&self, timeout: Duration) -> Option<Instant> {
-        (self.in_flight.load(Ordering::Acquire) == 0).then(|| *self.last.lock() + timeout)
+        (self.in_flight.load(Ordering::Acquire) == 0).then(|| {
+            self.opened + Duration::from_micros(self.last_us.load(Ordering::Relaxed)) + timeout
+        })
     }
 }
 
@@ -358,10 +372,7 @@ impl Connection {
             local_addr: self.local,
             remote_addr: Some(peer),
         };
-        let activity = Arc::new(Activity {
-            in_flight: AtomicU64::new(0),
-            last: Mutex::new(Instant::now()),
-        });
+        let activity = Arc::new(Activity::new());
         let requests = Arc::clone(&activity);
         let service =
             hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
