@@ -1,7 +1,10 @@
 //! Readiness. Health plugins run on a timer and whenever a model changes
 //! state, fed a snapshot of the host; the verdict is cached, so a probe reads
-//! it without waiting on a load or a plugin. Without health plugins the host
-//! is ready once its startup loads have finished.
+//! it without waiting on a load or a plugin. The host is ready once its
+//! startup loads have finished and, with strict readiness (the default, as
+//! Triton's), every model loaded at startup is READY: a FAILED or still
+//! loading one holds readiness back, named in the verdict. Health plugins
+//! may judge more strictly still.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,10 +48,22 @@ pub struct Health {
     draining: AtomicBool,
     /// Wakes the monitor to judge again now.
     wake: Notify,
+    /// Whether the models loaded at startup must all be READY.
+    strict: bool,
+    /// The models the startup asked to load (pinned ones, not on demand).
+    startup_models: parking_lot::Mutex<Vec<String>>,
 }
 
 impl Default for Health {
     fn default() -> Health {
+        Health::new(true)
+    }
+}
+
+impl Health {
+    /// Not ready until the startup loads finish; `strict`: nor while a
+    /// model loaded at startup is not READY.
+    pub fn new(strict: bool) -> Health {
         Health {
             verdict: ArcSwap::from_pointee(Verdict {
                 readiness: Readiness::NotReady,
@@ -57,6 +72,8 @@ impl Default for Health {
             startup_done: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             wake: Notify::new(),
+            strict,
+            startup_models: parking_lot::Mutex::new(Vec::new()),
         }
     }
 }
@@ -86,9 +103,10 @@ impl Health {
         self.wake.notify_one();
     }
 
-    /// The startup loads have finished: readiness may turn on, and the
-    /// monitor judges again at once rather than at its next tick.
-    pub fn startup_finished(&self) {
+    /// The startup loads of `models` have finished: readiness may turn on,
+    /// and the monitor judges again at once rather than at its next tick.
+    pub fn startup_finished(&self, models: Vec<String>) {
+        *self.startup_models.lock() = models;
         self.startup_done.store(true, Ordering::Release);
         // A permit is kept if the monitor is busy judging, so the wake is
         // never lost.
@@ -201,6 +219,35 @@ fn draining() -> Verdict {
     }
 }
 
+/// Strict readiness: the models loaded at startup that are not READY (a
+/// FAILED or a still loading one), with why; `None` when there are none.
+/// A model since unloaded by an operator, or removed from the repository,
+/// holds nothing back.
+fn held_back(health: &Health, registry: &Registry) -> Option<String> {
+    let held: Vec<String> = health
+        .startup_models
+        .lock()
+        .iter()
+        .filter_map(|name| {
+            let status = registry.status(name).ok()?;
+            match status.state {
+                ModelState::Failed => Some(format!(
+                    "model '{name}' is FAILED: {}",
+                    status.reason.as_deref().unwrap_or("no reason given")
+                )),
+                ModelState::Loading => Some(format!("model '{name}' is LOADING")),
+                _ => None,
+            }
+        })
+        .collect();
+    (!held.is_empty()).then(|| {
+        format!(
+            "not ready (strict readiness: every model loaded at startup must be READY): {}",
+            held.join("; ")
+        )
+    })
+}
+
 fn judge(health: &Health, registry: &Registry, plugins: &PluginHost, started: Instant) -> Verdict {
     if health.is_draining() {
         return draining();
@@ -209,6 +256,14 @@ fn judge(health: &Health, registry: &Registry, plugins: &PluginHost, started: In
         return Verdict {
             readiness: Readiness::NotReady,
             message: "startup loads in progress".into(),
+        };
+    }
+    if health.strict
+        && let Some(held) = held_back(health, registry)
+    {
+        return Verdict {
+            readiness: Readiness::NotReady,
+            message: held,
         };
     }
     let judges = plugins.of_kind::<kind::Health>();

@@ -166,6 +166,11 @@ struct ServeArgs {
     /// run on every model state change and when the startup loads finish).
     #[arg(long, default_value_t = 1.0)]
     health_period_s: f64,
+    /// Ready only when every model loaded at startup is READY (a FAILED
+    /// one holds readiness back, named in the 503 and in `plinth health`);
+    /// `--strict-readiness=false`: ready once the startup loads finish.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    strict_readiness: bool,
 
     /// Who may call what: a TOML file of tokens (each read from a file or an
     /// env var) and the API groups each opens (see the README's security
@@ -377,6 +382,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         wait_for_plugins: !args.no_wait_plugins,
         state_events_capacity: 1024,
         health_period: positive_seconds("--health-period-s", args.health_period_s)?,
+        strict_readiness: args.strict_readiness,
         security: plinth::security::SecurityConfig {
             auth_config: args.auth_config,
             tls: args

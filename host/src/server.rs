@@ -68,6 +68,10 @@ pub struct ServerConfig {
     /// loaded or failed (they load in the background either way).
     pub wait_for_plugins: bool,
     /// How often health plugins re-judge the host when nothing changes.
+    /// Ready only when every model loaded at startup is READY (Triton's
+    /// `--strict-readiness`, on by default); off: once the startup loads
+    /// have finished, whatever became of them.
+    pub strict_readiness: bool,
     pub health_period: Duration,
     /// Room in the broadcast of model state changes (WatchModels, the
     /// `--poll` watcher, the health monitor). A subscriber that falls further
@@ -117,6 +121,7 @@ impl ServerConfig {
             watch_plugins: true,
             wait_for_plugins: true,
             health_period: crate::health::DEFAULT_PERIOD,
+            strict_readiness: true,
             state_events_capacity: 1024,
             security: SecurityConfig {
                 watch_files: true,
@@ -287,7 +292,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ..RegistrySettings::new(repository.clone(), cores)
     });
     let shutdown = CancellationToken::new();
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(config.strict_readiness));
 
     // The plugins the directory holds load in the background, all at once:
     // the ports answer meanwhile (a request that needs one still compiling
@@ -459,9 +464,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let startup_health = Arc::clone(&health);
     let load_all = config.load_all;
     tokio::spawn(async move {
+        let mut asked = Vec::new();
         if load_all {
             let mut tickets = Vec::new();
             for name in names.iter().filter(|name| !on_demand.contains(*name)) {
+                asked.push(name.clone());
                 match startup_registry.load(name, LoadMode::Load).await {
                     Ok(ticket) => tickets.push(ticket),
                     Err(err) => tracing::warn!(model = name, %err, "startup load refused"),
@@ -474,7 +481,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         if wait_for_plugins {
             let _ = startup_plugins.await;
         }
-        startup_health.startup_finished();
+        startup_health.startup_finished(asked);
         tracing::info!(models = names.len(), "startup loads finished");
     });
     tasks.push(crate::health::spawn_monitor(

@@ -96,16 +96,18 @@ async fn start(tweak: impl FnOnce(&mut plinth::ServerConfig)) -> Server {
     )
     .unwrap();
     let mut config = plinth::ServerConfig::ephemeral(repo.path(), plugins.path());
+    // `broken` fails at startup: relaxed readiness, unless a test asks.
+    config.strict_readiness = false;
     tweak(&mut config);
     let running = plinth::start(config).await.expect("server starts");
     let server = Server {
         running: Some(running),
         _dirs: vec![repo, plugins],
     };
-    // Ready once the startup loads (broken fails) and the plugin are done.
+    // Judged once the startup loads (broken fails) and the plugin are done.
     let health = std::sync::Arc::clone(&server.running.as_ref().unwrap().health);
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !health.is_ready() {
+    while health.verdict().message == "startup loads in progress" {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the server was not ready within {PATIENCE:?}"
@@ -451,5 +453,17 @@ async fn tokens_and_tls_as_an_operator_gives_them() {
         &run,
         "the token from PLINTH_TOKEN is not a valid header value",
     );
+    srv.stop().await;
+}
+
+/// With strict readiness a FAILED startup model keeps the server
+/// NOT_SERVING, and `plinth health` says which model and why, in one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plinth_health_names_the_model_that_holds_readiness_back() {
+    let srv = start(|c| c.strict_readiness = true).await;
+    let run = plinth(&srv.grpc(), &["health"], &[]).await;
+    one_line_failure(&run, "NOT_SERVING): not ready (strict readiness");
+    assert!(run.stderr.contains("model 'broken' is FAILED"), "{run:?}");
+    assert!(!run.stderr.contains("affine"), "{run:?}");
     srv.stop().await;
 }

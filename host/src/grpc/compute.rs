@@ -18,6 +18,7 @@ use crate::ports::{HostInfo, PortSet};
 #[derive(Clone)]
 pub struct ComputeApi {
     pipeline: Pipeline,
+    health: Arc<crate::health::Health>,
     info: HostInfo,
     shutdown: CancellationToken,
     connections: PortSet<Arc<PortCounters>>,
@@ -26,12 +27,14 @@ pub struct ComputeApi {
 impl ComputeApi {
     pub fn new(
         pipeline: Pipeline,
+        health: Arc<crate::health::Health>,
         info: HostInfo,
         shutdown: CancellationToken,
         connections: PortSet<Arc<PortCounters>>,
     ) -> ComputeApi {
         ComputeApi {
             pipeline,
+            health,
             info,
             shutdown,
             connections,
@@ -256,6 +259,11 @@ impl ComputeService for ComputeApi {
                     evictions: counts.evictions,
                 }
             }),
+            not_ready_reason: if self.health.is_ready() {
+                String::new()
+            } else {
+                self.health.verdict().message.clone()
+            },
         }))
     }
 }

@@ -60,6 +60,7 @@ pub fn routes(state: GrpcState) -> Result<(Routes, HealthReporter), Error> {
         .map_err(|err| Error::Internal(format!("gRPC reflection: {err}")))?;
     let compute = pb::compute_service_server::ComputeServiceServer::new(ComputeApi::new(
         state.pipeline.clone(),
+        Arc::clone(&state.health),
         state.info,
         state.shutdown.clone(),
         state.connections,

@@ -207,3 +207,96 @@ async fn a_shutdown_waits_for_loads_in_flight_and_starts_no_executor_after_its_d
     let budget = registry.thread_budget();
     assert_eq!((budget.executors, budget.torch_threads), (0, 0));
 }
+
+/// Whether `grpc.health.v1` says SERVING.
+async fn grpc_serving(srv: &TestServer) -> bool {
+    tonic_health::pb::health_client::HealthClient::new(srv.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok_and(|answer| {
+            answer.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        })
+}
+
+/// A broken `broken` beside a good `halves`.
+fn good_and_broken(repo: &std::path::Path) {
+    fixtures::scale(repo, "halves", "1", 0.5);
+    fixtures::scale_config().write(repo, "broken");
+    std::fs::create_dir_all(repo.join("broken/1")).unwrap();
+    std::fs::write(repo.join("broken/1/model.pt"), b"not a TorchScript archive").unwrap();
+}
+
+/// Strict readiness (the default, as Triton's): a model that FAILED at
+/// startup keeps the server not ready, named in the 503, in GetInfo and in
+/// `grpc.health.v1`; a fixed version published under `--poll` makes it
+/// ready. (A server with a FAILED model once reported ready, and a bad
+/// revision passed its readiness probe.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_failed_at_startup_holds_readiness_back_until_it_is_fixed() {
+    let srv = TestServer::start_with(good_and_broken, |config| {
+        config.load_all = true;
+        config.poll = true;
+    })
+    .await;
+    eventually(PATIENCE, "a 503 naming the broken model", async || {
+        let (code, body) = srv.http_get("/v2/health/ready").await;
+        if code == 503 && body.contains("model 'broken' is FAILED") {
+            Ok(())
+        } else {
+            Err(format!("{code} {body}"))
+        }
+    })
+    .await;
+    assert_eq!(srv.status("halves").await.state(), ModelState::Ready);
+    assert!(!grpc_serving(&srv).await);
+    let reason = srv.info().await.not_ready_reason;
+    assert!(
+        reason.contains("model 'broken' is FAILED") && !reason.contains("halves"),
+        "{reason}"
+    );
+    fixtures::publish_scale(srv.repo.path(), "broken", "2", 2.0);
+    eventually(PATIENCE, "ready once the model is fixed", async || {
+        let (code, body) = srv.http_get("/v2/health/ready").await;
+        if code == 200 {
+            Ok(())
+        } else {
+            Err(format!("{code} {body}"))
+        }
+    })
+    .await;
+    eventually(PATIENCE, "SERVING", async || {
+        if grpc_serving(&srv).await {
+            Ok(())
+        } else {
+            Err("NOT_SERVING".to_owned())
+        }
+    })
+    .await;
+    assert!(srv.info().await.not_ready_reason.is_empty());
+    srv.stop().await;
+}
+
+/// `--strict-readiness=false`: ready once the startup loads have finished,
+/// whatever became of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_readiness_is_ready_once_the_startup_loads_finish() {
+    let srv = TestServer::start_with(good_and_broken, |config| {
+        config.load_all = true;
+        config.strict_readiness = false;
+    })
+    .await;
+    eventually(PATIENCE, "ready with a FAILED model", async || {
+        let (code, body) = srv.http_get("/v2/health/ready").await;
+        if code == 200 {
+            Ok(())
+        } else {
+            Err(format!("{code} {body}"))
+        }
+    })
+    .await;
+    assert_eq!(srv.status("broken").await.state(), ModelState::Failed);
+    srv.stop().await;
+}

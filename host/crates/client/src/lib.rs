@@ -760,8 +760,18 @@ pub async fn health(client: &Client) -> CliResult {
         Output::Table => println!("{name}"),
     }
     if serving {
-        Ok(())
-    } else {
-        fail("the server is not ready (NOT_SERVING)")
+        return Ok(());
+    }
+    // Why, if the server may tell us (GetInfo is in the metadata group).
+    let reason = client
+        .compute()
+        .get_info(client.request(pb::GetInfoRequest::default()))
+        .await
+        .ok()
+        .map(|info| info.into_inner().not_ready_reason)
+        .filter(|reason| !reason.is_empty());
+    match reason {
+        Some(reason) => fail(format!("the server is not ready (NOT_SERVING): {reason}")),
+        None => fail("the server is not ready (NOT_SERVING)"),
     }
 }
