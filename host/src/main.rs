@@ -120,8 +120,9 @@ struct ServeArgs {
     #[arg(long, default_value_t = 8002)]
     metrics_port: u16,
     /// The compute budget: cores' worth of torch work that may run at once,
-    /// over every model (default: all available cores).
-    #[arg(long)]
+    /// over every model (default: all available cores). Kubernetes can set
+    /// it from the container's CPU limit with the downward API.
+    #[arg(long, env = "PLINTH_THREADS")]
     threads: Option<usize>,
     /// Model loads that may run at once.
     #[arg(long, default_value_t = 4)]

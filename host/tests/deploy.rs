@@ -690,6 +690,15 @@ fn every_manifest_agrees_with_the_binary_and_passes_its_check() {
             ("readinessProbe", "/v2/health/ready"),
             ("startupProbe", "/v2/health/live"),
         ] {
+            // A TCP probe (the KServe runtimes' liveness, which Knative
+            // moves onto the serving port) must name a served port.
+            if let Some(port) = c[probe]["tcpSocket"].get("port") {
+                assert!(
+                    [http, grpc, metrics].contains(&resolve(port)),
+                    "{what}: {probe} on a port not served"
+                );
+                continue;
+            }
             let get = &c[probe]["httpGet"];
             if get.is_null() {
                 assert_ne!(probe, "readinessProbe", "{what}: no readiness probe");

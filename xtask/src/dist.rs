@@ -387,10 +387,18 @@ pub fn image_context(bundle: &Bundle) -> Result<PathBuf> {
     for dir in ["var/cache/plinth", "tmp"] {
         set_mode(&rootfs.join(dir), 0o1777)?;
     }
-    std::fs::copy(
-        opt.join("plugins/prometheus_metrics.wasm"),
-        rootfs.join("etc/plinth/plugins/metrics.wasm"),
-    )?;
+    // The default plugin directory: request metrics and a health plugin
+    // (ready once a model version is; strict readiness holds back FAILED
+    // and loading models on its own).
+    for (plugin, name) in [
+        ("prometheus_metrics", "metrics"),
+        ("basic_health", "health"),
+    ] {
+        std::fs::copy(
+            opt.join(format!("plugins/{plugin}.wasm")),
+            rootfs.join(format!("etc/plinth/plugins/{name}.wasm")),
+        )?;
+    }
     // The auth config the KServe runtimes use (see the file).
     std::fs::copy(
         crate::project_root().join("deploy/no-model-control.toml"),
