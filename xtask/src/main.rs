@@ -554,8 +554,15 @@ if missing:
 "#;
 
 /// Python packages the conformance tests drive Plinth with: clients nobody
-/// here wrote.
-const TEST_REQUIREMENTS: &[&str] = &["tritonclient[grpc,http]==2.73.0", "numpy<3"];
+/// here wrote. kubernetes and kserve hold the typed models the manifests in
+/// deploy/ are loaded into (host/tests/manifests.rs); kubernetes 37.0.2
+/// wants python-dateutil 3, which kserve 0.21.0 refuses, hence 37.0.1.
+const TEST_REQUIREMENTS: &[&str] = &[
+    "tritonclient[grpc,http]==2.73.0",
+    "numpy<3",
+    "kubernetes==37.0.1",
+    "kserve==0.21.0",
+];
 
 /// A virtual environment in the cache with the test clients; returns its python.
 fn ensure_test_venv() -> Result<PathBuf> {
