@@ -20,6 +20,19 @@ pub struct RepositoryWatcher {
 impl RepositoryWatcher {
     pub fn start(registry: Registry, debounce: Duration) -> notify::Result<RepositoryWatcher> {
         let root = registry.repository().root().to_path_buf();
+        // The watcher reports absolute paths; the repository may have been
+        // given relative to the working directory (`--model-repository
+        // models`). Events are mapped back under the root as given.
+        let absolute = root.canonicalize().unwrap_or_else(|_| root.clone());
+        let under_root = {
+            let root = root.clone();
+            move |path: &std::path::Path| -> std::path::PathBuf {
+                match path.strip_prefix(&absolute) {
+                    Ok(rel) if !path.starts_with(&root) => root.join(rel),
+                    _ => path.to_path_buf(),
+                }
+            }
+        };
         let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<BTreeSet<String>>();
         let repository = registry.repository().clone();
         let changed_tx_for_retry = changed_tx.clone();
@@ -27,7 +40,7 @@ impl RepositoryWatcher {
             Ok(events) => {
                 let names: BTreeSet<String> = events
                     .iter()
-                    .filter_map(|event| repository.model_of(&event.path))
+                    .filter_map(|event| repository.model_of(&under_root(&event.path)))
                     .collect();
                 if !names.is_empty() {
                     let _ = changed_tx.send(names);
