@@ -404,7 +404,26 @@ fn the_image_serves_the_demo_models_as_a_non_root_user() {
         .collect();
     let run = container.run(&[(models.path().join("m"), "/mnt/models".into())], &args);
     let (server, line) = start_and_read(run, "plinth serving");
-    tritonclient_affine(&field(&line, "grpc_addr="), &field(&line, "http_addr="));
+    // The ports open before the plugins have compiled; a request served
+    // before the metrics plugin loads is counted by nobody. Readiness
+    // waits for the startup plugins (and models): wait for it, as a client
+    // behind a readiness probe would.
+    let http_addr = field(&line, "http_addr=");
+    let deadline = Instant::now() + PATIENCE;
+    while !http_get(&http_addr, "/v2/health/ready").starts_with("HTTP/1.1 200") {
+        assert!(
+            Instant::now() < deadline,
+            "the image's server was not ready within {PATIENCE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The image's health plugin is serving too (basic-health, health.wasm).
+    assert!(
+        http_get(&field(&line, "metrics_addr="), "/metrics")
+            .contains("plinth_plugin_calls_total{plugin=\"health\"}"),
+        "the image's default plugin directory holds health.wasm"
+    );
+    tritonclient_affine(&field(&line, "grpc_addr="), &http_addr);
     // Request events reach the metrics plugin in batches, off the request
     // path, so the counts show up a flush later: poll for them.
     let metrics_addr = field(&line, "metrics_addr=");

@@ -56,17 +56,17 @@ fn output_values(response: &ipb::ModelInferResponse) -> (Vec<i64>, Vec<f32>) {
     (response.outputs[0].shape.clone(), values)
 }
 
-#[tokio::test]
-async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
-    // The batch runs only when 8 rows are queued, so all 8 requests must
-    // share one forward pass.
+/// A ready `scale` model that batches up to `rows` rows and waits up to a
+/// minute to gather them: a batch runs when it is full, so a test decides
+/// exactly which requests share it.
+async fn gathering_scale(rows: i64) -> TestServer {
     let srv = TestServer::start(
         |repo| {
             batching_scale(
                 repo,
                 "scale",
                 scale_config()
-                    .max_batch_size(8)
+                    .max_batch_size(rows)
                     .max_queue_delay_us(60_000_000),
             )
         },
@@ -74,6 +74,14 @@ async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
     )
     .await;
     srv.wait_ready("scale").await;
+    srv
+}
+
+#[tokio::test]
+async fn concurrent_requests_run_as_one_forward_pass_and_get_their_own_rows() {
+    // The batch runs only when 8 rows are queued, so all 8 requests must
+    // share one forward pass.
+    let srv = gathering_scale(8).await;
     let client = srv.inference().await;
     let calls = (0..8).map(|i| {
         let mut client = client.clone();
@@ -386,20 +394,7 @@ async fn a_full_queue_is_refused_at_once_and_queue_timeouts_are_honoured() {
 
 #[tokio::test]
 async fn a_request_whose_client_has_gone_is_not_executed() {
-    let srv = TestServer::start(
-        |repo| {
-            batching_scale(
-                repo,
-                "scale",
-                scale_config()
-                    .max_batch_size(4)
-                    .max_queue_delay_us(60_000_000),
-            )
-        },
-        true,
-    )
-    .await;
-    srv.wait_ready("scale").await;
+    let srv = gathering_scale(4).await;
     let client = srv.inference().await;
     // A one-row request waits for a batch; its client gives up after 200 ms
     // by dropping the call (the stream is reset). No `grpc-timeout` is
@@ -442,20 +437,7 @@ async fn a_request_whose_client_has_gone_is_not_executed() {
 /// by orchestrator entries.)
 #[tokio::test]
 async fn a_request_past_its_grpc_timeout_leaves_the_queue() {
-    let srv = TestServer::start(
-        |repo| {
-            batching_scale(
-                repo,
-                "scale",
-                scale_config()
-                    .max_batch_size(4)
-                    .max_queue_delay_us(60_000_000),
-            )
-        },
-        true,
-    )
-    .await;
-    srv.wait_ready("scale").await;
+    let srv = gathering_scale(4).await;
     let client = srv.inference().await;
     // The header alone, over a raw HTTP/2 stream: tonic's client would
     // enforce the same deadline itself and race the server's answer.

@@ -674,7 +674,7 @@ pub(crate) async fn metrics_containing(srv: &TestServer, lines: &[&str]) -> Stri
 }
 
 /// Polls /v2/health/ready until it answers `code`, and returns the body.
-async fn readiness_becomes(srv: &TestServer, code: u16) -> String {
+pub(crate) async fn readiness_becomes(srv: &TestServer, code: u16) -> String {
     let what = format!("/v2/health/ready to answer {code}");
     eventually(PATIENCE, &what, async || {
         let (got, body) = srv.http_get("/v2/health/ready").await;

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use super::plugins::readiness_becomes;
 use plinth_tests::fixtures::{self, BlockedModel};
 use plinth_tests::{
     ModelState, PATIENCE, TestServer, compute_request, eventually, f32_tensor, f32_values,
@@ -258,15 +259,7 @@ async fn a_model_that_failed_at_startup_holds_readiness_back_until_it_is_fixed()
         "{reason}"
     );
     fixtures::publish_scale(srv.repo.path(), "broken", "2", 2.0);
-    eventually(PATIENCE, "ready once the model is fixed", async || {
-        let (code, body) = srv.http_get("/v2/health/ready").await;
-        if code == 200 {
-            Ok(())
-        } else {
-            Err(format!("{code} {body}"))
-        }
-    })
-    .await;
+    readiness_becomes(&srv, 200).await;
     eventually(PATIENCE, "SERVING", async || {
         if grpc_serving(&srv).await {
             Ok(())
@@ -288,15 +281,7 @@ async fn relaxed_readiness_is_ready_once_the_startup_loads_finish() {
         config.strict_readiness = false;
     })
     .await;
-    eventually(PATIENCE, "ready with a FAILED model", async || {
-        let (code, body) = srv.http_get("/v2/health/ready").await;
-        if code == 200 {
-            Ok(())
-        } else {
-            Err(format!("{code} {body}"))
-        }
-    })
-    .await;
+    readiness_becomes(&srv, 200).await;
     assert_eq!(srv.status("broken").await.state(), ModelState::Failed);
     srv.stop().await;
 }
