@@ -65,35 +65,6 @@ impl ComputeApi {
     }
 }
 
-/// gRPC metadata as the router and processors see it: ASCII headers, then
-/// the request's parameters.
-fn request_metadata(
-    headers: &tonic::metadata::MetadataMap,
-    parameters: &std::collections::HashMap<String, String>,
-) -> Vec<(String, String)> {
-    let mut metadata: Vec<(String, String)> = headers
-        .iter()
-        .filter_map(|entry| match entry {
-            tonic::metadata::KeyAndValueRef::Ascii(key, _)
-                if crate::security::is_credential(key.as_str()) =>
-            {
-                None
-            }
-            tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
-                Some((key.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-            }
-            tonic::metadata::KeyAndValueRef::Binary(..) => None,
-        })
-        .collect();
-    let mut params: Vec<(String, String)> = parameters
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    params.sort();
-    metadata.extend(params);
-    metadata
-}
-
 async fn compute_one(
     pipeline: &Pipeline,
     headers: &tonic::metadata::MetadataMap,
@@ -114,7 +85,13 @@ async fn compute_one(
         });
     let (inputs, timeout) =
         decoded.map_err(|err| pipeline.reject(&request.model, version.as_deref(), err))?;
-    let metadata = request_metadata(headers, &request.parameters);
+    let metadata = super::request_metadata(
+        headers,
+        request
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
     let response = pipeline
         .infer(PipelineRequest {
             id: request.id.clone(),

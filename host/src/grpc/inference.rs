@@ -61,34 +61,6 @@ fn param_count(output: &str, key: &str, param: &ipb::InferParameter) -> Result<u
     })
 }
 
-/// Headers, then the request's parameters, as the router and processors see them.
-fn metadata(
-    headers: &tonic::metadata::MetadataMap,
-    parameters: &HashMap<String, ipb::InferParameter>,
-) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = headers
-        .iter()
-        .filter_map(|entry| match entry {
-            tonic::metadata::KeyAndValueRef::Ascii(key, _)
-                if crate::security::is_credential(key.as_str()) =>
-            {
-                None
-            }
-            tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
-                Some((key.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-            }
-            tonic::metadata::KeyAndValueRef::Binary(..) => None,
-        })
-        .collect();
-    let mut params: Vec<(String, String)> = parameters
-        .iter()
-        .map(|(k, v)| (k.clone(), param_text(v)))
-        .collect();
-    params.sort();
-    out.extend(params);
-    out
-}
-
 /// The typed contents that are set, with their field names.
 fn set_contents(contents: &ipb::InferTensorContents) -> Vec<Elements<'_>> {
     [
@@ -209,7 +181,13 @@ async fn infer_one(
     } = decode_request(&mut request)
         .map_err(|err| pipeline.reject(&request.model_name, version.as_deref(), err))?;
     let id = request.id.clone();
-    let metadata = metadata(headers, &request.parameters);
+    let metadata = super::request_metadata(
+        headers,
+        request
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), param_text(v))),
+    );
     pipeline
         .infer_then(
             PipelineRequest {
