@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! bin/plinth          RUNPATH $ORIGIN/../lib, nothing absolute
-//! lib/                the libtorch libraries the binary links (as ldd resolves them)
+//! lib/                the libtorch libraries the binary links (as ldd resolves them),
+//!                     and libtorch.so, which AOTInductor packages link
 //! plugins/            the built-in plugins, as components
 //! licenses/           libtorch's licence and notice, every linked crate's licence files
 //! README              how to run it
@@ -173,6 +174,10 @@ pub fn dist(libtorch: &Path, wasm_dir: &Path, binary: Binary) -> Result<Bundle> 
     if copied.is_empty() {
         bail!("ldd found no libtorch library in {}", built.display());
     }
+    // Not linked by the binary, but loaded by it before an AOTInductor
+    // package's library, which links it by name.
+    std::fs::copy(libtorch_lib.join("libtorch.so"), dir.join("lib/libtorch.so"))
+        .context("copying libtorch.so (AOTInductor packages link it)")?;
     // The bundle must resolve on its own.
     let missing: Vec<String> = ldd(&bin)?
         .into_iter()

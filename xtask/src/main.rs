@@ -481,7 +481,9 @@ fn ensure_libtorch() -> Result<PathBuf> {
     }
     let cache = cache_dir()?;
     let libtorch = cache.join(format!("libtorch-{TORCH_VERSION}"));
-    if libtorch.join(".complete").exists() {
+    let marker = format!("{TORCH_VERSION} {LIBTORCH_LAYOUT}");
+    if std::fs::read_to_string(libtorch.join(".complete")).is_ok_and(|text| text.trim() == marker)
+    {
         return Ok(libtorch);
     }
     let wheels = cache.join("wheels");
@@ -517,13 +519,26 @@ fn ensure_libtorch() -> Result<PathBuf> {
     let mut unpack = Command::new(python());
     unpack.arg("-c").arg(UNPACK_PY).arg(&wheels).arg(&staging);
     status(unpack).context("unpacking the libtorch wheels")?;
-    std::fs::write(staging.join(".complete"), TORCH_VERSION)?;
+    // The wheel's libtorch.so is a stub naming libtorch_cpu.so and
+    // libtorch_cuda.so. AOTInductor packages link it by name, so the host
+    // loads it before their libraries; without the CUDA half here it must
+    // not name it (the host loads libtorch_cuda.so itself when there is one).
+    let mut patch = Command::new(ensure_patchelf()?);
+    patch
+        .args(["--remove-needed", "libtorch_cuda.so"])
+        .arg(staging.join("lib/libtorch.so"));
+    status(patch).context("patchelf --remove-needed libtorch_cuda.so libtorch.so")?;
+    std::fs::write(staging.join(".complete"), &marker)?;
     if libtorch.exists() {
         std::fs::remove_dir_all(&libtorch)?;
     }
     std::fs::rename(&staging, &libtorch)?;
     Ok(libtorch)
 }
+
+/// What `.complete` records beside the torch version: a cache unpacked by
+/// an older xtask (before libtorch.so lost its CUDA dependency) is redone.
+const LIBTORCH_LAYOUT: &str = "cpu-libtorch-so";
 
 /// Takes the headers and the CPU libraries out of the wheels. `libtorch_cuda.so`
 /// is left out on purpose: the host loads a CUDA build at run time when one is

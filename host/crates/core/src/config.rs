@@ -1,6 +1,7 @@
 //! The model repository on disk: `<repo>/<model>/config.toml` plus
-//! `<repo>/<model>/<version>/model.pt`, and the parsing and validation of
-//! `config.toml`. Every error names the file, the field and the reason.
+//! `<repo>/<model>/<version>/model.pt` (TorchScript) or `model.pt2` (an
+//! AOTInductor package), and the parsing and validation of `config.toml`.
+//! Every error names the file, the field and the reason.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -13,7 +14,53 @@ use crate::batch::BatchPolicy;
 use crate::tensor::{DType, TensorSpec};
 
 pub const CONFIG_FILE: &str = "config.toml";
+/// A TorchScript version's file.
 pub const MODEL_FILE: &str = "model.pt";
+/// An AOTInductor package version's file.
+pub const PACKAGE_FILE: &str = "model.pt2";
+
+/// The format of one version's model file, known from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelFormat {
+    /// `model.pt`: a TorchScript archive, run by libtorch's interpreter.
+    TorchScript,
+    /// `model.pt2`: a `torch.export` program compiled by AOTInductor into
+    /// a package holding a native library and the weights.
+    AotiPackage,
+}
+
+impl ModelFormat {
+    /// Every format, in the order a version directory is searched.
+    pub const ALL: [ModelFormat; 2] = [ModelFormat::TorchScript, ModelFormat::AotiPackage];
+
+    /// The file a version directory holds in this format.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            ModelFormat::TorchScript => MODEL_FILE,
+            ModelFormat::AotiPackage => PACKAGE_FILE,
+        }
+    }
+
+    /// The format's name in the APIs and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelFormat::TorchScript => "torchscript",
+            ModelFormat::AotiPackage => "aoti-package",
+        }
+    }
+
+    /// The format of a model file, by its name.
+    pub fn of_path(path: &Path) -> Option<ModelFormat> {
+        let name = path.file_name()?.to_str()?;
+        ModelFormat::ALL.into_iter().find(|f| f.file_name() == name)
+    }
+}
+
+impl fmt::Display for ModelFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Where a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -616,16 +663,27 @@ impl ModelRepository {
             let Some(version) = ModelVersion::parse(&label) else {
                 continue;
             };
-            let file = entry.path().join(MODEL_FILE);
             // Not `is_file()`: a model may sit behind a symlink or a pipe.
-            if file.exists() && !file.is_dir() {
-                found.push((version, file));
+            let files: Vec<PathBuf> = ModelFormat::ALL
+                .iter()
+                .map(|format| entry.path().join(format.file_name()))
+                .filter(|file| file.exists() && !file.is_dir())
+                .collect();
+            match files.as_slice() {
+                [] => {}
+                [file] => found.push((version, file.clone())),
+                _ => {
+                    return Err(format!(
+                        "{}: holds both {MODEL_FILE} and {PACKAGE_FILE}; a version has one model file",
+                        entry.path().display()
+                    ));
+                }
             }
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
         if found.is_empty() {
             return Err(format!(
-                "{}: no version directory holds a {MODEL_FILE} (expected <version>/{MODEL_FILE}, version an integer or semver)",
+                "{}: no version directory holds a {MODEL_FILE} or a {PACKAGE_FILE} (expected <version>/{MODEL_FILE} or <version>/{PACKAGE_FILE}, version an integer or semver)",
                 dir.display()
             ));
         }
@@ -643,7 +701,7 @@ impl ModelRepository {
                         let on_disk: Vec<&str> =
                             found.iter().map(|(v, _)| v.label.as_str()).collect();
                         return Err(format!(
-                            "{}: version_policy.specific: version {label} has no {MODEL_FILE} (on disk: {})",
+                            "{}: version_policy.specific: version {label} has no {MODEL_FILE} or {PACKAGE_FILE} (on disk: {})",
                             dir.join(CONFIG_FILE).display(),
                             on_disk.join(", ")
                         ));

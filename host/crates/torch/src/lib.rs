@@ -1,28 +1,33 @@
-//! The torch layer: the only crate that sees `tch` types.
+//! The torch layer: the only crate that sees `tch` types, and the only one
+//! that names libtorch.
 //!
-//! It loads TorchScript modules onto a device, runs `forward` under `no_grad`,
-//! converts between Plinth's [`Tensor`] and torch tensors, sets the thread
+//! It loads models of both formats onto a device behind one type,
+//! [`Module`]: TorchScript archives (`model.pt`, through tch) and
+//! AOTInductor packages (`model.pt2`, through [`package`] and its C++ shim).
+//! It converts between Plinth's [`Tensor`] and torch tensors, sets the thread
 //! counts, and loads the CUDA half of libtorch at run time when it is present
 //! (and of the version this binary was built against). [`executor`] runs
 //! forward passes on dedicated threads under the process-wide
 //! [`budget::ComputeBudget`]; [`models`] writes the demo models.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use tch::{CModule, Device, IValue, Kind};
 
 use plinth_core::Error;
-use plinth_core::config::DeviceSpec;
+use plinth_core::config::{DeviceSpec, ModelFormat};
 use plinth_core::tensor::{DType, Tensor, TensorSpec, shape_str};
 
 pub mod budget;
 pub mod executor;
 pub mod models;
+pub mod package;
 
 pub use budget::ComputeBudget;
 pub use executor::{ExecutorPool, Forward};
+pub use package::{AotiPackage, PackageInfo};
 
 /// The libtorch version this binary was built against, from its headers'
 /// `version.h` (`MAJOR.MINOR.PATCH`), or `"unknown"` when they were not found.
@@ -61,7 +66,7 @@ fn dtype_of(kind: Kind) -> Option<DType> {
     })
 }
 
-fn device_of(spec: DeviceSpec) -> Device {
+pub(crate) fn device_of(spec: DeviceSpec) -> Device {
     match spec {
         DeviceSpec::Cpu => Device::Cpu,
         DeviceSpec::Cuda(idx) => Device::Cuda(idx),
@@ -146,7 +151,7 @@ pub fn init_cuda() -> &'static CudaReport {
 }
 
 /// The directory of the `libtorch_cpu.so` mapped into this process.
-fn loaded_libtorch_dir() -> Option<PathBuf> {
+pub(crate) fn loaded_libtorch_dir() -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter_map(|line| line.split_whitespace().nth(5))
@@ -307,30 +312,10 @@ impl TorchModule {
         output_specs: &[TensorSpec],
     ) -> Result<Vec<Tensor>, Error> {
         let _guard = tch::no_grad_guard();
-        let mut args = Vec::with_capacity(inputs.len());
-        for input in inputs {
-            let kind = kind_of(input.dtype()).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "input '{}': dtype {} cannot enter a TorchScript model",
-                    input.name(),
-                    input.dtype()
-                ))
-            })?;
-            let tensor = tch::Tensor::f_from_data_size(input.data(), input.shape(), kind)
-                .map_err(|err| Error::Internal(format!("input '{}': {err}", input.name())))?;
-            let tensor = if self.device == Device::Cpu {
-                tensor
-            } else {
-                tensor.f_to_device(self.device).map_err(|err| {
-                    Error::Internal(format!(
-                        "input '{}' to {:?}: {err}",
-                        input.name(),
-                        self.device
-                    ))
-                })?
-            };
-            args.push(IValue::Tensor(tensor));
-        }
+        let args: Vec<IValue> = to_torch_inputs(inputs, self.device, "a TorchScript model")?
+            .into_iter()
+            .map(IValue::Tensor)
+            .collect();
         let output = self.module.forward_is(&args).map_err(|err| {
             Error::Internal(format!("forward failed: {}", first_line(&err.to_string())))
         })?;
@@ -352,19 +337,57 @@ impl TorchModule {
                 )));
             }
         };
-        if tensors.len() != output_specs.len() {
-            return Err(Error::Internal(format!(
-                "forward returned {} tensor(s), config declares {} output(s)",
-                tensors.len(),
-                output_specs.len()
-            )));
-        }
-        tensors
-            .iter()
-            .zip(output_specs)
-            .map(|(tensor, spec)| to_plinth(tensor, &spec.name))
-            .collect()
+        from_torch_outputs(tensors, output_specs)
     }
+}
+
+/// Plinth tensors as torch tensors on `device`, for a model of `what`.
+pub(crate) fn to_torch_inputs(
+    inputs: &[Tensor],
+    device: Device,
+    what: &str,
+) -> Result<Vec<tch::Tensor>, Error> {
+    let mut args = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let kind = kind_of(input.dtype()).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "input '{}': dtype {} cannot enter {what}",
+                input.name(),
+                input.dtype()
+            ))
+        })?;
+        let tensor = tch::Tensor::f_from_data_size(input.data(), input.shape(), kind)
+            .map_err(|err| Error::Internal(format!("input '{}': {err}", input.name())))?;
+        let tensor = if device == Device::Cpu {
+            tensor
+        } else {
+            tensor.f_to_device(device).map_err(|err| {
+                Error::Internal(format!("input '{}' to {device:?}: {err}", input.name()))
+            })?
+        };
+        args.push(tensor);
+    }
+    Ok(args)
+}
+
+/// A forward pass's tensors as Plinth tensors named after `output_specs`,
+/// refusing a count that differs from the config's.
+pub(crate) fn from_torch_outputs(
+    tensors: Vec<tch::Tensor>,
+    output_specs: &[TensorSpec],
+) -> Result<Vec<Tensor>, Error> {
+    if tensors.len() != output_specs.len() {
+        return Err(Error::Internal(format!(
+            "forward returned {} tensor(s), config declares {} output(s)",
+            tensors.len(),
+            output_specs.len()
+        )));
+    }
+    tensors
+        .iter()
+        .zip(output_specs)
+        .map(|(tensor, spec)| to_plinth(tensor, &spec.name))
+        .collect()
 }
 
 impl Forward for TorchModule {
@@ -373,6 +396,43 @@ impl Forward for TorchModule {
     }
 
     fn prepare_thread(&self, intra_op_threads: usize) {
+        set_intra_op_threads(intra_op_threads);
+    }
+}
+
+/// One loaded copy of a model version, whatever its format: what an
+/// executor thread runs. Nothing above this crate knows which it is, beyond
+/// [`Module::format`] for reports.
+#[derive(Debug, Clone)]
+pub enum Module {
+    /// One TorchScript module per executor thread.
+    Script(Arc<TorchModule>),
+    /// One package shared by the version's executor threads, with as many
+    /// runners as threads.
+    Package(Arc<AotiPackage>),
+}
+
+impl Module {
+    pub fn format(&self) -> ModelFormat {
+        match self {
+            Module::Script(_) => ModelFormat::TorchScript,
+            Module::Package(_) => ModelFormat::AotiPackage,
+        }
+    }
+}
+
+impl Forward for Module {
+    fn forward(&self, inputs: &[Tensor], outputs: &[TensorSpec]) -> Result<Vec<Tensor>, Error> {
+        match self {
+            Module::Script(module) => module.forward(inputs, outputs),
+            Module::Package(package) => package.forward(inputs, outputs),
+        }
+    }
+
+    fn prepare_thread(&self, intra_op_threads: usize) {
+        // Both formats compute on this thread's intra-op threads: torch's
+        // pool for TorchScript, OpenMP (set by the same call) for the
+        // package's compiled kernels.
         set_intra_op_threads(intra_op_threads);
     }
 }
@@ -398,11 +458,18 @@ fn to_plinth(tensor: &tch::Tensor, name: &str) -> Result<Tensor, Error> {
     Tensor::new(name, dtype, shape, Bytes::from(data))
 }
 
-fn first_line(text: &str) -> &str {
+pub(crate) fn first_line(text: &str) -> &str {
     text.lines()
         .find(|line| !line.trim().is_empty())
         .unwrap_or(text)
         .trim()
+}
+
+/// Reads a NumPy `.npy` file (the package fixtures' inputs and expected
+/// outputs) as a tensor named `name`.
+pub fn read_npy(path: &Path, name: &str) -> Result<Tensor, String> {
+    let tensor = tch::Tensor::read_npy(path).map_err(|err| format!("{}: {err}", path.display()))?;
+    to_plinth(&tensor, name).map_err(|err| format!("{}: {err}", path.display()))
 }
 
 /// Checks a warm-up output against the config, naming what differs.
