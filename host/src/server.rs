@@ -607,21 +607,55 @@ pub fn check(config: &ServerConfig) -> Result<Vec<String>, Vec<String>> {
                 repository.root().display()
             )),
             Ok(names) => {
+                let mut packages = 0;
                 for name in &names {
                     let dir = repository.model_dir(name);
                     let checked = crate::config::ModelConfig::load(&dir).and_then(|model| {
-                        let versions = repository.select_versions(name, &model.version_policy)?;
-                        if versions.is_empty() {
-                            return Err(format!(
-                                "{}: no version directory with a model.pt for the version policy",
-                                dir.display()
-                            ));
+                        if model.orchestrator.is_some() {
+                            return Ok("an orchestrator".to_owned());
                         }
-                        Ok(versions.len())
+                        let versions = repository.select_versions(name, &model.version_policy)?;
+                        let mut formats = Vec::new();
+                        let mut wrong = Vec::new();
+                        for (_, file) in &versions {
+                            let format = crate::config::ModelFormat::of_path(file);
+                            if format == Some(crate::config::ModelFormat::AotiPackage) {
+                                packages += 1;
+                                // Read, never loaded: its library is not mapped.
+                                let read = plinth_torch::PackageInfo::read(file).and_then(|info| {
+                                    info.check_host(model.device)?;
+                                    info.check_config(&model)
+                                });
+                                if let Err(err) = read {
+                                    wrong.push(format!("{}: {err}", file.display()));
+                                }
+                            }
+                            formats.extend(format.map(|f| f.as_str()));
+                        }
+                        formats.dedup();
+                        if !wrong.is_empty() {
+                            return Err(wrong.join("\n"));
+                        }
+                        Ok(format!("{} version(s) to load ({})", versions.len(), formats.join(", ")))
                     });
                     match checked {
-                        Ok(n) => facts.push(format!("model {name}: {n} version(s) to load")),
-                        Err(err) => problems.push(err),
+                        Ok(what) => facts.push(format!("model {name}: {what}")),
+                        Err(err) => problems.extend(err.lines().map(str::to_owned)),
+                    }
+                }
+                if packages > 0 {
+                    // libtorch unpacks each package into a temporary directory.
+                    let tmp = std::env::temp_dir();
+                    let probe = tmp.join(format!(".plinth-check-{}", std::process::id()));
+                    match std::fs::create_dir(&probe).and_then(|()| std::fs::remove_dir(&probe)) {
+                        Ok(()) => facts.push(format!(
+                            "temporary directory {}: writable ({packages} package(s) unpack there)",
+                            tmp.display()
+                        )),
+                        Err(err) => problems.push(format!(
+                            "temporary directory {}: not writable ({err}): AOTInductor packages are unpacked there when they load; set TMPDIR to a writable directory",
+                            tmp.display()
+                        )),
                     }
                 }
                 if names.is_empty() {

@@ -176,8 +176,11 @@ pub fn dist(libtorch: &Path, wasm_dir: &Path, binary: Binary) -> Result<Bundle> 
     }
     // Not linked by the binary, but loaded by it before an AOTInductor
     // package's library, which links it by name.
-    std::fs::copy(libtorch_lib.join("libtorch.so"), dir.join("lib/libtorch.so"))
-        .context("copying libtorch.so (AOTInductor packages link it)")?;
+    std::fs::copy(
+        libtorch_lib.join("libtorch.so"),
+        dir.join("lib/libtorch.so"),
+    )
+    .context("copying libtorch.so (AOTInductor packages link it)")?;
     // The bundle must resolve on its own.
     let missing: Vec<String> = ldd(&bin)?
         .into_iter()

@@ -482,8 +482,7 @@ fn ensure_libtorch() -> Result<PathBuf> {
     let cache = cache_dir()?;
     let libtorch = cache.join(format!("libtorch-{TORCH_VERSION}"));
     let marker = format!("{TORCH_VERSION} {LIBTORCH_LAYOUT}");
-    if std::fs::read_to_string(libtorch.join(".complete")).is_ok_and(|text| text.trim() == marker)
-    {
+    if std::fs::read_to_string(libtorch.join(".complete")).is_ok_and(|text| text.trim() == marker) {
         return Ok(libtorch);
     }
     let wheels = cache.join("wheels");

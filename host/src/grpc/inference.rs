@@ -476,7 +476,7 @@ impl GrpcInferenceService for InferenceApi {
         Ok(Response::new(ipb::ModelMetadataResponse {
             name: model.name.clone(),
             versions: model.version_labels(),
-            platform: oip::PLATFORM.to_owned(),
+            platform: model.platform(version_arg(&request.version)).to_owned(),
             inputs: render(inputs),
             outputs: render(outputs),
         }))

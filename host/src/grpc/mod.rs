@@ -260,6 +260,7 @@ pub(crate) fn status_to_pb(status: ModelStatus) -> pb::ModelStatus {
             .load_duration
             .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
         versions: status.versions,
+        formats: status.formats,
         device: status.device.unwrap_or_default(),
         in_flight: status.in_flight,
         reloading: status.reloading,

@@ -101,7 +101,7 @@ pub async fn model_metadata(
     Ok(Json(json!({
         "name": model.name,
         "versions": model.version_labels(),
-        "platform": oip::PLATFORM,
+        "platform": model.platform(version_param(&params)),
         "inputs": render(inputs),
         "outputs": render(outputs),
     })))

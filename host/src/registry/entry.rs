@@ -93,6 +93,7 @@ impl Entry {
             since: self.since,
             load_duration: self.load_duration,
             versions: serving.map(ReadyModel::version_labels).unwrap_or_default(),
+            formats: serving.map(ReadyModel::version_formats).unwrap_or_default(),
             device: serving.map(|m| m.config.device.to_string()),
             in_flight: serving.map_or(0, ReadyModel::in_flight),
             reloading: self.reloading,

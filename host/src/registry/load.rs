@@ -2,14 +2,15 @@
 //! and validate, and only then start the executor threads. Blocking; runs on
 //! the blocking pool with no lock held.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use plinth_torch::executor::{ExecutorThreads, ThreadCounters};
-use plinth_torch::{ComputeBudget, TorchModule};
+use plinth_torch::{AotiPackage, ComputeBudget, Module, PackageInfo, TorchModule};
 use tokio_util::sync::CancellationToken;
 
 use super::ready::ReadyModel;
-use crate::config::{ModelConfig, ModelRepository};
+use crate::config::{ModelConfig, ModelFormat, ModelRepository};
 use crate::error::Error;
 use crate::tensor::{Tensor, shape_str};
 
@@ -44,34 +45,11 @@ pub(super) fn load_model(
     let mut prepared = Vec::with_capacity(chosen.len());
     let mut memory_bytes = Vec::with_capacity(chosen.len());
     for (version, file) in chosen {
-        // A regular file is read by libtorch straight into the tensors;
-        // anything else (a pipe) is read whole once, then deserialised.
-        let regular = std::fs::metadata(&file)
-            .map_err(|err| format!("{}: cannot read: {err}", file.display()))?
-            .is_file();
-        let bytes = if regular {
-            None
-        } else {
-            Some(
-                std::fs::read(&file)
-                    .map_err(|err| format!("{}: cannot read: {err}", file.display()))?,
-            )
+        let (modules, bytes) = match ModelFormat::of_path(&file) {
+            Some(ModelFormat::AotiPackage) => load_package(&file, &config)?,
+            _ => load_torchscript(&file, &config)?,
         };
-        let mut modules = Vec::with_capacity(config.instances);
-        for _ in 0..config.instances {
-            let module = match &bytes {
-                None => TorchModule::load_file(&file, config.device),
-                Some(bytes) => TorchModule::load_bytes(bytes, config.device),
-            };
-            modules.push(module.map_err(|err| format!("{}: {err}", file.display()))?);
-        }
-        let tensor_bytes = match &bytes {
-            None => file_tensor_bytes(&file)?,
-            Some(bytes) => plinth_torch::archive_tensor_bytes(std::io::Cursor::new(bytes))
-                .map_err(|err| format!("{}: {err}", file.display()))?,
-        };
-        memory_bytes.push(tensor_bytes * modules.len() as u64);
-        drop(bytes);
+        memory_bytes.push(bytes);
         // The warm-up is torch work too: it runs on the budget.
         let cores = context.budget.acquire(intra_op_threads);
         let computing = context.counters.computing(intra_op_threads);
@@ -94,6 +72,50 @@ pub(super) fn load_model(
     ReadyModel::start(name, config, prepared, &threads)
         .map(|model| model.with_memory_bytes(&memory_bytes))
         .map_err(|err| format!("starting executor threads: {err}"))
+}
+
+/// One TorchScript module per instance, and the bytes they keep in memory.
+fn load_torchscript(file: &Path, config: &ModelConfig) -> Result<(Vec<Module>, u64), String> {
+    // A regular file is read by libtorch straight into the tensors;
+    // anything else (a pipe) is read whole once, then deserialised.
+    let regular = std::fs::metadata(file)
+        .map_err(|err| format!("{}: cannot read: {err}", file.display()))?
+        .is_file();
+    let bytes = if regular {
+        None
+    } else {
+        Some(std::fs::read(file).map_err(|err| format!("{}: cannot read: {err}", file.display()))?)
+    };
+    let mut modules = Vec::with_capacity(config.instances);
+    for _ in 0..config.instances {
+        let module = match &bytes {
+            None => TorchModule::load_file(file, config.device),
+            Some(bytes) => TorchModule::load_bytes(bytes, config.device),
+        };
+        let module = module.map_err(|err| format!("{}: {err}", file.display()))?;
+        modules.push(Module::Script(Arc::new(module)));
+    }
+    let tensor_bytes = match &bytes {
+        None => file_tensor_bytes(file)?,
+        Some(bytes) => plinth_torch::archive_tensor_bytes(std::io::Cursor::new(bytes))
+            .map_err(|err| format!("{}: {err}", file.display()))?,
+    };
+    Ok((modules, tensor_bytes * config.instances as u64))
+}
+
+/// An AOTInductor package, checked against this host and the config before
+/// its library is mapped, loaded once with a runner per instance and shared
+/// by the instances' executor threads; and the bytes it keeps in memory.
+fn load_package(file: &Path, config: &ModelConfig) -> Result<(Vec<Module>, u64), String> {
+    let named = |err: String| format!("{}: {err}", file.display());
+    let info = PackageInfo::read(file).map_err(named)?;
+    info.check_host(config.device).map_err(named)?;
+    info.check_config(config).map_err(named)?;
+    let batches = config.max_batch_size > 0;
+    let package =
+        AotiPackage::load(file, &info, config.instances, config.device, batches).map_err(named)?;
+    let package = Module::Package(Arc::new(package));
+    Ok((vec![package; config.instances], info.bytes))
 }
 
 /// The bytes of the tensors the archive at `file` (a regular file) holds,
@@ -129,7 +151,7 @@ fn intra_op_threads(name: &str, config: &ModelConfig, budget: &ComputeBudget) ->
 
 /// Runs one forward on zeros shaped by the config (free dims and batch as 1)
 /// and checks the outputs against the declared ones.
-fn warm_up(module: &TorchModule, config: &ModelConfig) -> Result<(), String> {
+fn warm_up(module: &Module, config: &ModelConfig) -> Result<(), String> {
     let mut inputs = Vec::with_capacity(config.inputs.len());
     for spec in &config.inputs {
         let shape: Vec<i64> = config
@@ -151,12 +173,12 @@ fn warm_up(module: &TorchModule, config: &ModelConfig) -> Result<(), String> {
             .map_err(|err| err.to_string())?;
         inputs.push(tensor);
     }
-    let outputs = module
-        .forward(&inputs, &config.outputs)
-        .map_err(|err| match err {
+    let outputs = plinth_torch::Forward::forward(module, &inputs, &config.outputs).map_err(
+        |err| match err {
             Error::Internal(msg) => msg,
             other => other.to_string(),
-        })?;
+        },
+    )?;
     for (output, spec) in outputs.iter().zip(&config.outputs) {
         plinth_torch::check_output(output, spec, &config.full_shape(spec))?;
     }

@@ -60,6 +60,8 @@ pub struct ModelStatus {
     pub load_duration: Option<Duration>,
     /// Ready version labels, oldest first.
     pub versions: Vec<String>,
+    /// Each ready version's format, in the order of `versions`.
+    pub formats: Vec<String>,
     pub device: Option<String>,
     pub in_flight: u64,
     /// A replacement is loading while the current versions keep serving.

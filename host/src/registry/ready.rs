@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use plinth_torch::executor::{ExecutorPool, ExecutorThreads, Forward, Job};
 
 use super::stats::{RequestRecord, VersionStats};
-use crate::config::{ModelConfig, ModelVersion};
+use crate::config::{ModelConfig, ModelFormat, ModelVersion};
 use crate::error::Error;
 use crate::tensor::{Tensor, TensorSpec, shape_str};
 
@@ -25,6 +25,8 @@ pub struct ReadyVersion {
     pub stats: VersionStats,
     /// The bytes of the version's tensors, times the model's instances.
     pub memory_bytes: u64,
+    /// Its model file's format; `None` for an orchestrator entry.
+    pub format: Option<ModelFormat>,
 }
 
 /// A loaded model. Requests hold it by `Arc` for their whole life.
@@ -96,6 +98,7 @@ impl ReadyModel {
         let mut ready = Vec::with_capacity(versions.len());
         for (version, modules) in versions {
             let label = format!("{name}:{}", version.label);
+            let format = modules.first().and_then(Forward::format);
             let pool = ExecutorPool::start(
                 &label,
                 modules,
@@ -109,6 +112,7 @@ impl ReadyModel {
                 pool: Some(pool),
                 stats: VersionStats::default(),
                 memory_bytes: 0,
+                format,
             });
         }
         Ok(ReadyModel {
@@ -133,6 +137,7 @@ impl ReadyModel {
                 pool: None,
                 stats: VersionStats::default(),
                 memory_bytes: 0,
+                format: None,
             }],
             intra_op_threads: 0,
             memory_bytes: 0,
@@ -160,6 +165,33 @@ impl ReadyModel {
             .filter_map(|v| v.pool.as_ref())
             .flat_map(ExecutorPool::take_exit_waiters)
             .collect()
+    }
+
+    /// Each version's format (`torchscript`, `aoti-package`; `orchestrator`
+    /// for an orchestrator entry), in the order of [`Self::version_labels`].
+    pub fn version_formats(&self) -> Vec<String> {
+        self.versions
+            .iter()
+            .map(|v| {
+                v.format
+                    .map_or("orchestrator", ModelFormat::as_str)
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    /// The OIP `platform` of a version (the newest when `version` is
+    /// `None`): `pytorch_libtorch` for TorchScript, as Triton names it,
+    /// `pytorch_aoti` for an AOTInductor package.
+    pub fn platform(&self, version: Option<&str>) -> &'static str {
+        let chosen = match version {
+            Some(label) => self.versions.iter().find(|v| v.version.answers_to(label)),
+            None => self.versions.last(),
+        };
+        match chosen.and_then(|v| v.format) {
+            Some(ModelFormat::AotiPackage) => "pytorch_aoti",
+            _ => "pytorch_libtorch",
+        }
     }
 
     pub fn version_labels(&self) -> Vec<String> {

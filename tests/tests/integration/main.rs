@@ -15,6 +15,7 @@ mod oip;
 mod orchestrator;
 mod plugins;
 mod poll;
+mod pt2;
 mod reliability;
 mod residency;
 mod security;

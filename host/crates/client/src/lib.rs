@@ -284,6 +284,7 @@ fn status_json(m: &pb::ModelStatus) -> serde_json::Value {
         "name": m.name,
         "state": state_name(m.state),
         "versions": m.versions,
+        "formats": m.formats,
         "in_flight": m.in_flight,
         "load_ms": m.load_duration_us as f64 / 1000.0,
         "reloading": m.reloading,
@@ -300,6 +301,16 @@ fn table(header: &[&str]) -> comfy_table::Table {
         .load_preset(comfy_table::presets::NOTHING)
         .set_header(header.iter().copied());
     table
+}
+
+/// The versions' formats: one word when they agree, else one per version
+/// in the order of the versions.
+fn formats_cell(formats: &[String]) -> String {
+    match formats.first() {
+        None => "-".into(),
+        Some(first) if formats.iter().all(|f| f == first) => first.clone(),
+        Some(_) => formats.join(","),
+    }
 }
 
 fn load_time(us: i64) -> String {
@@ -329,6 +340,7 @@ pub async fn models(client: &Client, command: ModelsCommand) -> CliResult {
                         "MODEL",
                         "STATE",
                         "VERSIONS",
+                        "FORMAT",
                         "IN FLIGHT",
                         "LOAD TIME",
                         "REASON",
@@ -338,6 +350,7 @@ pub async fn models(client: &Client, command: ModelsCommand) -> CliResult {
                             m.name.clone(),
                             state_name(m.state).to_owned(),
                             m.versions.join(","),
+                            formats_cell(&m.formats),
                             m.in_flight.to_string(),
                             load_time(m.load_duration_us),
                             m.reason.clone(),

@@ -37,6 +37,11 @@ pub trait Forward: Send + 'static {
 
     /// Called once on the executor thread before its first pass.
     fn prepare_thread(&self, _intra_op_threads: usize) {}
+
+    /// The model file's format, for reports; `None` for stand-ins.
+    fn format(&self) -> Option<plinth_core::config::ModelFormat> {
+        None
+    }
 }
 
 impl<F> Forward for F

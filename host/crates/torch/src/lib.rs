@@ -398,6 +398,10 @@ impl Forward for TorchModule {
     fn prepare_thread(&self, intra_op_threads: usize) {
         set_intra_op_threads(intra_op_threads);
     }
+
+    fn format(&self) -> Option<ModelFormat> {
+        Some(ModelFormat::TorchScript)
+    }
 }
 
 /// One loaded copy of a model version, whatever its format: what an
@@ -434,6 +438,10 @@ impl Forward for Module {
         // pool for TorchScript, OpenMP (set by the same call) for the
         // package's compiled kernels.
         set_intra_op_threads(intra_op_threads);
+    }
+
+    fn format(&self) -> Option<ModelFormat> {
+        Some(Module::format(self))
     }
 }
 

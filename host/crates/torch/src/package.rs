@@ -71,7 +71,10 @@ impl std::fmt::Display for Dim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Dim::Fixed(n) => write!(f, "{n}"),
-            Dim::Range { min, max: Some(max) } => write!(f, "{min}..={max}"),
+            Dim::Range {
+                min,
+                max: Some(max),
+            } => write!(f, "{min}..={max}"),
             Dim::Range { min, max: None } => write!(f, "{min}.."),
         }
     }
@@ -147,7 +150,10 @@ impl PackageInfo {
             if let [_, "data", "aotinductor", model, file] = parts.as_slice()
                 && !file.is_empty()
             {
-                models.entry((*model).to_owned()).or_default().push(name.clone());
+                models
+                    .entry((*model).to_owned())
+                    .or_default()
+                    .push(name.clone());
             }
         }
         let model_name = if models.contains_key("model") {
@@ -354,12 +360,12 @@ impl PackageInfo {
                             && (max as u64) < config.max_batch_size as u64
                         {
                             return mismatch(format!(
-                                "max_batch_size = {}, but the package's batch dimension was exported with a maximum of {max}",
+                                "max_batch_size = {}, but the package was compiled for batches of at most {max} (its generated input checks; inductor can narrow the range given to torch.export)",
                                 config.max_batch_size
                             ));
                         }
                         if min > 1 {
-                            tracing::warn!(input = %name, min, "the package's batch dimension was exported with a minimum above 1; smaller batches still run, as the warm-up shows, but re-export with backed_size_oblivious for a range that includes 1");
+                            tracing::info!(input = %name, min, "the package was compiled for batches of at least {min}; smaller ones are padded up to it and their outputs cut back");
                         }
                     }
                     (false, -1, Some(Dim::Fixed(n))) => {
@@ -391,7 +397,12 @@ impl PackageInfo {
 
 fn list_some(names: &[&str]) -> String {
     const SHOWN: usize = 3;
-    let mut text = names.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ");
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > SHOWN {
         text.push_str(&format!(" and {} more", names.len() - SHOWN));
     }
@@ -531,7 +542,11 @@ pub fn parse_input_checks(source: &str) -> Vec<InputSignature> {
             }
         } else if let Some(dim) = dim_at("dim value is too small at ") {
             if let Some(n) = after(message, "expected it to be >= ") {
-                match input.dims.entry(dim).or_insert(Dim::Range { min: 0, max: None }) {
+                match input
+                    .dims
+                    .entry(dim)
+                    .or_insert(Dim::Range { min: 0, max: None })
+                {
                     Dim::Range { min, .. } => *min = n,
                     Dim::Fixed(_) => {}
                 }
@@ -539,7 +554,11 @@ pub fn parse_input_checks(source: &str) -> Vec<InputSignature> {
         } else if let Some(dim) = dim_at("dim value is too large at ")
             && let Some(n) = after(message, "expected to be <= ")
         {
-            match input.dims.entry(dim).or_insert(Dim::Range { min: 0, max: None }) {
+            match input
+                .dims
+                .entry(dim)
+                .or_insert(Dim::Range { min: 0, max: None })
+            {
                 Dim::Range { max, .. } => *max = Some(n),
                 Dim::Fixed(_) => {}
             }
@@ -582,7 +601,9 @@ unsafe fn take_string(text: *mut c_char) -> String {
         return "unknown error (the shim gave no message)".to_owned();
     }
     // SAFETY: per this function's contract.
-    let owned = unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned();
+    let owned = unsafe { CStr::from_ptr(text) }
+        .to_string_lossy()
+        .into_owned();
     // SAFETY: the shim allocated it with malloc; freed once, here.
     unsafe { ffi::plinth_aoti_free_string(text) };
     owned
@@ -595,6 +616,10 @@ pub struct AotiPackage {
     handle: NonNull<ffi::PlinthAoti>,
     device: tch::Device,
     runners: usize,
+    /// The fewest rows the package was compiled for along the batch
+    /// dimension (1 when it does not batch). Export often records 2: a
+    /// smaller batch is padded up to it and the outputs cut back.
+    min_rows: usize,
 }
 
 // SAFETY: the loader is created and freed by its one owner; `run` is safe
@@ -618,12 +643,28 @@ impl AotiPackage {
     /// on `device`. Blocking: libtorch unpacks the package into a temporary
     /// directory (`TMPDIR`, else `/tmp`) and maps its library. Check
     /// [`PackageInfo::check_host`] first: the library is native code.
+    /// `batches` says whether dim 0 of every input is the batch.
     pub fn load(
         path: &Path,
         info: &PackageInfo,
         runners: usize,
         device: DeviceSpec,
+        batches: bool,
     ) -> Result<AotiPackage, String> {
+        let min_rows = if batches {
+            info.inputs
+                .iter()
+                .flatten()
+                .filter_map(|input| match input.dims.get(&0) {
+                    Some(Dim::Range { min, .. }) => usize::try_from(*min).ok(),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(1)
+                .max(1)
+        } else {
+            1
+        };
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| "the path holds a NUL byte".to_owned())?;
         let c_name = CString::new(info.model_name.as_str())
@@ -651,11 +692,16 @@ impl AotiPackage {
                 handle,
                 device: crate::device_of(device),
                 runners: runners.max(1),
+                min_rows,
             }),
-            // SAFETY: on failure the shim set `error` (or left it null).
-            None => Err(format!("libtorch could not load the package: {}", first_line(&unsafe {
-                take_string(error)
-            }))),
+            None => {
+                // SAFETY: on failure the shim set `error` (or left it null).
+                let message = unsafe { take_string(error) };
+                Err(format!(
+                    "libtorch could not load the package: {}",
+                    first_line(&message)
+                ))
+            }
         }
     }
 
@@ -672,6 +718,26 @@ impl AotiPackage {
         inputs: &[Tensor],
         output_specs: &[TensorSpec],
     ) -> Result<Vec<Tensor>, Error> {
+        let rows = inputs
+            .first()
+            .and_then(|t| t.shape().first())
+            .and_then(|&r| usize::try_from(r).ok())
+            .unwrap_or(0);
+        if self.min_rows > 1 && rows > 0 && rows < self.min_rows {
+            let padded = inputs
+                .iter()
+                .map(|t| pad_rows(t, self.min_rows))
+                .collect::<Result<Vec<_>, _>>()?;
+            let outputs = self.run(&padded, output_specs)?;
+            return outputs
+                .iter()
+                .map(|t| cut_rows(t, self.min_rows, rows))
+                .collect();
+        }
+        self.run(inputs, output_specs)
+    }
+
+    fn run(&self, inputs: &[Tensor], output_specs: &[TensorSpec]) -> Result<Vec<Tensor>, Error> {
         let tensors = crate::to_torch_inputs(inputs, self.device, "a package")?;
         let pointers: Vec<*mut c_void> = tensors
             .iter()
@@ -713,6 +779,42 @@ impl AotiPackage {
         unsafe { ffi::plinth_aoti_free_array(outputs.cast()) };
         crate::from_torch_outputs(results, output_specs)
     }
+}
+
+/// `tensor` with its last row repeated until it has `rows` rows.
+fn pad_rows(tensor: &Tensor, rows: usize) -> Result<Tensor, Error> {
+    let have = tensor.shape().first().copied().unwrap_or(0);
+    let have = usize::try_from(have).unwrap_or(0);
+    if have == 0 || have >= rows {
+        return Ok(tensor.clone());
+    }
+    let row_bytes = tensor.data().len() / have;
+    let last = &tensor.data()[tensor.data().len() - row_bytes..];
+    let mut data = Vec::with_capacity(row_bytes * rows);
+    data.extend_from_slice(tensor.data());
+    for _ in have..rows {
+        data.extend_from_slice(last);
+    }
+    let mut shape = tensor.shape().to_vec();
+    shape[0] = rows as i64;
+    Tensor::new(tensor.name(), tensor.dtype(), shape, data.into())
+}
+
+/// The first `rows` rows of an output computed on `padded` rows; an output
+/// without that batch dimension is returned whole.
+fn cut_rows(tensor: &Tensor, padded: usize, rows: usize) -> Result<Tensor, Error> {
+    if tensor.shape().first() != Some(&(padded as i64)) {
+        return Ok(tensor.clone());
+    }
+    let row_bytes = tensor.data().len() / padded;
+    let mut shape = tensor.shape().to_vec();
+    shape[0] = rows as i64;
+    Tensor::new(
+        tensor.name(),
+        tensor.dtype(),
+        shape,
+        tensor.data().slice(..row_bytes * rows),
+    )
 }
 
 impl Drop for AotiPackage {
@@ -765,7 +867,13 @@ mod tests {
         let inputs = parse_input_checks(CHECKS);
         assert_eq!(inputs.len(), 2);
         assert_eq!(inputs[0].dtype, Some(DType::F16));
-        assert_eq!(inputs[0].dims[&0], Dim::Range { min: 1, max: Some(32) });
+        assert_eq!(
+            inputs[0].dims[&0],
+            Dim::Range {
+                min: 1,
+                max: Some(32)
+            }
+        );
         assert_eq!(inputs[0].dims[&1], Dim::Fixed(8));
         assert_eq!(inputs[0].shape(), "[1..=32, 8]");
         assert_eq!(inputs[1].dtype, Some(DType::I64));
@@ -775,8 +883,8 @@ mod tests {
 
     #[test]
     fn not_a_package_is_named_for_what_it_is() {
-        let err = PackageInfo::from_reader(std::io::Cursor::new(b"not a zip".to_vec()))
-            .unwrap_err();
+        let err =
+            PackageInfo::from_reader(std::io::Cursor::new(b"not a zip".to_vec())).unwrap_err();
         assert!(err.starts_with("not a readable .pt2 package"), "{err}");
         // A zip, but not of a package.
         let mut buffer = std::io::Cursor::new(Vec::new());
@@ -787,7 +895,7 @@ mod tests {
                 zip::write::FileOptions::default()
                     .compression_method(zip::CompressionMethod::Stored),
             )
-                .unwrap();
+            .unwrap();
             std::io::Write::write_all(&mut zip, b"x").unwrap();
             zip.finish().unwrap();
         }
@@ -797,7 +905,9 @@ mod tests {
     }
 
     fn fixture(name: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../tests/fixtures/pt2").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../tests/fixtures/pt2")
+            .join(name)
     }
 
     #[test]
@@ -812,7 +922,7 @@ mod tests {
         assert_eq!(inputs.len(), 1);
         assert_eq!(inputs[0].dtype, Some(DType::F32));
         assert_eq!(inputs[0].shape(), "[1..=64, 16]");
-        let package = AotiPackage::load(&path, &info, 2, DeviceSpec::Cpu).unwrap();
+        let package = AotiPackage::load(&path, &info, 2, DeviceSpec::Cpu, true).unwrap();
         let x = crate::read_npy(&fixture("tiny/input_b1_0.npy"), "x").unwrap();
         let want = crate::read_npy(&fixture("tiny/expected_b1_0.npy"), "y").unwrap();
         let spec = TensorSpec {

@@ -1,0 +1,836 @@
+//! AOTInductor packages (`model.pt2`) served beside TorchScript, with the
+//! packages, inputs and expected outputs PyTorch 2.11 made
+//! (`tests/fixtures/pt2/make.py`): exact numbers over `plinth.v1`, OIP gRPC
+//! and REST, batching, bad packages, a TorchScript version replaced by a
+//! package under `--poll`, and packages behind processors and orchestrators.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use plinth::grpc::{ipb, pb};
+use plinth::tensor::{DType, Tensor};
+use plinth_tests::fixtures::{self, ModelConfig};
+use plinth_tests::{TestServer, compute_request, f32_tensor, f32_values, install_plugin};
+use serde_json::{Value, json};
+use tonic::Code;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/pt2")
+        .join(name)
+}
+
+/// A fixture's `.npy` file as a tensor named `name`.
+fn npy(fixture_name: &str, file: &str, name: &str) -> Tensor {
+    plinth_torch::read_npy(&fixture(fixture_name).join(file), name).unwrap()
+}
+
+/// Copies a fixture's package into `<repo>/<model>/<version>/model.pt2`.
+fn install_package(repo: &Path, model: &str, version: &str, fixture_name: &str) {
+    let dir = repo.join(model).join(version);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixture(fixture_name).join("model.pt2"),
+        dir.join("model.pt2"),
+    )
+    .unwrap();
+}
+
+/// [N, 3, 16, 16] f32 images -> [N, 10] logits; compiled for 2..=15 rows.
+fn cnn_config() -> ModelConfig {
+    fixtures::config()
+        .max_batch_size(15)
+        .input("image", "f32", &[3, 16, 16])
+        .output("logits", "f32", &[10])
+}
+
+/// [N, 4] f32 -> ([N, 4] f32, [N] i64) through torch.cond; 2..=16 rows.
+fn branch_config() -> ModelConfig {
+    fixtures::config()
+        .max_batch_size(16)
+        .input("x", "f32", &[4])
+        .output("y", "f32", &[4])
+        .output("index", "i64", &[])
+}
+
+/// [N, 8] f16 -> [N, 4] f32; 1..=8 rows.
+fn half_config() -> ModelConfig {
+    fixtures::config()
+        .max_batch_size(8)
+        .input("x", "f16", &[8])
+        .output("y", "f32", &[4])
+}
+
+/// y = 2x over [N, 16] f32; 1..=64 rows (a TorchScript twin sits beside it).
+fn tiny_config() -> ModelConfig {
+    fixtures::config()
+        .max_batch_size(64)
+        .input("x", "f32", &[16])
+        .output("y", "f32", &[16])
+}
+
+fn packages_repo(repo: &Path) {
+    cnn_config().write(repo, "cnn");
+    install_package(repo, "cnn", "1", "cnn");
+    branch_config().write(repo, "branch");
+    install_package(repo, "branch", "1", "branch");
+    half_config().write(repo, "half");
+    install_package(repo, "half", "1", "half");
+}
+
+/// Every (model, input files, expected files) case of the fixtures, with
+/// the config's tensor names.
+struct Case {
+    model: &'static str,
+    fixture: &'static str,
+    label: &'static str,
+    inputs: &'static [&'static str],
+    outputs: &'static [&'static str],
+}
+
+const CASES: &[Case] = &[
+    Case {
+        model: "cnn",
+        fixture: "cnn",
+        label: "b1",
+        inputs: &["image"],
+        outputs: &["logits"],
+    },
+    Case {
+        model: "cnn",
+        fixture: "cnn",
+        label: "b15",
+        inputs: &["image"],
+        outputs: &["logits"],
+    },
+    Case {
+        model: "branch",
+        fixture: "branch",
+        label: "pos",
+        inputs: &["x"],
+        outputs: &["y", "index"],
+    },
+    Case {
+        model: "branch",
+        fixture: "branch",
+        label: "neg",
+        inputs: &["x"],
+        outputs: &["y", "index"],
+    },
+    Case {
+        model: "branch",
+        fixture: "branch",
+        label: "b16",
+        inputs: &["x"],
+        outputs: &["y", "index"],
+    },
+    Case {
+        model: "half",
+        fixture: "half",
+        label: "b1",
+        inputs: &["x"],
+        outputs: &["y"],
+    },
+    Case {
+        model: "half",
+        fixture: "half",
+        label: "b8",
+        inputs: &["x"],
+        outputs: &["y"],
+    },
+];
+
+impl Case {
+    fn inputs(&self) -> Vec<Tensor> {
+        self.inputs
+            .iter()
+            .enumerate()
+            .map(|(i, name)| npy(self.fixture, &format!("input_{}_{i}.npy", self.label), name))
+            .collect()
+    }
+
+    fn expected(&self) -> Vec<Tensor> {
+        self.outputs
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                npy(
+                    self.fixture,
+                    &format!("expected_{}_{i}.npy", self.label),
+                    name,
+                )
+            })
+            .collect()
+    }
+
+    fn what(&self) -> String {
+        format!("{} {}", self.model, self.label)
+    }
+}
+
+fn pb_dtype(dtype: DType) -> pb::DataType {
+    match dtype {
+        DType::F32 => pb::DataType::Float32,
+        DType::F16 => pb::DataType::Float16,
+        DType::I64 => pb::DataType::Int64,
+        other => panic!("no fixture uses {other}"),
+    }
+}
+
+fn oip_datatype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "FP32",
+        DType::F16 => "FP16",
+        DType::I64 => "INT64",
+        other => panic!("no fixture uses {other}"),
+    }
+}
+
+fn to_pb(tensor: &Tensor) -> pb::Tensor {
+    pb::Tensor {
+        name: tensor.name().to_owned(),
+        dtype: pb_dtype(tensor.dtype()) as i32,
+        shape: tensor.shape().to_vec(),
+        data: tensor.data().clone(),
+    }
+}
+
+/// Asserts an answer (name, shape, bytes) equals PyTorch's, bit for bit.
+fn assert_exact(what: &str, got: (&str, &[i64], &[u8]), want: &Tensor) {
+    assert_eq!(got.0, want.name(), "{what}: output name");
+    assert_eq!(
+        got.1,
+        want.shape(),
+        "{what}: output '{}' shape",
+        want.name()
+    );
+    assert!(
+        got.2 == &want.data()[..],
+        "{what}: output '{}' differs from PyTorch's",
+        want.name()
+    );
+}
+
+/// The little-endian bytes of a JSON `data` array of `dtype`.
+fn json_bytes(dtype: DType, data: &Value) -> Vec<u8> {
+    let values = data.as_array().expect("data is an array");
+    let mut out = Vec::new();
+    for v in values {
+        match dtype {
+            DType::F32 => out.extend((v.as_f64().unwrap() as f32).to_le_bytes()),
+            DType::I64 => out.extend(v.as_i64().unwrap().to_le_bytes()),
+            other => panic!("no fixture answers {other}"),
+        }
+    }
+    out
+}
+
+/// A JSON `data` array of a tensor's values.
+fn json_data(tensor: &Tensor) -> Value {
+    let data = tensor.data();
+    match tensor.dtype() {
+        DType::F32 => json!(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<_>>()
+        ),
+        DType::F16 => json!(
+            data.chunks_exact(2)
+                .map(|c| f16_to_f32(u16::from_le_bytes(c.try_into().unwrap())))
+                .collect::<Vec<_>>()
+        ),
+        other => panic!("no fixture sends {other}"),
+    }
+}
+
+/// An IEEE half as f32 (exact: every half is an f32).
+fn f16_to_f32(bits: u16) -> f32 {
+    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = i32::from((bits >> 10) & 0x1f);
+    let frac = f32::from(bits & 0x3ff);
+    match exp {
+        0 => sign * frac * 2f32.powi(-24),
+        31 => sign * f32::INFINITY,
+        _ => sign * (1.0 + frac / 1024.0) * 2f32.powi(exp - 15),
+    }
+}
+
+async fn start_packages() -> TestServer {
+    let srv = TestServer::start(packages_repo, true).await;
+    for model in ["cnn", "branch", "half"] {
+        srv.wait_ready(model).await;
+    }
+    srv
+}
+
+#[tokio::test]
+async fn packages_answer_pytorchs_numbers_over_every_api() {
+    let srv = start_packages().await;
+    let mut compute = srv.compute().await;
+    let mut oip = srv.inference().await;
+    let http = reqwest::Client::new();
+    for case in CASES {
+        let what = case.what();
+        let inputs = case.inputs();
+        let expected = case.expected();
+
+        // plinth.v1
+        let answer = compute
+            .compute(compute_request(
+                case.model,
+                inputs.iter().map(to_pb).collect(),
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: plinth.v1: {e}"))
+            .into_inner();
+        assert_eq!(answer.outputs.len(), expected.len(), "{what}");
+        for (got, want) in answer.outputs.iter().zip(&expected) {
+            assert_eq!(got.dtype, pb_dtype(want.dtype()) as i32, "{what}");
+            assert_exact(
+                &format!("{what} plinth.v1"),
+                (&got.name, &got.shape, &got.data),
+                want,
+            );
+        }
+
+        // OIP over gRPC, raw contents.
+        let request = ipb::ModelInferRequest {
+            model_name: case.model.into(),
+            inputs: inputs
+                .iter()
+                .map(|t| ipb::model_infer_request::InferInputTensor {
+                    name: t.name().into(),
+                    datatype: oip_datatype(t.dtype()).into(),
+                    shape: t.shape().to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+            raw_input_contents: inputs.iter().map(|t| t.data().clone()).collect(),
+            ..Default::default()
+        };
+        let answer = oip
+            .model_infer(request)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: OIP gRPC: {e}"))
+            .into_inner();
+        for ((meta, raw), want) in answer
+            .outputs
+            .iter()
+            .zip(&answer.raw_output_contents)
+            .zip(&expected)
+        {
+            assert_eq!(meta.datatype, oip_datatype(want.dtype()), "{what}");
+            assert_exact(
+                &format!("{what} OIP gRPC"),
+                (&meta.name, &meta.shape, raw),
+                want,
+            );
+        }
+
+        // OIP over REST, JSON.
+        let body = json!({
+            "inputs": inputs.iter().map(|t| json!({
+                "name": t.name(),
+                "shape": t.shape(),
+                "datatype": oip_datatype(t.dtype()),
+                "data": json_data(t),
+            })).collect::<Vec<_>>()
+        });
+        let response = http
+            .post(format!("{}/v2/models/{}/infer", srv.http_url(), case.model))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{what}: REST");
+        let answer: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        let outputs = answer["outputs"].as_array().unwrap();
+        for (got, want) in outputs.iter().zip(&expected) {
+            let shape: Vec<i64> = serde_json::from_value(got["shape"].clone()).unwrap();
+            let bytes = json_bytes(want.dtype(), &got["data"]);
+            assert_exact(
+                &format!("{what} REST"),
+                (got["name"].as_str().unwrap(), &shape, &bytes),
+                want,
+            );
+        }
+    }
+
+    // One row more than the package's maximum: refused, naming it.
+    let rows16 = f32_tensor("image", &[16, 3, 16, 16], &vec![0.5; 16 * 768]);
+    let err = compute
+        .compute(compute_request("cnn", vec![rows16]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("'image'") && err.message().contains("16"),
+        "{err:?}"
+    );
+
+    // Every API says which format each version is.
+    let status = srv.status("cnn").await;
+    assert_eq!(status.formats, ["aoti-package"], "{status:?}");
+    let metadata = oip
+        .model_metadata(ipb::ModelMetadataRequest {
+            name: "half".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(metadata.platform, "pytorch_aoti");
+    let rest = http
+        .get(format!("{}/v2/models/branch", srv.http_url()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let rest: Value = serde_json::from_slice(&rest).unwrap();
+    assert_eq!(rest["platform"], "pytorch_aoti", "{rest}");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_rows_are_batched_into_one_package_run() {
+    // 15 single-row requests, gathered for up to a minute: they run as one
+    // batch of the package's maximum, and each answer is its row of
+    // PyTorch's batch-15 output.
+    let srv = TestServer::start(
+        |repo| {
+            cnn_config()
+                .max_queue_delay_us(60_000_000)
+                .write(repo, "cnn");
+            install_package(repo, "cnn", "1", "cnn");
+        },
+        true,
+    )
+    .await;
+    srv.wait_ready("cnn").await;
+    let images = npy("cnn", "input_b15_0.npy", "image");
+    let logits = npy("cnn", "expected_b15_0.npy", "logits");
+    let (image_bytes, logit_bytes) = (3 * 16 * 16 * 4, 10 * 4);
+    let mut calls = Vec::new();
+    for row in 0..15 {
+        let image = images
+            .data()
+            .slice(row * image_bytes..(row + 1) * image_bytes);
+        let request = compute_request(
+            "cnn",
+            vec![pb::Tensor {
+                name: "image".into(),
+                dtype: pb::DataType::Float32 as i32,
+                shape: vec![1, 3, 16, 16],
+                data: image,
+            }],
+        );
+        let mut client = srv.compute().await;
+        calls.push(tokio::spawn(
+            async move { (row, client.compute(request).await) },
+        ));
+    }
+    for call in calls {
+        let (row, answer) = call.await.unwrap();
+        let answer = answer.unwrap().into_inner();
+        assert_eq!(answer.outputs[0].shape, [1, 10]);
+        assert!(
+            answer.outputs[0].data == logits.data()[row * logit_bytes..(row + 1) * logit_bytes],
+            "row {row} differs from PyTorch's"
+        );
+    }
+    let stats = srv.model_stats("cnn").await;
+    assert_eq!(stats.inference_count, 15);
+    assert_eq!(
+        stats.execution_count, 1,
+        "the rows ran as one batch: {stats:?}"
+    );
+    srv.stop().await;
+}
+
+/// Rewrites a package, passing each entry through `edit` (`None` drops it).
+fn rewrite_package(from: &Path, to: &Path, edit: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>) {
+    let mut input = zip::ZipArchive::new(std::fs::File::open(from).unwrap()).unwrap();
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    let mut output = zip::ZipWriter::new(std::fs::File::create(to).unwrap());
+    let options =
+        zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for i in 0..input.len() {
+        let mut entry = input.by_index(i).unwrap();
+        let name = entry.name().to_owned();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        if let Some(data) = edit(&name, data) {
+            output.start_file(name, options).unwrap();
+            output.write_all(&data).unwrap();
+        }
+    }
+    output.finish().unwrap();
+}
+
+/// `needle` replaced by `with` (same length) wherever it occurs.
+fn replace_bytes(mut data: Vec<u8>, needle: &[u8], with: &[u8]) -> Vec<u8> {
+    assert_eq!(needle.len(), with.len());
+    let mut found = false;
+    let mut i = 0;
+    while i + needle.len() <= data.len() {
+        if &data[i..i + needle.len()] == needle {
+            data[i..i + needle.len()].copy_from_slice(with);
+            found = true;
+            i += needle.len();
+        } else {
+            i += 1;
+        }
+    }
+    assert!(found, "{} not found", String::from_utf8_lossy(needle));
+    data
+}
+
+#[tokio::test]
+async fn bad_packages_fail_with_their_reason_and_the_rest_serve() {
+    let tiny = fixture("tiny/model.pt2");
+    let srv = TestServer::start(
+        |repo| {
+            let model = |name: &str| {
+                tiny_config().write(repo, name);
+                repo.join(name).join("1/model.pt2")
+            };
+            install_package(repo, "good", "1", "tiny");
+            tiny_config().write(repo, "good");
+            // Not a zip at all, and a real package cut in half.
+            let path = model("not_zip");
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"this is not a package").unwrap();
+            let bytes = std::fs::read(&tiny).unwrap();
+            let path = model("truncated");
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+            // Without its compiled library.
+            rewrite_package(&tiny, &model("no_library"), |name, data| {
+                (!name.ends_with(".so")).then_some(data)
+            });
+            // Compiled for CUDA: the metadata a CUDA export writes.
+            rewrite_package(&tiny, &model("cuda_package"), |name, data| {
+                Some(if name.ends_with("_metadata.json") {
+                    let text = String::from_utf8(data).unwrap();
+                    let cuda = text.replace(
+                        "\"AOTI_DEVICE_KEY\": \"cpu\"",
+                        "\"AOTI_DEVICE_KEY\": \"cuda\"",
+                    );
+                    assert_ne!(cuda, text, "the metadata names its device");
+                    cuda.into_bytes()
+                } else {
+                    data
+                })
+            });
+            // Built by another torch: its library calls a libtorch
+            // function this libtorch does not have (one renamed in the
+            // library's dynamic symbol table, as a newer torch's would be).
+            rewrite_package(&tiny, &model("other_torch"), |name, data| {
+                Some(if name.ends_with(".so") {
+                    replace_bytes(
+                        data,
+                        b"aoti_torch_empty_strided\0",
+                        b"aoti_torch_empty_stridez\0",
+                    )
+                } else {
+                    data
+                })
+            });
+            // A max_batch_size beyond the package's compiled maximum.
+            cnn_config().max_batch_size(32).write(repo, "too_wide");
+            install_package(repo, "too_wide", "1", "cnn");
+            // A config whose input dtype is not the package's.
+            fixtures::config()
+                .max_batch_size(64)
+                .input("x", "f64", &[16])
+                .output("y", "f32", &[16])
+                .write(repo, "wrong_dtype");
+            install_package(repo, "wrong_dtype", "1", "tiny");
+        },
+        true,
+    )
+    .await;
+    srv.wait_ready("good").await;
+    let cases: &[(&str, &[&str])] = &[
+        ("not_zip", &["not a readable .pt2 package"]),
+        ("truncated", &["not a readable .pt2 package"]),
+        ("no_library", &["holds no compiled library"]),
+        ("cuda_package", &["compiled for CUDA"]),
+        (
+            "other_torch",
+            &["aoti_torch_empty_stridez", "another torch version"],
+        ),
+        (
+            "too_wide",
+            &["max_batch_size = 32", "at most 15", "input 'image'"],
+        ),
+        (
+            "wrong_dtype",
+            &["input 'x'", "declares dtype f64", "package takes f32"],
+        ),
+    ];
+    for (model, words) in cases {
+        let status = srv
+            .wait_for(model, |s| s.state == pb::ModelState::Failed as i32)
+            .await;
+        for word in *words {
+            assert!(
+                status.reason.contains(word),
+                "{model}: reason lacks {word:?}: {}",
+                status.reason
+            );
+        }
+        assert!(status.reason.contains("model.pt2"), "{}", status.reason);
+    }
+    // The good package serves, its numbers PyTorch's.
+    let x = npy("tiny", "input_b1_0.npy", "x");
+    let want = npy("tiny", "expected_b1_0.npy", "y");
+    let answer = srv
+        .compute()
+        .await
+        .compute(compute_request("good", vec![to_pb(&x)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_exact(
+        "good",
+        (
+            &answer.outputs[0].name,
+            &answer.outputs[0].shape,
+            &answer.outputs[0].data,
+        ),
+        &want,
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_torchscript_version_is_replaced_by_a_package_under_poll_with_no_failed_request() {
+    let srv = TestServer::start_with(
+        |repo| {
+            tiny_config().write(repo, "tiny");
+            let dir = repo.join("tiny/1");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(fixture("tiny/model.pt"), dir.join("model.pt")).unwrap();
+        },
+        |config| {
+            config.load_all = true;
+            config.poll = true;
+        },
+    )
+    .await;
+    let status = srv.wait_ready("tiny").await;
+    assert_eq!(status.formats, ["torchscript"]);
+    let x = npy("tiny", "input_b1_0.npy", "x");
+    let want = npy("tiny", "expected_b1_0.npy", "y");
+
+    // Load: requests back to back from four clients, through the swap.
+    let stop = tokio_util_stop();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut client = srv.compute().await;
+        let (x, want, stop) = (x.clone(), want.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut served = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let answer = client
+                    .compute(compute_request("tiny", vec![to_pb(&x)]))
+                    .await
+                    .expect("no request fails while the format changes")
+                    .into_inner();
+                assert!(answer.outputs[0].data == want.data()[..], "wrong answer");
+                served += 1;
+            }
+            served
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Version 2: the same model, exported and compiled as a package.
+    let staging = srv.repo.path().join("tiny/.2.partial");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::copy(fixture("tiny/model.pt2"), staging.join("model.pt2")).unwrap();
+    std::fs::rename(&staging, srv.repo.path().join("tiny/2")).unwrap();
+    let status = srv
+        .wait_for("tiny", |s| s.versions == ["2"] && !s.reloading)
+        .await;
+    assert_eq!(status.formats, ["aoti-package"], "{status:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let mut served = 0;
+    for client in clients {
+        served += client.await.unwrap();
+    }
+    assert!(served > 0);
+    srv.stop().await;
+}
+
+fn tokio_util_stop() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+}
+
+#[tokio::test]
+async fn one_model_serves_torchscript_and_package_versions_side_by_side() {
+    let srv = TestServer::start(
+        |repo| {
+            tiny_config().all_versions().write(repo, "tiny");
+            let dir = repo.join("tiny/1");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(fixture("tiny/model.pt"), dir.join("model.pt")).unwrap();
+            install_package(repo, "tiny", "2", "tiny");
+        },
+        true,
+    )
+    .await;
+    let status = srv.wait_ready("tiny").await;
+    assert_eq!(status.versions, ["1", "2"]);
+    assert_eq!(status.formats, ["torchscript", "aoti-package"]);
+    let x = npy("tiny", "input_b1_0.npy", "x");
+    let want = npy("tiny", "expected_b1_0.npy", "y");
+    let mut oip = srv.inference().await;
+    for (version, platform) in [("1", "pytorch_libtorch"), ("2", "pytorch_aoti")] {
+        let mut request = compute_request("tiny", vec![to_pb(&x)]);
+        request.version = version.into();
+        let answer = srv
+            .compute()
+            .await
+            .compute(request)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            answer.outputs[0].data == want.data()[..],
+            "version {version}"
+        );
+        let metadata = oip
+            .model_metadata(ipb::ModelMetadataRequest {
+                name: "tiny".into(),
+                version: version.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(metadata.platform, platform, "version {version}");
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_processor_feeds_a_package_and_the_cascade_calls_one() {
+    let srv = TestServer::start(
+        |repo| {
+            // u8 NHWC images normalised into the CNN's f32 NCHW input.
+            cnn_config()
+                .preprocess(&["normalize"])
+                .write(repo, "vision");
+            install_package(repo, "vision", "1", "cnn");
+            cnn_config().write(repo, "cnn");
+            install_package(repo, "cnn", "1", "cnn");
+            // The cascade: small is TorchScript (y = x), large the package
+            // y = 4x over rows of three.
+            fixtures::batched_scale(repo, "small", 1.0);
+            fixtures::batched_rows_config()
+                .max_batch_size(64)
+                .write(repo, "large");
+            install_package(repo, "large", "1", "scale4");
+            fixtures::batched_rows_config()
+                .orchestrator("cascade")
+                .write(repo, "cascade");
+        },
+        true,
+    )
+    .await;
+    install_plugin(
+        srv.plugins.path(),
+        "normalize",
+        "image_normalize",
+        Some("[config]\nmean = [0.5]\nstd = [0.25]\n"),
+    );
+    install_plugin(
+        srv.plugins.path(),
+        "cascade",
+        "cascade",
+        Some("[config]\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 0.6\n"),
+    );
+    for plugin in ["normalize", "cascade"] {
+        srv.wait_plugin(plugin, |s| s.serving && s.load_error.is_empty())
+            .await;
+    }
+    for model in ["vision", "cnn", "small", "large", "cascade"] {
+        srv.wait_ready(model).await;
+    }
+    let mut compute = srv.compute().await;
+
+    // Two u8 NHWC images; the processor gives (p / 255 - 0.5) / 0.25 in
+    // NCHW, as p * gain + offset: computed here the same way, then run on
+    // the package directly.
+    let gain = (1.0f32 / 255.0) / 0.25;
+    let offset = -0.5f32 / 0.25;
+    let pixels: Vec<u8> = (0..2 * 16 * 16 * 3).map(|i| (i * 37 % 256) as u8).collect();
+    let mut nchw = vec![0f32; 2 * 3 * 16 * 16];
+    for n in 0..2 {
+        for y in 0..16 {
+            for x in 0..16 {
+                for c in 0..3 {
+                    let p = f32::from(pixels[((n * 16 + y) * 16 + x) * 3 + c]);
+                    nchw[((n * 3 + c) * 16 + y) * 16 + x] = p * gain + offset;
+                }
+            }
+        }
+    }
+    let via_processor = compute
+        .compute(compute_request(
+            "vision",
+            vec![pb::Tensor {
+                name: "image".into(),
+                dtype: pb::DataType::Uint8 as i32,
+                shape: vec![2, 16, 16, 3],
+                data: pixels.into(),
+            }],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let direct = compute
+        .compute(compute_request(
+            "cnn",
+            vec![f32_tensor("image", &[2, 3, 16, 16], &nchw)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(via_processor.outputs[0].shape, [2, 10]);
+    assert_eq!(
+        f32_values(&via_processor.outputs[0]),
+        f32_values(&direct.outputs[0])
+    );
+
+    // The cascade: rows 1 and 2 are uncertain and go to the package.
+    let rows = [
+        0.75f32, 0.125, 0.125, 0.5, 0.25, 0.25, 0.25, 0.25, 0.5, 0.875, 0.0625, 0.0625,
+    ];
+    let answer = compute
+        .compute(compute_request(
+            "cascade",
+            vec![f32_tensor("x", &[4, 3], &rows)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        f32_values(&answer.outputs[0]),
+        [
+            0.75, 0.125, 0.125, 2.0, 1.0, 1.0, 1.0, 1.0, 2.0, 0.875, 0.0625, 0.0625
+        ]
+    );
+    let large = srv.model_stats("large").await;
+    assert_eq!(
+        (large.inference_count, large.execution_count),
+        (2, 1),
+        "the package ran the two uncertain rows once"
+    );
+    srv.stop().await;
+}
