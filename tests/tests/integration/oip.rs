@@ -626,7 +626,7 @@ async fn statistics_count_requests_stages_and_batches() {
     assert_eq!(status.code(), Code::NotFound);
 }
 
-fn test_python() -> std::ffi::OsString {
+pub(crate) fn test_python() -> std::ffi::OsString {
     std::env::var_os("PLINTH_PYTHON").unwrap_or_else(|| {
         panic!(
             "PLINTH_PYTHON is not set: run the suite with `cargo xtask test`, which installs tritonclient into a venv"

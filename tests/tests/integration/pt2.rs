@@ -834,3 +834,142 @@ async fn a_processor_feeds_a_package_and_the_cascade_calls_one() {
     );
     srv.stop().await;
 }
+
+/// tritonclient, gRPC and HTTP, at batch 1 and at each package's maximum:
+/// see tests/python/pt2_tritonclient.py.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_gets_pytorchs_numbers_from_packages() {
+    let python = super::oip::test_python();
+    let srv = start_packages().await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pt2_tritonclient.py");
+    let grpc = srv.running().grpc_addr.to_string();
+    let http = srv.running().http_addr.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(&script)
+            .env("PLINTH_GRPC", grpc)
+            .env("PLINTH_HTTP", http)
+            .env("PLINTH_FIXTURES", fixture(""))
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("runs python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "tritonclient against packages failed"
+    );
+    assert_eq!(
+        stdout.matches("ok ").count(),
+        2 * (2 + 2 * 3 + 2) + 2,
+        "{stdout}"
+    );
+    srv.stop().await;
+}
+
+/// Packages run on the executor threads under the process-wide budget:
+/// two instances of one intra-op thread each (two runners in the package's
+/// container), eight clients at once, never more than the budget's cores.
+#[tokio::test]
+async fn packages_compute_under_the_thread_budget() {
+    let srv = TestServer::start_with(
+        |repo| {
+            tiny_config()
+                .instances(2)
+                .field("intra_op_threads", 1)
+                .write(repo, "tiny");
+            install_package(repo, "tiny", "1", "tiny");
+        },
+        |config| {
+            config.threads = Some(2);
+            config.load_all = true;
+        },
+    )
+    .await;
+    srv.wait_ready("tiny").await;
+    let x = npy("tiny", "input_b1_0.npy", "x");
+    let want = npy("tiny", "expected_b1_0.npy", "y");
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let mut compute = srv.compute().await;
+        let request = compute_request("tiny", vec![to_pb(&x)]);
+        calls.push(tokio::spawn(async move { compute.compute(request).await }));
+    }
+    for call in calls {
+        let answer = call.await.unwrap().unwrap().into_inner();
+        assert!(answer.outputs[0].data == want.data()[..]);
+    }
+    let detail = srv
+        .models()
+        .await
+        .get_model(pb::GetModelRequest {
+            name: "tiny".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model
+        .unwrap();
+    assert_eq!((detail.instances, detail.intra_op_threads), (2, 1));
+    let budget = srv.info().await.thread_budget.unwrap();
+    assert_eq!((budget.executors, budget.torch_threads), (2, 2));
+    assert!(
+        (1..=2).contains(&budget.cores_peak),
+        "cores peak {} outside the budget",
+        budget.cores_peak
+    );
+    assert_eq!(budget.cores_in_use, 0);
+    srv.stop().await;
+}
+
+/// A package compiled for CUDA, on a GPU. CI has none: the test says so
+/// and why, and runs where a GPU and the CUDA fixture (made by make.py on
+/// a GPU machine) are present.
+#[tokio::test]
+async fn a_cuda_package_runs_on_the_gpu() {
+    let cuda = plinth_torch::init_cuda();
+    if cuda.device_count == 0 {
+        eprintln!(
+            "SKIPPED a_cuda_package_runs_on_the_gpu: no GPU here ({})",
+            cuda.note.as_deref().unwrap_or("no CUDA device")
+        );
+        return;
+    }
+    if !fixture("cnn_cuda/model.pt2").is_file() {
+        eprintln!(
+            "SKIPPED a_cuda_package_runs_on_the_gpu: no CUDA package; make it with `python tests/fixtures/pt2/make.py cnn_cuda` on a machine with a GPU"
+        );
+        return;
+    }
+    let srv = TestServer::start(
+        |repo| {
+            cnn_config().device("cuda").write(repo, "cnn_cuda");
+            install_package(repo, "cnn_cuda", "1", "cnn_cuda");
+        },
+        true,
+    )
+    .await;
+    let status = srv.wait_ready("cnn_cuda").await;
+    assert_eq!(status.device, "cuda:0");
+    let x = npy("cnn_cuda", "input_b1_0.npy", "image");
+    let want = npy("cnn_cuda", "expected_b1_0.npy", "logits");
+    let answer = srv
+        .compute()
+        .await
+        .compute(compute_request("cnn_cuda", vec![to_pb(&x)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_exact(
+        "cnn_cuda",
+        (
+            &answer.outputs[0].name,
+            &answer.outputs[0].shape,
+            &answer.outputs[0].data,
+        ),
+        &want,
+    );
+    srv.stop().await;
+}
