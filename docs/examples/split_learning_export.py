@@ -1,5 +1,9 @@
 """Cut one CNN in two and export both halves (and the uncut model) as TorchScript.
 
+With --server-format pt2, the server half is exported with torch.export and
+compiled by AOTInductor into a package (model.pt2) instead: the format
+PyTorch now recommends for serving from C++ (needs a C++ compiler).
+
     python split_learning_export.py --out split
 
 writes
@@ -45,6 +49,20 @@ def trace(module: nn.Module, example: torch.Tensor, path: pathlib.Path) -> torch
         return traced(example)
 
 
+def export_package(module: nn.Module, example: torch.Tensor, path: pathlib.Path) -> torch.Tensor:
+    """Exports `module` with a dynamic batch dimension (1..MAX_BATCH_SIZE),
+    compiles it into an AOTInductor package at `path`, and returns the
+    package's output for `example`."""
+    from torch.export import Dim
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = Dim("batch", min=1, max=MAX_BATCH_SIZE)
+    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        return torch._inductor.aoti_load_package(str(path))(example)
+
+
 def config_toml(activation_shape, logits_shape) -> str:
     # Shapes leave out the batch dimension: max_batch_size > 0 adds it.
     return (
@@ -65,6 +83,12 @@ def config_toml(activation_shape, logits_shape) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("split"))
+    parser.add_argument(
+        "--server-format",
+        choices=["torchscript", "pt2"],
+        default="torchscript",
+        help="the server half as TorchScript (model.pt) or as an AOTInductor package (model.pt2)",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -73,13 +97,17 @@ def main() -> None:
 
     example = torch.zeros(2, *IMAGE)
     activation = trace(client_half, example, args.out / "client" / "client_half.pt")
-    logits = trace(server_half, activation, args.out / "models" / "cnn_server" / "1" / "model.pt")
+    version = args.out / "models" / "cnn_server" / "1"
+    if args.server_format == "pt2":
+        logits = export_package(server_half, activation, version / "model.pt2")
+    else:
+        logits = trace(server_half, activation, version / "model.pt")
     trace(model, example, args.out / "client" / "uncut.pt")
 
     config = args.out / "models" / "cnn_server" / "config.toml"
     config.write_text(config_toml(activation.shape[1:], logits.shape[1:]))
     print(f"activation {list(activation.shape[1:])} -> logits {list(logits.shape[1:])}")
-    print(f"wrote {config} and the three TorchScript files under {args.out}")
+    print(f"wrote {config}, the server half as {args.server_format}, and the client files under {args.out}")
 
 
 if __name__ == "__main__":

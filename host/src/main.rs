@@ -83,7 +83,7 @@ enum Command {
 
 #[derive(Parser)]
 struct ServeArgs {
-    /// Model repository: <repo>/<model>/config.toml and <repo>/<model>/<version>/model.pt.
+    /// Model repository: <repo>/<model>/config.toml and <repo>/<model>/<version>/model.pt (TorchScript) or model.pt2 (an AOTInductor package).
     /// Without it, ./.plinth/models is used and filled with demo models if absent.
     /// A directory that holds config.toml itself is one model, named by --model-name.
     #[arg(long, env = "PLINTH_MODEL_REPOSITORY")]
