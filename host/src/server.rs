@@ -644,8 +644,9 @@ pub fn check(config: &ServerConfig) -> Result<Vec<String>, Vec<String>> {
                     }
                 }
                 if packages > 0 {
-                    // libtorch unpacks each package into a temporary directory.
-                    let tmp = std::env::temp_dir();
+                    // libtorch 2.11 unpacks each package into a new
+                    // directory under /tmp, a path it names itself.
+                    let tmp = std::path::PathBuf::from("/tmp");
                     let probe = tmp.join(format!(".plinth-check-{}", std::process::id()));
                     match std::fs::create_dir(&probe).and_then(|()| std::fs::remove_dir(&probe)) {
                         Ok(()) => facts.push(format!(
@@ -653,7 +654,7 @@ pub fn check(config: &ServerConfig) -> Result<Vec<String>, Vec<String>> {
                             tmp.display()
                         )),
                         Err(err) => problems.push(format!(
-                            "temporary directory {}: not writable ({err}): AOTInductor packages are unpacked there when they load; set TMPDIR to a writable directory",
+                            "temporary directory {}: not writable ({err}): libtorch unpacks AOTInductor packages there when they load (mount a writable volume there)",
                             tmp.display()
                         )),
                     }

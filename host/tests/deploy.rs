@@ -250,6 +250,7 @@ fn the_bundle_runs_from_an_empty_directory_with_nothing_else() {
     for needed in [
         "lib/libtorch_cpu.so",
         "lib/libc10.so",
+        "lib/libtorch.so",
         "plugins/weighted_router.wasm",
         "licenses/crates/INDEX.tsv",
         "README",
@@ -283,6 +284,7 @@ fn the_bundle_runs_from_an_empty_directory_with_nothing_else() {
         .status()
         .unwrap();
     assert!(demo.success());
+    add_package(&models);
     let mut serve = Command::new(&bin);
     serve
         .args(SERVE_ON_ANY_PORTS)
@@ -297,6 +299,7 @@ fn the_bundle_runs_from_an_empty_directory_with_nothing_else() {
         .env("RUST_LOG", "info");
     let (server, line) = start_and_read(serve, "plinth serving");
     tritonclient_affine(&field(&line, "grpc_addr="), &field(&line, "http_addr="));
+    check_package(&field(&line, "http_addr="));
     drop(server);
 }
 
@@ -354,6 +357,53 @@ impl Drop for Container {
     }
 }
 
+/// `tiny`, an AOTInductor package made by PyTorch (y = 2x over rows of 16
+/// f32, tests/fixtures/pt2), added to a model repository.
+fn add_package(models: &Path) {
+    let dir = models.join("tiny");
+    std::fs::create_dir_all(dir.join("1")).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        "max_batch_size = 64\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = [16]\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = [16]\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        repo_root().join("tests/fixtures/pt2/tiny/model.pt2"),
+        dir.join("1/model.pt2"),
+    )
+    .unwrap();
+}
+
+/// The package answers REST infer with 2x, exactly.
+fn check_package(http_addr: &str) {
+    use std::io::{Read, Write};
+    let x: Vec<f32> = (0..16).map(|i| i as f32 * 0.75 - 3.0).collect();
+    let body = format!(
+        "{{\"inputs\":[{{\"name\":\"x\",\"shape\":[1,16],\"datatype\":\"FP32\",\"data\":{x:?}}}]}}"
+    );
+    let mut stream = std::net::TcpStream::connect(http_addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        stream,
+        "POST /v2/models/tiny/infer HTTP/1.1\r\nhost: plinth\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let json = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let value: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    let y: Vec<f32> = value["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let want: Vec<f32> = x.iter().map(|v| 2.0 * v).collect();
+    assert_eq!(y, want, "{answer}");
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
@@ -396,6 +446,8 @@ fn the_image_serves_the_demo_models_as_a_non_root_user() {
         .status()
         .unwrap();
     assert!(demo.success());
+    // A package too: libtorch unpacks it into the image's /tmp.
+    add_package(&models.path().join("m"));
     open_to_all(models.path());
     let container = Container::from(&image);
     let args: Vec<String> = std::iter::once("/opt/plinth/bin/plinth")
@@ -424,6 +476,7 @@ fn the_image_serves_the_demo_models_as_a_non_root_user() {
         "the image's default plugin directory holds health.wasm"
     );
     tritonclient_affine(&field(&line, "grpc_addr="), &http_addr);
+    check_package(&http_addr);
     // Request events reach the metrics plugin in batches, off the request
     // path, so the counts show up a flush later: poll for them.
     let metrics_addr = field(&line, "metrics_addr=");

@@ -640,8 +640,9 @@ impl std::fmt::Debug for AotiPackage {
 
 impl AotiPackage {
     /// Loads the package at `path` with `runners` models in its container,
-    /// on `device`. Blocking: libtorch unpacks the package into a temporary
-    /// directory (`TMPDIR`, else `/tmp`) and maps its library. Check
+    /// on `device`. Blocking: libtorch unpacks the package into a new
+    /// directory under `/tmp` (it names `/tmp` itself; `TMPDIR` does not
+    /// move it), removed when the package is dropped, and maps its library. Check
     /// [`PackageInfo::check_host`] first: the library is native code.
     /// `batches` says whether dim 0 of every input is the batch.
     pub fn load(
