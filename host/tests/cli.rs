@@ -467,3 +467,108 @@ async fn plinth_health_names_the_model_that_holds_readiness_back() {
     assert!(!run.stderr.contains("affine"), "{run:?}");
     srv.stop().await;
 }
+
+/// `plinth serve --check` reads each `.pt2` package without loading it (no
+/// library is unpacked under /tmp) and reports each problem in one line.
+#[test]
+fn serve_check_reads_packages_without_loading_them() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pt2");
+    let repo = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let model = |name: &str, max_batch_size: u32, fixture: &str, shape: &str, out: &str| {
+        let dir = repo.path().join(name);
+        std::fs::create_dir_all(dir.join("1")).unwrap();
+        std::fs::write(
+            dir.join("config.toml"),
+            format!("max_batch_size = {max_batch_size}\n[[input]]\nname = \"x\"\ndtype = \"f32\"\nshape = {shape}\n[[output]]\nname = \"y\"\ndtype = \"f32\"\nshape = {out}\n"),
+        )
+        .unwrap();
+        std::fs::copy(
+            fixtures.join(fixture).join("model.pt2"),
+            dir.join("1/model.pt2"),
+        )
+        .unwrap();
+        dir.join("1/model.pt2")
+    };
+    model("good", 64, "tiny", "[16]", "[16]");
+    model("too_wide", 32, "cnn", "[3, 16, 16]", "[10]");
+    let truncated = model("truncated", 64, "tiny", "[16]", "[16]");
+    let bytes = std::fs::read(&truncated).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+
+    let before = unpacked_under_tmp();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(["serve", "--check", "--model-repository"])
+        .arg(repo.path())
+        .arg("--plugin-dir")
+        .arg(plugins.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(!output.status.success(), "{stdout}{stderr}");
+    let problems: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("plinth: ") && l.contains("model.pt2"))
+        .collect();
+    assert_eq!(problems.len(), 2, "{stderr}");
+    assert!(
+        problems.iter().any(|l| l.contains("too_wide/1/model.pt2")
+            && l.contains("max_batch_size = 32")
+            && l.contains("at most 15")),
+        "{stderr}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|l| l.contains("truncated/1/model.pt2")
+                && l.contains("not a readable .pt2 package")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("found 2 problem(s)"), "{stderr}");
+    // With the bad ones gone, the good package passes and is named.
+    std::fs::remove_dir_all(repo.path().join("too_wide")).unwrap();
+    std::fs::remove_dir_all(repo.path().join("truncated")).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(["serve", "--check", "--model-repository"])
+        .arg(repo.path())
+        .arg("--plugin-dir")
+        .arg(plugins.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("model good: 1 version(s) to load (aoti-package)")
+            && stdout.contains("temporary directory /tmp: writable"),
+        "{stdout}"
+    );
+    assert_eq!(
+        unpacked_under_tmp(),
+        before,
+        "--check unpacked a package under /tmp"
+    );
+}
+
+/// The packages libtorch has unpacked under /tmp (`/tmp/XXXXXX/<archive>/data/aotinductor`).
+fn unpacked_under_tmp() -> std::collections::BTreeSet<std::path::PathBuf> {
+    std::fs::read_dir("/tmp")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    std::fs::read_dir(p)
+                        .map(|inner| {
+                            inner
+                                .flatten()
+                                .any(|i| i.path().join("data/aotinductor").is_dir())
+                        })
+                        .unwrap_or(false)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -393,7 +393,8 @@ fn check_package(http_addr: &str) {
     stream.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let json = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
-    let value: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    let value: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {answer}"));
     let y: Vec<f32> = value["outputs"][0]["data"]
         .as_array()
         .unwrap()
