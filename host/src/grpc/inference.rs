@@ -544,9 +544,9 @@ impl GrpcInferenceService for InferenceApi {
         )
         .map_err(status)?;
         Ok(Response::new(ipb::ModelConfigResponse {
-            config: Some(model_config_pb(&oip::model_config(
-                &model.name,
-                &model.config,
+            config: Some(model_config_pb(&oip::ready_model_config(
+                &model,
+                version_arg(&request.version),
             ))),
         }))
     }

@@ -175,9 +175,9 @@ pub async fn model_config(
         model_param(&params),
         version_param(&params),
     )?;
-    Ok(Json(config_json(&oip::model_config(
-        &model.name,
-        &model.config,
+    Ok(Json(config_json(&oip::ready_model_config(
+        &model,
+        version_param(&params),
     ))))
 }
 

@@ -20,8 +20,8 @@ pub use repository::{repository_load, repository_unload};
 pub use views::{
     BACKEND, ConfigTensor, IndexRow, InstanceGroupView, InstanceKind, ModelConfigView, PLATFORM,
     SPECIFIC_VERSIONS_PARAMETER, StatDuration, TensorMetadata, VersionPolicyView,
-    VersionStatistics, model_config, model_ready, ready_model, repository_index, state_name,
-    statistics, tensor_metadata,
+    VersionStatistics, model_config, model_ready, ready_model, ready_model_config,
+    repository_index, state_name, statistics, tensor_metadata,
 };
 
 /// The name the server reports in its metadata.

@@ -142,6 +142,20 @@ pub struct InstanceGroupView {
     pub gpus: Vec<usize>,
 }
 
+/// [`model_config`] of a loaded model, its platform and file those of
+/// `version` (the newest when `None`).
+pub fn ready_model_config(
+    model: &crate::registry::ReadyModel,
+    version: Option<&str>,
+) -> ModelConfigView {
+    let mut view = model_config(&model.name, &model.config);
+    view.platform = model.platform(version);
+    if let Some(format) = model.format(version) {
+        view.default_model_filename = format.file_name();
+    }
+    view
+}
+
 /// The configuration of model `name` as ModelConfig reports it.
 pub fn model_config(name: &str, config: &ModelConfig) -> ModelConfigView {
     let tensors = |specs: &[TensorSpec]| {

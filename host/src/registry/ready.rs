@@ -184,14 +184,20 @@ impl ReadyModel {
     /// `None`): `pytorch_libtorch` for TorchScript, as Triton names it,
     /// `pytorch_aoti` for an AOTInductor package.
     pub fn platform(&self, version: Option<&str>) -> &'static str {
+        match self.format(version) {
+            Some(ModelFormat::AotiPackage) => "pytorch_aoti",
+            _ => "pytorch_libtorch",
+        }
+    }
+
+    /// The format of a version (the newest when `version` is `None`);
+    /// `None` for an orchestrator entry or an unknown version.
+    pub fn format(&self, version: Option<&str>) -> Option<ModelFormat> {
         let chosen = match version {
             Some(label) => self.versions.iter().find(|v| v.version.answers_to(label)),
             None => self.versions.last(),
         };
-        match chosen.and_then(|v| v.format) {
-            Some(ModelFormat::AotiPackage) => "pytorch_aoti",
-            _ => "pytorch_libtorch",
-        }
+        chosen.and_then(|v| v.format)
     }
 
     pub fn version_labels(&self) -> Vec<String> {

@@ -714,6 +714,29 @@ async fn one_model_serves_torchscript_and_package_versions_side_by_side() {
             .unwrap()
             .into_inner();
         assert_eq!(metadata.platform, platform, "version {version}");
+        let config = oip
+            .model_config(ipb::ModelConfigRequest {
+                name: "tiny".into(),
+                version: version.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .config
+            .unwrap();
+        let file = if version == "1" {
+            "model.pt"
+        } else {
+            "model.pt2"
+        };
+        assert_eq!(
+            (
+                config.platform.as_str(),
+                config.default_model_filename.as_str()
+            ),
+            (platform, file),
+            "version {version}"
+        );
     }
     srv.stop().await;
 }
