@@ -21,9 +21,21 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A fixture's `.npy` file as a tensor named `name`.
+/// A fixture's `.npy` file as a tensor named `name`. NumPy has no
+/// bfloat16: make.py saves a bf16 tensor's bit patterns as int16, so an
+/// int16 file is read back as bf16 (no fixture has int16 tensors).
 fn npy(fixture_name: &str, file: &str, name: &str) -> Tensor {
-    plinth_torch::read_npy(&fixture(fixture_name).join(file), name).unwrap()
+    let tensor = plinth_torch::read_npy(&fixture(fixture_name).join(file), name).unwrap();
+    if tensor.dtype() == DType::I16 {
+        return Tensor::new(
+            name,
+            DType::BF16,
+            tensor.shape().to_vec(),
+            tensor.data().clone(),
+        )
+        .unwrap();
+    }
+    tensor
 }
 
 /// Copies a fixture's package into `<repo>/<model>/<version>/model.pt2`.
@@ -70,7 +82,18 @@ fn tiny_config() -> ModelConfig {
         .output("y", "f32", &[16])
 }
 
+/// [N, 4] bf16 -> ([N, 4] bool, [N, 4] bf16); up to 8 rows.
+fn mixed_config() -> ModelConfig {
+    fixtures::config()
+        .max_batch_size(8)
+        .input("x", "bf16", &[4])
+        .output("positive", "bool", &[4])
+        .output("double", "bf16", &[4])
+}
+
 fn packages_repo(repo: &Path) {
+    mixed_config().write(repo, "mixed");
+    install_package(repo, "mixed", "1", "mixed");
     cnn_config().write(repo, "cnn");
     install_package(repo, "cnn", "1", "cnn");
     branch_config().write(repo, "branch");
@@ -139,6 +162,13 @@ const CASES: &[Case] = &[
         inputs: &["x"],
         outputs: &["y"],
     },
+    Case {
+        model: "mixed",
+        fixture: "mixed",
+        label: "b3",
+        inputs: &["x"],
+        outputs: &["positive", "double"],
+    },
 ];
 
 impl Case {
@@ -174,6 +204,8 @@ fn pb_dtype(dtype: DType) -> pb::DataType {
         DType::F32 => pb::DataType::Float32,
         DType::F16 => pb::DataType::Float16,
         DType::I64 => pb::DataType::Int64,
+        DType::Bool => pb::DataType::Bool,
+        DType::BF16 => pb::DataType::Bfloat16,
         other => panic!("no fixture uses {other}"),
     }
 }
@@ -183,6 +215,8 @@ fn oip_datatype(dtype: DType) -> &'static str {
         DType::F32 => "FP32",
         DType::F16 => "FP16",
         DType::I64 => "INT64",
+        DType::Bool => "BOOL",
+        DType::BF16 => "BF16",
         other => panic!("no fixture uses {other}"),
     }
 }
@@ -220,6 +254,11 @@ fn json_bytes(dtype: DType, data: &Value) -> Vec<u8> {
         match dtype {
             DType::F32 => out.extend((v.as_f64().unwrap() as f32).to_le_bytes()),
             DType::I64 => out.extend(v.as_i64().unwrap().to_le_bytes()),
+            DType::Bool => out.push(u8::from(v.as_bool().unwrap())),
+            // A bf16 is the top half of the f32 with the same value.
+            DType::BF16 => {
+                out.extend((((v.as_f64().unwrap() as f32).to_bits() >> 16) as u16).to_le_bytes())
+            }
             other => panic!("no fixture answers {other}"),
         }
     }
@@ -240,6 +279,11 @@ fn json_data(tensor: &Tensor) -> Value {
                 .map(|c| f16_to_f32(u16::from_le_bytes(c.try_into().unwrap())))
                 .collect::<Vec<_>>()
         ),
+        DType::BF16 => json!(
+            data.chunks_exact(2)
+                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes(c.try_into().unwrap())) << 16))
+                .collect::<Vec<_>>()
+        ),
         other => panic!("no fixture sends {other}"),
     }
 }
@@ -258,7 +302,7 @@ fn f16_to_f32(bits: u16) -> f32 {
 
 async fn start_packages() -> TestServer {
     let srv = TestServer::start(packages_repo, true).await;
-    for model in ["cnn", "branch", "half"] {
+    for model in ["cnn", "branch", "half", "mixed"] {
         srv.wait_ready(model).await;
     }
     srv
