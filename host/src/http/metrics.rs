@@ -1,13 +1,22 @@
 //! The host's own Prometheus text on the metrics port: what every metrics
-//! plugin renders, then the host's counters (dropped events, mirrors,
-//! plugin calls and failures, model memory and on-demand residency). The
-//! pipeline and the registry only count; the text is written here.
+//! plugin renders, then the host's series, encoded by `prometheus-client`
+//! (OpenMetrics style: a counter's samples end in `_total`): per model and
+//! version the queue, in flight, queue and compute time, batch rows,
+//! requests by outcome, load time and memory; for the server its threads,
+//! dropped events, mirrors, plugin calls and failures and on-demand
+//! residency. The pipeline and the registry only count; the text is
+//! written here. Every host series is named `plinth_…` and none is a name
+//! the shipped metrics plugin writes.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::text::encode_registry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::pipeline::Pipeline;
 use crate::plugin::kind;
-use crate::registry::Registry;
 
 /// Prometheus text of every metrics plugin, then the host's own counters
 /// about plugins. Blocking: call it off the tokio workers.
@@ -27,94 +36,203 @@ pub fn render(pipeline: &Pipeline) -> String {
             )),
         }
     }
-    text.push_str("# HELP plinth_metrics_events_dropped_total Request events dropped because the metrics queue was full.\n");
-    text.push_str("# TYPE plinth_metrics_events_dropped_total counter\n");
-    text.push_str(&format!(
-        "plinth_metrics_events_dropped_total {}\n",
-        pipeline.dropped_events()
-    ));
+    let mut registry = prometheus_client::registry::Registry::with_prefix("plinth");
+    host_series(pipeline, &mut registry);
+    if let Err(err) = encode_registry(&mut text, &registry) {
+        text.push_str(&format!("# the host's series failed to encode: {err}\n"));
+    }
+    text
+}
+
+/// A counter holding `value`: the host keeps its own atomics and hands a
+/// snapshot to each scrape.
+fn counter(value: u64) -> Counter {
+    let counter = Counter::default();
+    counter.inc_by(value);
+    counter
+}
+
+fn gauge(value: i64) -> Gauge {
+    let gauge = Gauge::default();
+    gauge.set(value);
+    gauge
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Every series of the host (none of them a plugin's), into `registry`.
+fn host_series(pipeline: &Pipeline, registry: &mut prometheus_client::registry::Registry) {
+    let models = pipeline.registry();
+    models.serving_metrics().register(registry);
+
+    // Per model and version, read now: what autoscalers scale on.
+    let queued: Family<Vec<(String, String)>, Gauge> = Family::default();
+    let in_flight: Family<Vec<(String, String)>, Gauge> = Family::default();
+    for (name, model) in models.serving_models() {
+        for (version, waiting) in model.queued() {
+            queued
+                .get_or_create(&labels(&[("model", &name), ("version", version)]))
+                .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        }
+        in_flight
+            .get_or_create(&labels(&[("model", &name)]))
+            .set(i64::try_from(model.in_flight()).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "model_queue_requests",
+        "Requests waiting in a model version's queue for a forward pass",
+        queued,
+    );
+    registry.register(
+        "model_inflight_requests",
+        "Requests admitted to a model and not yet answered",
+        in_flight,
+    );
+    let load_seconds: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>> = Family::default();
+    let memory: Family<Vec<(String, String)>, Gauge> = Family::default();
+    for status in models.list() {
+        if let Some(took) = status.load_duration {
+            load_seconds
+                .get_or_create(&labels(&[("model", &status.name)]))
+                .set(took.as_secs_f64());
+        }
+        if let Some(device) = &status.device {
+            memory
+                .get_or_create(&labels(&[("model", &status.name), ("device", device)]))
+                .set(i64::try_from(status.memory_bytes).unwrap_or(i64::MAX));
+        }
+    }
+    registry.register(
+        "model_load_duration_seconds",
+        "How long each model's last finished load took",
+        load_seconds,
+    );
+    registry.register(
+        "model_memory_bytes",
+        "What each loaded model keeps in its device's memory: the bytes of its tensors (or its package), times its instances",
+        memory,
+    );
+
+    let budget = models.thread_budget();
+    registry.register(
+        "executor_threads",
+        "Executor threads of every loaded model version",
+        gauge(i64::try_from(budget.executors).unwrap_or(i64::MAX)),
+    );
+    registry.register(
+        "torch_threads",
+        "Intra-op threads of those executors",
+        gauge(i64::try_from(budget.torch_threads).unwrap_or(i64::MAX)),
+    );
+    registry.register(
+        "torch_threads_computing",
+        "Intra-op threads of the forward passes running now",
+        gauge(i64::try_from(budget.cores_in_use).unwrap_or(i64::MAX)),
+    );
+    registry.register(
+        "compute_budget_cores",
+        "The compute budget (--threads)",
+        gauge(i64::try_from(budget.cores).unwrap_or(i64::MAX)),
+    );
+
+    registry.register(
+        "metrics_events_dropped",
+        "Request events dropped because the metrics queue was full",
+        counter(pipeline.dropped_events()),
+    );
     let mirrors = pipeline.mirror_totals();
-    text.push_str("# HELP plinth_mirror_requests_total Mirrored runs of routed requests: ok, failed, or dropped because the mirror queue was full.\n");
-    text.push_str("# TYPE plinth_mirror_requests_total counter\n");
-    for (result, counter) in [
+    let mirror_runs: Family<Vec<(String, String)>, Counter> = Family::default();
+    for (result, value) in [
         ("ok", mirrors.ok),
         ("failed", mirrors.failed),
         ("dropped", mirrors.dropped),
     ] {
-        text.push_str(&format!(
-            "plinth_mirror_requests_total{{result=\"{result}\"}} {}\n",
-            counter
-        ));
+        mirror_runs
+            .get_or_create(&labels(&[("result", result)]))
+            .inc_by(value);
     }
-    text.push_str("# HELP plinth_mirror_agreement_total Successful mirrored runs whose outputs agreed with the primary's within the target's tolerance, or not.\n");
-    text.push_str("# TYPE plinth_mirror_agreement_total counter\n");
-    for (result, counter) in [("agree", mirrors.agreed), ("disagree", mirrors.disagreed)] {
-        text.push_str(&format!(
-            "plinth_mirror_agreement_total{{result=\"{result}\"}} {}\n",
-            counter
-        ));
+    registry.register(
+        "mirror_runs",
+        "Mirrored runs of routed requests, all targets: ok, failed, or dropped because the mirror queue was full",
+        mirror_runs,
+    );
+    let agreement: Family<Vec<(String, String)>, Counter> = Family::default();
+    for (result, value) in [("agree", mirrors.agreed), ("disagree", mirrors.disagreed)] {
+        agreement
+            .get_or_create(&labels(&[("result", result)]))
+            .inc_by(value);
     }
-    text.push_str("# HELP plinth_plugin_calls_total Calls into each plugin.\n# TYPE plinth_plugin_calls_total counter\n");
-    let reports = pipeline.plugins().list();
-    for report in reports.iter().filter_map(|r| r.plugin.as_ref()) {
-        text.push_str(&format!(
-            "plinth_plugin_calls_total{{plugin=\"{}\"}} {}\n",
-            report.name,
-            report.stats.calls.load(Ordering::Relaxed)
-        ));
-    }
-    text.push_str("# HELP plinth_plugin_errors_total Failed calls into each plugin (traps, timeouts, memory, plugin errors).\n# TYPE plinth_plugin_errors_total counter\n");
-    for report in reports.iter().filter_map(|r| r.plugin.as_ref()) {
-        text.push_str(&format!(
-            "plinth_plugin_errors_total{{plugin=\"{}\"}} {}\n",
-            report.name,
-            report.stats.errors.load(Ordering::Relaxed)
-        ));
-    }
-    text.push_str("# HELP plinth_plugin_load_failures_total Plugin files that failed to load.\n# TYPE plinth_plugin_load_failures_total counter\n");
-    text.push_str(&format!(
-        "plinth_plugin_load_failures_total {}\n",
-        pipeline.plugins().load_failures.load(Ordering::Relaxed)
-    ));
-    render_residency(pipeline.registry(), &mut text);
-    text
-}
+    registry.register(
+        "mirror_comparisons",
+        "Successful mirrored runs, all targets, whose outputs agreed with the primary's within the target's tolerance, or not",
+        agreement,
+    );
 
-/// Each model's measured memory, the budget, and what on-demand
-/// residency did.
-fn render_residency(registry: &Registry, text: &mut String) {
-    use std::fmt::Write;
-    text.push_str("# HELP plinth_model_memory_bytes What each loaded model keeps in its device's memory: the bytes of its tensors, times its instances.\n# TYPE plinth_model_memory_bytes gauge\n");
-    for status in registry.list() {
-        if let Some(device) = &status.device {
-            let _ = writeln!(
-                text,
-                "plinth_model_memory_bytes{{model=\"{}\",device=\"{device}\"}} {}",
-                status.name, status.memory_bytes
-            );
+    let calls: Family<Vec<(String, String)>, Counter> = Family::default();
+    let errors: Family<Vec<(String, String)>, Counter> = Family::default();
+    for report in pipeline.plugins().list() {
+        if let Some(plugin) = &report.plugin {
+            let labels = labels(&[("plugin", &plugin.name)]);
+            calls
+                .get_or_create(&labels)
+                .inc_by(plugin.stats.calls.load(Ordering::Relaxed));
+            errors
+                .get_or_create(&labels)
+                .inc_by(plugin.stats.errors.load(Ordering::Relaxed));
         }
     }
-    let counts = registry.residency_counts();
-    if let Some(budget) = counts.budget_bytes {
-        let _ = write!(
-            text,
-            "# HELP plinth_memory_budget_bytes The memory budget per device (--memory-budget-mib).\n# TYPE plinth_memory_budget_bytes gauge\nplinth_memory_budget_bytes {budget}\n"
+    registry.register("plugin_calls", "Calls into each plugin", calls);
+    registry.register(
+        "plugin_errors",
+        "Failed calls into each plugin (traps, timeouts, memory, plugin errors)",
+        errors,
+    );
+    registry.register(
+        "plugin_load_failures",
+        "Plugin files that failed to load",
+        counter(pipeline.plugins().load_failures.load(Ordering::Relaxed)),
+    );
+
+    let counts = models.residency_counts();
+    if let Some(bytes) = counts.budget_bytes {
+        registry.register(
+            "memory_budget_bytes",
+            "The memory budget per device (--memory-budget-mib)",
+            gauge(i64::try_from(bytes).unwrap_or(i64::MAX)),
         );
     }
-    let _ = write!(
-        text,
-        "# HELP plinth_on_demand_requests_total Requests to on-demand models: found loaded (hit) or waited for a load (miss).\n# TYPE plinth_on_demand_requests_total counter\nplinth_on_demand_requests_total{{result=\"hit\"}} {}\nplinth_on_demand_requests_total{{result=\"miss\"}} {}\n",
-        counts.hits, counts.misses
+    let on_demand: Family<Vec<(String, String)>, Counter> = Family::default();
+    on_demand
+        .get_or_create(&labels(&[("result", "hit")]))
+        .inc_by(counts.hits);
+    on_demand
+        .get_or_create(&labels(&[("result", "miss")]))
+        .inc_by(counts.misses);
+    registry.register(
+        "on_demand_requests",
+        "Requests to on-demand models: found loaded (hit) or waited for a load (miss)",
+        on_demand,
     );
-    let _ = write!(
-        text,
-        "# HELP plinth_on_demand_loads_total Loads of on-demand models started by a request.\n# TYPE plinth_on_demand_loads_total counter\nplinth_on_demand_loads_total {}\n# HELP plinth_on_demand_load_seconds_total Time from the request that started an on-demand load to the model being ready, summed.\n# TYPE plinth_on_demand_load_seconds_total counter\nplinth_on_demand_load_seconds_total {:.6}\n",
-        counts.on_demand_loads,
-        counts.on_demand_load_time.as_secs_f64()
+    registry.register(
+        "on_demand_loads",
+        "Loads of on-demand models started by a request",
+        counter(counts.on_demand_loads),
     );
-    let _ = write!(
-        text,
-        "# HELP plinth_evictions_total Idle on-demand models unloaded to stay within the memory budget.\n# TYPE plinth_evictions_total counter\nplinth_evictions_total {}\n",
-        counts.evictions
+    let load_time: Counter<f64, AtomicU64> = Counter::default();
+    load_time.inc_by(counts.on_demand_load_time.as_secs_f64());
+    registry.register(
+        "on_demand_load_seconds",
+        "Time from the request that started an on-demand load to the model being ready, summed",
+        load_time,
+    );
+    registry.register(
+        "evictions",
+        "Idle on-demand models unloaded to stay within the memory budget",
+        counter(counts.evictions),
     );
 }

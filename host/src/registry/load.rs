@@ -23,6 +23,8 @@ pub(super) struct LoadContext {
     pub(super) closing: CancellationToken,
     /// Each executor's poll before it parks.
     pub(super) spin: std::time::Duration,
+    /// The serving series each started version records into.
+    pub(super) metrics: super::series::ServingMetrics,
 }
 
 /// Step two of a load. Blocking: file I/O, deserialisation, warm-up.
@@ -35,7 +37,7 @@ pub(super) fn load_model(
     let config = ModelConfig::load(&dir)?;
     if config.orchestrator.is_some() {
         // Nothing to load: the plugin answers, and the plugin host owns it.
-        return Ok(ReadyModel::orchestrated(name, config));
+        return Ok(ReadyModel::orchestrated(name, config).with_series(&context.metrics));
     }
     plinth_torch::check_device(config.device)?;
     let chosen = repository.select_versions(name, &config.version_policy)?;
@@ -70,7 +72,11 @@ pub(super) fn load_model(
         spin: context.spin,
     };
     ReadyModel::start(name, config, prepared, &threads)
-        .map(|model| model.with_memory_bytes(&memory_bytes))
+        .map(|model| {
+            model
+                .with_memory_bytes(&memory_bytes)
+                .with_series(&context.metrics)
+        })
         .map_err(|err| format!("starting executor threads: {err}"))
 }
 

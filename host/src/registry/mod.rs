@@ -20,6 +20,7 @@ mod load;
 mod load_threads;
 mod ready;
 mod residency;
+pub mod series;
 mod stats;
 
 use std::collections::HashMap;
@@ -228,6 +229,7 @@ impl Registry {
             counters: Arc::new(ThreadCounters::default()),
             closing: CancellationToken::new(),
             spin: settings.executor_spin,
+            metrics: series::ServingMetrics::default(),
         };
         Registry {
             inner: Arc::new(Inner {
@@ -278,6 +280,23 @@ impl Registry {
 
     pub fn repository(&self) -> &ModelRepository {
         &self.inner.settings.repository
+    }
+
+    /// The serving series every loaded version records into.
+    pub fn serving_metrics(&self) -> &series::ServingMetrics {
+        &self.inner.load_context.metrics
+    }
+
+    /// The loaded models now (serving ones, also while draining for a
+    /// reload), without touching their residency.
+    pub fn serving_models(&self) -> Vec<(String, Arc<ReadyModel>)> {
+        let entries = self.inner.entries.lock();
+        let mut models: Vec<(String, Arc<ReadyModel>)> = entries
+            .iter()
+            .filter_map(|(name, entry)| entry.serving.clone().map(|m| (name.clone(), m)))
+            .collect();
+        models.sort_by(|a, b| a.0.cmp(&b.0));
+        models
     }
 
     pub fn thread_budget(&self) -> ThreadBudget {

@@ -157,6 +157,27 @@ impl ReadyModel {
         self
     }
 
+    /// Gives each version its process-wide serving series.
+    pub(crate) fn with_series(mut self, metrics: &super::series::ServingMetrics) -> ReadyModel {
+        for version in &mut self.versions {
+            version.stats.series = Some(metrics.series(&self.name, &version.version.label));
+        }
+        self
+    }
+
+    /// Requests waiting in each version's queue, with its label.
+    pub fn queued(&self) -> Vec<(&str, usize)> {
+        self.versions
+            .iter()
+            .map(|v| {
+                (
+                    v.version.label.as_str(),
+                    v.pool.as_ref().map_or(0, ExecutorPool::waiting),
+                )
+            })
+            .collect()
+    }
+
     /// Receivers that complete when each executor thread of every version
     /// has ended and freed its module. Taken once, by the unload.
     pub(crate) fn take_exit_waiters(&self) -> Vec<oneshot::Receiver<()>> {

@@ -39,6 +39,9 @@ pub type BatchTimings = [(u64, u64); 3];
 /// model statistics. They live and die with the loaded version.
 #[derive(Debug, Default)]
 pub struct VersionStats {
+    /// The process-wide Prometheus series of this version, when the
+    /// registry gave it some (test models have none).
+    pub(crate) series: Option<super::series::VersionSeries>,
     /// Whole requests that succeeded, end to end (plugins included).
     pub success: StatCounter,
     pub fail: StatCounter,
@@ -80,6 +83,18 @@ pub struct RequestRecord {
 
 impl VersionStats {
     pub(crate) fn record(&self, record: &RequestRecord) {
+        if let Some(series) = &self.series {
+            series.count(record.ok);
+            if record.executed {
+                series.observe_run(
+                    record.queue,
+                    record.compute_input + record.compute_infer + record.compute_output,
+                );
+                if record.leader {
+                    series.observe_pass(record.executed_rows.max(1));
+                }
+            }
+        }
         if record.ok {
             self.success.add(record.total);
         } else {

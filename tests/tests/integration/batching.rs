@@ -59,7 +59,7 @@ fn output_values(response: &ipb::ModelInferResponse) -> (Vec<i64>, Vec<f32>) {
 /// A ready `scale` model that batches up to `rows` rows and waits up to a
 /// minute to gather them: a batch runs when it is full, so a test decides
 /// exactly which requests share it.
-async fn gathering_scale(rows: i64) -> TestServer {
+pub(crate) async fn gathering_scale(rows: i64) -> TestServer {
     let srv = TestServer::start(
         |repo| {
             batching_scale(

@@ -20,5 +20,6 @@ mod reliability;
 mod residency;
 mod security;
 mod services;
+mod serving_metrics;
 mod settling;
 mod split_learning;

@@ -98,14 +98,16 @@ async fn routed_requests_run_on_their_mirrors_and_agreement_is_counted() {
             "plinth_mirror_requests_total{primary=\"m\",model=\"absent\",status=\"not_found\"} 3\n",
             "plinth_mirror_agreement_total{primary=\"m\",model=\"shadow\",result=\"agree\"} 3\n",
             "plinth_mirror_agreement_total{primary=\"m\",model=\"drift\",result=\"disagree\"} 3\n",
-            "plinth_mirror_requests_total{result=\"ok\"} 6\n",
-            "plinth_mirror_requests_total{result=\"failed\"} 3\n",
-            "plinth_mirror_requests_total{result=\"dropped\"} 0\n",
-            "plinth_mirror_agreement_total{result=\"agree\"} 3\n",
-            "plinth_mirror_agreement_total{result=\"disagree\"} 3\n",
+            "plinth_mirror_runs_total{result=\"ok\"} 6\n",
+            "plinth_mirror_runs_total{result=\"failed\"} 3\n",
+            "plinth_mirror_runs_total{result=\"dropped\"} 0\n",
+            "plinth_mirror_comparisons_total{result=\"agree\"} 3\n",
+            "plinth_mirror_comparisons_total{result=\"disagree\"} 3\n",
         ],
     )
     .await;
+    // The plugin's series and the host's, both present: no name twice.
+    super::serving_metrics::assert_no_name_declared_twice(&metrics);
     assert!(
         !metrics.contains("model=\"absent\",result="),
         "a failed mirror neither agrees nor disagrees:\n{metrics}"
@@ -184,8 +186,8 @@ async fn mirrors_are_bounded_and_never_load_on_demand_models() {
         &[
             "plinth_mirror_requests_total{primary=\"m\",model=\"stuck\",status=\"deadline_exceeded\"} 1\n",
             "plinth_mirror_requests_total{primary=\"m\",model=\"lazy\",status=\"unavailable\"} 1\n",
-            "plinth_mirror_requests_total{result=\"failed\"} 2\n",
-            "plinth_mirror_requests_total{result=\"ok\"} 0\n",
+            "plinth_mirror_runs_total{result=\"failed\"} 2\n",
+            "plinth_mirror_runs_total{result=\"ok\"} 0\n",
         ],
     )
     .await;

@@ -168,6 +168,11 @@ struct Shared {
 }
 
 impl ExecutorPool {
+    /// Jobs submitted and not yet started (or answered without running).
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
     /// Starts one thread per module. Threads end, and drop their module (and
     /// its memory), once the pool and every job sender are gone.
     pub fn start<M: Forward>(
