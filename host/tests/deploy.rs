@@ -938,3 +938,143 @@ fn every_manifest_agrees_with_the_binary_and_passes_its_check() {
         }
     }
 }
+
+// ------------------------------------------------------------- autoscaling
+
+/// The PromQL strings of `value`: every string under a key that holds a
+/// query (KEDA's `query`, prometheus-adapter's `seriesQuery` and
+/// `metricsQuery`, Grafana's `expr` and templating `query`), also inside a
+/// ConfigMap's embedded YAML file.
+fn queries(value: &Value, out: &mut Vec<String>) {
+    match value {
+        // A Grafana datasource variable's `query` is a datasource type.
+        Value::Mapping(map) if map.get("type").and_then(Value::as_str) == Some("datasource") => {}
+        Value::Mapping(map) => {
+            for (key, item) in map {
+                let key = key.as_str().unwrap_or_default();
+                match (key, item) {
+                    ("query" | "seriesQuery" | "metricsQuery" | "expr", Value::String(q)) => {
+                        out.push(q.clone());
+                    }
+                    (name, Value::String(text)) if name.ends_with(".yaml") => {
+                        let inner: Value = serde_norway::from_str(text)
+                            .unwrap_or_else(|e| panic!("{name}: not YAML: {e}"));
+                        queries(&inner, out);
+                    }
+                    _ => queries(item, out),
+                }
+            }
+        }
+        Value::Sequence(items) => items.iter().for_each(|item| queries(item, out)),
+        _ => {}
+    }
+}
+
+/// The `plinth_…` series names a PromQL string reads.
+fn series_names(query: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = query;
+    while let Some(at) = rest.find("plinth_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+/// Every series the KEDA ScaledObject, the HPA's prometheus-adapter rule and
+/// the Grafana dashboard query is one the real binary serves on /metrics
+/// (demo models, the metrics plugin, one request served).
+#[test]
+fn autoscaling_and_dashboard_queries_name_series_the_binary_serves() {
+    let mut wanted = Vec::new();
+    for file in ["keda-scaledobject.yaml", "hpa-prometheus-adapter.yaml"] {
+        let text =
+            std::fs::read_to_string(repo_root().join("deploy/autoscaling").join(file)).unwrap();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let value = Value::deserialize(doc).unwrap();
+            let mut found = Vec::new();
+            queries(&value, &mut found);
+            wanted.extend(found.into_iter().map(|q| (file.to_owned(), q)));
+        }
+    }
+    let dashboard =
+        std::fs::read_to_string(repo_root().join("deploy/grafana/plinth-dashboard.json")).unwrap();
+    let dashboard: Value = serde_norway::from_str(&dashboard).expect("the dashboard is JSON");
+    let mut found = Vec::new();
+    queries(&dashboard, &mut found);
+    assert!(found.len() >= 12, "the dashboard's queries: {found:?}");
+    wanted.extend(
+        found
+            .into_iter()
+            .map(|q| ("plinth-dashboard.json".to_owned(), q)),
+    );
+    for file in [
+        "keda-scaledobject.yaml",
+        "hpa-prometheus-adapter.yaml",
+        "plinth-dashboard.json",
+    ] {
+        assert!(
+            wanted.iter().any(|(f, _)| f == file),
+            "no query found in {file}"
+        );
+    }
+
+    let place = tempfile::tempdir().unwrap();
+    let models = place.path().join("models");
+    let plugins = place.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let wasm_dir = std::env::var_os("PLINTH_PLUGIN_WASM_DIR")
+        .expect("PLINTH_PLUGIN_WASM_DIR is not set: run the tests with `cargo xtask test`");
+    std::fs::copy(
+        Path::new(&wasm_dir).join("prometheus_metrics.wasm"),
+        plugins.join("metrics.wasm"),
+    )
+    .unwrap();
+    let demo = Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .arg("demo-repo")
+        .arg(&models)
+        .status()
+        .unwrap();
+    assert!(demo.success());
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_plinth"));
+    serve
+        .args(SERVE_ON_ANY_PORTS)
+        .arg("--model-repository")
+        .arg(&models)
+        .arg("--plugin-dir")
+        .arg(&plugins)
+        .env("RUST_LOG", "info");
+    let (server, line) = start_and_read(serve, "plinth serving");
+    let http_addr = field(&line, "http_addr=");
+    let deadline = Instant::now() + PATIENCE;
+    while !http_get(&http_addr, "/v2/health/ready").starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "not ready within {PATIENCE:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tritonclient_affine(&field(&line, "grpc_addr="), &http_addr);
+    let metrics = http_get(&field(&line, "metrics_addr="), "/metrics");
+    drop(server);
+    let served: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    for (file, query) in &wanted {
+        let names = series_names(query);
+        // prometheus-adapter's metricsQuery names its series as <<.Series>>.
+        assert!(
+            !names.is_empty() || query.contains("<<.Series>>"),
+            "{file}: a query reads no plinth series: {query}"
+        );
+        for name in names {
+            assert!(
+                served.contains(name.as_str()),
+                "{file}: {query}\nreads {name}, which /metrics does not serve:\n{metrics}"
+            );
+        }
+    }
+}

@@ -48,6 +48,7 @@ fn rows() -> Histogram {
 /// The process's serving series; clones share them.
 #[derive(Clone, Debug)]
 pub struct ServingMetrics {
+    request_seconds: HistogramFamily,
     queue_seconds: HistogramFamily,
     compute_seconds: HistogramFamily,
     batch_rows: HistogramFamily,
@@ -57,6 +58,7 @@ pub struct ServingMetrics {
 impl Default for ServingMetrics {
     fn default() -> Self {
         ServingMetrics {
+            request_seconds: Family::new_with_constructor(seconds),
             queue_seconds: Family::new_with_constructor(seconds),
             compute_seconds: Family::new_with_constructor(seconds),
             batch_rows: Family::new_with_constructor(rows),
@@ -68,6 +70,11 @@ impl Default for ServingMetrics {
 impl ServingMetrics {
     /// Adds the series to `registry` (prefix `plinth`), sharing them.
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "model_request_duration_seconds",
+            "Time from a request entering the pipeline to its answer (router, processors, queue and forward pass), failures included",
+            self.request_seconds.clone(),
+        );
         registry.register(
             "model_queue_duration_seconds",
             "Time requests waited in a model's queue before their forward pass started",
@@ -104,12 +111,14 @@ impl ServingMetrics {
         // One statement each: `get_or_create` returns a read guard of the
         // family, and a second call for a new label in the same statement
         // would wait for a write lock behind it forever.
+        let request = self.request_seconds.get_or_create(&labels).clone();
         let queue = self.queue_seconds.get_or_create(&labels).clone();
         let compute = self.compute_seconds.get_or_create(&labels).clone();
         let batch_rows = self.batch_rows.get_or_create(&labels).clone();
         let success = self.requests.get_or_create(&outcome("success")).clone();
         let failure = self.requests.get_or_create(&outcome("failure")).clone();
         VersionSeries {
+            request,
             queue,
             compute,
             batch_rows,
@@ -122,6 +131,7 @@ impl ServingMetrics {
 /// One version's series.
 #[derive(Clone, Debug)]
 pub struct VersionSeries {
+    request: Histogram,
     queue: Histogram,
     compute: Histogram,
     batch_rows: Histogram,
@@ -130,8 +140,9 @@ pub struct VersionSeries {
 }
 
 impl VersionSeries {
-    /// A request answered, successfully or not.
-    pub(crate) fn count(&self, ok: bool) {
+    /// A request answered, successfully or not, after `took`.
+    pub(crate) fn count(&self, ok: bool, took: Duration) {
+        self.request.observe(took.as_secs_f64());
         if ok {
             self.success.inc();
         } else {
@@ -161,11 +172,13 @@ mod tests {
         let mut registry = Registry::with_prefix("plinth");
         metrics.register(&mut registry);
         let series = metrics.series("m", "1");
-        series.count(true);
+        series.count(true, Duration::from_micros(1500));
         series.observe_run(Duration::from_micros(120), Duration::from_micros(800));
         series.observe_pass(4);
         // A reload takes the handles again: the same series.
-        metrics.series("m", "1").count(false);
+        metrics
+            .series("m", "1")
+            .count(false, Duration::from_micros(10));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [

@@ -84,7 +84,7 @@ pub struct RequestRecord {
 impl VersionStats {
     pub(crate) fn record(&self, record: &RequestRecord) {
         if let Some(series) = &self.series {
-            series.count(record.ok);
+            series.count(record.ok, record.total);
             if record.executed {
                 series.observe_run(
                     record.queue,
