@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod listen;
+pub mod metrics;
 pub mod oip;
 pub mod pipeline;
 pub mod ports;

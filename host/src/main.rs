@@ -79,6 +79,14 @@ enum Command {
         #[command(flatten)]
         client: cli::ClientArgs,
     },
+    /// A live view of a running server: per model requests per second, p50
+    /// and p99, queue and in flight, memory; per plugin calls and failures.
+    Top {
+        #[command(flatten)]
+        args: cli::top::TopArgs,
+        #[command(flatten)]
+        client: cli::ClientArgs,
+    },
 }
 
 #[derive(Parser)]
@@ -298,6 +306,9 @@ fn main() -> std::process::ExitCode {
         }
         Command::Info { client } => client_call(client, async |c| cli::info(c).await),
         Command::Health { client } => client_call(client, async |c| cli::health(c).await),
+        Command::Top { args, client } => {
+            client_call(client, async |c| cli::top::top(c, args).await)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

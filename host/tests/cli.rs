@@ -572,3 +572,146 @@ fn unpacked_under_tmp() -> std::collections::BTreeSet<std::path::PathBuf> {
         })
         .unwrap_or_default()
 }
+
+/// `plinth top --once --output json`: the models and the plugin, with the
+/// rates of the requests served between its two reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_once_reports_rates_queues_and_plugins() {
+    let srv = start(|_| {}).await;
+    let s = srv.grpc();
+    let load = keep_calling_affine(&s);
+    let run = plinth(
+        &s,
+        &["top", "--once", "--interval", "0.5", "--output", "json"],
+        &[],
+    )
+    .await;
+    load.abort();
+    assert!(run.ok, "{run:?}");
+    let frame: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("one JSON frame");
+    let affine = frame["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == "affine")
+        .unwrap_or_else(|| panic!("affine in {frame}"));
+    assert!(
+        affine["requests_per_second"].as_f64().unwrap() > 0.0,
+        "{frame}"
+    );
+    assert!(affine["p50_seconds"].as_f64().unwrap() > 0.0, "{frame}");
+    assert!(affine["memory_bytes"].as_f64().unwrap() > 0.0, "{frame}");
+    let metrics = frame["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["plugin"] == "metrics")
+        .unwrap_or_else(|| panic!("the metrics plugin in {frame}"));
+    assert!(metrics["calls"].as_f64().unwrap() > 0.0, "{frame}");
+    // --interval must be a positive number of seconds.
+    one_line_failure(
+        &plinth(&s, &["top", "--once", "--interval", "0"], &[]).await,
+        "--interval",
+    );
+    srv.stop().await;
+}
+
+/// Calls `affine` over and over until aborted (or for [`PATIENCE`] at most).
+fn keep_calling_affine(server: &str) -> tokio::task::JoinHandle<()> {
+    let url = format!("http://{server}");
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        let mut client =
+            plinth::grpc::pb::compute_service_client::ComputeServiceClient::connect(url)
+                .await
+                .unwrap();
+        while started.elapsed() < PATIENCE {
+            let request = plinth::grpc::pb::ComputeRequest {
+                model: "affine".into(),
+                inputs: vec![plinth::grpc::pb::Tensor {
+                    name: "x".into(),
+                    dtype: plinth::grpc::pb::DataType::Float32 as i32,
+                    shape: vec![1, 4],
+                    data: [1.0f32, 2.0, 3.0, 4.0]
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect::<Vec<u8>>()
+                        .into(),
+                }],
+                ..Default::default()
+            };
+            let _ = client.compute(request).await;
+        }
+    })
+}
+
+/// `plinth top` as a person runs it: in a terminal (tmux), against a server
+/// under load, refreshing; two captures of the pane a refresh apart show
+/// the affine row with requests per second and numbers that move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_in_a_terminal_shows_the_numbers_move_under_load() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("SKIPPED top_in_a_terminal_shows_the_numbers_move_under_load: no tmux here");
+        return;
+    }
+    let srv = start(|_| {}).await;
+    let s = srv.grpc();
+    let load = keep_calling_affine(&s);
+    let session = format!("plinth-top-{}", std::process::id());
+    let command = format!(
+        "PLINTH_SERVER={s} {} top --interval 0.5",
+        env!("CARGO_BIN_EXE_plinth")
+    );
+    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().expect("tmux runs");
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "160",
+        "-y",
+        "40",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let capture = || {
+        let out = tmux(&["capture-pane", "-p", "-t", &session]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let affine_row = |screen: &str| {
+        screen
+            .lines()
+            .find(|l| l.trim_start().starts_with("affine"))
+            .map(str::to_owned)
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut rows = Vec::new();
+    while rows.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "plinth top did not show two different affine rows: {rows:?}\n{}",
+            capture()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let screen = capture();
+        if let Some(row) = affine_row(&screen) {
+            let rps: f64 = row
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            if rps > 0.0 && rows.last() != Some(&row) {
+                assert!(
+                    screen.contains("REQ/S") && screen.contains("PLUGIN"),
+                    "{screen}"
+                );
+                rows.push(row);
+            }
+        }
+    }
+    tmux(&["send-keys", "-t", &session, "C-c", ""]);
+    tmux(&["kill-session", "-t", &session]);
+    load.abort();
+    srv.stop().await;
+}

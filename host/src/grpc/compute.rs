@@ -179,6 +179,17 @@ impl ComputeService for ComputeApi {
         }))
     }
 
+    async fn get_metrics(
+        &self,
+        _request: Request<pb::GetMetricsRequest>,
+    ) -> Result<Response<pb::GetMetricsResponse>, Status> {
+        let pipeline = self.pipeline.clone();
+        let text = tokio::task::spawn_blocking(move || crate::metrics::render(&pipeline))
+            .await
+            .map_err(|err| Status::internal(format!("rendering the metrics: {err}")))?;
+        Ok(Response::new(pb::GetMetricsResponse { text }))
+    }
+
     async fn get_info(
         &self,
         request: Request<pb::GetInfoRequest>,

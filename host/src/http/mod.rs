@@ -2,7 +2,6 @@
 //! health probes ([`v2`]), and Prometheus `/metrics` on its own port. Probe
 //! answers come from in-memory state, so a probe never waits on a load.
 
-pub mod metrics;
 pub mod v2;
 
 use std::sync::Arc;
@@ -135,7 +134,7 @@ async fn metrics(
     String,
 ) {
     let pipeline = state.pipeline.clone();
-    let text = tokio::task::spawn_blocking(move || metrics::render(&pipeline))
+    let text = tokio::task::spawn_blocking(move || crate::metrics::render(&pipeline))
         .await
         .unwrap_or_else(|err| format!("# rendering failed: {err}\n"));
     (

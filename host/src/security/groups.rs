@@ -175,6 +175,7 @@ pub const GRPC_METHODS: &[(&str, ApiGroup)] = {
         ),
         ("/plinth.v1.ComputeService/Ping", Metadata),
         ("/plinth.v1.ComputeService/GetInfo", Metadata),
+        ("/plinth.v1.ComputeService/GetMetrics", Statistics),
         ("/plinth.v1.ComputeService/Compute", Inference),
         ("/plinth.v1.ComputeService/StreamCompute", Inference),
         ("/plinth.v1.ModelService/ListModels", Metadata),

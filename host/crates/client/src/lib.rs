@@ -10,6 +10,7 @@
 
 pub mod scaffold;
 pub mod tensors;
+pub mod top;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -151,6 +152,8 @@ pub struct Client {
     channel: Channel,
     token: Option<String>,
     pub output: Output,
+    /// The address as given, for what the client prints.
+    pub server: String,
 }
 
 impl Client {
@@ -224,6 +227,7 @@ impl Client {
             channel,
             token,
             output: args.output,
+            server: args.server.clone(),
         })
     }
 
