@@ -52,9 +52,14 @@ fn counter(value: u64) -> Counter {
     counter
 }
 
-fn gauge(value: i64) -> Gauge {
+/// A count as a gauge's value (saturating: a gauge is an i64).
+fn as_i64(value: impl TryInto<i64>) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
+}
+
+fn gauge(value: impl TryInto<i64>) -> Gauge {
     let gauge = Gauge::default();
-    gauge.set(value);
+    gauge.set(as_i64(value));
     gauge
 }
 
@@ -77,11 +82,11 @@ fn host_series(pipeline: &Pipeline, registry: &mut prometheus_client::registry::
         for (version, waiting) in model.queued() {
             queued
                 .get_or_create(&labels(&[("model", &name), ("version", version)]))
-                .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+                .set(as_i64(waiting));
         }
         in_flight
             .get_or_create(&labels(&[("model", &name)]))
-            .set(i64::try_from(model.in_flight()).unwrap_or(i64::MAX));
+            .set(as_i64(model.in_flight()));
     }
     registry.register(
         "model_queue_requests",
@@ -104,7 +109,7 @@ fn host_series(pipeline: &Pipeline, registry: &mut prometheus_client::registry::
         if let Some(device) = &status.device {
             memory
                 .get_or_create(&labels(&[("model", &status.name), ("device", device)]))
-                .set(i64::try_from(status.memory_bytes).unwrap_or(i64::MAX));
+                .set(as_i64(status.memory_bytes));
         }
     }
     registry.register(
@@ -122,22 +127,22 @@ fn host_series(pipeline: &Pipeline, registry: &mut prometheus_client::registry::
     registry.register(
         "executor_threads",
         "Executor threads of every loaded model version",
-        gauge(i64::try_from(budget.executors).unwrap_or(i64::MAX)),
+        gauge(budget.executors),
     );
     registry.register(
         "torch_threads",
         "Intra-op threads of those executors",
-        gauge(i64::try_from(budget.torch_threads).unwrap_or(i64::MAX)),
+        gauge(budget.torch_threads),
     );
     registry.register(
         "torch_threads_computing",
         "Intra-op threads of the forward passes running now",
-        gauge(i64::try_from(budget.cores_in_use).unwrap_or(i64::MAX)),
+        gauge(budget.cores_in_use),
     );
     registry.register(
         "compute_budget_cores",
         "The compute budget (--threads)",
-        gauge(i64::try_from(budget.cores).unwrap_or(i64::MAX)),
+        gauge(budget.cores),
     );
 
     registry.register(
@@ -203,7 +208,7 @@ fn host_series(pipeline: &Pipeline, registry: &mut prometheus_client::registry::
         registry.register(
             "memory_budget_bytes",
             "The memory budget per device (--memory-budget-mib)",
-            gauge(i64::try_from(bytes).unwrap_or(i64::MAX)),
+            gauge(bytes),
         );
     }
     let on_demand: Family<Vec<(String, String)>, Counter> = Family::default();

@@ -496,14 +496,17 @@ fn serve_check_reads_packages_without_loading_them() {
     let bytes = std::fs::read(&truncated).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
 
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+            .args(["serve", "--check", "--model-repository"])
+            .arg(repo.path())
+            .arg("--plugin-dir")
+            .arg(plugins.path())
+            .output()
+            .unwrap()
+    };
     let before = unpacked_under_tmp();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
-        .args(["serve", "--check", "--model-repository"])
-        .arg(repo.path())
-        .arg("--plugin-dir")
-        .arg(plugins.path())
-        .output()
-        .unwrap();
+    let output = check();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr),
@@ -531,13 +534,7 @@ fn serve_check_reads_packages_without_loading_them() {
     // With the bad ones gone, the good package passes and is named.
     std::fs::remove_dir_all(repo.path().join("too_wide")).unwrap();
     std::fs::remove_dir_all(repo.path().join("truncated")).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
-        .args(["serve", "--check", "--model-repository"])
-        .arg(repo.path())
-        .arg("--plugin-dir")
-        .arg(plugins.path())
-        .output()
-        .unwrap();
+    let output = check();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(
