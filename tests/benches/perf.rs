@@ -14,6 +14,12 @@
 //!   axum server that parses and writes the same JSON;
 //! - `cnn`: the CNN at batch 32 through the server, against the same
 //!   TorchScript run in this process with the server's thread count;
+//! - `pt2`: the CNN as an AOTInductor package (`model.pt2`) at batch 15
+//!   through the server, against the same package run through
+//!   `AotiPackage` in this process and in a process of its own, and against
+//!   the same module as TorchScript (images/s at batch 15, p50 at batch 1);
+//!   and y = 2x over 16 floats, p50 at batch 1, package against
+//!   TorchScript;
 //! - `loads`: ListModels and Compute latency while three ~257 MB models
 //!   load, from clients in processes of their own, against the same with
 //!   nothing loading; and three loads at once against one after another;
@@ -29,13 +35,18 @@
 //! checks the answers before and after (with `PLINTH_PYTHON`).
 
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use plinth::grpc::pb;
+use plinth::config::DeviceSpec;
+use plinth::grpc::{ipb, pb};
+use plinth::tensor::{DType, Tensor, TensorSpec};
 use plinth_tests::load::{Amount, H2loadRun, h2load, infer_request, triton_check, write_body, wrk};
-use plinth_tests::{ModelState, TestServer, compute_request, echo, f32_tensor, fixtures};
+use plinth_tests::{
+    ModelState, TestServer, compute_request, echo, f32_tensor, f32_values, fixtures,
+};
+use plinth_torch::{AotiPackage, PackageInfo};
 
 const CONCURRENCY: [u32; 3] = [1, 8, 64];
 const SECONDS: u64 = 10;
@@ -58,7 +69,10 @@ struct Goal {
 #[tokio::main]
 async fn main() {
     if let Ok(role) = std::env::var(CLIENT_ROLE) {
-        client(&role).await;
+        match role.strip_prefix("pt2-") {
+            Some(format) => pt2_own_process(format),
+            None => client(&role).await,
+        }
         return;
     }
     let filter: Vec<String> = std::env::args()
@@ -82,6 +96,9 @@ async fn main() {
     }
     if wants("cnn") {
         cnn(&mut goals).await;
+    }
+    if wants("pt2") {
+        pt2(&mut goals).await;
     }
     if wants("loads") {
         loads(&mut goals).await;
@@ -185,8 +202,20 @@ async fn cell(
     body: &Path,
     clients: u32,
 ) -> Cell {
+    cell_for(srv, addr, model, body, clients, SECONDS).await
+}
+
+/// [`cell`] of `seconds`.
+async fn cell_for(
+    srv: Option<&TestServer>,
+    addr: &str,
+    model: &str,
+    body: &Path,
+    clients: u32,
+    seconds: u64,
+) -> Cell {
     let before = counts(srv, model).await;
-    let run = drive(addr, body, clients, Amount::Seconds(SECONDS)).await;
+    let run = drive(addr, body, clients, Amount::Seconds(seconds)).await;
     let after = counts(srv, model).await;
     let (server_ok, server_failed) = match (before, after) {
         (Some(b), Some(a)) => (Some(a.0 - b.0), Some(a.1 - b.1)),
@@ -646,6 +675,553 @@ async fn cnn(goals: &mut Vec<Goal>) {
             ),
             value: ratios(&r),
             goal: "≥ 0.9",
+        });
+    }
+    srv.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// `pt2`: AOTInductor packages against TorchScript, the same modules.
+
+/// Seconds per `pt2` cell: twelve cells a round keep the section near two
+/// minutes.
+const PT2_SECONDS: u64 = 5;
+/// The CNN package's largest batch: exported for 1..=32 rows, inductor
+/// compiled its convolutions for 2..=15 (`tests/fixtures/pt2/make.py`).
+const PT2_BATCH: usize = 15;
+
+fn pt2_fixture(name: &str, file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/pt2")
+        .join(name)
+        .join(file)
+}
+
+/// Version 1 of `model`: the fixture's `file` (`model.pt2` or `model.pt`).
+fn install_pt2(repo: &Path, model: &str, fixture: &str, file: &str) {
+    let dir = repo.join(model).join("1");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(pt2_fixture(fixture, file), dir.join(file)).unwrap();
+}
+
+/// A fixture's `.npy` input or expected output, as a tensor named `name`.
+fn pt2_npy(fixture: &str, file: &str, name: &str) -> Tensor {
+    plinth_torch::read_npy(&pt2_fixture(fixture, file), name).unwrap()
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// An OIP request for `model` carrying `tensor` (f32) under its own name.
+fn tensor_request(model: &str, tensor: &Tensor) -> ipb::ModelInferRequest {
+    let mut request = infer_request(model, tensor.shape(), &f32s(tensor.data()));
+    request.inputs[0].name = tensor.name().to_owned();
+    request
+}
+
+/// One Compute call of `model` on a fixture's input against the answer
+/// PyTorch's package gave (`expected_<label>_0.npy`): the largest absolute
+/// difference, 0 when bit for bit.
+async fn pt2_check(srv: &TestServer, model: &str, fixture: &str, label: &str) -> String {
+    let (input, output) = if fixture == "cnn" {
+        ("image", "logits")
+    } else {
+        ("x", "y")
+    };
+    let x = pt2_npy(fixture, &format!("input_{label}_0.npy"), input);
+    let want = pt2_npy(fixture, &format!("expected_{label}_0.npy"), output);
+    let answer = srv
+        .compute()
+        .await
+        .compute(compute_request(
+            model,
+            vec![f32_tensor(input, x.shape(), &f32s(x.data()))],
+        ))
+        .await;
+    let verdict = match answer {
+        Err(status) => format!("FAILED: {status}"),
+        Ok(answer) => {
+            let answer = answer.into_inner();
+            let got = &answer.outputs[0];
+            if got.shape != want.shape() {
+                format!("FAILED: shape {:?}, want {:?}", got.shape, want.shape())
+            } else {
+                let most = f32_values(got)
+                    .iter()
+                    .zip(f32s(want.data()))
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0f32, f32::max);
+                if most == 0.0 {
+                    "bit for bit".to_owned()
+                } else if most < 1e-4 {
+                    format!("max |Δ| {most:.1e}")
+                } else {
+                    format!("FAILED: max |Δ| {most:.1e}")
+                }
+            }
+        }
+    };
+    format!("{model} on {fixture} {label} against PyTorch's package: {verdict}")
+}
+
+/// The CNN package at batch 15 in this process, through [`AotiPackage`] as
+/// an executor runs it (bytes in, bytes out), on a thread of its own with
+/// `threads` intra-op threads, one batch after another: images/s.
+fn package_in_process(path: PathBuf, threads: usize, seconds: u64) -> f64 {
+    std::thread::spawn(move || {
+        plinth_torch::set_intra_op_threads(threads);
+        let info = PackageInfo::read(&path).unwrap();
+        let package = AotiPackage::load(&path, &info, 1, DeviceSpec::Cpu, true).unwrap();
+        let input = pt2_npy("cnn", "input_b15_0.npy", "image");
+        let outputs = [TensorSpec {
+            name: "logits".into(),
+            dtype: DType::F32,
+            shape: vec![-1, 10],
+        }];
+        let inputs = [input];
+        for _ in 0..20 {
+            package.forward(&inputs, &outputs).unwrap();
+        }
+        let started = Instant::now();
+        let mut batches = 0u64;
+        while started.elapsed() < Duration::from_secs(seconds) {
+            let out = package.forward(&inputs, &outputs).unwrap();
+            std::hint::black_box(&out);
+            batches += 1;
+        }
+        (batches as usize * PT2_BATCH) as f64 / started.elapsed().as_secs_f64()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The CNN's TorchScript twin at batch 15 in this process, the same way.
+fn script_in_process(path: PathBuf, threads: usize, seconds: u64) -> f64 {
+    std::thread::spawn(move || {
+        plinth_torch::set_intra_op_threads(threads);
+        let module = tch::CModule::load(&path).unwrap();
+        let pixels = f32s(pt2_npy("cnn", "input_b15_0.npy", "image").data());
+        let input = tch::Tensor::from_slice(&pixels).reshape([PT2_BATCH as i64, 3, 16, 16]);
+        let _guard = tch::no_grad_guard();
+        for _ in 0..20 {
+            let _ = module.forward_ts(&[&input]).unwrap();
+        }
+        let started = Instant::now();
+        let mut batches = 0u64;
+        while started.elapsed() < Duration::from_secs(seconds) {
+            let out = module.forward_ts(&[&input]).unwrap();
+            let mut logits = vec![0f32; PT2_BATCH * 10];
+            out.copy_data(&mut logits, PT2_BATCH * 10);
+            std::hint::black_box(&logits);
+            batches += 1;
+        }
+        (batches as usize * PT2_BATCH) as f64 / started.elapsed().as_secs_f64()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The child side of a `pt2` "own process" cell: [`package_in_process`]
+/// or [`script_in_process`] (`format`) on the file and thread count the
+/// bench passes, in a process holding no other OpenMP thread; prints
+/// images/s.
+fn pt2_own_process(format: &str) {
+    let path = PathBuf::from(std::env::var_os("PLINTH_PERF_PT2_FILE").expect("the model file"));
+    let threads = std::env::var("PLINTH_PERF_PT2_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
+    let images = match format {
+        "package" => package_in_process(path, threads, PT2_SECONDS),
+        _ => script_in_process(path, threads, PT2_SECONDS),
+    };
+    println!("{images}");
+}
+
+/// Runs [`pt2_own_process`] in a child process of this bench: images/s.
+fn in_own_process(format: &str, path: &Path, threads: usize) -> f64 {
+    let out = Command::new(std::env::current_exe().expect("this bench's path"))
+        .env(CLIENT_ROLE, format!("pt2-{format}"))
+        .env("PLINTH_PERF_PT2_FILE", path)
+        .env("PLINTH_PERF_PT2_THREADS", threads.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("a child process");
+    assert!(out.status.success(), "the {format} child failed");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("images/s from the child")
+}
+
+/// One measured `pt2` row.
+struct Pt2Row {
+    round: usize,
+    /// `cnn b15`, `cnn b1` or `tiny b1`.
+    load: &'static str,
+    /// `package` or `TorchScript`.
+    format: &'static str,
+    /// `in-process`, `own process` or `Plinth c=N`.
+    path: String,
+    /// Images/s (rows/s): requests/s × batch through Plinth.
+    rows_per_s: f64,
+    p50_us: Option<f64>,
+    detail: String,
+}
+
+/// Unloads the model `loaded` names (waiting until its executor threads,
+/// and their OpenMP teams, are gone), then loads `want` and warms it with
+/// `warm`: each cell runs with only its own model in the server, as a
+/// one-model deployment would, and nothing loaded during the in-process
+/// cells.
+async fn serve_only(
+    srv: &TestServer,
+    loaded: &mut Option<&'static str>,
+    want: Option<(&'static str, &Path, u64)>,
+) {
+    if *loaded == want.map(|(model, _, _)| model) {
+        return;
+    }
+    if let Some(model) = loaded.take() {
+        srv.models()
+            .await
+            .unload_model(pb::UnloadModelRequest { name: model.into() })
+            .await
+            .unwrap();
+        srv.wait_for(model, |s| s.state == ModelState::Unavailable as i32)
+            .await;
+    }
+    if let Some((model, body, warm)) = want {
+        let status = srv.load(model).await.unwrap();
+        assert_eq!(
+            status.state,
+            ModelState::Ready as i32,
+            "{model}: {status:?}"
+        );
+        let addr = srv.running().grpc_addr.to_string();
+        drive(&addr, body, 1, Amount::Requests(warm)).await;
+        *loaded = Some(model);
+    }
+}
+
+async fn pt2(goals: &mut Vec<Goal>) {
+    // The CNN and the tiny model, each as a package and as TorchScript, in
+    // one server that loads one at a time; the same config for both
+    // formats, whole requests straight to the model (no dynamic batching),
+    // as the `cnn` section serves.
+    let srv = TestServer::start(
+        |repo| {
+            let cnn = fixtures::config()
+                .max_batch_size(PT2_BATCH as i64)
+                .dynamic_batching(false)
+                .input("image", "f32", &[3, 16, 16])
+                .output("logits", "f32", &[10]);
+            let tiny = fixtures::config()
+                .max_batch_size(64)
+                .dynamic_batching(false)
+                .input("x", "f32", &[16])
+                .output("y", "f32", &[16]);
+            for (model, config, fixture, file) in [
+                ("cnn_pt2", &cnn, "cnn", "model.pt2"),
+                ("cnn_pt", &cnn, "cnn", "model.pt"),
+                ("tiny_pt2", &tiny, "tiny", "model.pt2"),
+                ("tiny_pt", &tiny, "tiny", "model.pt"),
+            ] {
+                config.write(repo, model);
+                install_pt2(repo, model, fixture, file);
+            }
+        },
+        false,
+    )
+    .await;
+    let addr = srv.running().grpc_addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let b15 = pt2_npy("cnn", "input_b15_0.npy", "image");
+    let b1 = pt2_npy("cnn", "input_b1_0.npy", "image");
+    let x1 = pt2_npy("tiny", "input_b1_0.npy", "x");
+    // (load, format, model, rows per request, request body)
+    let served = [
+        ("cnn b15", "package", "cnn_pt2", PT2_BATCH, &b15),
+        ("cnn b15", "TorchScript", "cnn_pt", PT2_BATCH, &b15),
+        ("cnn b1", "package", "cnn_pt2", 1, &b1),
+        ("cnn b1", "TorchScript", "cnn_pt", 1, &b1),
+        ("tiny b1", "package", "tiny_pt2", 1, &x1),
+        ("tiny b1", "TorchScript", "tiny_pt", 1, &x1),
+    ]
+    .map(|(load, format, model, batch, input)| {
+        let name = format!("{model}-{}", load.replace(' ', "-"));
+        let body = write_body(dir.path(), &name, &tensor_request(model, input));
+        (load, format, model, batch, body)
+    });
+    let warm = |rows: usize| if rows == 1 { 2_000 } else { 200 };
+
+    // Each model once: what it loaded as, its executor's intra-op threads
+    // (the in-process runs use the package's) and its answers.
+    let mut loaded = None;
+    let mut described = Vec::new();
+    let mut checks = Vec::new();
+    let mut cnn_threads = 1;
+    for (model, fixture, labels) in [
+        ("cnn_pt2", "cnn", &["b15", "b1"][..]),
+        ("cnn_pt", "cnn", &["b15", "b1"]),
+        ("tiny_pt2", "tiny", &["b1"]),
+        ("tiny_pt", "tiny", &["b1"]),
+    ] {
+        let (_, _, _, rows, body) = served.iter().find(|s| s.2 == model).unwrap();
+        serve_only(&srv, &mut loaded, Some((model, body, warm(*rows)))).await;
+        let detail = srv
+            .models()
+            .await
+            .get_model(pb::GetModelRequest { name: model.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .model
+            .expect("model detail");
+        let formats = detail
+            .status
+            .as_ref()
+            .map_or(String::new(), |s| s.formats.join(", "));
+        described.push(format!(
+            "{model}: {formats} ({} intra-op threads)",
+            detail.intra_op_threads
+        ));
+        if model == "cnn_pt2" {
+            cnn_threads = (detail.intra_op_threads as usize).max(1);
+        }
+        for label in labels {
+            checks.push(format!(
+                "before: {}",
+                pt2_check(&srv, model, fixture, label).await
+            ));
+        }
+    }
+    let package_path = srv.repo.path().join("cnn_pt2/1/model.pt2");
+    let script_path = srv.repo.path().join("cnn_pt/1/model.pt");
+
+    let mut rows: Vec<Pt2Row> = Vec::new();
+    for round in 1..=ROUNDS {
+        // Each pair package / TorchScript side by side, the order swapped
+        // every other round so that drift within a pair hits both alike.
+        let swap = round % 2 == 0;
+        let ordered = |pair: [&'static str; 2]| {
+            if swap { [pair[1], pair[0]] } else { pair }
+        };
+        serve_only(&srv, &mut loaded, None).await;
+        for format in ordered(["package", "TorchScript"]) {
+            let (package_path, script_path) = (package_path.clone(), script_path.clone());
+            let images = tokio::task::spawn_blocking(move || {
+                if format == "package" {
+                    package_in_process(package_path, cnn_threads, PT2_SECONDS)
+                } else {
+                    script_in_process(script_path, cnn_threads, PT2_SECONDS)
+                }
+            })
+            .await
+            .unwrap();
+            rows.push(Pt2Row {
+                round,
+                load: "cnn b15",
+                format,
+                path: "in-process".into(),
+                rows_per_s: images,
+                p50_us: None,
+                detail: "this process, beside the idle server".into(),
+            });
+        }
+        // The same in a process of its own, where the forward's OpenMP team
+        // is the only one: libgomp spins at its barriers there, while in a
+        // process holding more OpenMP threads than cores (the server's
+        // executors and loaders) it spins briefly and sleeps.
+        for format in ordered(["package", "TorchScript"]) {
+            let path = if format == "package" {
+                package_path.clone()
+            } else {
+                script_path.clone()
+            };
+            let images =
+                tokio::task::spawn_blocking(move || in_own_process(format, &path, cnn_threads))
+                    .await
+                    .unwrap();
+            rows.push(Pt2Row {
+                round,
+                load: "cnn b15",
+                format,
+                path: "own process".into(),
+                rows_per_s: images,
+                p50_us: None,
+                detail: "a child process, no server".into(),
+            });
+        }
+        for (load, concurrencies) in [
+            ("cnn b15", &[1u32, 2][..]),
+            ("cnn b1", &[1]),
+            ("tiny b1", &[1]),
+        ] {
+            for &c in concurrencies {
+                for format in ordered(["package", "TorchScript"]) {
+                    let (_, _, model, batch, body) = served
+                        .iter()
+                        .find(|s| s.0 == load && s.1 == format)
+                        .expect("a served configuration");
+                    serve_only(&srv, &mut loaded, Some((model, body, warm(*batch)))).await;
+                    let measured = cell_for(Some(&srv), &addr, model, body, c, PT2_SECONDS).await;
+                    rows.push(Pt2Row {
+                        round,
+                        load,
+                        format,
+                        path: format!("Plinth c={c}"),
+                        rows_per_s: measured.run.req_per_s * *batch as f64,
+                        p50_us: Some(measured.run.p50_us),
+                        detail: format!(
+                            "{:.0} req/s, p99 {:.0} µs; HTTP failed {}; {}",
+                            measured.run.req_per_s,
+                            measured.run.p99_us,
+                            measured.run.failed,
+                            server_counted(&measured)
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    for (model, fixture, label) in [
+        ("cnn_pt2", "cnn", "b15"),
+        ("cnn_pt", "cnn", "b15"),
+        ("tiny_pt2", "tiny", "b1"),
+        ("tiny_pt", "tiny", "b1"),
+    ] {
+        let (_, _, _, rows, body) = served.iter().find(|s| s.2 == model).unwrap();
+        serve_only(&srv, &mut loaded, Some((model, body, warm(*rows)))).await;
+        checks.push(format!(
+            "after: {}",
+            pt2_check(&srv, model, fixture, label).await
+        ));
+    }
+
+    println!(
+        "\n## AOTInductor package against TorchScript, the same modules: CNN (3x16x16 → 10) at batch {PT2_BATCH} and 1, y = 2x over 16 floats at batch 1; {cnn_threads} intra-op threads in-process, one model loaded at a time, {PT2_SECONDS} s per cell"
+    );
+    println!("| round | load | format | path | rows/s | p50 | detail |");
+    println!("|---|---|---|---|---|---|---|");
+    for row in &rows {
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {} | {} |",
+            row.round,
+            row.load,
+            row.format,
+            row.path,
+            row.rows_per_s,
+            row.p50_us.map_or(String::new(), |p| format!("{p:.0} µs")),
+            row.detail
+        );
+    }
+    println!("\nmodels served, one at a time:");
+    for line in described {
+        println!("- {line}");
+    }
+    println!("\ncorrectness (Compute against PyTorch's package outputs):");
+    for line in checks {
+        println!("- {line}");
+    }
+
+    let get = |round: usize, load: &str, format: &str, path: &str| {
+        rows.iter()
+            .find(|r| r.round == round && r.load == load && r.format == format && r.path == path)
+            .expect("a measured row")
+    };
+    let per_round = |f: &dyn Fn(usize) -> f64| (1..=ROUNDS).map(f).collect::<Vec<f64>>();
+    for c in [1u32, 2] {
+        let path = format!("Plinth c={c}");
+        let r = per_round(&|round| {
+            get(round, "cnn b15", "package", &path).rows_per_s
+                / get(round, "cnn b15", "package", "in-process").rows_per_s
+        });
+        goals.push(Goal {
+            measure: format!(
+                "CNN package batch {PT2_BATCH}, images/s through Plinth ÷ AotiPackage in-process ({cnn_threads} threads), h2load c={c} (rounds)"
+            ),
+            value: ratios(&r),
+            goal: "≥ 0.9",
+        });
+    }
+    for c in [1u32, 2] {
+        let path = format!("Plinth c={c}");
+        let r = per_round(&|round| {
+            get(round, "cnn b15", "package", &path).rows_per_s
+                / get(round, "cnn b15", "TorchScript", &path).rows_per_s
+        });
+        goals.push(Goal {
+            measure: format!(
+                "CNN batch {PT2_BATCH}, images/s through Plinth, package ÷ TorchScript, h2load c={c} (rounds)"
+            ),
+            value: ratios(&r),
+            goal: "report (≥ 1: a package should not lose)",
+        });
+    }
+    for c in [1u32, 2] {
+        let path = format!("Plinth c={c}");
+        let r = per_round(&|round| {
+            get(round, "cnn b15", "package", &path).rows_per_s
+                / get(round, "cnn b15", "package", "own process").rows_per_s
+        });
+        goals.push(Goal {
+            measure: format!(
+                "CNN package batch {PT2_BATCH}, images/s through Plinth ÷ AotiPackage in a process of its own, h2load c={c} (rounds)"
+            ),
+            value: ratios(&r),
+            goal: "(no goal)",
+        });
+    }
+    for (path, what) in [
+        ("in-process", "in-process beside the server"),
+        ("own process", "in a process of its own"),
+    ] {
+        let r = per_round(&|round| {
+            get(round, "cnn b15", "package", path).rows_per_s
+                / get(round, "cnn b15", "TorchScript", path).rows_per_s
+        });
+        goals.push(Goal {
+            measure: format!(
+                "CNN batch {PT2_BATCH}, images/s {what}, package ÷ TorchScript (rounds)"
+            ),
+            value: ratios(&r),
+            goal: "(no goal)",
+        });
+    }
+    for (load, what) in [
+        ("cnn b1", "CNN batch 1"),
+        ("tiny b1", "y = 2x, 16 floats, batch 1"),
+    ] {
+        let r = per_round(&|round| {
+            get(round, load, "package", "Plinth c=1").p50_us.unwrap()
+                / get(round, load, "TorchScript", "Plinth c=1")
+                    .p50_us
+                    .unwrap()
+        });
+        let pairs: Vec<String> = (1..=ROUNDS)
+            .map(|round| {
+                format!(
+                    "{:.0} vs {:.0} µs",
+                    get(round, load, "package", "Plinth c=1").p50_us.unwrap(),
+                    get(round, load, "TorchScript", "Plinth c=1")
+                        .p50_us
+                        .unwrap()
+                )
+            })
+            .collect();
+        goals.push(Goal {
+            measure: format!("{what}, p50 through Plinth at c=1, package ÷ TorchScript (rounds)"),
+            value: format!("{} ({})", ratios(&r), pairs.join(", ")),
+            goal: if load == "cnn b1" {
+                "report (≤ 1: a package should not lose)"
+            } else {
+                "report"
+            },
         });
     }
     srv.stop().await;
