@@ -46,15 +46,30 @@ pub(super) fn load_model(
 
     let mut prepared = Vec::with_capacity(chosen.len());
     let mut memory_bytes = Vec::with_capacity(chosen.len());
+    // What each executor computes on: the config's (or the budget's share),
+    // raised to what a package's kernels were compiled to use.
+    let mut threads = intra_op_threads;
     for (version, file) in chosen {
         let (modules, bytes) = match ModelFormat::of_path(&file) {
-            Some(ModelFormat::AotiPackage) => load_package(&file, &config)?,
+            Some(ModelFormat::AotiPackage) => {
+                let (modules, bytes, compiled) = load_package(&file, &config)?;
+                if let Some(n) = compiled {
+                    threads = threads.max(package_threads(
+                        name,
+                        &file,
+                        n,
+                        intra_op_threads,
+                        &context.budget,
+                    )?);
+                }
+                (modules, bytes)
+            }
             _ => load_torchscript(&file, &config)?,
         };
         memory_bytes.push(bytes);
         // The warm-up is torch work too: it runs on the budget.
-        let cores = context.budget.acquire(intra_op_threads);
-        let computing = context.counters.computing(intra_op_threads);
+        let cores = context.budget.acquire(threads);
+        let computing = context.counters.computing(threads);
         warm_up(&modules[0], &config)
             .map_err(|err| format!("{}: warm-up: {err}", file.display()))?;
         drop((computing, cores));
@@ -66,7 +81,7 @@ pub(super) fn load_model(
         return Err("the server is shutting down".into());
     }
     let threads = ExecutorThreads {
-        intra_op_threads,
+        intra_op_threads: threads,
         budget: Arc::clone(&context.budget),
         counters: Arc::clone(&context.counters),
         spin: context.spin,
@@ -112,7 +127,10 @@ fn load_torchscript(file: &Path, config: &ModelConfig) -> Result<(Vec<Module>, u
 /// An AOTInductor package, checked against this host and the config before
 /// its library is mapped, loaded once with a runner per instance and shared
 /// by the instances' executor threads; and the bytes it keeps in memory.
-fn load_package(file: &Path, config: &ModelConfig) -> Result<(Vec<Module>, u64), String> {
+fn load_package(
+    file: &Path,
+    config: &ModelConfig,
+) -> Result<(Vec<Module>, u64, Option<usize>), String> {
     let named = |err: String| format!("{}: {err}", file.display());
     let info = PackageInfo::read(file).map_err(named)?;
     info.check_host(config.device).map_err(named)?;
@@ -121,7 +139,40 @@ fn load_package(file: &Path, config: &ModelConfig) -> Result<(Vec<Module>, u64),
     let package =
         AotiPackage::load(file, &info, config.instances, config.device, batches).map_err(named)?;
     let package = Module::Package(Arc::new(package));
-    Ok((vec![package; config.instances], info.bytes))
+    Ok((
+        vec![package; config.instances],
+        info.bytes,
+        info.compiled_threads,
+    ))
+}
+
+/// The threads a package's executors compute on: what its kernels were
+/// compiled for (`compiled`), which no intra-op setting changes, counted
+/// against the budget in full. More than the whole budget fails the load.
+fn package_threads(
+    name: &str,
+    file: &Path,
+    compiled: usize,
+    configured: usize,
+    budget: &ComputeBudget,
+) -> Result<usize, String> {
+    if compiled > budget.limit() {
+        return Err(format!(
+            "{}: the package's kernels run on {compiled} threads, fixed when it was compiled (num_threads({compiled})), more than the compute budget of {} cores (--threads); re-export it with torch._inductor.config.cpp.threads = {configured}",
+            file.display(),
+            budget.limit()
+        ));
+    }
+    if compiled != configured {
+        tracing::warn!(
+            model = name,
+            package = %file.display(),
+            compiled,
+            configured,
+            "the package's kernels were compiled for {compiled} threads and compute on that many whatever intra_op_threads says; its executors count {compiled} against the budget (re-export with torch._inductor.config.cpp.threads to change it)"
+        );
+    }
+    Ok(compiled)
 }
 
 /// The bytes of the tensors the archive at `file` (a regular file) holds,

@@ -1040,3 +1040,59 @@ async fn a_cuda_package_runs_on_the_gpu() {
     );
     srv.stop().await;
 }
+
+/// The CNN package's kernels were compiled for two threads
+/// (`num_threads(2)`, the exporting machine's cores): asked for one, its
+/// executor still computes on two, and counts two against the budget; a
+/// budget of one core cannot run it, and the load says why.
+#[tokio::test]
+async fn a_package_computes_on_the_threads_it_was_compiled_for() {
+    let repo = |repo: &Path| {
+        cnn_config().field("intra_op_threads", 1).write(repo, "cnn");
+        install_package(repo, "cnn", "1", "cnn");
+    };
+    let srv = TestServer::start_with(repo, |config| {
+        config.threads = Some(2);
+        config.load_all = true;
+    })
+    .await;
+    srv.wait_ready("cnn").await;
+    let detail = srv
+        .models()
+        .await
+        .get_model(pb::GetModelRequest { name: "cnn".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .model
+        .unwrap();
+    assert_eq!(
+        detail.intra_op_threads, 2,
+        "the compiled count, not the config's 1"
+    );
+    let x = npy("cnn", "input_b15_0.npy", "image");
+    srv.compute()
+        .await
+        .compute(compute_request("cnn", vec![to_pb(&x)]))
+        .await
+        .unwrap();
+    let budget = srv.info().await.thread_budget.unwrap();
+    assert_eq!(
+        (budget.executors, budget.torch_threads, budget.cores_peak),
+        (1, 2, 2)
+    );
+    srv.stop().await;
+
+    let srv = TestServer::start_with(repo, |config| {
+        config.threads = Some(1);
+        config.load_all = true;
+    })
+    .await;
+    let status = srv
+        .wait_for("cnn", |s| s.state == pb::ModelState::Failed as i32)
+        .await;
+    for word in ["num_threads(2)", "compute budget of 1", "cpp.threads"] {
+        assert!(status.reason.contains(word), "{}", status.reason);
+    }
+    srv.stop().await;
+}

@@ -434,9 +434,11 @@ impl Forward for Module {
     }
 
     fn prepare_thread(&self, intra_op_threads: usize) {
-        // Both formats compute on this thread's intra-op threads: torch's
-        // pool for TorchScript, OpenMP (set by the same call) for the
-        // package's compiled kernels.
+        // TorchScript computes on this thread's intra-op threads, and so
+        // do a package's aten calls. A package's own kernels fix their
+        // parallel regions' thread count when they are compiled
+        // (`PackageInfo::compiled_threads`); the loader counts that many
+        // against the budget instead.
         set_intra_op_threads(intra_op_threads);
     }
 

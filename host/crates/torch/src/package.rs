@@ -124,6 +124,12 @@ pub struct PackageInfo {
     /// The inputs, in order, from the generated source; `None` when the
     /// package carries no wrapper source to read them from.
     pub inputs: Option<Vec<InputSignature>>,
+    /// The threads its CPU kernels' parallel regions run on, fixed when it
+    /// was compiled (`#pragma omp parallel num_threads(N)`, inductor's
+    /// `cpp.threads`, by default the cores of the machine that exported
+    /// it): the most any region asks for; `None` with no parallel region.
+    /// The executor's intra-op setting does not change it.
+    pub compiled_threads: Option<usize>,
 }
 
 fn zip_error(err: zip::result::ZipError) -> String {
@@ -223,6 +229,13 @@ impl PackageInfo {
             .collect();
         let needed_symbols = needed_symbols(&read(&mut zip, &library)?)
             .map_err(|err| format!("{library}: not a shared library: {err}"))?;
+        let mut compiled_threads: Option<usize> = None;
+        for name in entries.iter().filter(|name| name.ends_with(".cpp")) {
+            let source = String::from_utf8_lossy(&read(&mut zip, name)?).into_owned();
+            if let Some(n) = parallel_threads(&source) {
+                compiled_threads = Some(compiled_threads.map_or(n, |m| m.max(n)));
+            }
+        }
         let wrapper = entries.iter().find(|name| name.ends_with(".wrapper.cpp"));
         let inputs = match wrapper {
             Some(name) => {
@@ -239,6 +252,7 @@ impl PackageInfo {
             bytes,
             needed_symbols,
             inputs,
+            compiled_threads,
         })
     }
 
@@ -498,6 +512,19 @@ fn load_libtorch_stub() -> Result<(), String> {
             Ok(())
         })
         .clone()
+}
+
+/// The most threads any `#pragma omp parallel num_threads(N)` of `source`
+/// asks for.
+fn parallel_threads(source: &str) -> Option<usize> {
+    const MARK: &str = "num_threads(";
+    source
+        .match_indices(MARK)
+        .filter_map(|(at, _)| {
+            let rest = &source[at + MARK.len()..];
+            rest[..rest.find(')')?].trim().parse::<usize>().ok()
+        })
+        .max()
 }
 
 /// The inputs the generated `check_input_N` functions describe, in order:
@@ -880,6 +907,10 @@ mod tests {
         assert_eq!(inputs[1].dtype, Some(DType::I64));
         assert!(inputs[1].dims.is_empty());
         assert!(parse_input_checks("no checks here").is_empty());
+        let kernel =
+            "#pragma omp parallel num_threads(2)\n{}\n#pragma omp parallel num_threads(8)\n";
+        assert_eq!(parallel_threads(kernel), Some(8));
+        assert_eq!(parallel_threads("#pragma omp simd\n"), None);
     }
 
     #[test]
