@@ -246,6 +246,28 @@ fn assert_exact(what: &str, got: (&str, &[i64], &[u8]), want: &Tensor) {
     );
 }
 
+/// `model` answers the fixture's batch-1 input over plinth.v1 with
+/// PyTorch's output, bit for bit.
+async fn assert_serves_fixture(
+    srv: &TestServer,
+    model: &str,
+    fixture: &str,
+    input: &str,
+    output: &str,
+) {
+    let x = npy(fixture, "input_b1_0.npy", input);
+    let want = npy(fixture, "expected_b1_0.npy", output);
+    let answer = srv
+        .compute()
+        .await
+        .compute(compute_request(model, vec![to_pb(&x)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let got = &answer.outputs[0];
+    assert_exact(model, (&got.name, &got.shape, &got.data), &want);
+}
+
 /// The little-endian bytes of a JSON `data` array of `dtype`.
 fn json_bytes(dtype: DType, data: &Value) -> Vec<u8> {
     let values = data.as_array().expect("data is an array");
@@ -631,24 +653,7 @@ async fn bad_packages_fail_with_their_reason_and_the_rest_serve() {
         assert!(status.reason.contains("model.pt2"), "{}", status.reason);
     }
     // The good package serves, its numbers PyTorch's.
-    let x = npy("tiny", "input_b1_0.npy", "x");
-    let want = npy("tiny", "expected_b1_0.npy", "y");
-    let answer = srv
-        .compute()
-        .await
-        .compute(compute_request("good", vec![to_pb(&x)]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_exact(
-        "good",
-        (
-            &answer.outputs[0].name,
-            &answer.outputs[0].shape,
-            &answer.outputs[0].data,
-        ),
-        &want,
-    );
+    assert_serves_fixture(&srv, "good", "tiny", "x", "y").await;
     srv.stop().await;
 }
 
@@ -1020,24 +1025,7 @@ async fn a_cuda_package_runs_on_the_gpu() {
     .await;
     let status = srv.wait_ready("cnn_cuda").await;
     assert_eq!(status.device, "cuda:0");
-    let x = npy("cnn_cuda", "input_b1_0.npy", "image");
-    let want = npy("cnn_cuda", "expected_b1_0.npy", "logits");
-    let answer = srv
-        .compute()
-        .await
-        .compute(compute_request("cnn_cuda", vec![to_pb(&x)]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_exact(
-        "cnn_cuda",
-        (
-            &answer.outputs[0].name,
-            &answer.outputs[0].shape,
-            &answer.outputs[0].data,
-        ),
-        &want,
-    );
+    assert_serves_fixture(&srv, "cnn_cuda", "cnn_cuda", "image", "logits").await;
     srv.stop().await;
 }
 
