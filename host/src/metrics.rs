@@ -16,6 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::pipeline::Pipeline;
+use crate::plugin::FailureCause;
 use crate::plugin::kind;
 
 /// Prometheus text of every metrics plugin, then the host's own counters
@@ -180,6 +181,7 @@ fn host_series(pipeline: &Pipeline, registry: &mut prometheus_client::registry::
 
     let calls: Family<Vec<(String, String)>, Counter> = Family::default();
     let errors: Family<Vec<(String, String)>, Counter> = Family::default();
+    let failures: Family<Vec<(String, String)>, Counter> = Family::default();
     for report in pipeline.plugins().list() {
         if let Some(plugin) = &report.plugin {
             let labels = labels(&[("plugin", &plugin.name)]);
@@ -189,6 +191,15 @@ fn host_series(pipeline: &Pipeline, registry: &mut prometheus_client::registry::
             errors
                 .get_or_create(&labels)
                 .inc_by(plugin.stats.errors.load(Ordering::Relaxed));
+            for cause in FailureCause::ALL {
+                let count = plugin.stats.failures_of(cause);
+                failures
+                    .get_or_create(&self::labels(&[
+                        ("plugin", &plugin.name),
+                        ("cause", cause.as_str()),
+                    ]))
+                    .inc_by(count);
+            }
         }
     }
     registry.register("plugin_calls", "Calls into each plugin", calls);
@@ -196,6 +207,11 @@ fn host_series(pipeline: &Pipeline, registry: &mut prometheus_client::registry::
         "plugin_errors",
         "Failed calls into each plugin (traps, timeouts, memory, plugin errors)",
         errors,
+    );
+    registry.register(
+        "plugin_failures",
+        "Failed calls into each plugin by cause: trap, timeout, memory, plugin (its own error), instantiate",
+        failures,
     );
     registry.register(
         "plugin_load_failures",

@@ -419,6 +419,26 @@ async fn hostile_plugins_are_contained_and_reported() {
     let spin = srv.wait_plugin("spin", |_| true).await;
     assert_eq!(spin.errors, 2);
     assert_eq!(spin.last_error, "exceeded its 20 ms deadline");
+    // /metrics counts each failure under its cause.
+    let metrics = metrics_containing(
+        &srv,
+        &[
+            "plinth_plugin_failures_total{plugin=\"spin\",cause=\"timeout\"} 2\n",
+            "plinth_plugin_failures_total{plugin=\"spin\",cause=\"trap\"} 0\n",
+            "plinth_plugin_failures_total{plugin=\"bomb\",cause=\"trap\"} 0\n",
+        ],
+    )
+    .await;
+    for (plugin, cause) in [("trap", "trap"), ("bomb", "memory")] {
+        let series =
+            format!("plinth_plugin_failures_total{{plugin=\"{plugin}\",cause=\"{cause}\"}} ");
+        let count: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} in\n{metrics}"));
+        assert!(count >= 1, "{series}{count}");
+    }
 
     // No WASI capability was granted: every probe of the filesystem, the
     // environment and the network is denied.

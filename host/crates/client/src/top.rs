@@ -93,8 +93,8 @@ struct Reading {
     queued: BTreeMap<String, f64>,
     in_flight: BTreeMap<String, f64>,
     memory: BTreeMap<String, f64>,
-    /// plugin -> (calls, failures)
-    plugins: BTreeMap<String, (f64, f64)>,
+    /// plugin -> (calls, failures, traps)
+    plugins: BTreeMap<String, (f64, f64, f64)>,
 }
 
 /// A histogram bucket's `le`, ordered (`+Inf` last).
@@ -169,6 +169,15 @@ impl Reading {
                         entry.1 += sample.value;
                     }
                 }
+                "plinth_plugin_failures_total" => {
+                    let (Some(plugin), Some("trap")) = (
+                        sample.labels.get("plugin"),
+                        sample.labels.get("cause").map(String::as_str),
+                    ) else {
+                        continue;
+                    };
+                    reading.plugins.entry(plugin.clone()).or_default().2 += sample.value;
+                }
                 _ => {}
             }
         }
@@ -242,6 +251,7 @@ struct PluginRow {
     calls_per_s: f64,
     calls: f64,
     failures: f64,
+    traps: f64,
 }
 
 fn frame(before: &Reading, after: &Reading) -> Frame {
@@ -281,13 +291,14 @@ fn frame(before: &Reading, after: &Reading) -> Frame {
     let plugins = after
         .plugins
         .iter()
-        .map(|(plugin, (calls, failures))| {
+        .map(|(plugin, (calls, failures, traps))| {
             let old_calls = before.plugins.get(plugin).map_or(0.0, |p| p.0);
             PluginRow {
                 plugin: plugin.clone(),
                 calls_per_s: (calls - old_calls).max(0.0) / seconds,
                 calls: *calls,
                 failures: *failures,
+                traps: *traps,
             }
         })
         .collect();
@@ -331,13 +342,14 @@ fn render(frame: &Frame, server: &str, interval: f64) -> String {
             bytes(m.memory_bytes),
         ]);
     }
-    let mut plugins = table(&["PLUGIN", "CALLS/S", "CALLS", "FAILURES"]);
+    let mut plugins = table(&["PLUGIN", "CALLS/S", "CALLS", "FAILURES", "TRAPS"]);
     for p in &frame.plugins {
         plugins.add_row(vec![
             p.plugin.clone(),
             format!("{:.1}", p.calls_per_s),
             format!("{:.0}", p.calls),
             format!("{:.0}", p.failures),
+            format!("{:.0}", p.traps),
         ]);
     }
     format!(
@@ -362,6 +374,7 @@ fn frame_json(frame: &Frame) -> serde_json::Value {
             "calls_per_second": p.calls_per_s,
             "calls": p.calls,
             "failures": p.failures,
+            "traps": p.traps,
         })).collect::<Vec<_>>(),
     })
 }
@@ -430,6 +443,8 @@ plinth_model_inflight_requests{model="a"} 4
 plinth_model_memory_bytes{model="a",device="cpu"} 2048
 plinth_plugin_calls_total{plugin="norm \"x\""} 30
 plinth_plugin_errors_total{plugin="norm \"x\""} 2
+plinth_plugin_failures_total{plugin="norm \"x\"",cause="trap"} 1
+plinth_plugin_failures_total{plugin="norm \"x\"",cause="timeout"} 1
 "#;
 
     #[test]
@@ -455,7 +470,8 @@ plinth_plugin_errors_total{plugin="norm \"x\""} 2
                 plugin: "norm \"x\"".into(),
                 calls_per_s: 15.0,
                 calls: 30.0,
-                failures: 2.0
+                failures: 2.0,
+                traps: 1.0
             }]
         );
         // Nothing between two equal reads: no rate, no quantile.

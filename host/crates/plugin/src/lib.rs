@@ -46,7 +46,7 @@ pub use calls::{Candidates, Stage};
 pub use engine::WIT_VERSION;
 pub use kind::{AnyPlugin, Kind};
 pub use manifest::{Manifest, OnError};
-pub use meta::{PluginMeta, PluginStats};
+pub use meta::{FailureCause, PluginMeta, PluginStats};
 pub use orchestrator::{DEFAULT_MAX_DEPTH, Orchestrator};
 pub use outcome::CallError;
 pub use pool::Plugin;

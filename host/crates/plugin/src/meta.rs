@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use super::manifest::Manifest;
+use super::outcome::CallError;
 use super::types::{PluginInfo, PluginKind, PluginStatus};
 
 /// Counters of one plugin.
@@ -20,6 +21,76 @@ pub struct PluginStats {
     /// ([`MemoryCap::past_high_water`](crate::state::MemoryCap::past_high_water)).
     pub recycled: AtomicU64,
     pub last_error: parking_lot::Mutex<Option<String>>,
+    /// Failed calls by cause, in the order of [`FailureCause::ALL`].
+    pub failures: [AtomicU64; FailureCause::ALL.len()],
+}
+
+/// Why a call failed, as the metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    /// The guest trapped (a panic, an abort, an out-of-bounds access), or a
+    /// host function it called panicked.
+    Trap,
+    /// Past its deadline (the manifest's, or the request's).
+    Timeout,
+    /// Past its memory cap.
+    Memory,
+    /// The plugin's own `plugin-error` answer.
+    Plugin,
+    /// No instance could be made (instantiation or `init` failed).
+    Instantiate,
+}
+
+impl FailureCause {
+    pub const ALL: [FailureCause; 5] = [
+        FailureCause::Trap,
+        FailureCause::Timeout,
+        FailureCause::Memory,
+        FailureCause::Plugin,
+        FailureCause::Instantiate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureCause::Trap => "trap",
+            FailureCause::Timeout => "timeout",
+            FailureCause::Memory => "memory",
+            FailureCause::Plugin => "plugin",
+            FailureCause::Instantiate => "instantiate",
+        }
+    }
+
+    pub fn of(err: &CallError) -> FailureCause {
+        match err {
+            CallError::Trap(_) => FailureCause::Trap,
+            CallError::Timeout(_) => FailureCause::Timeout,
+            CallError::OutOfMemory(_) => FailureCause::Memory,
+            CallError::Plugin(_) => FailureCause::Plugin,
+            CallError::Instantiate(_) => FailureCause::Instantiate,
+        }
+    }
+}
+
+impl PluginStats {
+    /// Counts a failed call (in `errors` and under its cause) and keeps its
+    /// message as the last error.
+    pub fn record_failure(&self, cause: FailureCause, message: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let slot = FailureCause::ALL
+            .iter()
+            .position(|c| *c == cause)
+            .unwrap_or_default();
+        self.failures[slot].fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock() = Some(message);
+    }
+
+    /// Failed calls with `cause`.
+    pub fn failures_of(&self, cause: FailureCause) -> u64 {
+        FailureCause::ALL
+            .iter()
+            .position(|c| *c == cause)
+            .map_or(0, |slot| self.failures[slot].load(Ordering::Relaxed))
+    }
 }
 
 /// What every loaded plugin has, whatever its kind: `Plugin<K>` and

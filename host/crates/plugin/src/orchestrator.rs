@@ -36,6 +36,7 @@ use super::bindings::{wit, wit_models};
 use super::convert::{from_wit, to_wit};
 use super::engine::{EPOCH_TICK, Runtime};
 use super::manifest::Manifest;
+use super::meta::FailureCause;
 use super::meta::PluginMeta;
 use super::outcome::{
     CallError, call_error, classify, described, initialised, panicked, plugin_error, root_cause,
@@ -304,8 +305,8 @@ impl Orchestrator {
                     "model '{}': the request's time ran out while orchestrator '{}' was answering",
                     request.model, self.name
                 ));
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                *self.stats.last_error.lock() = Some(err.to_string());
+                self.stats
+                    .record_failure(FailureCause::Timeout, err.to_string());
                 return Err(err);
             }
             Ok(Err(panic)) => {
@@ -369,8 +370,8 @@ impl Orchestrator {
     }
 
     fn record_error(&self, err: &CallError) {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        *self.stats.last_error.lock() = Some(err.to_string());
+        self.stats
+            .record_failure(FailureCause::of(err), err.to_string());
         tracing::warn!(plugin = %self.name, error = %err, "orchestrator call failed");
     }
 }

@@ -13,7 +13,7 @@ use wasmtime::component::{Component, InstancePre};
 use super::bindings::wit;
 use super::engine::{EPOCH_TICK, Runtime};
 use super::manifest::Manifest;
-use super::meta::PluginMeta;
+use super::meta::{FailureCause, PluginMeta};
 use super::outcome::{
     CallError, classify, described, initialised, panicked, plugin_error, root_cause,
 };
@@ -315,8 +315,8 @@ impl<K: World> Plugin<K> {
     }
 
     fn record_error(&self, err: &CallError) {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        *self.stats.last_error.lock() = Some(err.to_string());
+        self.stats
+            .record_failure(FailureCause::of(err), err.to_string());
         tracing::warn!(plugin = %self.name, error = %err, "plugin call failed");
     }
 }
