@@ -623,8 +623,7 @@ pub fn check(config: &ServerConfig) -> Result<Vec<String>, Vec<String>> {
                                 packages += 1;
                                 // Read, never loaded: its library is not mapped.
                                 let read = plinth_torch::PackageInfo::read(file).and_then(|info| {
-                                    info.check_host(model.device)?;
-                                    info.check_config(&model)
+                                    info.check(&model)
                                 });
                                 if let Err(err) = read {
                                     wrong.push(format!("{}: {err}", file.display()));

@@ -133,8 +133,7 @@ fn load_package(
 ) -> Result<(Vec<Module>, u64, Option<usize>), String> {
     let named = |err: String| format!("{}: {err}", file.display());
     let info = PackageInfo::read(file).map_err(named)?;
-    info.check_host(config.device).map_err(named)?;
-    info.check_config(config).map_err(named)?;
+    info.check(config).map_err(named)?;
     let batches = config.max_batch_size > 0;
     let package =
         AotiPackage::load(file, &info, config.instances, config.device, batches).map_err(named)?;

@@ -33,7 +33,7 @@ fn flat(rows: &[[f32; 3]]) -> Vec<f32> {
     rows.iter().flatten().copied().collect()
 }
 
-fn cascade_manifest(threshold: f32) -> String {
+pub(crate) fn cascade_manifest(threshold: f32) -> String {
     format!("[config]\nsmall = \"small\"\nlarge = \"large\"\nthreshold = {threshold}\n")
 }
 

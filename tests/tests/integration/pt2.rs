@@ -277,10 +277,7 @@ fn json_bytes(dtype: DType, data: &Value) -> Vec<u8> {
             DType::F32 => out.extend((v.as_f64().unwrap() as f32).to_le_bytes()),
             DType::I64 => out.extend(v.as_i64().unwrap().to_le_bytes()),
             DType::Bool => out.push(u8::from(v.as_bool().unwrap())),
-            // A bf16 is the top half of the f32 with the same value.
-            DType::BF16 => {
-                out.extend((((v.as_f64().unwrap() as f32).to_bits() >> 16) as u16).to_le_bytes())
-            }
+            DType::BF16 => out.extend(half::bf16::from_f64(v.as_f64().unwrap()).to_le_bytes()),
             other => panic!("no fixture answers {other}"),
         }
     }
@@ -298,27 +295,15 @@ fn json_data(tensor: &Tensor) -> Value {
         ),
         DType::F16 => json!(
             data.chunks_exact(2)
-                .map(|c| f16_to_f32(u16::from_le_bytes(c.try_into().unwrap())))
+                .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
                 .collect::<Vec<_>>()
         ),
         DType::BF16 => json!(
             data.chunks_exact(2)
-                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes(c.try_into().unwrap())) << 16))
+                .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
                 .collect::<Vec<_>>()
         ),
         other => panic!("no fixture sends {other}"),
-    }
-}
-
-/// An IEEE half as f32 (exact: every half is an f32).
-fn f16_to_f32(bits: u16) -> f32 {
-    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = i32::from((bits >> 10) & 0x1f);
-    let frac = f32::from(bits & 0x3ff);
-    match exp {
-        0 => sign * frac * 2f32.powi(-24),
-        31 => sign * f32::INFINITY,
-        _ => sign * (1.0 + frac / 1024.0) * 2f32.powi(exp - 15),
     }
 }
 
@@ -678,7 +663,7 @@ async fn a_torchscript_version_is_replaced_by_a_package_under_poll_with_no_faile
     let want = npy("tiny", "expected_b1_0.npy", "y");
 
     // Load: requests back to back from four clients, through the swap.
-    let stop = tokio_util_stop();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..4 {
         let mut client = srv.compute().await;
@@ -715,10 +700,6 @@ async fn a_torchscript_version_is_replaced_by_a_package_under_poll_with_no_faile
     }
     assert!(served > 0);
     srv.stop().await;
-}
-
-fn tokio_util_stop() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
 }
 
 #[tokio::test]
@@ -825,7 +806,7 @@ async fn a_processor_feeds_a_package_and_the_cascade_calls_one() {
         srv.plugins.path(),
         "cascade",
         "cascade",
-        Some("[config]\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 0.6\n"),
+        Some(&super::orchestrator::cascade_manifest(0.6)),
     );
     for plugin in ["normalize", "cascade"] {
         srv.wait_plugin(plugin, |s| s.serving && s.load_error.is_empty())

@@ -143,7 +143,7 @@ impl AotiPackage {
     /// on `device`. Blocking: libtorch unpacks the package into a new
     /// directory under `/tmp` (it names `/tmp` itself; `TMPDIR` does not
     /// move it), removed when the package is dropped, and maps its library. Check
-    /// [`PackageInfo::check_host`] first: the library is native code.
+    /// [`PackageInfo::check`] first: the library is native code.
     /// `batches` says whether dim 0 of every input is the batch.
     pub fn load(
         path: &Path,

@@ -188,21 +188,19 @@ impl PackageInfo {
             .collect();
         let needed_symbols = needed_symbols(&read(&mut zip, &library)?)
             .map_err(|err| format!("{library}: not a shared library: {err}"))?;
+        // Every generated source once: the kernels' thread counts, and the
+        // wrapper's input checks.
         let mut compiled_threads: Option<usize> = None;
+        let mut inputs = None;
         for name in entries.iter().filter(|name| name.ends_with(".cpp")) {
             let source = String::from_utf8_lossy(&read(&mut zip, name)?).into_owned();
             if let Some(n) = parallel_threads(&source) {
                 compiled_threads = Some(compiled_threads.map_or(n, |m| m.max(n)));
             }
-        }
-        let wrapper = entries.iter().find(|name| name.ends_with(".wrapper.cpp"));
-        let inputs = match wrapper {
-            Some(name) => {
-                let source = String::from_utf8_lossy(&read(&mut zip, name)?).into_owned();
-                Some(parse_input_checks(&source))
+            if inputs.is_none() && name.ends_with(".wrapper.cpp") {
+                inputs = Some(parse_input_checks(&source));
             }
-            None => None,
-        };
+        }
         Ok(PackageInfo {
             model_name,
             device,
@@ -219,6 +217,13 @@ impl PackageInfo {
     /// another device, for CPU instructions this machine lacks, or calling
     /// libtorch functions this libtorch does not have (another torch
     /// version).
+    /// [`Self::check_host`] on the config's device, then
+    /// [`Self::check_config`]: everything checked before a load.
+    pub fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        self.check_host(config.device)?;
+        self.check_config(config)
+    }
+
     pub fn check_host(&self, device: DeviceSpec) -> Result<(), String> {
         match (self.device.as_str(), device) {
             ("cpu", DeviceSpec::Cpu) | ("cuda", DeviceSpec::Cuda(_)) => {}
