@@ -24,6 +24,7 @@ pub mod ports;
 pub mod registry;
 pub mod security;
 pub mod server;
+pub mod telemetry;
 pub mod watch;
 
 pub use error::Error;

@@ -247,6 +247,40 @@ struct ServeArgs {
     /// before the process exits anyway.
     #[arg(long, default_value_t = 30.0, help_heading = "Shutdown")]
     drain_timeout_s: f64,
+
+    /// Export OpenTelemetry traces of requests to this OTLP collector
+    /// (`http://host:4318` over HTTP, `http://host:4317` over gRPC); off
+    /// when unset. `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
+    /// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*` and the other standard
+    /// variables are read too.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        help_heading = "Observability"
+    )]
+    otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf` (the default).
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        help_heading = "Observability"
+    )]
+    otlp_protocol: Option<String>,
+    /// Which requests are traced: `parentbased_always_on` (the default:
+    /// all, unless a client's `traceparent` says not sampled),
+    /// `parentbased_traceidratio`, `traceidratio`, `always_on`, `always_off`, ….
+    #[arg(long, env = "OTEL_TRACES_SAMPLER", help_heading = "Observability")]
+    trace_sampler: Option<String>,
+    /// The ratio of the `*traceidratio` samplers, 0 to 1.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", help_heading = "Observability")]
+    trace_sampler_arg: Option<String>,
+    /// The service name spans carry (default `plinth`).
+    #[arg(long, env = "OTEL_SERVICE_NAME", help_heading = "Observability")]
+    otel_service_name: Option<String>,
+    /// Record the per-model serving series (`plinth_model_*` on /metrics).
+    /// Off only to measure what they cost.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, help_heading = "Observability")]
+    serving_metrics: bool,
 }
 
 fn at_least_one<T: PartialOrd + From<u8> + std::fmt::Display>(
@@ -272,7 +306,10 @@ fn main() -> std::process::ExitCode {
     match parsed.log_format {
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
-            .with_current_span(false)
+            // A traced request's lines carry its `trace_id` and `span_id`
+            // (the pipeline's `request` span); no other span is at info.
+            .with_current_span(true)
+            .with_span_list(false)
             .with_env_filter(filter)
             .init(),
         LogFormat::Text => tracing_subscriber::fmt()
@@ -420,6 +457,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         reload_on_sighup: true,
         drain_timeout: positive_seconds("--drain-timeout-s", args.drain_timeout_s)?,
+        tracing: plinth::telemetry::TracingConfig::from_vars(|name| match name {
+            // The flags, which clap fills from these variables too.
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => args.otlp_endpoint.clone(),
+            "OTEL_EXPORTER_OTLP_PROTOCOL" => args.otlp_protocol.clone(),
+            "OTEL_TRACES_SAMPLER" => args.trace_sampler.clone(),
+            "OTEL_TRACES_SAMPLER_ARG" => args.trace_sampler_arg.clone(),
+            "OTEL_SERVICE_NAME" => args.otel_service_name.clone(),
+            other => std::env::var(other).ok(),
+        })
+        .map_err(anyhow::Error::msg)?,
+        serving_metrics: args.serving_metrics,
     };
     let drain_delay = std::time::Duration::try_from_secs_f64(args.drain_delay_s)
         .ok()

@@ -151,6 +151,17 @@ fn host_series(pipeline: &Pipeline, registry: &mut prometheus_client::registry::
         "Request events dropped because the metrics queue was full",
         counter(pipeline.dropped_events()),
     );
+    let spans = pipeline.traces().map(|traces| traces.counts());
+    registry.register(
+        "trace_spans_exported",
+        "Spans the OTLP collector accepted (0 while tracing is off)",
+        counter(spans.map_or(0, |counts| counts.exported())),
+    );
+    registry.register(
+        "trace_spans_dropped",
+        "Spans lost: the exporter's queue was full, or the collector failed or timed out their export",
+        counter(spans.map_or(0, |counts| counts.dropped())),
+    );
     let mirrors = pipeline.mirror_totals();
     let mirror_runs: Family<Vec<(String, String)>, Counter> = Family::default();
     for (result, value) in [

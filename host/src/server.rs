@@ -89,6 +89,11 @@ pub struct ServerConfig {
     /// After the servers stop accepting: how long the drain (requests in
     /// flight, then model unloads) may take before the process exits anyway.
     pub drain_timeout: Duration,
+    /// OpenTelemetry traces of requests; `None`: off.
+    pub tracing: Option<crate::telemetry::TracingConfig>,
+    /// The per-model serving series on `/metrics` (on unless measuring
+    /// what they cost).
+    pub serving_metrics: bool,
 }
 
 impl ServerConfig {
@@ -130,6 +135,8 @@ impl ServerConfig {
             limits: ConnectionLimits::default(),
             reload_on_sighup: false,
             drain_timeout: Duration::from_secs(30),
+            tracing: None,
+            serving_metrics: true,
         }
     }
 }
@@ -167,6 +174,7 @@ impl RunningServer {
     /// ended, or once the drain timeout has passed since the drain began.
     pub async fn wait(self) {
         let registry = self.registry.clone();
+        let traces = self.pipeline.traces().cloned();
         let mut servers = futures::future::join_all(self.tasks);
         // The drain timeout counts from the trigger, never from startup.
         let ended = tokio::select! {
@@ -179,6 +187,13 @@ impl RunningServer {
             }
             // The servers have drained, so nothing holds a model any more.
             registry.unload_all().await;
+            // What the last requests traced goes out, within a bound.
+            if let Some(traces) = traces {
+                let _ = tokio::task::spawn_blocking(move || {
+                    traces.shutdown(Duration::from_secs(5));
+                })
+                .await;
+            }
         };
         if tokio::time::timeout(self.drain_timeout, drain)
             .await
@@ -289,6 +304,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         event_capacity: config.state_events_capacity,
         executor_spin: config.executor_spin,
         memory_budget: config.memory_budget,
+        serving_series: config.serving_metrics,
         ..RegistrySettings::new(repository.clone(), cores)
     });
     let shutdown = CancellationToken::new();
@@ -342,12 +358,19 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             )),
         }
     });
+    let traces = match &config.tracing {
+        Some(tracing) => Some(Arc::new(
+            crate::telemetry::Traces::start(tracing).context("tracing")?,
+        )),
+        None => None,
+    };
     let pipeline = Pipeline::new(
         registry.clone(),
         Arc::clone(&plugins),
         crate::pipeline::PipelineSettings {
             max_call_depth: config.max_call_depth,
             mirror_timeout: config.mirror_timeout,
+            traces: traces.clone(),
         },
     );
 

@@ -187,7 +187,8 @@ async fn sigterm_turns_readiness_off_at_once_and_serves_through_the_drain_delay(
 /// object per line with the plugin and the stream named, and the call runs
 /// on: the guest's `println!` and `eprintln!` (WASI blocking writes) run on
 /// the request's tokio worker without refusing. The plugin then aborts, and
-/// with `on_error = "skip"` the request is served without it.
+/// with `on_error = "skip"` the request is served without it. The request
+/// is traced: each of its lines carries its `trace_id` and `span_id`.
 #[tokio::test]
 async fn a_guests_output_during_a_call_reaches_the_json_log() {
     let repo = tempfile::tempdir().unwrap();
@@ -216,7 +217,17 @@ async fn a_guests_output_during_a_call_reaches_the_json_log() {
         plugins.path().join("talker.wasm"),
     )
     .unwrap();
-    let child = Server::start(&["--log-format", "json"], repo.path(), plugins.path(), &[]);
+    // Traced, to a collector that is not there: the request's lines carry
+    // its trace and span ids, and nothing fails.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let collector = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let child = Server::start(
+        &["--log-format", "json"],
+        repo.path(),
+        plugins.path(),
+        &["--otlp-endpoint", &collector, "--otlp-protocol", "grpc"],
+    );
     let lines = &child.lines;
     // Every line is a JSON object; the address is a field of one of them.
     let grpc = loop {
@@ -233,12 +244,17 @@ async fn a_guests_output_during_a_call_reaches_the_json_log() {
             .map_err(|err| err.to_string())
     })
     .await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let request = f32_request("double", &[1.0, 2.0, 3.0]);
     let out = eventually("the model served", async || {
-        compute
-            .compute(request.clone())
-            .await
-            .map_err(|err| err.to_string())
+        let mut traced = tonic::Request::new(request.clone());
+        traced.metadata_mut().insert(
+            "traceparent",
+            format!("00-{trace_id}-00f067aa0ba902b7-01")
+                .parse()
+                .unwrap(),
+        );
+        compute.compute(traced).await.map_err(|err| err.to_string())
     })
     .await
     .into_inner();
@@ -273,7 +289,11 @@ async fn a_guests_output_during_a_call_reaches_the_json_log() {
             !(event["level"] == *level
                 && fields["plugin"] == "talker"
                 && fields["stream"] == *stream
-                && fields["message"] == *message)
+                && fields["message"] == *message
+                && event["span"]["trace_id"] == trace_id
+                && event["span"]["span_id"]
+                    .as_str()
+                    .is_some_and(|id| id.len() == 16 && id != "00f067aa0ba902b7"))
         });
     }
 }

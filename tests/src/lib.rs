@@ -16,6 +16,7 @@ mod eventually;
 pub mod fixtures;
 pub mod fuzzing;
 pub mod load;
+pub mod otlp;
 pub mod pki;
 
 pub use eventually::{Attempt, PATIENCE, eventually};

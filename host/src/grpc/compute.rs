@@ -100,6 +100,7 @@ async fn compute_one(
             inputs,
             metadata,
             timeout,
+            protocol: "plinth-v1-grpc",
             ..PipelineRequest::default()
         })
         .await?;

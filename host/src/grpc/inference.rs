@@ -197,6 +197,7 @@ async fn infer_one(
                 inputs,
                 metadata,
                 timeout,
+                protocol: "kserve-v2-grpc",
                 ..PipelineRequest::default()
             },
             |response| infer_response(id, response, &requested),

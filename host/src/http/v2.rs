@@ -611,6 +611,7 @@ pub async fn infer(
                 inputs,
                 metadata,
                 timeout,
+                protocol: "kserve-v2-http",
                 ..PipelineRequest::default()
             },
             |response| infer_response(id, response, &outputs, binary_output_default),

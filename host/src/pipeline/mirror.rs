@@ -18,7 +18,9 @@ use super::types::{
 };
 use crate::error::Error;
 use crate::plugin::{MirrorEvent, RequestStatus, RequestView, kind};
+use crate::telemetry::Origin;
 use crate::tensor::Tensor;
+use opentelemetry::trace::SpanContext;
 
 /// Mirrored runs in flight at once.
 const MIRROR_CONCURRENCY: usize = 4;
@@ -37,6 +39,7 @@ impl Pipeline {
         view: &RequestView,
         primary: &PipelineResponse,
         primary_latency: Duration,
+        primary_span: Option<SpanContext>,
     ) {
         for target in plan.targets {
             let job = MirrorJob {
@@ -48,6 +51,7 @@ impl Pipeline {
                 primary_version: primary.version.clone(),
                 primary_outputs: primary.outputs.clone(),
                 primary_latency,
+                primary_span: primary_span.clone(),
             };
             if self.inner.mirrors.try_send(job).is_err() {
                 self.inner
@@ -76,6 +80,9 @@ impl Pipeline {
                 deadline: plinth_core::deadline::deadline_after(started, self.inner.mirror_timeout),
                 parent: None,
             }),
+            protocol: "mirror",
+            // A trace of its own, linked to the primary's request.
+            trace: job.primary_span.map_or(Origin::Untraced, Origin::LinkedTo),
         });
         let res = match tokio::time::timeout(self.inner.mirror_timeout, run).await {
             Ok(res) => res,

@@ -35,8 +35,13 @@ use crate::plugin::{
     Candidates, Manifest, OnError, PluginHost, PluginMeta, RequestEvent, RequestStatus,
     RequestView, Stage, StageTimings, kind,
 };
-use crate::registry::{ReadyModel, ReadySet, Registry, RequestRecord};
+use crate::registry::{Inference, ReadyModel, ReadySet, Registry, RequestRecord};
+use crate::telemetry::{self, SpanScope};
 use crate::tensor::Tensor;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Link, SpanContext};
+use plinth_torch::TraceTag;
+use tracing::Instrument;
 use types::{EVENT_QUEUE, Inner, MIRROR_QUEUE, MirrorCounts, MirrorPlan};
 
 #[derive(Default)]
@@ -94,6 +99,7 @@ impl Pipeline {
                 )),
                 max_call_depth: settings.max_call_depth,
                 mirror_timeout: settings.mirror_timeout,
+                traces: settings.traces,
                 mirrors,
                 mirror_counts: MirrorCounts::default(),
             }),
@@ -128,6 +134,11 @@ impl Pipeline {
         &self.inner.plugins
     }
 
+    /// The tracer, when tracing is on.
+    pub fn traces(&self) -> Option<&Arc<crate::telemetry::Traces>> {
+        self.inner.traces.as_ref()
+    }
+
     /// Request events that did not fit in the metrics queue.
     pub fn dropped_events(&self) -> u64 {
         self.inner.dropped_events.load(Ordering::Relaxed)
@@ -148,6 +159,26 @@ impl Pipeline {
     ) -> Result<T, Error> {
         let started = Instant::now();
         let mut timings = Timings::default();
+        let trace = self.inner.traces.as_ref().and_then(|traces| {
+            let mut attributes = vec![
+                KeyValue::new("plinth.protocol", request.protocol),
+                KeyValue::new("plinth.request.id", request.id.clone()),
+                KeyValue::new("plinth.model", request.model.clone()),
+            ];
+            if let Some(version) = &request.version {
+                attributes.push(KeyValue::new(
+                    "plinth.model.version.requested",
+                    version.clone(),
+                ));
+            }
+            if let Some(nesting) = &request.nested {
+                attributes.push(KeyValue::new("plinth.call.depth", i64::from(nesting.depth)));
+            }
+            traces.request(&request.trace, &request.metadata, attributes)
+        });
+        let log_span = trace
+            .as_ref()
+            .map_or_else(tracing::Span::none, SpanScope::log_span);
         let asked = (request.model.clone(), request.version.clone());
         let mut view = RequestView {
             id: request.id,
@@ -167,16 +198,37 @@ impl Pipeline {
                 request.timeout,
                 request.nested,
                 &mut timings,
+                trace.as_ref(),
             )
+            .instrument(log_span.clone())
             .await;
         if let (Ok(response), Some(plan)) = (&res, timings.mirror.take()) {
-            self.enqueue_mirrors(plan, &view, response, started.elapsed());
+            let primary = trace.as_ref().map(SpanScope::span_context);
+            self.enqueue_mirrors(plan, &view, response, started.elapsed(), primary);
         }
         let res = res.and_then(|response| {
             let model = response.model.clone();
             answer(response).map_err(|err| err.with_model(&model))
         });
         let total = started.elapsed();
+        if let Some(span) = &trace {
+            span.set_attribute(KeyValue::new("plinth.model", view.model.clone()));
+            if let Some(version) = &timings.version {
+                span.set_attribute(KeyValue::new("plinth.model.version", version.clone()));
+            }
+            span.set_attribute(KeyValue::new(
+                "plinth.status",
+                match &res {
+                    Ok(_) => "OK",
+                    Err(err) => err.code_name(),
+                },
+            ));
+            log_span.in_scope(|| match &res {
+                Ok(_) => tracing::debug!(model = %view.model, "request answered"),
+                Err(err) => tracing::debug!(model = %view.model, %err, "request failed"),
+            });
+            span.end_with(&res);
+        }
         // A request that failed before reaching a model (the router failed,
         // say) is a failure of the model the client asked for.
         let reached = match timings.model.take() {
@@ -272,6 +324,7 @@ impl Pipeline {
         timeout: Option<Duration>,
         nested: Option<Nesting>,
         timings: &mut Timings,
+        trace: Option<&SpanScope>,
     ) -> Result<PipelineResponse, Error> {
         // The client's deadline: Triton's `timeout` parameter or the gRPC
         // deadline, whichever is sooner. A plain model's request waits in
@@ -284,7 +337,15 @@ impl Pipeline {
             // An orchestrator named the model: no router second-guesses it.
         } else if let Some(router) = self.inner.plugins.router() {
             let candidates = self.candidates();
-            match router.route(view, &candidates) {
+            let span = trace.map(|trace| trace.child("route", plugin_attributes(&router)));
+            let routed = router.route(view, &candidates);
+            if let Some(span) = &span {
+                if let Ok(decision) = &routed {
+                    span.set_attribute(KeyValue::new("plinth.route.model", decision.model.clone()));
+                }
+                span.end_with(&routed);
+            }
+            match routed {
                 Ok(decision) => {
                     if router.mirrors_requests() {
                         match router.mirrors(view, &decision) {
@@ -332,7 +393,7 @@ impl Pipeline {
         };
         timings.model = Some(Arc::clone(&model));
         let t = Instant::now();
-        let inputs = self.chain(&model, Stage::Pre, view, inputs)?;
+        let inputs = self.chain(&model, Stage::Pre, view, inputs, trace)?;
         timings.pre = t.elapsed();
         timings.batch_size = match (model.config.max_batch_size, inputs.first()) {
             (0, _) | (_, None) => 1,
@@ -344,9 +405,18 @@ impl Pipeline {
         let (version, outputs) = if let Some(plugin) = &model.config.orchestrator {
             let t = Instant::now();
             let in_flight = model.in_flight_guard();
+            let span = trace.map(|trace| {
+                trace.child(
+                    "orchestrate",
+                    vec![KeyValue::new("plinth.plugin.name", plugin.clone())],
+                )
+            });
             let outputs = self
-                .orchestrate(&model, plugin, view, inputs, timeout, nested)
+                .orchestrate(&model, view, inputs, timeout, nested, span.as_ref())
                 .await;
+            if let Some(span) = &span {
+                span.end_with(&outputs);
+            }
             drop(in_flight);
             let outputs = outputs?;
             timings.compute = t.elapsed();
@@ -354,9 +424,13 @@ impl Pipeline {
             timings.leader = true;
             (model.pick_version(None)?.version.label.clone(), outputs)
         } else {
+            let tag = trace.map(|trace| Arc::new(trace.span_context()) as TraceTag);
             let inference = model
-                .infer(view.version.as_deref(), inputs, timeout)
+                .infer(view.version.as_deref(), inputs, timeout, tag)
                 .await?;
+            if let Some(trace) = trace {
+                record_execution(trace, &inference);
+            }
             timings.queue = inference.queue;
             timings.compute = inference.compute;
             timings.executed_rows = u64::try_from(inference.batch_rows).unwrap_or(u64::MAX);
@@ -367,7 +441,7 @@ impl Pipeline {
         timings.version = Some(version.clone());
         let request_version = view.version.replace(version.clone());
         let t = Instant::now();
-        let outputs = self.chain(&model, Stage::Post, view, outputs);
+        let outputs = self.chain(&model, Stage::Post, view, outputs, trace);
         view.version = request_version;
         timings.post = t.elapsed();
         Ok(PipelineResponse {
@@ -404,6 +478,7 @@ impl Pipeline {
         stage: Stage,
         view: &RequestView,
         mut tensors: Vec<Tensor>,
+        trace: Option<&SpanScope>,
     ) -> Result<Vec<Tensor>, Error> {
         let (names, label) = match stage {
             Stage::Pre => (&model.config.preprocess, "preprocess"),
@@ -424,6 +499,8 @@ impl Pipeline {
                 }
             })?;
             let processor = plugin.into_kind::<kind::Processor>()?;
+            let span = trace.map(|trace| trace.child(label, plugin_attributes(&processor)));
+            let _end = span.as_ref().map(EndOnDrop);
             if processor.manifest.on_error == OnError::Skip {
                 // Tensors are reference-counted: keeping them costs no copy.
                 let kept = tensors.clone();
@@ -431,16 +508,91 @@ impl Pipeline {
                     Ok(out) => out,
                     Err(err) if skippable(&processor.manifest, &err) => {
                         skipped(&processor, label, &err);
+                        if let Some(span) = &span {
+                            span.set_attribute(KeyValue::new("plinth.plugin.skipped", true));
+                            span.fail(err.to_string());
+                        }
                         kept
                     }
-                    Err(err) => return Err(err),
+                    Err(err) => {
+                        if let Some(span) = &span {
+                            span.fail(err.to_string());
+                        }
+                        return Err(err);
+                    }
                 };
             } else {
-                tensors = processor.process(stage, view, tensors)?;
+                tensors = processor.process(stage, view, tensors).inspect_err(|err| {
+                    if let Some(span) = &span {
+                        span.fail(err.to_string());
+                    }
+                })?;
             }
         }
         Ok(tensors)
     }
+}
+
+/// A plugin call's span attributes: the plugin's file name and version.
+fn plugin_attributes(plugin: &PluginMeta) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("plinth.plugin.name", plugin.name.clone()),
+        KeyValue::new("plinth.plugin.version", plugin.info.version.clone()),
+    ]
+}
+
+/// Ends a span however its scope is left.
+struct EndOnDrop<'a>(&'a SpanScope);
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// A traced request's wait in the queue, and, for the first traced request
+/// of a forward pass, the pass itself, linked to every traced request
+/// merged into it.
+fn record_execution(trace: &SpanScope, inference: &Inference) {
+    let start = telemetry::wall_time(inference.started);
+    let version = KeyValue::new("plinth.model.version", inference.version.clone());
+    trace.record(
+        "queue",
+        telemetry::wall_time(inference.enqueued),
+        start,
+        vec![version.clone()],
+        Vec::new(),
+    );
+    if inference.traced_with.is_empty() {
+        return;
+    }
+    let links = if inference.traced_with.len() > 1 {
+        inference
+            .traced_with
+            .iter()
+            .filter_map(|tag| tag.downcast_ref::<SpanContext>())
+            .map(|context| Link::with_context(context.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    trace.record(
+        "forward",
+        start,
+        telemetry::wall_time(inference.started + inference.compute),
+        vec![
+            version,
+            KeyValue::new(
+                "plinth.batch.rows",
+                i64::try_from(inference.batch_rows).unwrap_or(i64::MAX),
+            ),
+            KeyValue::new(
+                "plinth.batch.traced_requests",
+                i64::try_from(inference.traced_with.len()).unwrap_or(i64::MAX),
+            ),
+        ],
+        links,
+    );
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use super::types::{Nesting, Pipeline, PipelineRequest};
 use crate::error::Error;
 use crate::plugin::{BoxFuture, ModelCaller, NestedCall, RequestView, RunContext};
 use crate::registry::ReadyModel;
+use crate::telemetry::{Origin, SpanScope};
 use crate::tensor::Tensor;
 
 impl Pipeline {
@@ -21,12 +22,15 @@ impl Pipeline {
     pub(super) async fn orchestrate(
         &self,
         model: &ReadyModel,
-        plugin: &str,
         view: &RequestView,
         inputs: Vec<Tensor>,
         timeout: Option<Duration>,
         nested: Option<Nesting>,
+        span: Option<&SpanScope>,
     ) -> Result<Vec<Tensor>, Error> {
+        let plugin = model.config.orchestrator.as_deref().ok_or_else(|| {
+            Error::Internal(format!("model '{}' has no orchestrator", model.name))
+        })?;
         model.pick_version(view.version.as_deref())?;
         let orchestrator = self
             .inner
@@ -59,7 +63,12 @@ impl Pipeline {
             }
         };
         let context = RunContext {
-            caller: Arc::new(self.clone()),
+            caller: Arc::new(NestedCaller {
+                pipeline: self.clone(),
+                // Untraced calls stay untraced: the client's request was
+                // not sampled, or tracing is off.
+                trace: span.map_or(Origin::Untraced, |span| Origin::ChildOf(span.context())),
+            }),
             depth,
             max_depth: self.inner.max_call_depth,
             deadline,
@@ -110,11 +119,18 @@ fn declared_outputs(
     Ok(ordered)
 }
 
-/// The way orchestrators call models: a nested request through the whole
-/// pipeline but the router, bounded by the client's deadline.
-impl ModelCaller for Pipeline {
+/// The way one orchestrator run calls models: a nested request through the
+/// whole pipeline but the router, bounded by the client's deadline, its
+/// span a child of the run's.
+struct NestedCaller {
+    pipeline: Pipeline,
+    trace: Origin,
+}
+
+impl ModelCaller for NestedCaller {
     fn infer(&self, call: NestedCall) -> BoxFuture<Result<Vec<Tensor>, Error>> {
-        let pipeline = self.clone();
+        let pipeline = self.pipeline.clone();
+        let trace = self.trace.clone();
         Box::pin(async move {
             let left = call.deadline.saturating_duration_since(Instant::now());
             let model = call.model.clone();
@@ -138,6 +154,8 @@ impl ModelCaller for Pipeline {
                     deadline: call.deadline,
                     parent: Some((call.parent.id.clone(), call.parent.model.clone())),
                 }),
+                protocol: "orchestrator",
+                trace,
             };
             match tokio::time::timeout(left, pipeline.infer(request)).await {
                 Ok(answer) => answer

@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use crate::config::ModelConfig;
 use crate::plugin::{Candidates, MirrorTarget, PluginHost, RequestEvent};
 use crate::registry::{ReadySet, Registry};
+use crate::telemetry::{Origin, Traces};
 use crate::tensor::Tensor;
+use opentelemetry::trace::SpanContext;
 
 /// Request events waiting for the metrics plugins; more are dropped and counted.
 pub const EVENT_QUEUE: usize = 8192;
@@ -26,7 +28,7 @@ pub const MIRROR_QUEUE: usize = 256;
 pub type NestedTag = (String, String, u32);
 
 /// What a pipeline is told at its start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PipelineSettings {
     /// How deep orchestrators' model calls nest (`--max-call-depth`; 0
     /// refuses every nested call).
@@ -34,6 +36,8 @@ pub struct PipelineSettings {
     /// The longest a mirrored run may take, on any target
     /// (`--mirror-timeout-s`): a stuck one then gives its slot back.
     pub mirror_timeout: Duration,
+    /// Where requests' spans go; `None`: tracing is off.
+    pub traces: Option<Arc<Traces>>,
 }
 
 impl Default for PipelineSettings {
@@ -41,6 +45,7 @@ impl Default for PipelineSettings {
         PipelineSettings {
             max_call_depth: crate::plugin::DEFAULT_MAX_DEPTH,
             mirror_timeout: Duration::from_secs(30),
+            traces: None,
         }
     }
 }
@@ -59,6 +64,10 @@ pub struct PipelineRequest {
     pub timeout: Option<Duration>,
     /// Set when an orchestrator makes the request: it skips the router.
     pub nested: Option<Nesting>,
+    /// The edge it came by, for its trace (`kserve-v2-grpc`, …).
+    pub protocol: &'static str,
+    /// Where its trace comes from: by default the client's `traceparent`.
+    pub trace: Origin,
 }
 
 /// Where a request an orchestrator makes comes from.
@@ -111,6 +120,7 @@ pub(super) struct Inner {
     /// How deep orchestrators' model calls may nest.
     pub(super) max_call_depth: u32,
     pub(super) mirror_timeout: Duration,
+    pub(super) traces: Option<Arc<Traces>>,
     /// Mirrored runs for the mirror task, and how they went.
     pub(super) mirrors: mpsc::Sender<MirrorJob>,
     pub(super) mirror_counts: MirrorCounts,
@@ -159,6 +169,8 @@ pub struct MirrorJob {
     pub(super) primary_version: String,
     pub(super) primary_outputs: Vec<Tensor>,
     pub(super) primary_latency: Duration,
+    /// The primary's request span, when it was traced.
+    pub(super) primary_span: Option<SpanContext>,
 }
 
 /// A snapshot of the mirrored runs since startup, for `/metrics`.

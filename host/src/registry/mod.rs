@@ -121,6 +121,9 @@ pub struct RegistrySettings {
     /// The memory budget per device (`--memory-budget-mib`): a load that
     /// would pass it first evicts idle on-demand models.
     pub memory_budget: Option<u64>,
+    /// Record the per-model serving series (`plinth_model_*`); off only to
+    /// measure what they cost (`--serving-metrics=false`).
+    pub serving_series: bool,
 }
 
 impl RegistrySettings {
@@ -132,6 +135,7 @@ impl RegistrySettings {
             event_capacity: 1024,
             executor_spin: Duration::ZERO,
             memory_budget: None,
+            serving_series: true,
         }
     }
 }
@@ -229,7 +233,11 @@ impl Registry {
             counters: Arc::new(ThreadCounters::default()),
             closing: CancellationToken::new(),
             spin: settings.executor_spin,
-            metrics: series::ServingMetrics::default(),
+            metrics: if settings.serving_series {
+                series::ServingMetrics::default()
+            } else {
+                series::ServingMetrics::disabled()
+            },
         };
         Registry {
             inner: Arc::new(Inner {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use plinth_torch::executor::{ExecutorPool, ExecutorThreads, Forward, Job};
+use plinth_torch::executor::{ExecutorPool, ExecutorThreads, Forward, Job, TraceTag};
 
 use super::stats::{RequestRecord, VersionStats};
 use crate::config::{ModelConfig, ModelFormat, ModelVersion};
@@ -76,6 +76,12 @@ pub struct Inference {
     pub batch_rows: usize,
     /// Whether this request counts the forward pass (one per pass).
     pub leader: bool,
+    /// When the request joined the queue, and when its forward pass started.
+    pub enqueued: Instant,
+    pub started: Instant,
+    /// The traced requests of the pass, for the first of them (see
+    /// [`plinth_torch::TraceTag`]).
+    pub traced_with: Vec<TraceTag>,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +165,9 @@ impl ReadyModel {
 
     /// Gives each version its process-wide serving series.
     pub(crate) fn with_series(mut self, metrics: &super::series::ServingMetrics) -> ReadyModel {
+        if !metrics.enabled() {
+            return self;
+        }
         for version in &mut self.versions {
             version.stats.series = Some(metrics.series(&self.name, &version.version.label));
         }
@@ -390,9 +399,10 @@ impl ReadyModel {
         version: Option<&str>,
         inputs: Vec<Tensor>,
         timeout: Option<Duration>,
+        trace: Option<TraceTag>,
     ) -> Result<Inference, Error> {
         let _in_flight = InFlight::enter(&self.in_flight);
-        self.infer_inner(version, inputs, timeout).await
+        self.infer_inner(version, inputs, timeout, trace).await
     }
 
     async fn infer_inner(
@@ -400,6 +410,7 @@ impl ReadyModel {
         version: Option<&str>,
         inputs: Vec<Tensor>,
         timeout: Option<Duration>,
+        trace: Option<TraceTag>,
     ) -> Result<Inference, Error> {
         let ready_version = self.pick_version(version)?;
         let inputs = self.arrange_inputs(inputs)?;
@@ -424,6 +435,7 @@ impl ReadyModel {
             reply,
             enqueued,
             deadline: timeout.map(|t| enqueued + t),
+            trace,
         })?;
         let executed = answer
             .await
@@ -435,6 +447,9 @@ impl ReadyModel {
             compute: executed.compute,
             batch_rows: executed.batch_rows,
             leader: executed.leader,
+            enqueued,
+            started: executed.started,
+            traced_with: executed.traced_with,
         })
     }
 }

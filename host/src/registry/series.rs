@@ -53,11 +53,15 @@ pub struct ServingMetrics {
     compute_seconds: HistogramFamily,
     batch_rows: HistogramFamily,
     requests: Family<OutcomeLabels, Counter>,
+    /// Off (`--serving-metrics=false`): versions take no handles and
+    /// requests record nothing here; the families stay empty.
+    enabled: bool,
 }
 
 impl Default for ServingMetrics {
     fn default() -> Self {
         ServingMetrics {
+            enabled: true,
             request_seconds: Family::new_with_constructor(seconds),
             queue_seconds: Family::new_with_constructor(seconds),
             compute_seconds: Family::new_with_constructor(seconds),
@@ -68,6 +72,18 @@ impl Default for ServingMetrics {
 }
 
 impl ServingMetrics {
+    /// Series that record nothing (the registry's `serving_series: false`).
+    pub fn disabled() -> ServingMetrics {
+        ServingMetrics {
+            enabled: false,
+            ..ServingMetrics::default()
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Adds the series to `registry` (prefix `plinth`), sharing them.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(

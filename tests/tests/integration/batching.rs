@@ -13,7 +13,7 @@ use tonic::Code;
 
 /// `y = 3x` on `[batch, n]` (n free), batching up to `max_batch_size` rows:
 /// `batching` is the batching policy set on [`fixtures::scale_config`].
-fn batching_scale(repo: &std::path::Path, model: &str, batching: ModelConfig) {
+pub(crate) fn batching_scale(repo: &std::path::Path, model: &str, batching: ModelConfig) {
     batching.write(repo, model);
     fixtures::scale_file(&plinth_tests::model_file(repo, model, "1"), 3.0);
 }

@@ -23,3 +23,4 @@ mod services;
 mod serving_metrics;
 mod settling;
 mod split_learning;
+mod traces;

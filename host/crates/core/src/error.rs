@@ -56,6 +56,24 @@ pub enum Error {
 }
 
 impl Error {
+    /// The gRPC code's name this error answers with (`grpc::status` maps
+    /// the same way), for traces and logs.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            Error::ModelNotFound { .. } | Error::VersionNotFound { .. } | Error::NotFound(_) => {
+                "NOT_FOUND"
+            }
+            Error::ModelNotReady { .. } | Error::Unavailable(_) => "UNAVAILABLE",
+            Error::AlreadyExists { .. } => "ALREADY_EXISTS",
+            Error::LoadFailed(_) | Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Error::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Error::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            Error::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
+            Error::Cancelled => "CANCELLED",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+
     /// This error with the model named, for errors raised before anything
     /// knew the model (a tensor that did not decode, say). Errors that name
     /// it already are left alone.

@@ -65,7 +65,15 @@ pub struct Job {
     /// The request's own queue timeout: past it, the job is answered
     /// DEADLINE_EXCEEDED instead of running.
     pub deadline: Option<Instant>,
+    /// What the caller traces the request by, opaque here; `None` when it
+    /// is not traced. The first traced job of a forward pass gets every
+    /// traced job's tag back ([`Executed::traced_with`]), to record the one
+    /// pass linked to each request.
+    pub trace: Option<TraceTag>,
 }
+
+/// An opaque tag a traced job carries through the executor.
+pub type TraceTag = Arc<dyn std::any::Any + Send + Sync>;
 
 /// A finished job: the outputs, and where its time went.
 #[derive(Debug)]
@@ -80,6 +88,11 @@ pub struct Executed {
     /// True for exactly one job of each forward pass, so that executions are
     /// counted once.
     pub leader: bool,
+    /// When the forward pass started (the end of the queue wait).
+    pub started: Instant,
+    /// For the first traced job of the pass: the tags of every traced job
+    /// merged into it, its own first. Empty for every other job.
+    pub traced_with: Vec<TraceTag>,
 }
 
 /// Threads in use over the whole process, for the thread budget report.
@@ -422,6 +435,9 @@ fn execute<M: Forward>(module: &M, batch: Vec<Job>, shared: &Shared) {
     // The cores go back before anyone is answered: a caller that has its
     // answer sees them free.
     drop((computing, cores));
+    // The first traced job records the pass for all of them.
+    let mut traced: Vec<TraceTag> = batch.iter().filter_map(|job| job.trace.clone()).collect();
+    let trace_leader = batch.iter().position(|job| job.trace.is_some());
     match res {
         Ok(outputs) if batch.len() == 1 => {
             let job = batch.into_iter().next().expect("one job");
@@ -431,6 +447,8 @@ fn execute<M: Forward>(module: &M, batch: Vec<Job>, shared: &Shared) {
                 compute,
                 batch_rows: rows,
                 leader: true,
+                started,
+                traced_with: traced,
             }));
         }
         Ok(outputs) => {
@@ -445,6 +463,12 @@ fn execute<M: Forward>(module: &M, batch: Vec<Job>, shared: &Shared) {
                     compute,
                     batch_rows: rows,
                     leader: idx == 0,
+                    started,
+                    traced_with: if Some(idx) == trace_leader {
+                        std::mem::take(&mut traced)
+                    } else {
+                        Vec::new()
+                    },
                 }));
             }
         }
@@ -629,6 +653,7 @@ mod tests {
                 reply,
                 enqueued,
                 deadline,
+                trace: None,
             });
             (spec, submitted, answer)
         };
@@ -837,6 +862,7 @@ passes: 0 | 1 | 2
             reply,
             enqueued: Instant::now(),
             deadline: None,
+            trace: None,
         })
         .unwrap();
         let err = answer.blocking_recv().unwrap().unwrap_err();
@@ -895,6 +921,7 @@ passes: 0 | 1 | 2
                     reply,
                     enqueued: Instant::now(),
                     deadline: None,
+                    trace: None,
                 })
                 .unwrap();
                 answers.push(answer);

@@ -26,7 +26,7 @@ pub mod models;
 pub mod package;
 
 pub use budget::ComputeBudget;
-pub use executor::{ExecutorPool, Forward};
+pub use executor::{ExecutorPool, Forward, TraceTag};
 pub use package::{AotiPackage, PackageInfo};
 
 /// The libtorch version this binary was built against, from its headers'

@@ -1,0 +1,193 @@
+//! An OTLP trace collector in the test process: a real gRPC server (the
+//! `opentelemetry-proto` service types) on a loopback port, keeping every
+//! span it receives, flattened for assertions.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// One received span, ids in lower-case hex as in `traceparent`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Span {
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    pub name: String,
+    /// OTLP's `SpanKind` number (2 = server, 1 = internal).
+    pub kind: i32,
+    pub attributes: BTreeMap<String, String>,
+    /// (trace id, span id) of each link.
+    pub links: Vec<(String, String)>,
+    /// OTLP's status code (0 unset, 1 ok, 2 error) and message.
+    pub status: (i32, String),
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    /// The resource's attributes (`service.name`, …).
+    pub resource: BTreeMap<String, String>,
+}
+
+impl Span {
+    pub fn attr(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
+}
+
+#[derive(Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+    requests: Arc<Mutex<u64>>,
+}
+
+fn text(value: Option<&AnyValue>) -> String {
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+fn attributes(pairs: &[KeyValue]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|kv| (kv.key.clone(), text(kv.value.as_ref())))
+        .collect()
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut received = Vec::new();
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = resource_spans
+                .resource
+                .as_ref()
+                .map(|r| attributes(&r.attributes))
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    received.push(Span {
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                        name: span.name.clone(),
+                        kind: span.kind,
+                        attributes: attributes(&span.attributes),
+                        links: span
+                            .links
+                            .iter()
+                            .map(|link| (hex(&link.trace_id), hex(&link.span_id)))
+                            .collect(),
+                        status: span
+                            .status
+                            .as_ref()
+                            .map(|s| (s.code, s.message.clone()))
+                            .unwrap_or_default(),
+                        start_unix_nano: span.start_time_unix_nano,
+                        end_unix_nano: span.end_time_unix_nano,
+                        resource: resource.clone(),
+                    });
+                }
+            }
+        }
+        self.spans.lock().unwrap().extend(received);
+        *self.requests.lock().unwrap() += 1;
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A running collector; it stops when dropped.
+pub struct OtlpReceiver {
+    pub addr: SocketAddr,
+    spans: Arc<Mutex<Vec<Span>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> OtlpReceiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let collector = Collector::default();
+        let spans = Arc::clone(&collector.spans);
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collector))
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await;
+        });
+        OtlpReceiver { addr, spans, task }
+    }
+
+    /// `http://127.0.0.1:port`, for OTLP over gRPC.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<Span> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// The spans of one trace.
+    pub fn trace(&self, trace_id: &str) -> Vec<Span> {
+        self.spans()
+            .into_iter()
+            .filter(|span| span.trace_id == trace_id)
+            .collect()
+    }
+
+    /// Waits (within [`crate::PATIENCE`]) until `trace_id` has `n` spans.
+    pub async fn wait_trace(&self, trace_id: &str, n: usize) -> Vec<Span> {
+        crate::eventually(
+            crate::PATIENCE,
+            &format!("{n} spans of trace {trace_id}"),
+            async || {
+                let spans = self.trace(trace_id);
+                if spans.len() >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{} so far: {spans:#?}", spans.len()))
+                }
+            },
+        )
+        .await;
+        self.trace(trace_id)
+    }
+}
+
+/// A tracer configuration sending to `receiver` often (every 50 ms), so that
+/// tests do not wait for the SDK's default five seconds.
+pub fn tracing_to(receiver: &OtlpReceiver) -> plinth::telemetry::TracingConfig {
+    plinth::telemetry::TracingConfig {
+        schedule_delay: std::time::Duration::from_millis(50),
+        ..plinth::telemetry::TracingConfig::grpc(receiver.endpoint())
+    }
+}
