@@ -109,6 +109,9 @@ async fn main() {
     if wants("alloc") {
         alloc(&mut goals).await;
     }
+    if wants("traces") {
+        traces(&mut goals).await;
+    }
     println!("\n## Goals");
     println!("| measure | measured | goal |");
     println!("|---|---|---|");
@@ -152,11 +155,16 @@ async fn plain_server_spinning(spin: Duration) -> TestServer {
 /// Plinth with the full chain: weighted-router, a pass-through processor
 /// before and after the model, prometheus-metrics.
 async fn chain_server() -> TestServer {
-    let srv = TestServer::start(
+    chain_server_with(|_| {}).await
+}
+
+/// [`chain_server`], its config tweaked.
+async fn chain_server_with(tweak: impl FnOnce(&mut plinth::ServerConfig)) -> TestServer {
+    let srv = TestServer::start_with(
         |repo| {
             fixtures::chained(repo, "chained", 2.0);
         },
-        true,
+        tweak,
     )
     .await;
     let plugins = srv.plugins.path();
@@ -1751,5 +1759,135 @@ async fn alloc(goals: &mut Vec<Goal>) {
     println!("\ncorrectness checks (tritonclient):");
     for line in checks {
         println!("- {line}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// `traces`: what OpenTelemetry tracing and the host's serving series cost.
+
+/// The full chain (router, a processor before and after, the metrics
+/// plugin: six spans a traced request) at c=8, four servers side by side:
+/// tracing off; every request traced to an OTLP collector in this process
+/// (gRPC, decoding every export and counting the spans); 1% sampled; and
+/// tracing off with the serving series off (`--serving-metrics=false`).
+async fn traces(goals: &mut Vec<Goal>) {
+    use plinth::telemetry::{SamplerChoice, TracingConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let values: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    let body = write_body(
+        dir.path(),
+        "chained",
+        &infer_request("chained", &[16], &values),
+    );
+    let collector = plinth_tests::otlp::OtlpReceiver::start_counting().await;
+    let traced_to = |sampler: SamplerChoice| TracingConfig {
+        sampler,
+        // The SDK's defaults (a 2048-span queue, every 5 s) would drop most
+        // spans at these rates; an operator tracing everything sizes the
+        // queue for it.
+        max_queue: 65_536,
+        schedule_delay: Duration::from_millis(200),
+        ..TracingConfig::grpc(collector.endpoint())
+    };
+    let off = chain_server().await;
+    let traced = {
+        let config = traced_to(SamplerChoice::AlwaysOn);
+        chain_server_with(|c| c.tracing = Some(config)).await
+    };
+    let sampled = {
+        let config = traced_to(SamplerChoice::Ratio(0.01));
+        chain_server_with(|c| c.tracing = Some(config)).await
+    };
+    let bare = chain_server_with(|c| c.serving_metrics = false).await;
+    let configs: [(&str, &TestServer); 4] = [
+        ("off", &off),
+        ("traced", &traced),
+        ("sampled", &sampled),
+        ("no-series", &bare),
+    ];
+    let addr = |srv: &TestServer| srv.running().grpc_addr.to_string();
+    let mut checks = Vec::new();
+    for (name, srv) in configs {
+        checks.push(check(&addr(srv), "chained", &format!("{name}, before")));
+        drive(&addr(srv), &body, 4, Amount::Requests(3_000)).await;
+    }
+    let c = 8;
+    let mut cells: Vec<(usize, &str, Cell)> = Vec::new();
+    for round in 1..=ROUNDS {
+        for (name, srv) in configs {
+            let measured = cell(Some(srv), &addr(srv), "chained", &body, c).await;
+            cells.push((round, name, measured));
+        }
+    }
+    for (name, srv) in configs {
+        checks.push(check(&addr(srv), "chained", &format!("{name}, after")));
+    }
+    // What was exported has arrived once the queues have drained.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "\n## Traces and serving series: the full chain, gRPC ModelInfer, h2load c={c}, {SECONDS} s per cell"
+    );
+    println!("| round | configuration | req/s | p50 | p99 | HTTP failed | server counted |");
+    println!("|---|---|---|---|---|---|---|");
+    for (round, name, cell) in &cells {
+        println!(
+            "| {round} | {name} | {:.0} | {:.0} µs | {:.0} µs | {} | {} |",
+            cell.run.req_per_s,
+            cell.run.p50_us,
+            cell.run.p99_us,
+            cell.run.failed,
+            server_counted(cell)
+        );
+    }
+    for (name, srv) in [("traced", &traced), ("sampled", &sampled)] {
+        let counts = srv
+            .running()
+            .pipeline
+            .traces()
+            .expect("tracing on")
+            .counts();
+        println!(
+            "- {name}: {} spans ended, {} exported, {} dropped",
+            counts.ended(),
+            counts.exported(),
+            counts.dropped()
+        );
+    }
+    println!("- the collector received {} spans", collector.received());
+    let get = |round: usize, name: &str| {
+        cells
+            .iter()
+            .find(|(r, n, _)| *r == round && *n == name)
+            .expect("cell")
+            .2
+            .run
+            .req_per_s
+    };
+    let per_round = |a: &str, b: &str| {
+        (1..=ROUNDS)
+            .map(|round| get(round, a) / get(round, b))
+            .collect::<Vec<f64>>()
+    };
+    goals.push(Goal {
+        measure: format!("every request traced ÷ tracing off, throughput, c={c} (rounds)"),
+        value: ratios(&per_round("traced", "off")),
+        goal: "≥ 0.9",
+    });
+    goals.push(Goal {
+        measure: format!("1% sampled ÷ tracing off, throughput, c={c} (rounds)"),
+        value: ratios(&per_round("sampled", "off")),
+        goal: "≥ 0.98",
+    });
+    goals.push(Goal {
+        measure: format!("serving series on ÷ off, throughput, c={c} (rounds)"),
+        value: ratios(&per_round("off", "no-series")),
+        goal: "≥ 0.98",
+    });
+    println!("\ncorrectness checks (tritonclient):");
+    for line in checks {
+        println!("- {line}");
+    }
+    for srv in [off, traced, sampled, bare] {
+        srv.stop().await;
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -43,10 +44,13 @@ impl Span {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Collector {
     spans: Arc<Mutex<Vec<Span>>>,
-    requests: Arc<Mutex<u64>>,
+    /// Spans received, kept or not.
+    count: Arc<AtomicU64>,
+    /// Only count (benchmarks send millions).
+    count_only: bool,
 }
 
 fn text(value: Option<&AnyValue>) -> String {
@@ -67,14 +71,20 @@ fn attributes(pairs: &[KeyValue]) -> BTreeMap<String, String> {
         .collect()
 }
 
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+impl Collector {
+    fn ingest(&self, request: ExportTraceServiceRequest) {
+        if self.count_only {
+            let n: usize = request
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.count.fetch_add(n as u64, Ordering::Relaxed);
+            return;
+        }
         let mut received = Vec::new();
-        for resource_spans in request.into_inner().resource_spans {
+        for resource_spans in request.resource_spans {
             let resource = resource_spans
                 .resource
                 .as_ref()
@@ -106,12 +116,41 @@ impl TraceService for Collector {
                 }
             }
         }
+        self.count
+            .fetch_add(received.len() as u64, Ordering::Relaxed);
         self.spans.lock().unwrap().extend(received);
-        *self.requests.lock().unwrap() += 1;
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.ingest(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
     }
+}
+
+/// OTLP/HTTP with protobuf bodies: `POST /v1/traces`.
+async fn http_export(
+    axum::extract::State(collector): axum::extract::State<Collector>,
+    body: axum::body::Bytes,
+) -> Result<([(&'static str, &'static str); 1], Vec<u8>), (axum::http::StatusCode, String)> {
+    use prost::Message;
+    let request = ExportTraceServiceRequest::decode(body)
+        .map_err(|err| (axum::http::StatusCode::BAD_REQUEST, err.to_string()))?;
+    collector.ingest(request);
+    let answer = ExportTraceServiceResponse {
+        partial_success: None,
+    };
+    Ok((
+        [("content-type", "application/x-protobuf")],
+        answer.encode_to_vec(),
+    ))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -122,6 +161,7 @@ fn hex(bytes: &[u8]) -> String {
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
     spans: Arc<Mutex<Vec<Span>>>,
+    count: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -133,20 +173,66 @@ impl Drop for OtlpReceiver {
 
 impl OtlpReceiver {
     pub async fn start() -> OtlpReceiver {
+        OtlpReceiver::start_grpc(false).await
+    }
+
+    /// A gRPC collector that decodes every export and only counts the spans
+    /// ([`OtlpReceiver::received`]), for benchmarks.
+    pub async fn start_counting() -> OtlpReceiver {
+        OtlpReceiver::start_grpc(true).await
+    }
+
+    async fn start_grpc(count_only: bool) -> OtlpReceiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let collector = Collector::default();
+        let collector = Collector {
+            count_only,
+            ..Collector::default()
+        };
         let spans = Arc::clone(&collector.spans);
+        let count = Arc::clone(&collector.count);
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(TraceServiceServer::new(collector))
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await;
         });
-        OtlpReceiver { addr, spans, task }
+        OtlpReceiver {
+            addr,
+            spans,
+            count,
+            task,
+        }
     }
 
-    /// `http://127.0.0.1:port`, for OTLP over gRPC.
+    /// Spans received since the start.
+    pub fn received(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// A collector for OTLP over HTTP (protobuf bodies) at
+    /// `http://127.0.0.1:port/v1/traces`.
+    pub async fn start_http() -> OtlpReceiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let collector = Collector::default();
+        let spans = Arc::clone(&collector.spans);
+        let count = Arc::clone(&collector.count);
+        let app = axum::Router::new()
+            .route("/v1/traces", axum::routing::post(http_export))
+            .with_state(collector);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        OtlpReceiver {
+            addr,
+            spans,
+            count,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:port`, the base of either protocol's endpoint.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -530,3 +530,39 @@ async fn a_mirrored_run_is_its_own_trace_linked_to_the_primary() {
     );
     srv.stop().await;
 }
+
+/// OTLP over HTTP with protobuf bodies (the specification's default
+/// protocol), configured as an operator does: the standard variables, the
+/// generic endpoint joined with `/v1/traces`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_http_collector_configured_by_the_standard_variables() {
+    let receiver = OtlpReceiver::start_http().await;
+    let endpoint = receiver.endpoint();
+    let config = TracingConfig::from_vars(|name| match name {
+        "OTEL_EXPORTER_OTLP_ENDPOINT" => Some(endpoint.clone()),
+        "OTEL_SERVICE_NAME" => Some("edge-west".into()),
+        "OTEL_RESOURCE_ATTRIBUTES" => Some("deployment.environment=test".into()),
+        "OTEL_BSP_SCHEDULE_DELAY" => Some("50".into()),
+        _ => None,
+    })
+    .unwrap()
+    .expect("tracing is on");
+    let srv = scale_server(config).await;
+    let trace = "7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a";
+    ask(&srv, Some(&format!("00-{trace}-1212121212121212-01"))).await;
+    let spans = receiver.wait_trace(trace, 3).await;
+    let infer = one(&spans, "infer");
+    assert_eq!(infer.parent_span_id, "1212121212121212");
+    assert_eq!(
+        infer.resource.get("service.name").map(String::as_str),
+        Some("edge-west")
+    );
+    assert_eq!(
+        infer
+            .resource
+            .get("deployment.environment")
+            .map(String::as_str),
+        Some("test")
+    );
+    srv.stop().await;
+}
