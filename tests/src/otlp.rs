@@ -277,3 +277,71 @@ pub fn tracing_to(receiver: &OtlpReceiver) -> plinth::telemetry::TracingConfig {
         ..plinth::telemetry::TracingConfig::grpc(receiver.endpoint())
     }
 }
+
+/// An export whose spans are not decoded: prost skips the field.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Skipped {}
+
+/// A gRPC collector that accepts every export without decoding its spans
+/// (what a collector on another machine costs this one: nothing), for
+/// benchmarks that measure the sender alone.
+#[derive(Clone, Default)]
+struct Sink;
+
+impl tonic::server::NamedService for Sink {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+}
+
+impl tonic::server::UnaryService<Skipped> for Sink {
+    type Response = ExportTraceServiceResponse;
+    type Future = std::future::Ready<Result<tonic::Response<Self::Response>, tonic::Status>>;
+
+    fn call(&mut self, _request: tonic::Request<Skipped>) -> Self::Future {
+        std::future::ready(Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        })))
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Sink {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<ExportTraceServiceResponse, Skipped>::default();
+            Ok(tonic::server::Grpc::new(codec).unary(Sink, request).await)
+        })
+    }
+}
+
+impl OtlpReceiver {
+    /// A gRPC collector that answers every export without decoding it
+    /// ([`Sink`]); it keeps and counts nothing.
+    pub async fn start_sink() -> OtlpReceiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(Sink)
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await;
+        });
+        OtlpReceiver {
+            addr,
+            spans: Arc::default(),
+            count: Arc::default(),
+            task,
+        }
+    }
+}

@@ -212,7 +212,10 @@ impl Pipeline {
         });
         let total = started.elapsed();
         if let Some(span) = &trace {
-            span.set_attribute(KeyValue::new("plinth.model", view.model.clone()));
+            if view.model != asked.0 {
+                // The router sent it elsewhere.
+                span.set_attribute(KeyValue::new("plinth.model", view.model.clone()));
+            }
             if let Some(version) = &timings.version {
                 span.set_attribute(KeyValue::new("plinth.model.version", version.clone()));
             }

@@ -289,6 +289,10 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Spans per OTLP export (the SDK's default): fewer, larger exports cost
+/// the collector's connection less per span.
+const EXPORT_BATCH: usize = 512;
+
 /// The tracer of a running server.
 pub struct Traces {
     provider: SdkTracerProvider,
@@ -345,8 +349,8 @@ impl Traces {
         let batch = BatchConfigBuilder::default()
             // Our bound (`export::Admission`) keeps it from filling: the
             // SDK's own drops are not counted anywhere we can read.
-            .with_max_queue_size(config.max_queue + 512)
-            .with_max_export_batch_size(512)
+            .with_max_queue_size(config.max_queue + EXPORT_BATCH)
+            .with_max_export_batch_size(EXPORT_BATCH.min(config.max_queue))
             .with_scheduled_delay(config.schedule_delay)
             .build();
         let processor = export::Admission::new(
