@@ -1832,16 +1832,22 @@ async fn traces(goals: &mut Vec<Goal>) {
         for (name, srv) in order {
             let measured = cell(Some(srv), &addr(srv), "chained", &body, c).await;
             cells.push((round, name, measured));
-            // The exporter finishes its backlog before the next cell, so
-            // that its work is counted in the cell that made it.
+            // The exporter finishes its backlog (every span exported or
+            // dropped) before the next cell, so that its work is not
+            // counted against the next configuration.
             if let Some(traces) = srv.running().pipeline.traces() {
                 let traces = std::sync::Arc::clone(traces);
                 plinth_tests::eventually(
                     plinth_tests::PATIENCE,
-                    "the span queue drained",
-                    async || match traces.counts().queued() {
-                        0 => Ok(()),
-                        n => Err(format!("{n} spans queued")),
+                    "every span exported or dropped",
+                    async || {
+                        let counts = traces.counts();
+                        let settled = counts.exported() + counts.dropped();
+                        if settled == counts.ended() {
+                            Ok(())
+                        } else {
+                            Err(format!("{settled} of {} spans settled", counts.ended()))
+                        }
                     },
                 )
                 .await;

@@ -109,7 +109,8 @@ impl SamplerChoice {
 #[derive(Debug, Clone)]
 pub struct TracingConfig {
     /// Where spans go: for gRPC the collector's address
-    /// (`http://host:4317`), for HTTP the full URL (`…/v1/traces`).
+    /// (`http://host:4317`), for HTTP the full URL (`…/v1/traces`). Plain
+    /// HTTP only: `from_vars` refuses `https://`.
     pub endpoint: String,
     pub protocol: OtlpProtocol,
     pub service_name: String,
@@ -182,10 +183,15 @@ impl TracingConfig {
             },
         };
         let raw = raw.trim();
-        if !(raw.starts_with("http://") || raw.starts_with("https://")) {
+        if raw.starts_with("https://") {
+            // Neither exporter is built with TLS here: refused rather than
+            // sent in the clear or failed batch by batch.
             return Err(format!(
-                "{name}: expected an http:// or https:// URL, got '{raw}'"
+                "{name}: TLS to the collector is not supported yet; use an http:// endpoint (a collector beside the server), got '{raw}'"
             ));
+        }
+        if !raw.starts_with("http://") {
+            return Err(format!("{name}: expected an http:// URL, got '{raw}'"));
         }
         let endpoint = match (name, protocol) {
             // The generic endpoint is a base the signal's path joins.
@@ -669,10 +675,20 @@ mod tests {
         assert!(err(&[("OTEL_TRACES_SAMPLER", "sometimes")]).contains("got 'sometimes'"));
         assert!(err(&[("OTEL_RESOURCE_ATTRIBUTES", "a=1,b")]).contains("got 'b'"));
         assert!(err(&[("OTEL_TRACES_EXPORTER", "zipkin")]).contains("got 'zipkin'"));
+        assert!(
+            TracingConfig::from_vars(vars(&[(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "https://collector:4318/v1/traces"
+            )]))
+            .unwrap_err()
+            .starts_with(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: TLS to the collector is not supported yet"
+            )
+        );
         assert_eq!(
             TracingConfig::from_vars(vars(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]))
                 .unwrap_err(),
-            "OTEL_EXPORTER_OTLP_ENDPOINT: expected an http:// or https:// URL, got 'collector:4317'"
+            "OTEL_EXPORTER_OTLP_ENDPOINT: expected an http:// URL, got 'collector:4317'"
         );
     }
 
