@@ -160,21 +160,23 @@ impl Pipeline {
         let started = Instant::now();
         let mut timings = Timings::default();
         let trace = self.inner.traces.as_ref().and_then(|traces| {
-            let mut attributes = vec![
-                KeyValue::new("plinth.protocol", request.protocol),
-                KeyValue::new("plinth.request.id", request.id.clone()),
-                KeyValue::new("plinth.model", request.model.clone()),
-            ];
-            if let Some(version) = &request.version {
-                attributes.push(KeyValue::new(
-                    "plinth.model.version.requested",
-                    version.clone(),
-                ));
-            }
-            if let Some(nesting) = &request.nested {
-                attributes.push(KeyValue::new("plinth.call.depth", i64::from(nesting.depth)));
-            }
-            traces.request(&request.trace, &request.metadata, attributes)
+            traces.request(&request.trace, &request.metadata, || {
+                let mut attributes = vec![
+                    KeyValue::new("plinth.protocol", request.protocol),
+                    KeyValue::new("plinth.request.id", request.id.clone()),
+                    KeyValue::new("plinth.model", request.model.clone()),
+                ];
+                if let Some(version) = &request.version {
+                    attributes.push(KeyValue::new(
+                        "plinth.model.version.requested",
+                        version.clone(),
+                    ));
+                }
+                if let Some(nesting) = &request.nested {
+                    attributes.push(KeyValue::new("plinth.call.depth", i64::from(nesting.depth)));
+                }
+                attributes
+            })
         });
         let log_span = trace
             .as_ref()

@@ -403,12 +403,14 @@ impl Traces {
 
     /// The request's own span, if the sampler takes it: its parent is the
     /// client's `traceparent` (from `metadata`), the orchestrator's call,
-    /// or nothing.
+    /// or nothing. `attributes` are made only for a span the sampler took
+    /// (our samplers never look at them), so an unsampled request
+    /// allocates nothing for them.
     pub fn request(
         &self,
         origin: &Origin,
         metadata: &[(String, String)],
-        attributes: Vec<KeyValue>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<SpanScope> {
         let (parent, links) = match origin {
             Origin::Untraced => return None,
@@ -425,20 +427,20 @@ impl Traces {
                 (Context::new(), vec![Link::with_context(primary.clone())])
             }
         };
-        let span = self.tracer.build_with_context(
+        let mut span = self.tracer.build_with_context(
             SpanBuilder::from_name("infer")
                 .with_kind(if matches!(origin, Origin::Metadata) {
                     SpanKind::Server
                 } else {
                     SpanKind::Internal
                 })
-                .with_attributes(attributes)
                 .with_links(links),
             &parent,
         );
         if !span.is_recording() {
             return None;
         }
+        span.set_attributes(attributes());
         Some(SpanScope {
             tracer: self.tracer.clone(),
             cx: parent.with_span(span),
