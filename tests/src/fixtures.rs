@@ -241,6 +241,18 @@ pub fn scale_file(path: &Path, factor: f64) {
     plinth_torch::models::write_scale(path, factor).expect("trace and save the scale model");
 }
 
+/// A model file taking an f32 image [N, 3, H, W] to its per-channel means
+/// [N, 3] (the processor tests put `image-normalize` before it).
+pub fn channel_means_file(path: &Path) {
+    use plinth_torch::trace::{Device, Kind, TchTensor, save};
+    save(
+        path,
+        &[TchTensor::zeros([1, 3, 2, 2], (Kind::Float, Device::Cpu))],
+        |xs| vec![xs[0].mean_dim([2i64, 3].as_slice(), false, Kind::Float)],
+    )
+    .expect("trace and save the channel-means model");
+}
+
 /// `y = factor * x` batching up to 8 rows of `x` f32 [3] into rows of `y`
 /// f32 [3].
 pub fn batched_scale(repo: &Path, model: &str, factor: f64) {

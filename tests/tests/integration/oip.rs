@@ -626,6 +626,38 @@ async fn statistics_count_requests_stages_and_batches() {
     assert_eq!(status.code(), Code::NotFound);
 }
 
+/// Runs `tests/python/<script>` with the test venv's Python against `srv`
+/// (`PLINTH_GRPC` and `PLINTH_HTTP`, and `env`), off the runtime's workers,
+/// and echoes what it printed into the test's output.
+pub(crate) async fn run_python_script(
+    srv: &TestServer,
+    script: &str,
+    env: &[(&str, String)],
+) -> std::process::Output {
+    let python = test_python();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let mut command = std::process::Command::new(python);
+    command
+        .arg(&script)
+        .env("PLINTH_GRPC", srv.running().grpc_addr.to_string())
+        .env("PLINTH_HTTP", srv.running().http_addr.to_string());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .expect("runs python");
+    eprintln!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 pub(crate) fn test_python() -> std::ffi::OsString {
     std::env::var_os("PLINTH_PYTHON").unwrap_or_else(|| {
         panic!(
@@ -659,7 +691,8 @@ async fn inference_proto_matches_tritonclient_field_for_field() {
 /// command, against a running Plinth: see tests/python/oip_conformance.py.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_conformance() {
-    let python = test_python();
+    // Fails at once, naming what is missing, without a test venv.
+    test_python();
     let srv = TestServer::start(
         |repo| {
             fixtures::affine(repo, "affine", 8);
@@ -702,21 +735,8 @@ async fn tritonclient_conformance() {
     for model in ["affine", "double_i64", "scale", "text_len"] {
         srv.wait_ready(model).await;
     }
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oip_conformance.py");
-    let grpc = srv.running().grpc_addr.to_string();
-    let http = srv.running().http_addr.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(&script)
-            .env("PLINTH_GRPC", grpc)
-            .env("PLINTH_HTTP", http)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("runs python");
+    let output = run_python_script(&srv, "oip_conformance.py", &[]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!("{}{stderr}", String::from_utf8_lossy(&output.stdout));
     assert!(output.status.success(), "tritonclient conformance failed");
     // unittest reports how many ran; a suite that ran nothing is a failure.
     assert!(stderr.contains("\nOK"), "no OK in the unittest report");

@@ -42,24 +42,7 @@ async fn pre_and_post_chains_run_around_the_model() {
                 .input("image", "f32", &[3, 2, 2])
                 .output("y", "f32", &[3])
                 .write(repo, "img");
-            plinth_torch::trace::save(
-                &plinth_tests::model_file(repo, "img", "1"),
-                &[plinth_torch::trace::TchTensor::zeros(
-                    [1, 3, 2, 2],
-                    (
-                        plinth_torch::trace::Kind::Float,
-                        plinth_torch::trace::Device::Cpu,
-                    ),
-                )],
-                |xs| {
-                    vec![xs[0].mean_dim(
-                        [2i64, 3].as_slice(),
-                        false,
-                        plinth_torch::trace::Kind::Float,
-                    )]
-                },
-            )
-            .unwrap();
+            fixtures::channel_means_file(&plinth_tests::model_file(repo, "img", "1"));
             fixtures::affine(repo, "affine", 4);
             fixtures::affine_config(4)
                 .postprocess(&["topk"])

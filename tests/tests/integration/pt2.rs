@@ -892,24 +892,14 @@ async fn a_processor_feeds_a_package_and_the_cascade_calls_one() {
 /// see tests/python/pt2_tritonclient.py.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_gets_pytorchs_numbers_from_packages() {
-    let python = super::oip::test_python();
     let srv = start_packages().await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pt2_tritonclient.py");
-    let grpc = srv.running().grpc_addr.to_string();
-    let http = srv.running().http_addr.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(&script)
-            .env("PLINTH_GRPC", grpc)
-            .env("PLINTH_HTTP", http)
-            .env("PLINTH_FIXTURES", fixture(""))
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("runs python");
+    let output = super::oip::run_python_script(
+        &srv,
+        "pt2_tritonclient.py",
+        &[("PLINTH_FIXTURES", fixture("").display().to_string())],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
     assert!(
         output.status.success(),
         "tritonclient against packages failed"

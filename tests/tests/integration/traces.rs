@@ -5,7 +5,6 @@
 //! collector, which fails nothing and is counted.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
 use plinth::grpc::pb;
@@ -59,24 +58,7 @@ async fn start_chain(receiver: &OtlpReceiver) -> TestServer {
                 .input("image", "f32", &[3, 2, 2])
                 .output("y", "f32", &[3])
                 .write(repo, "img");
-            plinth_torch::trace::save(
-                &plinth_tests::model_file(repo, "img", "1"),
-                &[plinth_torch::trace::TchTensor::zeros(
-                    [1, 3, 2, 2],
-                    (
-                        plinth_torch::trace::Kind::Float,
-                        plinth_torch::trace::Device::Cpu,
-                    ),
-                )],
-                |xs| {
-                    vec![xs[0].mean_dim(
-                        [2i64, 3].as_slice(),
-                        false,
-                        plinth_torch::trace::Kind::Float,
-                    )]
-                },
-            )
-            .unwrap();
+            fixtures::channel_means_file(&plinth_tests::model_file(repo, "img", "1"));
         },
         |config| config.tracing = Some(tracing),
     )
@@ -179,30 +161,22 @@ fn semver_like(version: &str) -> bool {
 /// `traceparent`: the collector gets its trace, a child of the client's span.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tritonclient_request_is_traced_through_router_plugins_queue_and_forward() {
-    let python = super::oip::test_python();
     let receiver = OtlpReceiver::start().await;
     let srv = start_chain(&receiver).await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/traced_tritonclient.py");
     let grpc_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let http_trace = "0af7651916cd43dd8448eb211c80319c";
     let parent = "00f067aa0ba902b7";
-    let grpc = srv.running().grpc_addr.to_string();
-    let http = srv.running().http_addr.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(&script)
-            .env("PLINTH_GRPC", grpc)
-            .env("PLINTH_HTTP", http)
-            .env("PLINTH_TRACE_GRPC", grpc_trace)
-            .env("PLINTH_TRACE_HTTP", http_trace)
-            .env("PLINTH_PARENT_SPAN", parent)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("runs python");
+    let output = super::oip::run_python_script(
+        &srv,
+        "traced_tritonclient.py",
+        &[
+            ("PLINTH_TRACE_GRPC", grpc_trace.to_owned()),
+            ("PLINTH_TRACE_HTTP", http_trace.to_owned()),
+            ("PLINTH_PARENT_SPAN", parent.to_owned()),
+        ],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "tritonclient failed");
     // Channel means 2.5, 12.5, 22.5, normalised: 0.75, 5.25, 9.75; top two.
     for client in ["tritonclient.grpc", "tritonclient.http"] {
