@@ -610,27 +610,13 @@ async fn cnn(goals: &mut Vec<Goal>) {
     let in_process = move |seconds: u64| -> f64 {
         let model_path = model_path.clone();
         let pixels = fixtures::images(BATCH);
-        std::thread::spawn(move || {
-            tch::set_num_threads(threads as i32);
-            let module = tch::CModule::load(&model_path).unwrap();
-            let input = tch::Tensor::from_slice(&pixels).reshape([BATCH as i64, 3, 32, 32]);
-            let _guard = tch::no_grad_guard();
-            for _ in 0..20 {
-                let _ = module.forward_ts(&[&input]).unwrap();
-            }
-            let started = Instant::now();
-            let mut batches = 0u64;
-            while started.elapsed() < Duration::from_secs(seconds) {
-                let out = module.forward_ts(&[&input]).unwrap();
-                let mut logits = vec![0f32; BATCH * 10];
-                out.copy_data(&mut logits, BATCH * 10);
-                std::hint::black_box(&logits);
-                batches += 1;
-            }
-            (batches as usize * BATCH) as f64 / started.elapsed().as_secs_f64()
-        })
-        .join()
-        .unwrap()
+        script_images_per_s(
+            model_path,
+            pixels,
+            [BATCH as i64, 3, 32, 32],
+            threads,
+            seconds,
+        )
     };
     drive(&addr, &body, 1, Amount::Requests(50)).await;
     let mut rows = Vec::new();
@@ -809,11 +795,32 @@ fn package_in_process(path: PathBuf, threads: usize, seconds: u64) -> f64 {
 
 /// The CNN's TorchScript twin at batch 15 in this process, the same way.
 fn script_in_process(path: PathBuf, threads: usize, seconds: u64) -> f64 {
+    let pixels = f32s(pt2_npy("cnn", "input_b15_0.npy", "image").data());
+    script_images_per_s(
+        path,
+        pixels,
+        [PT2_BATCH as i64, 3, 16, 16],
+        threads,
+        seconds,
+    )
+}
+
+/// Images per second of the TorchScript classifier at `path` (10 logits an
+/// image) on a thread of its own with `threads` intra-op threads: a batch
+/// of `pixels` shaped `shape`, 20 warm-up passes, then `seconds` of passes,
+/// each output copied out as a server would.
+fn script_images_per_s(
+    path: PathBuf,
+    pixels: Vec<f32>,
+    shape: [i64; 4],
+    threads: usize,
+    seconds: u64,
+) -> f64 {
+    let batch = usize::try_from(shape[0]).expect("a batch size");
     std::thread::spawn(move || {
         plinth_torch::set_intra_op_threads(threads);
         let module = tch::CModule::load(&path).unwrap();
-        let pixels = f32s(pt2_npy("cnn", "input_b15_0.npy", "image").data());
-        let input = tch::Tensor::from_slice(&pixels).reshape([PT2_BATCH as i64, 3, 16, 16]);
+        let input = tch::Tensor::from_slice(&pixels).reshape(shape);
         let _guard = tch::no_grad_guard();
         for _ in 0..20 {
             let _ = module.forward_ts(&[&input]).unwrap();
@@ -822,12 +829,12 @@ fn script_in_process(path: PathBuf, threads: usize, seconds: u64) -> f64 {
         let mut batches = 0u64;
         while started.elapsed() < Duration::from_secs(seconds) {
             let out = module.forward_ts(&[&input]).unwrap();
-            let mut logits = vec![0f32; PT2_BATCH * 10];
-            out.copy_data(&mut logits, PT2_BATCH * 10);
+            let mut logits = vec![0f32; batch * 10];
+            out.copy_data(&mut logits, batch * 10);
             std::hint::black_box(&logits);
             batches += 1;
         }
-        (batches as usize * PT2_BATCH) as f64 / started.elapsed().as_secs_f64()
+        (batches as usize * batch) as f64 / started.elapsed().as_secs_f64()
     })
     .join()
     .unwrap()
@@ -981,15 +988,7 @@ async fn pt2(goals: &mut Vec<Goal>) {
     ] {
         let (_, _, _, rows, body) = served.iter().find(|s| s.2 == model).unwrap();
         serve_only(&srv, &mut loaded, Some((model, body, warm(*rows)))).await;
-        let detail = srv
-            .models()
-            .await
-            .get_model(pb::GetModelRequest { name: model.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .model
-            .expect("model detail");
+        let detail = srv.detail(model).await;
         let formats = detail
             .status
             .as_ref()

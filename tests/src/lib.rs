@@ -117,19 +117,20 @@ impl TestServer {
         Ok(response.into_inner().status.expect("status"))
     }
 
-    pub async fn status(&self, name: &str) -> pb::ModelStatus {
-        let response = self
-            .models()
+    /// GetModel's answer for `name`.
+    pub async fn detail(&self, name: &str) -> pb::ModelDetail {
+        self.models()
             .await
             .get_model(pb::GetModelRequest { name: name.into() })
             .await
-            .expect("GetModel");
-        response
+            .expect("GetModel")
             .into_inner()
             .model
             .expect("detail")
-            .status
-            .expect("status")
+    }
+
+    pub async fn status(&self, name: &str) -> pb::ModelStatus {
+        self.detail(name).await.status.expect("status")
     }
 
     /// `name` as ListModels shows it, if it is listed.

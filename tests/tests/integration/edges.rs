@@ -213,15 +213,7 @@ async fn an_answer_is_rendered_with_the_config_its_request_ran_on() {
 
 /// GetModel's failure count and the protocol statistics' `fail` count.
 async fn failure_counts(srv: &TestServer, model: &str) -> (u64, u64) {
-    let detail = srv
-        .models()
-        .await
-        .get_model(pb::GetModelRequest { name: model.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .model
-        .unwrap();
+    let detail = srv.detail(model).await;
     let stats = srv.model_stats(model).await;
     let fail = stats.inference_stats.unwrap().fail.unwrap().count;
     (detail.failure_count, fail)

@@ -438,17 +438,7 @@ async fn nested_calls_stop_at_the_depth_limit() {
         (0, 0),
         "failed requests execute nothing"
     );
-    let detail = srv
-        .models()
-        .await
-        .get_model(pb::GetModelRequest {
-            name: "loop".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .model
-        .unwrap();
+    let detail = srv.detail("loop").await;
     assert_eq!((detail.success_count, detail.failure_count), (0, 5));
     srv.stop().await;
 }

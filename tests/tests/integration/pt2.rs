@@ -944,17 +944,7 @@ async fn packages_compute_under_the_thread_budget() {
         let answer = call.await.unwrap().unwrap().into_inner();
         assert!(answer.outputs[0].data == want.data()[..]);
     }
-    let detail = srv
-        .models()
-        .await
-        .get_model(pb::GetModelRequest {
-            name: "tiny".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .model
-        .unwrap();
+    let detail = srv.detail("tiny").await;
     assert_eq!((detail.instances, detail.intra_op_threads), (2, 1));
     let budget = srv.info().await.thread_budget.unwrap();
     assert_eq!((budget.executors, budget.torch_threads), (2, 2));
@@ -1016,15 +1006,7 @@ async fn a_package_computes_on_the_threads_it_was_compiled_for() {
     })
     .await;
     srv.wait_ready("cnn").await;
-    let detail = srv
-        .models()
-        .await
-        .get_model(pb::GetModelRequest { name: "cnn".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .model
-        .unwrap();
+    let detail = srv.detail("cnn").await;
     assert_eq!(
         detail.intra_op_threads, 2,
         "the compiled count, not the config's 1"
