@@ -155,6 +155,9 @@ pub struct RunningServer {
     pub security: Arc<Security>,
     /// Connection counts per port: gRPC, HTTP, metrics.
     pub connections: PortSet<Arc<PortCounters>>,
+    /// The system shared-memory regions clients registered; all are
+    /// unregistered (and unmapped) when the server stops.
+    pub shm: Arc<crate::oip::shm::SharedMemory>,
     reloader: ReloadHandle,
     drain_timeout: Duration,
     shutdown: CancellationToken,
@@ -174,6 +177,7 @@ impl RunningServer {
     /// ended, or once the drain timeout has passed since the drain began.
     pub async fn wait(self) {
         let registry = self.registry.clone();
+        let shm = Arc::clone(&self.shm);
         let traces = self.pipeline.traces().cloned();
         let mut servers = futures::future::join_all(self.tasks);
         // The drain timeout counts from the trigger, never from startup.
@@ -185,7 +189,9 @@ impl RunningServer {
             if !ended {
                 servers.await;
             }
-            // The servers have drained, so nothing holds a model any more.
+            // The servers have drained, so nothing holds a model any more,
+            // nor a shared-memory region.
+            shm.unregister(None);
             registry.unload_all().await;
             // What the last requests traced goes out, within a bound.
             if let Some(traces) = traces {
@@ -389,6 +395,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 
     let limit = config.max_message_bytes;
     let connections = PortSet::<Arc<PortCounters>>::default();
+    let shm = Arc::new(crate::oip::shm::SharedMemory::default());
     let (grpc_routes, health_reporter) = grpc::routes(grpc::GrpcState {
         pipeline: pipeline.clone(),
         health: Arc::clone(&health),
@@ -396,6 +403,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown: shutdown.clone(),
         max_message_bytes: limit,
         connections: connections.clone(),
+        shm: Arc::clone(&shm),
     })?;
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
@@ -405,6 +413,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         pipeline: pipeline.clone(),
         health: Arc::clone(&health),
         max_body_bytes: limit,
+        shm: Arc::clone(&shm),
     };
     let tls = security.tls();
     let ports = [
@@ -553,6 +562,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         health,
         security,
         connections,
+        shm,
         reloader,
         drain_timeout: config.drain_timeout,
         shutdown,

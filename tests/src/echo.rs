@@ -120,6 +120,48 @@ impl GrpcInferenceService for Echo {
     ) -> Result<Response<ipb::RepositoryModelUnloadResponse>, Status> {
         unimplemented()
     }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<ipb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<ipb::SystemSharedMemoryStatusResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<ipb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<ipb::SystemSharedMemoryRegisterResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<ipb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<ipb::SystemSharedMemoryUnregisterResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<ipb::CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<ipb::CudaSharedMemoryStatusResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<ipb::CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<ipb::CudaSharedMemoryRegisterResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<ipb::CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<ipb::CudaSharedMemoryUnregisterResponse>, Status> {
+        unimplemented()
+    }
 }
 
 /// Starts the tonic echo on an ephemeral loopback port; returns host:port.

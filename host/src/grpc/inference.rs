@@ -13,6 +13,7 @@ use super::status;
 use crate::deadline::queue_timeout;
 use crate::error::Error;
 use crate::health::Health;
+use crate::oip::shm::{self, Placement, SharedMemory};
 use crate::oip::{self, Elements, RequestedOutput};
 use crate::pipeline::{Pipeline, PipelineRequest, PipelineResponse};
 use crate::tensor::Tensor;
@@ -22,14 +23,21 @@ pub struct InferenceApi {
     pipeline: Pipeline,
     health: Arc<Health>,
     shutdown: CancellationToken,
+    shm: Arc<SharedMemory>,
 }
 
 impl InferenceApi {
-    pub fn new(pipeline: Pipeline, health: Arc<Health>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        pipeline: Pipeline,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+        shm: Arc<SharedMemory>,
+    ) -> Self {
         InferenceApi {
             pipeline,
             health,
             shutdown,
+            shm,
         }
     }
 }
@@ -61,6 +69,55 @@ fn param_count(output: &str, key: &str, param: &ipb::InferParameter) -> Result<u
     })
 }
 
+fn param_u64(owner: &str, key: &str, param: &ipb::InferParameter) -> Result<u64, Error> {
+    use ipb::infer_parameter::ParameterChoice as P;
+    match &param.parameter_choice {
+        Some(P::Int64Param(v)) => u64::try_from(*v).ok(),
+        Some(P::Uint64Param(v)) => Some(*v),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{owner}: parameter '{key}' must be a non-negative integer, got {:?}",
+            param_text(param)
+        ))
+    })
+}
+
+/// Where a tensor's parameters place it in shared memory, if they do.
+fn shm_placement(
+    owner: &str,
+    params: &HashMap<String, ipb::InferParameter>,
+    shm: &SharedMemory,
+) -> Result<Option<Placement>, Error> {
+    use ipb::infer_parameter::ParameterChoice as P;
+    let region = match params.get(shm::REGION_PARAMETER) {
+        None => None,
+        Some(ipb::InferParameter {
+            parameter_choice: Some(P::StringParam(name)),
+        }) => Some(name.as_str()),
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!(
+                "{owner}: parameter '{}' must be a string, got {:?}",
+                shm::REGION_PARAMETER,
+                param_text(other)
+            )));
+        }
+    };
+    let number = |key: &str| {
+        params
+            .get(key)
+            .map(|p| param_u64(owner, key, p))
+            .transpose()
+    };
+    shm.placement(
+        owner,
+        region,
+        number(shm::BYTE_SIZE_PARAMETER)?,
+        number(shm::OFFSET_PARAMETER)?,
+    )
+}
+
 /// The typed contents that are set, with their field names.
 fn set_contents(contents: &ipb::InferTensorContents) -> Vec<Elements<'_>> {
     [
@@ -78,16 +135,24 @@ fn set_contents(contents: &ipb::InferTensorContents) -> Vec<Elements<'_>> {
     .collect()
 }
 
-/// Decodes the inputs: all raw or all typed, every one checked against its
-/// declared shape before anything is built from it.
-pub(crate) fn decode_inputs(request: &mut ipb::ModelInferRequest) -> Result<Vec<Tensor>, Error> {
+/// Decodes the inputs: all raw or all typed (but for those in shared
+/// memory, which `placed` collects), every one checked against its declared
+/// shape before anything is built from it.
+pub(crate) fn decode_inputs(
+    request: &mut ipb::ModelInferRequest,
+    shm: &SharedMemory,
+    placed: &mut Vec<Placement>,
+) -> Result<Vec<Tensor>, Error> {
     let raw = std::mem::take(&mut request.raw_input_contents);
     let inputs = std::mem::take(&mut request.inputs);
-    if !raw.is_empty() && raw.len() != inputs.len() {
+    let in_request = inputs
+        .iter()
+        .filter(|input| !input.parameters.contains_key(shm::REGION_PARAMETER))
+        .count();
+    if !raw.is_empty() && raw.len() != in_request {
         return Err(Error::InvalidArgument(format!(
-            "raw_input_contents has {} entries for {} inputs; send every input raw, or none",
+            "raw_input_contents has {} entries for {in_request} inputs not in shared memory; send every such input raw, or none",
             raw.len(),
-            inputs.len()
         )));
     }
     let mut raw = raw.into_iter();
@@ -102,6 +167,19 @@ pub(crate) fn decode_inputs(request: &mut ipb::ModelInferRequest) -> Result<Vec<
         let dtype = oip::parse_datatype(&name, &input.datatype)?;
         let contents = input.contents.unwrap_or_default();
         let set = set_contents(&contents);
+        if let Some(place) = shm_placement(&format!("input '{name}'"), &input.parameters, shm)? {
+            if let Some(field) = set.first() {
+                return Err(Error::InvalidArgument(format!(
+                    "input '{name}': both contents.{} and parameter '{}' are set; use one",
+                    field.field(),
+                    shm::REGION_PARAMETER
+                )));
+            }
+            oip::checked_numel(&name, &input.shape)?;
+            tensors.push(Tensor::new(name, dtype, input.shape, place.read()?)?);
+            placed.push(place);
+            continue;
+        }
         let tensor = match raw.next() {
             Some(bytes) => {
                 if let Some(field) = set.first() {
@@ -142,6 +220,7 @@ pub(crate) fn decode_inputs(request: &mut ipb::ModelInferRequest) -> Result<Vec<
 
 fn requested_outputs(
     outputs: &[ipb::model_infer_request::InferRequestedOutputTensor],
+    shm: &SharedMemory,
 ) -> Result<Vec<RequestedOutput>, Error> {
     outputs
         .iter()
@@ -156,10 +235,12 @@ fn requested_outputs(
                 .get("classification")
                 .map(|p| param_count(&output.name, "classification", p))
                 .transpose()?;
+            let owner = format!("output '{}'", output.name);
             Ok(RequestedOutput {
                 name: output.name.clone(),
                 classification,
                 binary: None,
+                shared_memory: shm_placement(&owner, &output.parameters, shm)?,
             })
         })
         .collect()
@@ -167,6 +248,7 @@ fn requested_outputs(
 
 async fn infer_one(
     pipeline: &Pipeline,
+    shm: &SharedMemory,
     headers: &tonic::metadata::MetadataMap,
     mut request: ipb::ModelInferRequest,
 ) -> Result<ipb::ModelInferResponse, Error> {
@@ -178,7 +260,8 @@ async fn infer_one(
         inputs,
         requested,
         timeout,
-    } = decode_request(&mut request)
+        placed,
+    } = decode_request(&mut request, shm)
         .map_err(|err| pipeline.reject(&request.model_name, version.as_deref(), err))?;
     let id = request.id.clone();
     let metadata = super::request_metadata(
@@ -200,7 +283,7 @@ async fn infer_one(
                 protocol: "kserve-v2-grpc",
                 ..PipelineRequest::default()
             },
-            |response| infer_response(id, response, &requested),
+            |response| infer_response(id, response, &requested, &placed),
         )
         .await
 }
@@ -210,30 +293,40 @@ struct Decoded {
     inputs: Vec<Tensor>,
     requested: Vec<RequestedOutput>,
     timeout: Option<std::time::Duration>,
+    /// The inputs read in place from shared memory.
+    placed: Vec<Placement>,
 }
 
 /// The input tensors of a gRPC `ModelInferRequest`, decoded and checked as
 /// a request is (with its outputs and timeout parameter): what the fuzz
 /// targets and their corpus replay drive.
 pub fn decode_infer_request(mut request: ipb::ModelInferRequest) -> Result<Vec<Tensor>, Error> {
-    decode_request(&mut request).map(|decoded| decoded.inputs)
+    decode_request(&mut request, &SharedMemory::default()).map(|decoded| decoded.inputs)
 }
 
 /// The inputs, the outputs asked for and the queue timeout of a request.
-fn decode_request(request: &mut ipb::ModelInferRequest) -> Result<Decoded, Error> {
+fn decode_request(
+    request: &mut ipb::ModelInferRequest,
+    shm: &SharedMemory,
+) -> Result<Decoded, Error> {
+    let mut placed = Vec::new();
     Ok(Decoded {
-        inputs: decode_inputs(request)?,
-        requested: requested_outputs(&request.outputs)?,
+        inputs: decode_inputs(request, shm, &mut placed)?,
+        requested: requested_outputs(&request.outputs, shm)?,
         timeout: queue_timeout(request.parameters.get("timeout").map(param_text).as_deref())?,
+        placed,
     })
 }
 
 /// The answer on the wire: the outputs asked for, rendered with the config
-/// of the model that computed them.
+/// of the model that computed them. Outputs placed in shared memory are
+/// written there, and keep an empty raw entry so that the others' indices
+/// hold; then every region the request used is checked once more.
 fn infer_response(
     id: String,
     response: PipelineResponse,
     requested: &[RequestedOutput],
+    placed: &[Placement],
 ) -> Result<ipb::ModelInferResponse, Error> {
     let outputs = oip::select_outputs(
         &response.model,
@@ -242,20 +335,41 @@ fn infer_response(
         requested,
     )?;
     let mut raw = Vec::with_capacity(outputs.len());
-    let described = outputs
-        .into_iter()
-        .map(|tensor| {
-            let described = ipb::model_infer_response::InferOutputTensor {
-                name: tensor.name().to_owned(),
-                datatype: oip::datatype_name(tensor.dtype()).to_owned(),
-                shape: tensor.shape().to_vec(),
-                parameters: HashMap::new(),
-                contents: None,
-            };
-            raw.push(tensor.into_data());
-            described
-        })
-        .collect();
+    let mut described = Vec::with_capacity(outputs.len());
+    for (idx, tensor) in outputs.into_iter().enumerate() {
+        let mut parameters = HashMap::new();
+        let place = requested.get(idx).and_then(|o| o.shared_memory.as_ref());
+        let data = match place {
+            Some(place) => {
+                place.write(&tensor)?;
+                parameters.insert(
+                    shm::REGION_PARAMETER.to_owned(),
+                    string_param(place.region()),
+                );
+                parameters.insert(
+                    shm::BYTE_SIZE_PARAMETER.to_owned(),
+                    ipb::InferParameter {
+                        parameter_choice: Some(ipb::infer_parameter::ParameterChoice::Int64Param(
+                            i64::try_from(tensor.data().len()).unwrap_or(i64::MAX),
+                        )),
+                    },
+                );
+                bytes::Bytes::new()
+            }
+            None => tensor.data().clone(),
+        };
+        described.push(ipb::model_infer_response::InferOutputTensor {
+            name: tensor.name().to_owned(),
+            datatype: oip::datatype_name(tensor.dtype()).to_owned(),
+            shape: tensor.shape().to_vec(),
+            parameters,
+            contents: None,
+        });
+        raw.push(data);
+    }
+    for place in placed {
+        place.check()?;
+    }
     Ok(ipb::ModelInferResponse {
         model_name: response.model,
         model_version: response.version,
@@ -264,6 +378,14 @@ fn infer_response(
         outputs: described,
         raw_output_contents: raw,
     })
+}
+
+fn string_param(value: &str) -> ipb::InferParameter {
+    ipb::InferParameter {
+        parameter_choice: Some(ipb::infer_parameter::ParameterChoice::StringParam(
+            value.to_owned(),
+        )),
+    }
 }
 
 fn duration(d: oip::StatDuration) -> Option<ipb::StatisticDuration> {
@@ -489,7 +611,7 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<ipb::ModelInferResponse>, Status> {
         let headers = request.metadata().clone();
         Ok(Response::new(
-            infer_one(&self.pipeline, &headers, request.into_inner())
+            infer_one(&self.pipeline, &self.shm, &headers, request.into_inner())
                 .await
                 .map_err(status)?,
         ))
@@ -502,6 +624,7 @@ impl GrpcInferenceService for InferenceApi {
         request: Request<Streaming<ipb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let pipeline = self.pipeline.clone();
+        let shm = Arc::clone(&self.shm);
         let headers = request.metadata().clone();
         let outbound = super::answer_in_order(
             request.into_inner(),
@@ -509,11 +632,12 @@ impl GrpcInferenceService for InferenceApi {
             self.pipeline.open_stream(),
             move |request| {
                 let pipeline = pipeline.clone();
+                let shm = Arc::clone(&shm);
                 let headers = headers.clone();
                 async move {
                     let id = request.id.clone();
                     let model_name = request.model_name.clone();
-                    match infer_one(&pipeline, &headers, request).await {
+                    match infer_one(&pipeline, &shm, &headers, request).await {
                         Ok(response) => ipb::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
@@ -611,5 +735,79 @@ impl GrpcInferenceService for InferenceApi {
             .await
             .map_err(status)?;
         Ok(Response::new(ipb::RepositoryModelUnloadResponse {}))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        request: Request<ipb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<ipb::SystemSharedMemoryStatusResponse>, Status> {
+        use ipb::system_shared_memory_status_response::RegionStatus;
+        let name = request.into_inner().name;
+        let regions = self
+            .shm
+            .status(version_arg(&name))
+            .map_err(status)?
+            .into_iter()
+            .map(|region| {
+                (
+                    region.name.clone(),
+                    RegionStatus {
+                        name: region.name,
+                        key: region.key,
+                        offset: region.offset,
+                        byte_size: region.byte_size,
+                    },
+                )
+            })
+            .collect();
+        Ok(Response::new(ipb::SystemSharedMemoryStatusResponse {
+            regions,
+        }))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        request: Request<ipb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<ipb::SystemSharedMemoryRegisterResponse>, Status> {
+        let request = request.into_inner();
+        self.shm
+            .register(
+                &request.name,
+                &request.key,
+                request.offset,
+                request.byte_size,
+            )
+            .map_err(status)?;
+        Ok(Response::new(ipb::SystemSharedMemoryRegisterResponse {}))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        request: Request<ipb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<ipb::SystemSharedMemoryUnregisterResponse>, Status> {
+        let name = request.into_inner().name;
+        self.shm.unregister(version_arg(&name));
+        Ok(Response::new(ipb::SystemSharedMemoryUnregisterResponse {}))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _request: Request<ipb::CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<ipb::CudaSharedMemoryStatusResponse>, Status> {
+        Err(Status::unimplemented(shm::CUDA_UNIMPLEMENTED))
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _request: Request<ipb::CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<ipb::CudaSharedMemoryRegisterResponse>, Status> {
+        Err(Status::unimplemented(shm::CUDA_UNIMPLEMENTED))
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _request: Request<ipb::CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<ipb::CudaSharedMemoryUnregisterResponse>, Status> {
+        Err(Status::unimplemented(shm::CUDA_UNIMPLEMENTED))
     }
 }

@@ -44,6 +44,8 @@ pub struct GrpcState {
     pub max_message_bytes: usize,
     /// Each port's connection counters, for GetInfo.
     pub connections: crate::ports::PortSet<Arc<crate::listen::PortCounters>>,
+    /// The system shared-memory regions (shared with the HTTP edge).
+    pub shm: Arc<crate::oip::shm::SharedMemory>,
 }
 
 /// Every gRPC service on the gRPC port: `plinth.v1` (compute, models,
@@ -79,7 +81,7 @@ pub fn routes(state: GrpcState) -> Result<(Routes, HealthReporter), Error> {
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let inference = ipb::grpc_inference_service_server::GrpcInferenceServiceServer::new(
-        InferenceApi::new(state.pipeline, state.health, state.shutdown),
+        InferenceApi::new(state.pipeline, state.health, state.shutdown, state.shm),
     )
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -145,7 +147,8 @@ pub fn status(err: Error) -> Status {
             Code::NotFound
         }
         Error::ModelNotReady { .. } | Error::Unavailable(_) => Code::Unavailable,
-        Error::AlreadyExists { .. } => Code::AlreadyExists,
+        Error::AlreadyExists { .. } | Error::Conflict(_) => Code::AlreadyExists,
+        Error::Unimplemented(_) => Code::Unimplemented,
         Error::LoadFailed(_) | Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::InvalidArgument(_) => Code::InvalidArgument,
         Error::ResourceExhausted(_) => Code::ResourceExhausted,

@@ -2,6 +2,7 @@
 //! health probes ([`v2`]), and Prometheus `/metrics` on its own port. Probe
 //! answers come from in-memory state, so a probe never waits on a load.
 
+mod shm;
 pub mod v2;
 
 use std::sync::Arc;
@@ -23,6 +24,8 @@ pub struct HttpState {
     pub health: Arc<Health>,
     /// Largest request body accepted (the same limit as gRPC messages).
     pub max_body_bytes: usize,
+    /// The system shared-memory regions (shared with the gRPC edge).
+    pub shm: Arc<crate::oip::shm::SharedMemory>,
 }
 
 /// Every route of the HTTP port: its template and its handlers. The
@@ -67,6 +70,34 @@ fn routes() -> Vec<(&'static str, MethodRouter<HttpState>)> {
         (
             "/v2/repository/models/{model}/unload",
             post(v2::repository_unload),
+        ),
+        ("/v2/systemsharedmemory/status", get(shm::status)),
+        ("/v2/systemsharedmemory/unregister", post(shm::unregister)),
+        (
+            "/v2/systemsharedmemory/region/{region}/status",
+            get(shm::status),
+        ),
+        (
+            "/v2/systemsharedmemory/region/{region}/register",
+            post(shm::register),
+        ),
+        (
+            "/v2/systemsharedmemory/region/{region}/unregister",
+            post(shm::unregister),
+        ),
+        ("/v2/cudasharedmemory/status", get(shm::cuda)),
+        ("/v2/cudasharedmemory/unregister", post(shm::cuda)),
+        (
+            "/v2/cudasharedmemory/region/{region}/status",
+            get(shm::cuda),
+        ),
+        (
+            "/v2/cudasharedmemory/region/{region}/register",
+            post(shm::cuda),
+        ),
+        (
+            "/v2/cudasharedmemory/region/{region}/unregister",
+            post(shm::cuda),
         ),
     ]
 }
@@ -196,11 +227,13 @@ mod tests {
             pipeline: Pipeline::new(registry, host, Default::default()),
             health: Arc::new(Health::default()),
             max_body_bytes: 1 << 20,
+            shm: Default::default(),
         };
         for (template, group) in HTTP_ROUTES {
             let path = template
                 .replace("{model}", "no_such_model")
-                .replace("{version}", "1");
+                .replace("{version}", "1")
+                .replace("{region}", "no_such_region");
             let router = if path == "/metrics" {
                 metrics_router(state.clone())
             } else {

@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 use super::HttpState;
 use crate::deadline::queue_timeout;
 use crate::error::Error;
+use crate::oip::shm::{self, Placement, SharedMemory};
 use crate::oip::{self, RequestedOutput};
 use crate::pipeline::{PipelineRequest, PipelineResponse};
 use crate::tensor::Tensor;
@@ -33,7 +34,8 @@ pub fn http_status(err: &Error) -> StatusCode {
         | Error::Unavailable(_)
         | Error::ResourceExhausted(_)
         | Error::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
-        Error::AlreadyExists { .. } => StatusCode::CONFLICT,
+        Error::AlreadyExists { .. } | Error::Conflict(_) => StatusCode::CONFLICT,
+        Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
         Error::InvalidArgument(_) | Error::LoadFailed(_) | Error::FailedPrecondition(_) => {
             StatusCode::BAD_REQUEST
         }
@@ -58,11 +60,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn invalid(message: impl Into<String>) -> Error {
+pub(super) fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidArgument(message.into())
 }
 
-type Params = Path<HashMap<String, String>>;
+pub(super) type Params = Path<HashMap<String, String>>;
 
 fn model_param(params: &HashMap<String, String>) -> &str {
     params.get("model").map_or("", String::as_str)
@@ -287,7 +289,7 @@ fn param_text(value: &Value) -> String {
     }
 }
 
-fn object_field<'a>(
+pub(super) fn object_field<'a>(
     object: &'a Map<String, Value>,
     field: &str,
     owner: &str,
@@ -302,7 +304,7 @@ fn object_field<'a>(
     }
 }
 
-fn string_field<'a>(
+pub(super) fn string_field<'a>(
     object: &'a Map<String, Value>,
     field: &str,
     owner: &str,
@@ -331,7 +333,7 @@ fn bool_param(
     }
 }
 
-fn count_param(
+pub(super) fn count_param(
     params: Option<&Map<String, Value>>,
     key: &str,
     owner: &str,
@@ -350,6 +352,8 @@ fn count_param(
 struct RestRequest {
     id: Option<String>,
     inputs: Vec<Tensor>,
+    /// The inputs read in place from shared memory.
+    placed: Vec<Placement>,
     outputs: Vec<RequestedOutput>,
     binary_output_default: bool,
     parameters: Vec<(String, String)>,
@@ -359,21 +363,27 @@ struct RestRequest {
 /// data with `Inference-Header-Content-Length`), decoded and checked as a
 /// request is: what the fuzz targets and their corpus replay drive.
 pub fn decode_infer_body(headers: &HeaderMap, body: Bytes) -> Result<Vec<Tensor>, Error> {
-    decode_request(headers, body).map(|request| request.inputs)
+    decode_request(headers, body, &SharedMemory::default()).map(|request| request.inputs)
 }
 
 /// Decodes an inference request: the JSON object, then its id, parameters,
 /// inputs (claiming the binary parts) and requested outputs.
-fn decode_request(headers: &HeaderMap, body: Bytes) -> Result<RestRequest, Error> {
+fn decode_request(
+    headers: &HeaderMap,
+    body: Bytes,
+    shm: &SharedMemory,
+) -> Result<RestRequest, Error> {
     let (request, mut binary) = split_body(headers, body)?;
     let id = request_id(&request)?;
     let params = object_field(&request, "parameters", "request")?;
     let binary_output_default =
         bool_param(params, "binary_data_output", "request")?.unwrap_or(false);
+    let mut placed = Vec::new();
     Ok(RestRequest {
         id,
-        inputs: decode_inputs(&request, &mut binary)?,
-        outputs: requested_outputs(&request)?,
+        inputs: decode_inputs(&request, &mut binary, shm, &mut placed)?,
+        placed,
+        outputs: requested_outputs(&request, shm)?,
         binary_output_default,
         parameters: params.map(parameter_texts).unwrap_or_default(),
     })
@@ -444,13 +454,18 @@ fn array_field<'a>(
 
 /// Every input, in order. Each binary part is claimed by exactly one input;
 /// binary data left over afterwards is refused.
-fn decode_inputs(request: &Map<String, Value>, binary: &mut Bytes) -> Result<Vec<Tensor>, Error> {
+fn decode_inputs(
+    request: &Map<String, Value>,
+    binary: &mut Bytes,
+    shm: &SharedMemory,
+    placed: &mut Vec<Placement>,
+) -> Result<Vec<Tensor>, Error> {
     let items =
         array_field(request, "inputs")?.ok_or_else(|| invalid("field 'inputs' is missing"))?;
     let inputs = items
         .iter()
         .enumerate()
-        .map(|(idx, input)| decode_input(idx, input, binary))
+        .map(|(idx, input)| decode_input(idx, input, binary, shm, placed))
         .collect::<Result<Vec<_>, _>>()?;
     if !binary.is_empty() {
         return Err(invalid(format!(
@@ -463,7 +478,13 @@ fn decode_inputs(request: &Map<String, Value>, binary: &mut Bytes) -> Result<Vec
 
 /// One input, its data from JSON `data` or from the next binary part,
 /// checked against its declared shape and datatype.
-fn decode_input(idx: usize, input: &Value, binary: &mut Bytes) -> Result<Tensor, Error> {
+fn decode_input(
+    idx: usize,
+    input: &Value,
+    binary: &mut Bytes,
+    shm: &SharedMemory,
+    placed: &mut Vec<Placement>,
+) -> Result<Tensor, Error> {
     let Value::Object(input) = input else {
         return Err(invalid(format!("inputs[{idx}] must be an object")));
     };
@@ -473,6 +494,18 @@ fn decode_input(idx: usize, input: &Value, binary: &mut Bytes) -> Result<Tensor,
     let shape = input_shape(input, &owner)?;
     let numel = oip::checked_numel(name, &shape)?;
     let params = object_field(input, "parameters", &owner)?;
+    if let Some(place) = shm_placement(&owner, params, shm)? {
+        if input.contains_key("data") || params.is_some_and(|p| p.contains_key("binary_data_size"))
+        {
+            return Err(invalid(format!(
+                "{owner}: 'data' or 'binary_data_size' is set beside parameter '{}'; use one",
+                shm::REGION_PARAMETER
+            )));
+        }
+        let tensor = Tensor::new(name, dtype, shape, place.read()?)?;
+        placed.push(place);
+        return Ok(tensor);
+    }
     let binary_size = count_param(params, "binary_data_size", &owner)?;
     match (binary_size, input.get("data")) {
         (Some(_), Some(_)) => Err(invalid(format!(
@@ -506,6 +539,31 @@ fn input_shape(input: &Map<String, Value>, owner: &str) -> Result<Vec<i64>, Erro
     }
 }
 
+/// Where a tensor's parameters place it in shared memory, if they do.
+fn shm_placement(
+    owner: &str,
+    params: Option<&Map<String, Value>>,
+    shm: &SharedMemory,
+) -> Result<Option<Placement>, Error> {
+    let region = match params.and_then(|p| p.get(shm::REGION_PARAMETER)) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) => Some(name.as_str()),
+        Some(other) => {
+            return Err(invalid(format!(
+                "{owner}: parameter '{}' must be a string, got {}",
+                shm::REGION_PARAMETER,
+                json_kind(other)
+            )));
+        }
+    };
+    shm.placement(
+        owner,
+        region,
+        count_param(params, shm::BYTE_SIZE_PARAMETER, owner)?,
+        count_param(params, shm::OFFSET_PARAMETER, owner)?,
+    )
+}
+
 /// Takes the next `size` bytes of binary data for one input.
 fn claim_binary(owner: &str, size: u64, binary: &mut Bytes) -> Result<Bytes, Error> {
     let size = usize::try_from(size).unwrap_or(usize::MAX);
@@ -519,7 +577,10 @@ fn claim_binary(owner: &str, size: u64, binary: &mut Bytes) -> Result<Bytes, Err
 }
 
 /// The outputs asked for, with their options; empty asks for every output.
-fn requested_outputs(request: &Map<String, Value>) -> Result<Vec<RequestedOutput>, Error> {
+fn requested_outputs(
+    request: &Map<String, Value>,
+    shm: &SharedMemory,
+) -> Result<Vec<RequestedOutput>, Error> {
     if request.get("outputs") == Some(&Value::Null) {
         return Ok(Vec::new());
     }
@@ -527,11 +588,15 @@ fn requested_outputs(request: &Map<String, Value>) -> Result<Vec<RequestedOutput
         .unwrap_or_default()
         .iter()
         .enumerate()
-        .map(|(idx, output)| requested_output(idx, output))
+        .map(|(idx, output)| requested_output(idx, output, shm))
         .collect()
 }
 
-fn requested_output(idx: usize, output: &Value) -> Result<RequestedOutput, Error> {
+fn requested_output(
+    idx: usize,
+    output: &Value,
+    shm: &SharedMemory,
+) -> Result<RequestedOutput, Error> {
     let Value::Object(output) = output else {
         return Err(invalid(format!("outputs[{idx}] must be an object")));
     };
@@ -544,6 +609,7 @@ fn requested_output(idx: usize, output: &Value) -> Result<RequestedOutput, Error
         name: name.to_owned(),
         classification,
         binary: bool_param(params, "binary_data", &owner)?,
+        shared_memory: shm_placement(&owner, params, shm)?,
     })
 }
 
@@ -580,7 +646,7 @@ pub async fn infer(
             return Err(ApiError(code, err.to_string()));
         }
     };
-    let (request, timeout) = decode_request(&headers, body)
+    let (request, timeout) = decode_request(&headers, body, &state.shm)
         .and_then(|request| {
             let timeout = queue_timeout(
                 request
@@ -595,6 +661,7 @@ pub async fn infer(
     let RestRequest {
         id,
         inputs,
+        placed,
         outputs,
         binary_output_default,
         parameters,
@@ -614,7 +681,7 @@ pub async fn infer(
                 protocol: "kserve-v2-http",
                 ..PipelineRequest::default()
             },
-            |response| infer_response(id, response, &outputs, binary_output_default),
+            |response| infer_response(id, response, &outputs, &placed, binary_output_default),
         )
         .await?;
     Ok(answer)
@@ -626,6 +693,7 @@ fn infer_response(
     id: Option<String>,
     response: PipelineResponse,
     requested: &[RequestedOutput],
+    placed: &[Placement],
     binary_output_default: bool,
 ) -> Result<Response, Error> {
     let outputs = oip::select_outputs(
@@ -646,13 +714,22 @@ fn infer_response(
             "datatype": oip::datatype_name(tensor.dtype()),
             "shape": tensor.shape(),
         });
-        if as_binary {
+        if let Some(place) = requested.get(idx).and_then(|o| o.shared_memory.as_ref()) {
+            place.write(&tensor)?;
+            output["parameters"] = json!({
+                shm::REGION_PARAMETER: place.region(),
+                shm::BYTE_SIZE_PARAMETER: tensor.data().len(),
+            });
+        } else if as_binary {
             output["parameters"] = json!({"binary_data_size": tensor.data().len()});
             binary.push(tensor.into_data());
         } else {
             output["data"] = oip::tensor_json_data(&tensor)?;
         }
         rendered.push(output);
+    }
+    for place in placed {
+        place.check()?;
     }
     let mut answer = json!({
         "model_name": response.model,
@@ -695,7 +772,10 @@ fn infer_response(
 }
 
 /// The optional JSON body of the repository endpoints; empty is `{}`.
-async fn optional_object(body: Body, limit: usize) -> Result<Map<String, Value>, ApiError> {
+pub(super) async fn optional_object(
+    body: Body,
+    limit: usize,
+) -> Result<Map<String, Value>, ApiError> {
     let body = read_body(body, limit).await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
@@ -783,13 +863,14 @@ mod tests {
         }
         let mut body = text.into_bytes();
         body.extend_from_slice(binary);
-        let got = decode_request(&headers, Bytes::from(body)).map(|request| {
-            request
-                .inputs
-                .iter()
-                .map(|t| (t.name().to_owned(), t.data().len()))
-                .collect::<Vec<_>>()
-        });
+        let got =
+            decode_request(&headers, Bytes::from(body), &SharedMemory::default()).map(|request| {
+                request
+                    .inputs
+                    .iter()
+                    .map(|t| (t.name().to_owned(), t.data().len()))
+                    .collect::<Vec<_>>()
+            });
         match (got, expect) {
             (Ok(inputs), Ok(want)) => {
                 let want: Vec<(String, usize)> = want

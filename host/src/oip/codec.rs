@@ -331,6 +331,8 @@ pub struct RequestedOutput {
     pub classification: Option<usize>,
     /// HTTP only: send this output as binary data after the JSON.
     pub binary: Option<bool>,
+    /// Write the output into this shared-memory place instead of the answer.
+    pub shared_memory: Option<super::shm::Placement>,
 }
 
 /// The outputs to send back, in the order asked for (every output when none

@@ -6,10 +6,13 @@
 //!   tensors as JSON, requested outputs and classification;
 //! - [`views`]: model readiness, metadata, configuration, the repository
 //!   index and statistics, as both edges report them;
-//! - [`repository`]: load and unload with Triton's semantics.
+//! - [`repository`]: load and unload with Triton's semantics;
+//! - [`shm`]: the system shared-memory regions clients register, which
+//!   requests name in place of tensor bytes.
 
 pub mod codec;
 pub mod repository;
+pub mod shm;
 pub mod views;
 
 pub use codec::{
@@ -34,4 +37,5 @@ pub const EXTENSIONS: &[&str] = &[
     "model_repository",
     "model_configuration",
     "statistics",
+    "system_shared_memory",
 ];

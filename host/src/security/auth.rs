@@ -90,8 +90,9 @@ pub enum Verdict {
 }
 
 impl Policy {
-    /// The rules without an auth config: everything but the two groups
-    /// that change what the server runs is open; those answer loopback only.
+    /// The rules without an auth config: everything but the groups that
+    /// change what the server runs or maps is open; those (the model
+    /// repository, plugins and shared memory) answer loopback only.
     pub fn without_config() -> Policy {
         use ApiGroup::*;
         Policy {
@@ -99,7 +100,9 @@ impl Policy {
             open: [Health, Metadata, Inference, Statistics]
                 .into_iter()
                 .collect(),
-            loopback: [ModelRepository, Plugins].into_iter().collect(),
+            loopback: [ModelRepository, Plugins, SharedMemory]
+                .into_iter()
+                .collect(),
             tokens: Vec::new(),
         }
     }
@@ -333,13 +336,13 @@ mod tests {
     "#;
 
     #[test]
-    fn without_a_config_the_two_dangerous_groups_answer_loopback_only() {
+    fn without_a_config_the_dangerous_groups_answer_loopback_only() {
         let p = Policy::without_config();
         for group in [Health, Metadata, Inference, Statistics] {
             assert_eq!(p.decide(group, REMOTE, None), Verdict::Allow, "{group}");
             assert_eq!(p.decide(group, None, None), Verdict::Allow, "{group}");
         }
-        for group in [ModelRepository, Plugins] {
+        for group in [ModelRepository, Plugins, SharedMemory] {
             assert_eq!(p.decide(group, LOOPBACK, None), Verdict::Allow, "{group}");
             let mapped = Some("::ffff:127.0.0.1".parse().unwrap());
             assert_eq!(p.decide(group, mapped, None), Verdict::Allow, "{group}");

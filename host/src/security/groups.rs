@@ -20,16 +20,19 @@ pub enum ApiGroup {
     Statistics,
     ModelRepository,
     Plugins,
+    /// Registering shared-memory regions: it maps memory into the server.
+    SharedMemory,
 }
 
 impl ApiGroup {
-    pub const ALL: [ApiGroup; 6] = [
+    pub const ALL: [ApiGroup; 7] = [
         ApiGroup::Health,
         ApiGroup::Metadata,
         ApiGroup::Inference,
         ApiGroup::Statistics,
         ApiGroup::ModelRepository,
         ApiGroup::Plugins,
+        ApiGroup::SharedMemory,
     ];
 
     /// The name used in the auth config, logs and denials.
@@ -41,6 +44,7 @@ impl ApiGroup {
             ApiGroup::Statistics => "statistics",
             ApiGroup::ModelRepository => "model-repository",
             ApiGroup::Plugins => "plugins",
+            ApiGroup::SharedMemory => "shared-memory",
         }
     }
 
@@ -173,6 +177,30 @@ pub const GRPC_METHODS: &[(&str, ApiGroup)] = {
             "/inference.GRPCInferenceService/RepositoryModelUnload",
             ModelRepository,
         ),
+        (
+            "/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+            SharedMemory,
+        ),
+        (
+            "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+            SharedMemory,
+        ),
+        (
+            "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
+            SharedMemory,
+        ),
+        (
+            "/inference.GRPCInferenceService/CudaSharedMemoryStatus",
+            SharedMemory,
+        ),
+        (
+            "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
+            SharedMemory,
+        ),
+        (
+            "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
+            SharedMemory,
+        ),
         ("/plinth.v1.ComputeService/Ping", Metadata),
         ("/plinth.v1.ComputeService/GetInfo", Metadata),
         ("/plinth.v1.ComputeService/GetMetrics", Statistics),
@@ -215,6 +243,31 @@ pub const HTTP_ROUTES: &[(&str, ApiGroup)] = {
         ("/v2/repository/index", ModelRepository),
         ("/v2/repository/models/{model}/load", ModelRepository),
         ("/v2/repository/models/{model}/unload", ModelRepository),
+        ("/v2/systemsharedmemory/status", SharedMemory),
+        ("/v2/systemsharedmemory/unregister", SharedMemory),
+        (
+            "/v2/systemsharedmemory/region/{region}/status",
+            SharedMemory,
+        ),
+        (
+            "/v2/systemsharedmemory/region/{region}/register",
+            SharedMemory,
+        ),
+        (
+            "/v2/systemsharedmemory/region/{region}/unregister",
+            SharedMemory,
+        ),
+        ("/v2/cudasharedmemory/status", SharedMemory),
+        ("/v2/cudasharedmemory/unregister", SharedMemory),
+        ("/v2/cudasharedmemory/region/{region}/status", SharedMemory),
+        (
+            "/v2/cudasharedmemory/region/{region}/register",
+            SharedMemory,
+        ),
+        (
+            "/v2/cudasharedmemory/region/{region}/unregister",
+            SharedMemory,
+        ),
         ("/metrics", Statistics),
     ]
 };

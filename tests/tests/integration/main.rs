@@ -22,5 +22,6 @@ mod security;
 mod services;
 mod serving_metrics;
 mod settling;
+mod shm;
 mod split_learning;
 mod traces;

@@ -36,6 +36,15 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// Something other than a model already exists under that name (a
+    /// shared-memory region, say).
+    #[error("{0}")]
+    Conflict(String),
+
+    /// A call this server does not serve (yet), with why.
+    #[error("{0}")]
+    Unimplemented(String),
+
     #[error("{0}")]
     FailedPrecondition(String),
 
@@ -64,7 +73,8 @@ impl Error {
                 "NOT_FOUND"
             }
             Error::ModelNotReady { .. } | Error::Unavailable(_) => "UNAVAILABLE",
-            Error::AlreadyExists { .. } => "ALREADY_EXISTS",
+            Error::AlreadyExists { .. } | Error::Conflict(_) => "ALREADY_EXISTS",
+            Error::Unimplemented(_) => "UNIMPLEMENTED",
             Error::LoadFailed(_) | Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
             Error::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
@@ -96,6 +106,8 @@ impl Error {
             Error::DeadlineExceeded(m) => Error::DeadlineExceeded(named(m)),
             Error::LoadFailed(m) => Error::LoadFailed(named(m)),
             Error::NotFound(m) => Error::NotFound(named(m)),
+            Error::Conflict(m) => Error::Conflict(named(m)),
+            Error::Unimplemented(m) => Error::Unimplemented(named(m)),
             Error::Internal(m) => Error::Internal(named(m)),
             named_already @ (Error::ModelNotFound { .. }
             | Error::VersionNotFound { .. }

@@ -69,6 +69,8 @@ fn infer_error(err: &Error) -> wit_models::InferError {
         Error::DeadlineExceeded(_) => InferError::DeadlineExceeded(message),
         Error::FailedPrecondition(_)
         | Error::AlreadyExists { .. }
+        | Error::Conflict(_)
+        | Error::Unimplemented(_)
         | Error::LoadFailed(_)
         | Error::Internal(_) => InferError::Internal(message),
     }
