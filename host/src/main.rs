@@ -140,6 +140,13 @@ struct ServeArgs {
     /// price of a core kept busy meanwhile (0: sleep at once).
     #[arg(long, default_value_t = 0)]
     executor_spin_us: u64,
+    /// Requests whose inputs hold at most this many bytes run the model's
+    /// forward pass on the request's own thread, skipping the hop to an
+    /// executor thread and back, when nothing is queued for the model and
+    /// the compute budget has a core free now. Models that gather batches
+    /// with a queue delay never do (0: never).
+    #[arg(long, default_value_t = 0)]
+    inline_forward_max_bytes: usize,
     /// Memory budget per device, in MiB: before a load would pass it, the
     /// least recently used idle models with `residency = "on-demand"` are
     /// unloaded; a model that cannot fit fails its load, naming the sizes.
@@ -410,6 +417,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         threads: args.threads,
         max_concurrent_loads: at_least_one("--max-concurrent-loads", args.max_concurrent_loads)?,
         executor_spin: std::time::Duration::from_micros(args.executor_spin_us),
+        inline_forward_max_bytes: args.inline_forward_max_bytes,
         max_call_depth: args.max_call_depth,
         mirror_timeout: positive_seconds("--mirror-timeout-s", args.mirror_timeout_s)?,
         memory_budget: args

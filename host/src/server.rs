@@ -49,6 +49,9 @@ pub struct ServerConfig {
     pub max_concurrent_loads: usize,
     /// How long an idle model executor polls its queue before it parks.
     pub executor_spin: Duration,
+    /// Requests of at most this many input bytes may run their forward
+    /// pass on their own thread (0: never).
+    pub inline_forward_max_bytes: usize,
     /// The memory budget per device, in bytes: before a load would pass
     /// it, idle on-demand models are evicted, least recently used first.
     pub memory_budget: Option<u64>,
@@ -117,6 +120,7 @@ impl ServerConfig {
             threads: None,
             max_concurrent_loads: 4,
             executor_spin: Duration::ZERO,
+            inline_forward_max_bytes: 0,
             memory_budget: None,
             max_call_depth: crate::plugin::DEFAULT_MAX_DEPTH,
             mirror_timeout: Duration::from_secs(30),
@@ -309,6 +313,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         max_concurrent_loads: config.max_concurrent_loads,
         event_capacity: config.state_events_capacity,
         executor_spin: config.executor_spin,
+        inline_forward_max_bytes: config.inline_forward_max_bytes,
         memory_budget: config.memory_budget,
         serving_series: config.serving_metrics,
         ..RegistrySettings::new(repository.clone(), cores)

@@ -27,7 +27,9 @@
 //!   an unload (which loads it) against its requests once loaded;
 //! - `alloc`: the real `plinth serve` binary built with the system
 //!   allocator, mimalloc and jemalloc (xtask builds the three and names them
-//!   in `PLINTH_PERF_BINS`), plain and chain at c = 8 and 64.
+//!   in `PLINTH_PERF_BINS`), plain and chain at c = 8 and 64;
+//! - `round3`: round three's goals on the real release binary
+//!   (`perf/round3.rs`).
 //!
 //! The in-process cost of the chain (no network) is the criterion group
 //! `pipeline_chain` of the `plugin_calls` bench. Every h2load run is checked
@@ -47,6 +49,9 @@ use plinth_tests::{
     ModelState, TestServer, compute_request, echo, f32_tensor, f32_values, fixtures,
 };
 use plinth_torch::{AotiPackage, PackageInfo};
+
+#[path = "perf/round3.rs"]
+mod round3;
 
 const CONCURRENCY: [u32; 3] = [1, 8, 64];
 const SECONDS: u64 = 10;
@@ -111,6 +116,9 @@ async fn main() {
     }
     if wants("traces") {
         traces(&mut goals).await;
+    }
+    if wants("round3") {
+        round3::round3(&mut goals).await;
     }
     println!("\n## Goals");
     println!("| measure | measured | goal |");
@@ -1582,6 +1590,8 @@ struct Served {
     name: String,
     child: std::process::Child,
     grpc: String,
+    /// The REST base URL, `http://127.0.0.1:<port>`.
+    http: String,
 }
 
 impl Drop for Served {
@@ -1599,8 +1609,9 @@ fn free_port() -> u16 {
 }
 
 /// Starts `bin` on a repository and plugin directory of its own (the same
-/// models and plugins for every build) and waits until it is ready.
-async fn serve_binary(name: &str, bin: &Path, dir: &Path) -> Served {
+/// models and plugins for every build), with `extra` flags, and waits until
+/// it is ready.
+async fn serve_binary(name: &str, bin: &Path, dir: &Path, extra: &[&str]) -> Served {
     let repo = dir.join(name).join("models");
     let plugins = dir.join(name).join("plugins");
     std::fs::create_dir_all(&repo).unwrap();
@@ -1621,6 +1632,7 @@ async fn serve_binary(name: &str, bin: &Path, dir: &Path) -> Served {
         .args(["--grpc-port", &grpc.to_string()])
         .args(["--http-port", &http.to_string()])
         .args(["--metrics-port", &metrics.to_string()])
+        .args(extra)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -1629,6 +1641,7 @@ async fn serve_binary(name: &str, bin: &Path, dir: &Path) -> Served {
         name: name.to_owned(),
         child,
         grpc: format!("127.0.0.1:{grpc}"),
+        http: format!("http://127.0.0.1:{http}"),
     };
     let ready = format!("http://127.0.0.1:{http}/v2/health/ready");
     let client = reqwest::Client::new();
@@ -1684,7 +1697,7 @@ async fn alloc(goals: &mut Vec<Goal>) {
         models.map(|model| write_body(dir.path(), model, &infer_request(model, &[16], &values)));
     let mut servers = Vec::new();
     for (name, bin) in &bins {
-        servers.push(serve_binary(name, bin, dir.path()).await);
+        servers.push(serve_binary(name, bin, dir.path(), &[]).await);
     }
     let mut checks = Vec::new();
     for served in &servers {

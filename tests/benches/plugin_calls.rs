@@ -293,7 +293,8 @@ fn pipeline_chain(c: &mut Criterion) {
 /// model of a cascade called directly through `Pipeline::infer`, against
 /// the same rows through the `cascade` orchestrator when every row is sure
 /// (one nested call) and when none is (two nested calls, the second to the
-/// large model). Same models, same rows; alternated twice.
+/// large model). Same models, same rows; alternated twice. Then the same
+/// with forward passes inline (`--inline-forward-max-bytes`).
 fn orchestration(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -313,21 +314,26 @@ fn orchestration(c: &mut Criterion) {
         "cascade",
         Some("[config]\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 0.6\n"),
     );
-    let pipeline = rt.block_on(async {
-        let registry = Registry::new(RegistrySettings::new(ModelRepository::new(repo.path()), 1));
-        for model in ["small", "large", "cascade"] {
-            registry
-                .load(model, LoadMode::Load)
-                .await
-                .unwrap()
-                .finished()
-                .await
-                .unwrap();
-        }
-        let plugins = Arc::new(PluginHost::new(dir.path()));
-        plugins.load("cascade").await.unwrap();
-        Pipeline::new(registry, plugins, Default::default())
-    });
+    let start = |inline_forward_max_bytes: usize| {
+        rt.block_on(async {
+            let registry = Registry::new(RegistrySettings {
+                inline_forward_max_bytes,
+                ..RegistrySettings::new(ModelRepository::new(repo.path()), 1)
+            });
+            for model in ["small", "large", "cascade"] {
+                registry
+                    .load(model, LoadMode::Load)
+                    .await
+                    .unwrap()
+                    .finished()
+                    .await
+                    .unwrap();
+            }
+            let plugins = Arc::new(PluginHost::new(dir.path()));
+            plugins.load("cascade").await.unwrap();
+            Pipeline::new(registry, plugins, Default::default())
+        })
+    };
     let sure = [0.75f32, 0.125, 0.125, 0.875, 0.0625, 0.0625];
     let unsure = [0.5f32, 0.25, 0.25, 0.25, 0.25, 0.5];
     let request = |model: &str, rows: &[f32]| PipelineRequest {
@@ -336,29 +342,37 @@ fn orchestration(c: &mut Criterion) {
         inputs: vec![Tensor::from_f32("x", vec![2, 3], rows).unwrap()],
         ..PipelineRequest::default()
     };
-    let answer = |model: &str, rows: &[f32]| {
-        rt.block_on(pipeline.infer(request(model, rows)))
-            .unwrap()
-            .outputs[0]
-            .to_f32()
-            .unwrap()
-    };
-    // The answers the cases stand for, before anything is timed.
-    assert_eq!(answer("small", &sure), sure);
-    assert_eq!(answer("cascade", &sure), sure);
-    assert_eq!(
-        answer("cascade", &unsure),
-        unsure.iter().map(|v| v * 4.0).collect::<Vec<_>>()
-    );
-    for round in 1..=2 {
-        for (label, model, rows) in [
-            ("small model, direct", "small", &sure),
-            ("cascade, rows sure (1 nested call)", "cascade", &sure),
-            ("cascade, rows unsure (2 nested calls)", "cascade", &unsure),
-        ] {
-            c.bench_function(&format!("Pipeline::infer, {label} (round {round})"), |b| {
-                b.iter(|| black_box(rt.block_on(pipeline.infer(request(model, rows))).unwrap()))
-            });
+    for (setting, inline) in [("", 0), (", inline", 65536)] {
+        let pipeline = start(inline);
+        let answer = |model: &str, rows: &[f32]| {
+            rt.block_on(pipeline.infer(request(model, rows)))
+                .unwrap()
+                .outputs[0]
+                .to_f32()
+                .unwrap()
+        };
+        // The answers the cases stand for, before anything is timed.
+        assert_eq!(answer("small", &sure), sure);
+        assert_eq!(answer("cascade", &sure), sure);
+        assert_eq!(
+            answer("cascade", &unsure),
+            unsure.iter().map(|v| v * 4.0).collect::<Vec<_>>()
+        );
+        for round in 1..=2 {
+            for (label, model, rows) in [
+                ("small model, direct", "small", &sure),
+                ("cascade, rows sure (1 nested call)", "cascade", &sure),
+                ("cascade, rows unsure (2 nested calls)", "cascade", &unsure),
+            ] {
+                c.bench_function(
+                    &format!("Pipeline::infer{setting}, {label} (round {round})"),
+                    |b| {
+                        b.iter(|| {
+                            black_box(rt.block_on(pipeline.infer(request(model, rows))).unwrap())
+                        })
+                    },
+                );
+            }
         }
     }
 }

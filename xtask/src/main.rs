@@ -209,6 +209,9 @@ fn run() -> Result<()> {
             if perf_wanted && (sections.is_empty() || sections.contains(&"alloc")) {
                 cmd.env("PLINTH_PERF_BINS", allocator_binaries(&libtorch)?);
             }
+            if perf_wanted && (sections.is_empty() || sections.contains(&"round3")) {
+                cmd.env("PLINTH_PERF_BIN", built_binary(&libtorch, "system", None)?);
+            }
             cmd.args(["bench", "--package", "plinth-tests"]);
             cmd.args(rest);
             status(cmd)
@@ -280,14 +283,24 @@ const PLUGINS: &[&str] = &[
 /// mimalloc, jemalloc), for the perf bench's `alloc` section: the
 /// `name=path,...` list it reads from `PLINTH_PERF_BINS`.
 fn allocator_binaries(libtorch: &Path) -> Result<String> {
-    let dir = target_dir().join("perf-alloc");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut pairs = Vec::new();
     for (name, feature) in [
         ("system", None),
         ("mimalloc", Some("mimalloc")),
         ("jemalloc", Some("jemalloc")),
     ] {
+        let kept = built_binary(libtorch, name, feature)?;
+        pairs.push(format!("{name}={}", kept.display()));
+    }
+    Ok(pairs.join(","))
+}
+
+/// The release `plinth` binary with `feature` (an allocator) or none, kept
+/// as `target/perf-alloc/plinth-<name>`.
+fn built_binary(libtorch: &Path, name: &str, feature: Option<&str>) -> Result<PathBuf> {
+    let dir = target_dir().join("perf-alloc");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    {
         let mut cmd = cargo(libtorch);
         cmd.args([
             "build",
@@ -306,9 +319,8 @@ fn allocator_binaries(libtorch: &Path) -> Result<String> {
         let kept = dir.join(format!("plinth-{name}"));
         std::fs::copy(&built, &kept)
             .with_context(|| format!("copying {} to {}", built.display(), kept.display()))?;
-        pairs.push(format!("{name}={}", kept.display()));
+        Ok(kept)
     }
-    Ok(pairs.join(","))
 }
 
 fn build_plugins() -> Result<PathBuf> {

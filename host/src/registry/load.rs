@@ -23,26 +23,38 @@ pub(super) struct LoadContext {
     pub(super) closing: CancellationToken,
     /// Each executor's poll before it parks.
     pub(super) spin: std::time::Duration,
+    /// Requests of at most this many input bytes may run their forward
+    /// pass on their own thread (`--inline-forward-max-bytes`; 0: never).
+    pub(super) inline_max_bytes: usize,
     /// The serving series each started version records into.
     pub(super) metrics: super::series::ServingMetrics,
 }
+
+/// A loaded, warmed-up model whose executor threads have not started:
+/// calling it starts them. It is called on the registry's side, not on the
+/// load thread, because a thread inherits its creator's niceness on Linux:
+/// executors started on a load thread (nice 10) would serve at a tenth of a
+/// serving thread's weight, and lose their cores to the loads.
+pub(super) type Start = Box<dyn FnOnce() -> Result<ReadyModel, String> + Send>;
 
 /// Step two of a load. Blocking: file I/O, deserialisation, warm-up.
 pub(super) fn load_model(
     repository: &ModelRepository,
     name: &str,
     context: &LoadContext,
-) -> Result<ReadyModel, String> {
+) -> Result<Start, String> {
     let dir = repository.model_dir(name);
     let config = ModelConfig::load(&dir)?;
     if config.orchestrator.is_some() {
         // Nothing to load: the plugin answers, and the plugin host owns it.
-        return Ok(ReadyModel::orchestrated(name, config).with_series(&context.metrics));
+        let (name, metrics) = (name.to_owned(), context.metrics.clone());
+        return Ok(Box::new(move || {
+            Ok(ReadyModel::orchestrated(&name, config).with_series(&metrics))
+        }));
     }
     plinth_torch::check_device(config.device)?;
     let chosen = repository.select_versions(name, &config.version_policy)?;
     let intra_op_threads = intra_op_threads(name, &config, &context.budget);
-    plinth_torch::set_intra_op_threads(intra_op_threads);
 
     let mut prepared = Vec::with_capacity(chosen.len());
     let mut memory_bytes = Vec::with_capacity(chosen.len());
@@ -70,15 +82,10 @@ pub(super) fn load_model(
         // The warm-up is torch work too: it runs on the budget.
         let cores = context.budget.acquire(threads);
         let computing = context.counters.computing(threads);
-        warm_up(&modules[0], &config)
+        warm_up_alone(&modules[0], &config, threads)
             .map_err(|err| format!("{}: warm-up: {err}", file.display()))?;
         drop((computing, cores));
         prepared.push((version, modules));
-    }
-    // Every version validated: only now start threads, unless the registry
-    // is shutting down (its drain must not race with new executors).
-    if context.closing.is_cancelled() {
-        return Err("the server is shutting down".into());
     }
     let threads = ExecutorThreads {
         intra_op_threads: threads,
@@ -86,13 +93,57 @@ pub(super) fn load_model(
         counters: Arc::clone(&context.counters),
         spin: context.spin,
     };
-    ReadyModel::start(name, config, prepared, &threads)
-        .map(|model| {
-            model
-                .with_memory_bytes(&memory_bytes)
-                .with_series(&context.metrics)
-        })
-        .map_err(|err| format!("starting executor threads: {err}"))
+    // A pass inline would skip a batch's gathering, so only models that do
+    // not wait to gather may take it.
+    let inline = context.inline_max_bytes > 0
+        && (!config.batching.enabled() || config.batching.max_queue_delay.is_zero());
+    let inline_modules: Vec<Module> = if inline {
+        prepared
+            .iter()
+            .map(|(_, modules)| modules[0].clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let (name, context) = (name.to_owned(), context.clone());
+    Ok(Box::new(move || {
+        // Every version validated: only now start threads, unless the
+        // registry is shutting down (its drain must not race with new
+        // executors).
+        if context.closing.is_cancelled() {
+            return Err("the server is shutting down".into());
+        }
+        ReadyModel::start(&name, config, prepared, &threads)
+            .map(|mut model| {
+                model.set_inline(inline_modules, context.inline_max_bytes);
+                model
+                    .with_memory_bytes(&memory_bytes)
+                    .with_series(&context.metrics)
+            })
+            .map_err(|err| format!("starting executor threads: {err}"))
+    }))
+}
+
+/// Runs the warm-up on a thread of its own that ends with it, computing on
+/// `threads` intra-op threads. libtorch's OpenMP team belongs to the thread
+/// that computes and lives as long as that thread: on the load thread it
+/// would sit beside the executors' teams for the server's life, and past
+/// one OpenMP thread per core libgomp sleeps at barriers instead of
+/// spinning, which slowed every pass in the process 3–5× (the `.pt2` rows
+/// of docs/BENCHMARKS.md). The load thread itself stays at one intra-op
+/// thread, so deserialising never opens a team.
+fn warm_up_alone(module: &Module, config: &ModelConfig, threads: usize) -> Result<(), String> {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("plinth-warm-up".into())
+            .spawn_scoped(scope, || {
+                plinth_torch::set_intra_op_threads(threads);
+                warm_up(module, config)
+            })
+            .map_err(|err| format!("starting the warm-up thread: {err}"))?
+            .join()
+            .unwrap_or_else(|_| Err("the warm-up panicked".into()))
+    })
 }
 
 /// One TorchScript module per instance, and the bytes they keep in memory.

@@ -118,6 +118,10 @@ pub struct RegistrySettings {
     pub event_capacity: usize,
     /// How long an idle executor polls its queue before parking.
     pub executor_spin: Duration,
+    /// Requests of at most this many input bytes run their forward pass on
+    /// their own thread when nothing is queued and the budget has a core
+    /// free (`--inline-forward-max-bytes`); 0 never does.
+    pub inline_forward_max_bytes: usize,
     /// The memory budget per device (`--memory-budget-mib`): a load that
     /// would pass it first evicts idle on-demand models.
     pub memory_budget: Option<u64>,
@@ -134,6 +138,7 @@ impl RegistrySettings {
             cores,
             event_capacity: 1024,
             executor_spin: Duration::ZERO,
+            inline_forward_max_bytes: 0,
             memory_budget: None,
             serving_series: true,
         }
@@ -233,6 +238,7 @@ impl Registry {
             counters: Arc::new(ThreadCounters::default()),
             closing: CancellationToken::new(),
             spin: settings.executor_spin,
+            inline_max_bytes: settings.inline_forward_max_bytes,
             metrics: if settings.serving_series {
                 series::ServingMetrics::default()
             } else {
@@ -546,6 +552,9 @@ impl Registry {
                         .run(move || load::load_model(&repository, &owned_name, &context))
                         .await
                         .and_then(|loaded| loaded)
+                        // The executors start here, at a serving thread's
+                        // priority, not on the (nice) load thread.
+                        .and_then(|start| start())
                         .map_err(LoadFailure::Broken);
                     drop(permit);
                     loaded

@@ -153,6 +153,21 @@ impl ReadyModel {
         }
     }
 
+    /// Lets small requests run the forward pass of each version (one of its
+    /// modules, oldest version first) on their own thread
+    /// ([`ExecutorPool::try_inline`]). Does nothing without modules.
+    pub(crate) fn set_inline(&mut self, modules: Vec<plinth_torch::Module>, max_bytes: usize) {
+        for (version, module) in self.versions.iter_mut().zip(modules) {
+            if let Some(pool) = &mut version.pool {
+                let forward: plinth_torch::InlineForward =
+                    Arc::new(move |inputs: &[Tensor], outputs: &[TensorSpec]| {
+                        plinth_torch::Forward::forward(&module, inputs, outputs)
+                    });
+                pool.set_inline(forward, max_bytes);
+            }
+        }
+    }
+
     /// Sets what each version keeps in memory (oldest first, as the
     /// versions), as the load measured it.
     pub(crate) fn with_memory_bytes(mut self, per_version: &[u64]) -> ReadyModel {
@@ -427,19 +442,24 @@ impl ReadyModel {
                 self.name
             )));
         };
-        let (reply, answer) = oneshot::channel();
         let enqueued = Instant::now();
-        pool.submit(Job {
-            inputs,
-            rows,
-            reply,
-            enqueued,
-            deadline: timeout.map(|t| enqueued + t),
-            trace,
-        })?;
-        let executed = answer
-            .await
-            .map_err(|_| Error::Internal("executor ended without answering".into()))??;
+        let executed = match pool.try_inline(inputs, rows, enqueued, trace) {
+            Ok(executed) => executed?,
+            Err((inputs, trace)) => {
+                let (reply, answer) = oneshot::channel();
+                pool.submit(Job {
+                    inputs,
+                    rows,
+                    reply,
+                    enqueued,
+                    deadline: timeout.map(|t| enqueued + t),
+                    trace,
+                })?;
+                answer
+                    .await
+                    .map_err(|_| Error::Internal("executor ended without answering".into()))??
+            }
+        };
         Ok(Inference {
             version: ready_version.version.label.clone(),
             outputs: executed.outputs,

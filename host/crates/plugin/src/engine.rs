@@ -48,6 +48,9 @@ impl Runtime {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.concurrency_support(false);
+        // Orchestrators' async calls reuse fiber stacks instead of mapping
+        // a new one per call.
+        config.with_host_stack(Arc::new(crate::stacks::StackCache::new()));
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;

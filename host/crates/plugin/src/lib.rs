@@ -25,6 +25,7 @@ mod meta;
 mod orchestrator;
 mod outcome;
 mod pool;
+mod stacks;
 mod state;
 mod sync_io;
 mod types;

@@ -63,6 +63,19 @@ impl ComputeBudget {
     }
 }
 
+impl ComputeBudget {
+    /// Holds `n` cores if they are free now; never waits.
+    pub fn try_acquire(&self, n: usize) -> Option<Cores<'_>> {
+        let n = self.clamp(n);
+        let mut in_use = self.in_use.lock();
+        if *in_use + n > self.limit {
+            return None;
+        }
+        *in_use += n;
+        Some(Cores { budget: self, n })
+    }
+}
+
 impl Drop for Cores<'_> {
     fn drop(&mut self) {
         let mut in_use = self.budget.in_use.lock();
@@ -109,6 +122,18 @@ mod tests {
         drop(held);
         waiter.join().unwrap();
         assert!(started.load(Ordering::SeqCst));
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn try_acquire_takes_only_free_cores() {
+        let budget = ComputeBudget::new(2);
+        let one = budget.try_acquire(1).expect("a free core");
+        let two = budget.try_acquire(1).expect("the second core");
+        assert!(budget.try_acquire(1).is_none());
+        drop(one);
+        assert!(budget.try_acquire(2).is_none());
+        drop(two);
         assert_eq!(budget.in_use(), 0);
     }
 }

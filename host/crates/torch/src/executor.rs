@@ -72,6 +72,11 @@ pub struct Job {
     pub trace: Option<TraceTag>,
 }
 
+/// A model's forward pass that may also run on a caller's thread
+/// ([`ExecutorPool::try_inline`]): shared by every caller, so `Sync`.
+pub type InlineForward =
+    Arc<dyn Fn(&[Tensor], &[TensorSpec]) -> Result<Vec<Tensor>, Error> + Send + Sync>;
+
 /// An opaque tag a traced job carries through the executor.
 pub type TraceTag = Arc<dyn std::any::Any + Send + Sync>;
 
@@ -151,6 +156,10 @@ pub struct ExecutorThreads {
 
 pub struct ExecutorPool {
     queue: Sender<Job>,
+    shared: Arc<Shared>,
+    /// Small requests' forward passes may run on the caller's thread: the
+    /// pass, and the most input bytes a request may carry for it.
+    inline: Option<(InlineForward, usize)>,
     /// Jobs submitted and not yet started or dropped: in the channel or held
     /// by an executor gathering a batch.
     waiting: Arc<AtomicUsize>,
@@ -210,9 +219,10 @@ impl ExecutorPool {
         });
         let mut exited = Vec::with_capacity(modules.len());
         for (instance_idx, module) in modules.into_iter().enumerate() {
+            let shared_for_thread = Arc::clone(&shared);
             let (exit_tx, exit_rx) = oneshot::channel::<()>();
             let jobs = jobs.clone();
-            let shared = Arc::clone(&shared);
+            let shared = shared_for_thread;
             let counters = Arc::clone(&threads.counters);
             counters.executors.fetch_add(1, Ordering::Relaxed);
             counters
@@ -232,11 +242,64 @@ impl ExecutorPool {
         }
         Ok(ExecutorPool {
             queue,
+            shared,
+            inline: None,
             waiting,
             exited: parking_lot::Mutex::new(exited),
             capacity: queue_capacity,
             label: label.to_owned(),
         })
+    }
+
+    /// Lets requests of at most `max_bytes` input bytes run `forward` on
+    /// their own thread ([`ExecutorPool::try_inline`]).
+    pub fn set_inline(&mut self, forward: InlineForward, max_bytes: usize) {
+        self.inline = Some((forward, max_bytes));
+    }
+
+    /// Runs a request's forward pass on the calling thread, without the hop
+    /// to an executor and back, when all of these hold: inline passes are
+    /// on for this pool, the inputs are no larger than its bound, nothing
+    /// waits in the queue (so nobody is overtaken), and the budget has the
+    /// pass's cores free now (so the process never computes on more cores
+    /// than the budget, as on the executors). Otherwise hands the inputs
+    /// and trace tag back, to be queued as usual.
+    #[allow(clippy::result_large_err)]
+    pub fn try_inline(
+        &self,
+        inputs: Vec<Tensor>,
+        rows: usize,
+        enqueued: Instant,
+        trace: Option<TraceTag>,
+    ) -> Result<Result<Executed, Error>, (Vec<Tensor>, Option<TraceTag>)> {
+        let Some((forward, max_bytes)) = &self.inline else {
+            return Err((inputs, trace));
+        };
+        let bytes: usize = inputs.iter().map(|t| t.data().len()).sum();
+        if bytes > *max_bytes || self.waiting.load(Ordering::Acquire) != 0 {
+            return Err((inputs, trace));
+        }
+        let shared = &self.shared;
+        let Some(cores) = shared.budget.try_acquire(shared.intra_op_threads) else {
+            return Err((inputs, trace));
+        };
+        let computing = shared.counters.computing(shared.intra_op_threads);
+        let started = Instant::now();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            forward(&inputs, &shared.outputs)
+        }))
+        .unwrap_or_else(|_| Err(Error::Internal("forward panicked".into())));
+        let compute = started.elapsed();
+        drop((computing, cores));
+        Ok(res.map(|outputs| Executed {
+            outputs,
+            queue: started.duration_since(enqueued),
+            compute,
+            batch_rows: rows,
+            leader: true,
+            started,
+            traced_with: trace.into_iter().collect(),
+        }))
     }
 
     /// Queues a job without waiting: with `max_queue_size` jobs already
@@ -934,5 +997,80 @@ passes: 0 | 1 | 2
         // Counted where the passes ran, independently of the budget.
         assert_eq!(threads.counters.computing_now_and_peak(), (0, 2));
         assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn small_requests_run_inline_only_when_nothing_waits_and_a_core_is_free() {
+        let budget = Arc::new(ComputeBudget::new(1));
+        let threads = ExecutorThreads {
+            intra_op_threads: 1,
+            budget: Arc::clone(&budget),
+            counters: Arc::default(),
+            spin: Duration::ZERO,
+        };
+        // The executor's module blocks until released, so the queue can be
+        // held non-empty.
+        let (release, released) = crossbeam_channel::unbounded::<()>();
+        let executor_module = move |inputs: &[Tensor]| -> Result<Vec<Tensor>, Error> {
+            let _ = released.recv();
+            Ok(vec![inputs[0].clone().with_name("y")])
+        };
+        let mut pool = ExecutorPool::start(
+            "m:1",
+            vec![executor_module],
+            outputs(),
+            4,
+            BatchPolicy::default(),
+            &threads,
+        )
+        .unwrap();
+        let ran_on = Arc::new(parking_lot::Mutex::new(None));
+        let seen = Arc::clone(&ran_on);
+        pool.set_inline(
+            Arc::new(move |inputs: &[Tensor], _: &[TensorSpec]| {
+                *seen.lock() = Some(std::thread::current().id());
+                Ok(vec![inputs[0].clone().with_name("y")])
+            }),
+            8,
+        );
+        let small = || vec![Tensor::from_f32("x", vec![2], &[1.0, 2.0]).unwrap()];
+        // Nothing queued, a core free, 8 bytes: inline, on this thread.
+        let Ok(executed) = pool.try_inline(small(), 1, Instant::now(), None) else {
+            panic!("a small request with nothing queued must run inline");
+        };
+        let executed = executed.unwrap();
+        assert_eq!(executed.outputs[0].to_f32().unwrap(), [1.0, 2.0]);
+        assert!(executed.leader);
+        assert_eq!(*ran_on.lock(), Some(std::thread::current().id()));
+        assert_eq!(budget.in_use(), 0);
+        // Too large: handed back untouched.
+        let large = vec![Tensor::from_f32("x", vec![3], &[1.0, 2.0, 3.0]).unwrap()];
+        let (back, _) = pool
+            .try_inline(large, 1, Instant::now(), None)
+            .err()
+            .unwrap();
+        assert_eq!(back[0].numel(), 3);
+        // The budget's only core held: handed back.
+        let held = budget.acquire(1);
+        assert!(pool.try_inline(small(), 1, Instant::now(), None).is_err());
+        drop(held);
+        // A job waiting in the queue: handed back, so nobody is overtaken.
+        let (reply, answer) = oneshot::channel();
+        pool.submit(Job {
+            inputs: small(),
+            rows: 1,
+            reply,
+            enqueued: Instant::now(),
+            deadline: None,
+            trace: None,
+        })
+        .unwrap();
+        assert!(pool.try_inline(small(), 1, Instant::now(), None).is_err());
+        release.send(()).unwrap();
+        assert_eq!(
+            answer.blocking_recv().unwrap().unwrap().outputs[0].numel(),
+            2
+        );
+        drop(release);
     }
 }

@@ -26,7 +26,7 @@ pub mod models;
 pub mod package;
 
 pub use budget::ComputeBudget;
-pub use executor::{ExecutorPool, Forward, TraceTag};
+pub use executor::{ExecutorPool, Forward, InlineForward, TraceTag};
 pub use package::{AotiPackage, PackageInfo};
 
 /// The libtorch version this binary was built against, from its headers'
@@ -216,7 +216,14 @@ pub fn check_device(spec: DeviceSpec) -> Result<(), String> {
 }
 
 /// Sets the calling thread's torch intra-op thread count.
+///
+/// libtorch initialises each thread's count lazily, at the thread's first
+/// parallel region, from the value the last `set_num_threads` call in the
+/// whole process stored. A thread that set its own count before that first
+/// region would get the process's last value back, so the count is read
+/// first, which runs the lazy initialisation, and then set.
 pub fn set_intra_op_threads(n_threads: usize) {
+    let _ = tch::get_num_threads();
     tch::set_num_threads(i32::try_from(n_threads).unwrap_or(i32::MAX).max(1));
 }
 
