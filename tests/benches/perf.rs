@@ -1610,16 +1610,25 @@ fn free_port() -> u16 {
 
 /// Starts `bin` on a repository and plugin directory of its own (the same
 /// models and plugins for every build), with `extra` flags, and waits until
-/// it is ready.
-async fn serve_binary(name: &str, bin: &Path, dir: &Path, extra: &[&str]) -> Served {
+/// it is ready. Without `chain`, it serves `double` alone and no plugin: the
+/// router and metrics plugins of the chain see every request.
+async fn serve_binary(
+    name: &str,
+    bin: &Path,
+    dir: &Path,
+    extra: &[&str],
+    chain: bool,
+) -> Served {
     let repo = dir.join(name).join("models");
     let plugins = dir.join(name).join("plugins");
     std::fs::create_dir_all(&repo).unwrap();
     std::fs::create_dir_all(&plugins).unwrap();
     fixtures::scale(&repo, "double", "1", 2.0);
-    fixtures::chained(&repo, "chained", 2.0);
-    for (plugin, component) in fixtures::CHAIN_PLUGINS {
-        plinth_tests::install_plugin(&plugins, plugin, component, None);
+    if chain {
+        fixtures::chained(&repo, "chained", 2.0);
+        for (plugin, component) in fixtures::CHAIN_PLUGINS {
+            plinth_tests::install_plugin(&plugins, plugin, component, None);
+        }
     }
     let (grpc, http, metrics) = (free_port(), free_port(), free_port());
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
@@ -1697,7 +1706,7 @@ async fn alloc(goals: &mut Vec<Goal>) {
         models.map(|model| write_body(dir.path(), model, &infer_request(model, &[16], &values)));
     let mut servers = Vec::new();
     for (name, bin) in &bins {
-        servers.push(serve_binary(name, bin, dir.path(), &[]).await);
+        servers.push(serve_binary(name, bin, dir.path(), &[], true).await);
     }
     let mut checks = Vec::new();
     for served in &servers {

@@ -3,8 +3,9 @@
 //! by side in one run, each configuration alternated [`ROUNDS`] times:
 //!
 //! - y = 2x over 16 floats, gRPC, h2load at c = 1, 8 and 64: the bare tonic
-//!   echo, the plain pipeline, the full plugin chain, and both with forward
-//!   passes inline (`--inline-forward-max-bytes`);
+//!   echo, the plain pipeline (a server with no plugin), the full plugin
+//!   chain (router, processors before and after, metrics; a server of its
+//!   own), and both with forward passes inline (`--inline-forward-max-bytes`);
 //! - 1 MiB and 16 MiB f32, h2load c=8: the echo against the plain pipeline,
 //!   and 16 MiB through system shared memory (input and output in regions
 //!   registered with the server) against the same over gRPC;
@@ -184,14 +185,11 @@ pub(super) async fn round3(goals: &mut Vec<Goal>) {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let plain = serve_binary("plinth", &bin, dir.path(), &[]).await;
-    let inline = serve_binary(
-        "plinth-inline",
-        &bin,
-        dir.path(),
-        &["--inline-forward-max-bytes", INLINE_BYTES],
-    )
-    .await;
+    let inline_flags = ["--inline-forward-max-bytes", INLINE_BYTES];
+    let plain = serve_binary("plain", &bin, dir.path(), &[], false).await;
+    let inline = serve_binary("plain-inline", &bin, dir.path(), &inline_flags, false).await;
+    let chain = serve_binary("chain", &bin, dir.path(), &[], true).await;
+    let chain_inline = serve_binary("chain-inline", &bin, dir.path(), &inline_flags, true).await;
     let echo = echo::start_tonic(64 << 20).await;
     let axum = echo::start_axum().await;
     let mut checks = Vec::new();
@@ -221,8 +219,8 @@ pub(super) async fn round3(goals: &mut Vec<Goal>) {
         ("echo", (&echo, None), &double),
         ("plain", (&plain.grpc, Some("double")), &double),
         ("plain, inline", (&inline.grpc, Some("double")), &double),
-        ("chain", (&plain.grpc, Some("chained")), &chained),
-        ("chain, inline", (&inline.grpc, Some("chained")), &chained),
+        ("chain", (&chain.grpc, Some("chained")), &chained),
+        ("chain, inline", (&chain_inline.grpc, Some("chained")), &chained),
     ];
     for (_, (addr, _), body) in &small {
         drive(addr, body, 4, Amount::Requests(3_000)).await;
