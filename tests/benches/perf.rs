@@ -1612,13 +1612,7 @@ fn free_port() -> u16 {
 /// models and plugins for every build), with `extra` flags, and waits until
 /// it is ready. Without `chain`, it serves `double` alone and no plugin: the
 /// router and metrics plugins of the chain see every request.
-async fn serve_binary(
-    name: &str,
-    bin: &Path,
-    dir: &Path,
-    extra: &[&str],
-    chain: bool,
-) -> Served {
+async fn serve_binary(name: &str, bin: &Path, dir: &Path, extra: &[&str], chain: bool) -> Served {
     let repo = dir.join(name).join("models");
     let plugins = dir.join(name).join("plugins");
     std::fs::create_dir_all(&repo).unwrap();

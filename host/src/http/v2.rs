@@ -687,6 +687,44 @@ pub async fn infer(
     Ok(answer)
 }
 
+/// An inference answer's JSON, serialized straight from the tensors.
+#[derive(serde::Serialize)]
+struct AnswerJson<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    model_name: &'a str,
+    model_version: &'a str,
+    outputs: Vec<OutputJson<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct OutputJson<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<OutputParameters<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<oip::JsonData<'a>>,
+}
+
+/// Where an output's bytes went, when not into the JSON.
+#[derive(serde::Serialize, Default)]
+struct OutputParameters<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    binary_data_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared_memory_region: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared_memory_byte_size: Option<usize>,
+}
+
+impl OutputParameters<'_> {
+    fn is_empty(&self) -> bool {
+        self.binary_data_size.is_none() && self.shared_memory_region.is_none()
+    }
+}
+
 /// The answer on the wire: JSON, then the outputs sent as binary data, each
 /// output rendered with the config of the model that computed it.
 fn infer_response(
@@ -703,42 +741,58 @@ fn infer_response(
         requested,
     )?;
     let mut binary: Vec<Bytes> = Vec::new();
-    let mut rendered = Vec::with_capacity(outputs.len());
-    for (idx, tensor) in outputs.into_iter().enumerate() {
-        let as_binary = requested
-            .get(idx)
-            .and_then(|o| o.binary)
-            .unwrap_or(binary_output_default);
-        let mut output = json!({
-            "name": tensor.name(),
-            "datatype": oip::datatype_name(tensor.dtype()),
-            "shape": tensor.shape(),
-        });
-        if let Some(place) = requested.get(idx).and_then(|o| o.shared_memory.as_ref()) {
-            place.write(&tensor)?;
-            output["parameters"] = json!({
-                shm::REGION_PARAMETER: place.region(),
-                shm::BYTE_SIZE_PARAMETER: tensor.data().len(),
+    // What each output becomes: its data in the JSON, its size for the
+    // binary part after it, or its place in shared memory.
+    let mut kinds = Vec::with_capacity(outputs.len());
+    for (idx, tensor) in outputs.iter().enumerate() {
+        let asked = requested.get(idx);
+        if let Some(place) = asked.and_then(|o| o.shared_memory.as_ref()) {
+            place.write(tensor)?;
+            kinds.push(OutputParameters {
+                shared_memory_region: Some(place.region()),
+                shared_memory_byte_size: Some(tensor.data().len()),
+                ..OutputParameters::default()
             });
-        } else if as_binary {
-            output["parameters"] = json!({"binary_data_size": tensor.data().len()});
-            binary.push(tensor.into_data());
+        } else if asked
+            .and_then(|o| o.binary)
+            .unwrap_or(binary_output_default)
+        {
+            binary.push(tensor.data().clone());
+            kinds.push(OutputParameters {
+                binary_data_size: Some(tensor.data().len()),
+                ..OutputParameters::default()
+            });
         } else {
-            output["data"] = oip::tensor_json_data(&tensor)?;
+            kinds.push(OutputParameters::default());
         }
-        rendered.push(output);
     }
     for place in placed {
         place.check()?;
     }
-    let mut answer = json!({
-        "model_name": response.model,
-        "model_version": response.version,
-        "outputs": rendered,
-    });
-    if let Some(id) = id {
-        answer["id"] = Value::String(id);
-    }
+    let rendered = outputs
+        .iter()
+        .zip(kinds)
+        .map(|(tensor, parameters)| {
+            let inline = parameters.is_empty();
+            Ok(OutputJson {
+                name: tensor.name(),
+                datatype: oip::datatype_name(tensor.dtype()),
+                shape: tensor.shape(),
+                data: if inline {
+                    Some(oip::tensor_json_data(tensor)?)
+                } else {
+                    None
+                },
+                parameters: (!inline).then_some(parameters),
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let answer = AnswerJson {
+        id: id.as_deref(),
+        model_name: &response.model,
+        model_version: &response.version,
+        outputs: rendered,
+    };
     let text = serde_json::to_vec(&answer).map_err(|err| Error::Internal(err.to_string()))?;
     if binary.is_empty() {
         return Ok((

@@ -277,50 +277,70 @@ pub fn json_tensor(
     Tensor::new(name, dtype, shape, Bytes::from(out))
 }
 
-/// A tensor's elements as a flat JSON array. BYTES elements must be UTF-8;
-/// other byte strings have to be fetched as binary data.
-pub fn tensor_json_data(tensor: &Tensor) -> Result<Value, Error> {
-    let name = tensor.name();
-    let data = &tensor.data()[..];
-    let values: Vec<Value> = match tensor.dtype() {
-        DType::Bool => data.iter().map(|b| Value::Bool(*b != 0)).collect(),
-        DType::U64 => data
-            .chunks_exact(8)
-            .map(|b| Value::from(u64::from_le_bytes(b.try_into().expect("8 bytes"))))
-            .collect(),
-        DType::I64 => data
-            .chunks_exact(8)
-            .map(|b| Value::from(i64::from_le_bytes(b.try_into().expect("8 bytes"))))
-            .collect(),
-        DType::Bytes => tensor
+/// A tensor's elements as JSON data, once its BYTES elements are known to
+/// be UTF-8 (other byte strings have to be fetched as binary data).
+pub fn tensor_json_data(tensor: &Tensor) -> Result<JsonData<'_>, Error> {
+    if tensor.dtype() == DType::Bytes {
+        for (idx, element) in tensor
             .bytes_elements()
             .unwrap_or_default()
             .into_iter()
             .enumerate()
-            .map(|(idx, element)| {
-                std::str::from_utf8(element)
-                    .map(|s| Value::String(s.to_owned()))
-                    .map_err(|_| {
-                        Error::InvalidArgument(format!(
-                            "output '{name}': element {idx} is not UTF-8; request it with binary_data"
-                        ))
-                    })
-            })
-            .collect::<Result<_, _>>()?,
-        DType::F16 | DType::BF16 | DType::F32 | DType::F64 => tensor
-            .to_f64_lossy()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|v| serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
-            .collect(),
-        _ => tensor
-            .to_f64_lossy()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|v| Value::from(v as i64))
-            .collect(),
-    };
-    Ok(Value::Array(values))
+        {
+            if std::str::from_utf8(element).is_err() {
+                return Err(Error::InvalidArgument(format!(
+                    "output '{}': element {idx} is not UTF-8; request it with binary_data",
+                    tensor.name()
+                )));
+            }
+        }
+    }
+    Ok(JsonData(tensor))
+}
+
+/// A tensor's elements as a flat sequence, each serialized as its own type
+/// straight from the tensor's bytes: no tree of values in between, and an
+/// f32 written in the shortest form that reads back as the same f32 (not
+/// widened to f64 first). Non-finite floats become `null`, as JSON has no
+/// other spelling for them. Made by [`tensor_json_data`].
+pub struct JsonData<'a>(&'a Tensor);
+
+impl serde::Serialize for JsonData<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeSeq};
+        let tensor = self.0;
+        let data = &tensor.data()[..];
+        let mut seq = serializer.serialize_seq(Some(tensor.numel()))?;
+        macro_rules! each {
+            ($width:literal, $decode:expr) => {
+                for chunk in data.chunks_exact($width) {
+                    let bytes: [u8; $width] = chunk.try_into().expect("exact chunk");
+                    seq.serialize_element(&$decode(bytes))?;
+                }
+            };
+        }
+        match tensor.dtype() {
+            DType::Bool => each!(1, |b: [u8; 1]| b[0] != 0),
+            DType::U8 => each!(1, u8::from_le_bytes),
+            DType::I8 => each!(1, i8::from_le_bytes),
+            DType::U16 => each!(2, u16::from_le_bytes),
+            DType::I16 => each!(2, i16::from_le_bytes),
+            DType::U32 => each!(4, u32::from_le_bytes),
+            DType::I32 => each!(4, i32::from_le_bytes),
+            DType::U64 => each!(8, u64::from_le_bytes),
+            DType::I64 => each!(8, i64::from_le_bytes),
+            DType::F16 => each!(2, |b| half::f16::from_le_bytes(b).to_f32()),
+            DType::BF16 => each!(2, |b| half::bf16::from_le_bytes(b).to_f32()),
+            DType::F32 => each!(4, f32::from_le_bytes),
+            DType::F64 => each!(8, f64::from_le_bytes),
+            DType::Bytes => {
+                for element in tensor.bytes_elements().unwrap_or_default() {
+                    seq.serialize_element(std::str::from_utf8(element).map_err(S::Error::custom)?)?;
+                }
+            }
+        }
+        seq.end()
+    }
 }
 
 /// One output a request asked for, with its options.
@@ -489,12 +509,30 @@ mod tests {
         let err = json_tensor("x", DType::U8, vec![1], &serde_json::json!([256])).unwrap_err();
         assert!(err.to_string().contains("does not fit UINT8"), "{err}");
         let t = json_tensor("s", DType::Bytes, vec![1], &serde_json::json!(["héllo"])).unwrap();
-        assert_eq!(tensor_json_data(&t).unwrap(), serde_json::json!(["héllo"]));
+        let text = |t: &Tensor| serde_json::to_string(&tensor_json_data(t).unwrap()).unwrap();
+        assert_eq!(text(&t), r#"["héllo"]"#);
         let b = json_tensor("b", DType::Bool, vec![2], &serde_json::json!([true, false])).unwrap();
-        assert_eq!(
-            tensor_json_data(&b).unwrap(),
-            serde_json::json!([true, false])
+        assert_eq!(text(&b), "[true,false]");
+        // f32 in its shortest form (not widened to f64), non-finite as null,
+        // integers exact.
+        let f = Tensor::from_f32("f", vec![3], &[0.1, f32::NAN, -2.0]).unwrap();
+        assert_eq!(text(&f), "[0.1,null,-2.0]");
+        let big = u64::MAX - 1;
+        let u = Tensor::new(
+            "u",
+            DType::U64,
+            vec![1],
+            Bytes::from(big.to_le_bytes().to_vec()),
         );
+        assert_eq!(text(&u.unwrap()), format!("[{big}]"));
+        let bad = Tensor::new(
+            "s",
+            DType::Bytes,
+            vec![1],
+            Bytes::from(encode_bytes_elements([&[0xffu8][..]])),
+        );
+        let err = tensor_json_data(&bad.unwrap()).err().unwrap().to_string();
+        assert!(err.contains("element 0 is not UTF-8"), "{err}");
     }
 
     #[test]

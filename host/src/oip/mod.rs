@@ -16,8 +16,9 @@ pub mod shm;
 pub mod views;
 
 pub use codec::{
-    Elements, RequestedOutput, checked_numel, classify, config_datatype_name, contents_field,
-    datatype_name, json_tensor, parse_datatype, select_outputs, tensor_json_data, typed_tensor,
+    Elements, JsonData, RequestedOutput, checked_numel, classify, config_datatype_name,
+    contents_field, datatype_name, json_tensor, parse_datatype, select_outputs, tensor_json_data,
+    typed_tensor,
 };
 pub use repository::{repository_load, repository_unload};
 pub use views::{

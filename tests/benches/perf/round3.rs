@@ -220,7 +220,11 @@ pub(super) async fn round3(goals: &mut Vec<Goal>) {
         ("plain", (&plain.grpc, Some("double")), &double),
         ("plain, inline", (&inline.grpc, Some("double")), &double),
         ("chain", (&chain.grpc, Some("chained")), &chained),
-        ("chain, inline", (&chain_inline.grpc, Some("chained")), &chained),
+        (
+            "chain, inline",
+            (&chain_inline.grpc, Some("chained")),
+            &chained,
+        ),
     ];
     for (_, (addr, _), body) in &small {
         drive(addr, body, 4, Amount::Requests(3_000)).await;
