@@ -193,14 +193,18 @@ pub(super) async fn round3(goals: &mut Vec<Goal>) {
     let echo = echo::start_tonic(64 << 20).await;
     let axum = echo::start_axum().await;
     let mut checks = Vec::new();
-    for served in [&plain, &inline] {
-        for model in ["double", "chained"] {
-            checks.push(check(
-                &served.grpc,
-                model,
-                &format!("{}, before", served.name),
-            ));
-        }
+    let models = [
+        (&plain, "double"),
+        (&inline, "double"),
+        (&chain, "chained"),
+        (&chain_inline, "chained"),
+    ];
+    for (served, model) in models {
+        checks.push(check(
+            &served.grpc,
+            model,
+            &format!("{}, before", served.name),
+        ));
     }
 
     // Small requests over gRPC.
@@ -330,14 +334,12 @@ pub(super) async fn round3(goals: &mut Vec<Goal>) {
             rows.push(row);
         }
     }
-    for served in [&plain, &inline] {
-        for model in ["double", "chained"] {
-            checks.push(check(
-                &served.grpc,
-                model,
-                &format!("{}, after", served.name),
-            ));
-        }
+    for (served, model) in models {
+        checks.push(check(
+            &served.grpc,
+            model,
+            &format!("{}, after", served.name),
+        ));
     }
 
     println!(
