@@ -307,8 +307,38 @@ fn positive_seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duratio
         .with_context(|| format!("{flag}: expected a positive number of seconds, got {value}"))
 }
 
+/// libgomp, libtorch's OpenMP runtime, reads its wait policy once, when it
+/// is loaded, which is before `main`. Its default has every idle OpenMP
+/// thread spin after a parallel region. On a server the cores those threads
+/// spin on are the ones the runtime's workers need to decode and answer
+/// requests. With `PASSIVE` they sleep: the CNN at batch 32 served 1.7×
+/// more and 16 MiB tensors 1.3× more on two cores (docs/BENCHMARKS.md,
+/// round three). So `plinth serve` restarts itself once with
+/// `OMP_WAIT_POLICY=PASSIVE` (same process id, same arguments), unless the
+/// environment already says how OpenMP should wait.
+fn sleep_openmp_threads_when_idle() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() || std::env::var_os("GOMP_SPINCOUNT").is_some()
+    {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("OMP_WAIT_POLICY", "PASSIVE")
+        .exec();
+    eprintln!(
+        "plinth: could not restart with OMP_WAIT_POLICY=PASSIVE ({err}); idle OpenMP threads will spin"
+    );
+}
+
 fn main() -> std::process::ExitCode {
     let parsed = Cli::parse();
+    if matches!(parsed.command, Command::Serve(_)) {
+        sleep_openmp_threads_when_idle();
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match parsed.log_format {
         LogFormat::Json => tracing_subscriber::fmt()
