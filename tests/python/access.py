@@ -97,6 +97,7 @@ CALLS = {
     "metadata": lambda c: c.get_model_metadata("scale", headers=headers()),
     "statistics": lambda c: c.get_inference_statistics("scale", headers=headers()),
     "model-repository": lambda c: c.get_model_repository_index(headers=headers()),
+    "shared-memory": lambda c: c.get_system_shared_memory_status(headers=headers()),
 }
 
 

@@ -97,7 +97,7 @@ fn expect(outcomes: &Outcomes, want: &[(&str, &str, &str)]) {
             assert_eq!(got, expected, "{proto} {group}: {message}");
         }
     }
-    assert_eq!(outcomes.len(), 11, "{outcomes:?}");
+    assert_eq!(outcomes.len(), 13, "{outcomes:?}");
 }
 
 /// Every group answered, over both protocols.
@@ -108,6 +108,7 @@ const ALL_OK: &[(&str, &str, &str)] = &[
     ("statistics", "ok", "ok"),
     ("model-repository", "ok", "ok"),
     ("plugins", "ok", ""),
+    ("shared-memory", "ok", "ok"),
 ];
 
 /// A token in the file `name` of `dir` (what the auth config reads).
@@ -306,6 +307,7 @@ async fn tokens_open_exactly_their_groups_on_every_edge() {
             ("statistics", u.0, u.1),
             ("model-repository", u.0, u.1),
             ("plugins", u.0, ""),
+            ("shared-memory", u.0, u.1),
         ],
     );
     let (_, message) = &none[&("grpc".to_owned(), "inference".to_owned())];
@@ -324,6 +326,7 @@ async fn tokens_open_exactly_their_groups_on_every_edge() {
             ("statistics", u.0, u.1),
             ("model-repository", u.0, u.1),
             ("plugins", u.0, ""),
+            ("shared-memory", u.0, u.1),
         ],
     );
     for (_, message) in wrong_outcomes.values() {
@@ -344,6 +347,7 @@ async fn tokens_open_exactly_their_groups_on_every_edge() {
             ("statistics", d.0, d.1),
             ("model-repository", d.0, d.1),
             ("plugins", d.0, ""),
+            ("shared-memory", d.0, d.1),
         ],
     );
     let (_, message) = &app_outcomes[&("http".to_owned(), "model-repository".to_owned())];
@@ -882,7 +886,8 @@ impl Drop for Netns {
 
 /// Without an auth config, a peer on the network (here: in a namespace of
 /// its own, over a veth pair) may call health, metadata, inference and
-/// statistics, and is refused model-repository and plugins; with a token
+/// statistics, and is refused model-repository, plugins and shared-memory;
+/// with a token
 /// configured, the same peer may call what its token opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_peer_is_refused_the_dangerous_groups_by_default() {
@@ -913,6 +918,7 @@ async fn a_network_peer_is_refused_the_dangerous_groups_by_default() {
             ("statistics", "ok", "ok"),
             ("model-repository", d.0, d.1),
             ("plugins", d.0, ""),
+            ("shared-memory", d.0, d.1),
         ],
     );
     let (_, message) = &outcomes[&("grpc".to_owned(), "model-repository".to_owned())];
