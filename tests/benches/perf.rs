@@ -1663,6 +1663,23 @@ async fn serve_binary(name: &str, bin: &Path, dir: &Path, extra: &[&str], chain:
     served
 }
 
+/// `run`, and what a `plinth serve` process at `addr` counted for `model`
+/// meanwhile (`"N ok, M failed"`); `"(echo)"` without a model.
+async fn counted_while<T>(
+    addr: &str,
+    model: Option<&str>,
+    run: impl Future<Output = T>,
+) -> (T, String) {
+    let Some(model) = model else {
+        return (run.await, "(echo)".to_owned());
+    };
+    let before = binary_counts(addr, model).await;
+    let out = run.await;
+    let after = binary_counts(addr, model).await;
+    let counted = format!("{} ok, {} failed", after.0 - before.0, after.1 - before.1);
+    (out, counted)
+}
+
 /// A server's own (successes, failures) for `model`, over gRPC.
 async fn binary_counts(addr: &str, model: &str) -> (u64, u64) {
     use plinth::grpc::ipb;
@@ -1719,11 +1736,12 @@ async fn alloc(goals: &mut Vec<Goal>) {
         for served in &servers {
             for (model, body) in models.iter().zip(&bodies) {
                 for c in [8u32, 64] {
-                    let before = binary_counts(&served.grpc, model).await;
-                    let run = drive(&served.grpc, body, c, Amount::Seconds(SECONDS)).await;
-                    let after = binary_counts(&served.grpc, model).await;
-                    let counted =
-                        format!("{} ok, {} failed", after.0 - before.0, after.1 - before.1);
+                    let (run, counted) = counted_while(
+                        &served.grpc,
+                        Some(model),
+                        drive(&served.grpc, body, c, Amount::Seconds(SECONDS)),
+                    )
+                    .await;
                     rows.push((round, served.name.clone(), *model, c, run, counted));
                 }
             }

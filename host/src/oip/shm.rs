@@ -315,10 +315,6 @@ impl Placement {
         &self.region.name
     }
 
-    pub fn byte_size(&self) -> usize {
-        self.range.len()
-    }
-
     /// The bytes in place: no copy, and the mapping lives while they do.
     pub fn read(&self) -> Result<Bytes, Error> {
         self.region.check()?;

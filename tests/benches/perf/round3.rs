@@ -133,18 +133,8 @@ async fn h2load_cell(
     c: u32,
 ) -> Row {
     let (addr, model) = target;
-    let before = match model {
-        Some(model) => Some(binary_counts(addr, model).await),
-        None => None,
-    };
-    let run = drive(addr, body, c, Amount::Seconds(SECONDS)).await;
-    let counted = match (model, before) {
-        (Some(model), Some(before)) => {
-            let after = binary_counts(addr, model).await;
-            format!("{} ok, {} failed", after.0 - before.0, after.1 - before.1)
-        }
-        _ => "(echo)".to_owned(),
-    };
+    let (run, counted) =
+        counted_while(addr, model, drive(addr, body, c, Amount::Seconds(SECONDS))).await;
     let row = Row {
         part,
         round,
@@ -303,22 +293,16 @@ pub(super) async fn round3(goals: &mut Vec<Goal>) {
     ];
     for round in 1..=ROUNDS {
         for (config, base, grpc) in rest {
-            let before = match grpc {
-                Some(addr) => Some(binary_counts(addr, "double").await),
-                None => None,
-            };
             let url = format!("{base}/v2/models/double/infer");
             let body = rest_body.clone();
-            let run = tokio::task::spawn_blocking(move || wrk(&url, &body, CONNECTIONS, SECONDS))
-                .await
-                .unwrap();
-            let counted = match (grpc, before) {
-                (Some(addr), Some(before)) => {
-                    let after = binary_counts(addr, "double").await;
-                    format!("{} ok, {} failed", after.0 - before.0, after.1 - before.1)
-                }
-                _ => "(echo)".to_owned(),
+            // Lazy: wrk starts only once the counts before it are read.
+            let wrk_run = async move {
+                tokio::task::spawn_blocking(move || wrk(&url, &body, CONNECTIONS, SECONDS))
+                    .await
+                    .unwrap()
             };
+            let (run, counted) =
+                counted_while(grpc.unwrap_or_default(), grpc.map(|_| "double"), wrk_run).await;
             let row = Row {
                 part: "rest",
                 round,

@@ -654,6 +654,24 @@ mod tests {
             .expect("a valid tensor")
     }
 
+    /// Queues one job of one row, no deadline, untraced; its answer.
+    fn submit_one(
+        pool: &ExecutorPool,
+        inputs: Vec<Tensor>,
+    ) -> oneshot::Receiver<Result<Executed, Error>> {
+        let (reply, answer) = oneshot::channel();
+        pool.submit(Job {
+            inputs,
+            rows: 1,
+            reply,
+            enqueued: Instant::now(),
+            deadline: None,
+            trace: None,
+        })
+        .expect("queued");
+        answer
+    }
+
     fn outputs() -> Arc<[TensorSpec]> {
         vec![TensorSpec {
             name: "y".into(),
@@ -918,16 +936,7 @@ passes: 0 | 1 | 2
             &threads,
         )
         .unwrap();
-        let (reply, answer) = oneshot::channel();
-        pool.submit(Job {
-            inputs: vec![input(job(1., 1))],
-            rows: 1,
-            reply,
-            enqueued: Instant::now(),
-            deadline: None,
-            trace: None,
-        })
-        .unwrap();
+        let answer = submit_one(&pool, vec![input(job(1., 1))]);
         let err = answer.blocking_recv().unwrap().unwrap_err();
         assert_eq!(err, Error::Internal("boom".into()));
         assert_eq!(threads.counters.executors.load(Ordering::Relaxed), 1);
@@ -977,17 +986,7 @@ passes: 0 | 1 | 2
         let mut answers = vec![];
         for _ in 0..16 {
             for pool in &pools {
-                let (reply, answer) = oneshot::channel();
-                pool.submit(Job {
-                    inputs: vec![input(job(1., 1))],
-                    rows: 1,
-                    reply,
-                    enqueued: Instant::now(),
-                    deadline: None,
-                    trace: None,
-                })
-                .unwrap();
-                answers.push(answer);
+                answers.push(submit_one(pool, vec![input(job(1., 1))]));
             }
         }
         for answer in answers {
@@ -1055,16 +1054,7 @@ passes: 0 | 1 | 2
         assert!(pool.try_inline(small(), 1, Instant::now(), None).is_err());
         drop(held);
         // A job waiting in the queue: handed back, so nobody is overtaken.
-        let (reply, answer) = oneshot::channel();
-        pool.submit(Job {
-            inputs: small(),
-            rows: 1,
-            reply,
-            enqueued: Instant::now(),
-            deadline: None,
-            trace: None,
-        })
-        .unwrap();
+        let answer = submit_one(&pool, small());
         assert!(pool.try_inline(small(), 1, Instant::now(), None).is_err());
         release.send(()).unwrap();
         assert_eq!(
